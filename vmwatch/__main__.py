@@ -1,0 +1,3 @@
+from vmwatch.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The `vmwatch` command line: thin parsing over the library."""

@@ -1,0 +1,133 @@
+"""CPU state shared by every source: saved registers of a dump, live registers of a vCPU.
+
+One value type for all sources so the paging layer, the OS layer and the debugger never care
+where registers came from. Fields a source does not know stay ``None``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+GPR_NAMES = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+)  # fmt: skip
+SEGMENT_NAMES = ("cs", "ss", "ds", "es", "fs", "gs")
+
+# CR0 / CR4 / EFER bits that the paging layer and the security rules care about.
+CR0_PE = 1 << 0
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PSE = 1 << 4
+CR4_PAE = 1 << 5
+CR4_LA57 = 1 << 12
+CR4_SMEP = 1 << 20
+CR4_SMAP = 1 << 21
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NXE = 1 << 11
+
+
+class PagingMode(enum.Enum):
+    """The x86 paging mode selected by CR0.PG, CR4.PAE, CR4.LA57 and EFER.LMA (Intel SDM 4.1.1)."""
+
+    NONE = "none"
+    BITS32 = "32-bit"
+    PAE = "pae"
+    LEVEL4 = "4-level"
+    LEVEL5 = "5-level"
+
+    @classmethod
+    def from_registers(cls, cr0: int, cr4: int, efer: int) -> PagingMode:
+        if not cr0 & CR0_PG:
+            return cls.NONE
+        if not cr4 & CR4_PAE:
+            return cls.BITS32
+        if not efer & (EFER_LMA | EFER_LME):
+            return cls.PAE
+        return cls.LEVEL5 if cr4 & CR4_LA57 else cls.LEVEL4
+
+
+def _opt() -> int | None:
+    return attrs.field(default=None)
+
+
+@attrs.frozen(kw_only=True)
+class Segment:
+    """A segment register: selector plus the hidden descriptor cache."""
+
+    selector: int = 0
+    base: int = 0
+    limit: int = 0
+    attributes: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Registers:
+    """The architectural state of one x86 vCPU. Unknown fields are ``None``."""
+
+    vcpu: int = 0
+    """Index of the vCPU, from 0."""
+    rax: int | None = _opt()
+    rbx: int | None = _opt()
+    rcx: int | None = _opt()
+    rdx: int | None = _opt()
+    rsi: int | None = _opt()
+    rdi: int | None = _opt()
+    rbp: int | None = _opt()
+    rsp: int | None = _opt()
+    r8: int | None = _opt()
+    r9: int | None = _opt()
+    r10: int | None = _opt()
+    r11: int | None = _opt()
+    r12: int | None = _opt()
+    r13: int | None = _opt()
+    r14: int | None = _opt()
+    r15: int | None = _opt()
+    rip: int | None = _opt()
+    rflags: int | None = _opt()
+    cs: Segment | None = None
+    ss: Segment | None = None
+    ds: Segment | None = None
+    es: Segment | None = None
+    fs: Segment | None = None
+    gs: Segment | None = None
+    fs_base: int | None = _opt()
+    gs_base: int | None = _opt()
+    kernel_gs_base: int | None = _opt()
+    cr0: int | None = _opt()
+    cr2: int | None = _opt()
+    cr3: int | None = _opt()
+    cr4: int | None = _opt()
+    cr8: int | None = _opt()
+    efer: int | None = _opt()
+    gdtr_base: int | None = _opt()
+    gdtr_limit: int | None = _opt()
+    idtr_base: int | None = _opt()
+    idtr_limit: int | None = _opt()
+    msrs: dict[str, int] = attrs.field(factory=dict)
+    """Other model-specific registers by name (``lstar``, ``star``, ``sysenter_eip``, ...)."""
+
+    @property
+    def paging_mode(self) -> PagingMode:
+        """The paging mode these control registers select (4-level assumed if EFER is unknown)."""
+        cr0 = self.cr0 or 0
+        cr4 = self.cr4 or 0
+        efer = self.efer
+        if efer is None:
+            efer = EFER_LMA if (cr4 & CR4_PAE and (self.rip or 0) > 0xFFFFFFFF) else 0
+        return PagingMode.from_registers(cr0, cr4, efer)
+
+    def as_dict(self) -> dict[str, object]:
+        """Known registers as a flat JSON-friendly dict (segments as selector/base/limit dicts)."""
+        out: dict[str, object] = {}
+        for field in attrs.fields(type(self)):
+            value = getattr(self, field.name)
+            if value is None or (field.name == "msrs" and not value):
+                continue
+            if isinstance(value, Segment):
+                value = attrs.asdict(value)
+            out[field.name] = value
+        return out

@@ -1,0 +1,131 @@
+"""The whole exception tree of vmwatch.
+
+Every error raised on purpose by vmwatch derives from :class:`VmwatchError`; each layer has
+its own subclass carrying structured attributes a caller can act on. Messages are built by the
+constructors and always print addresses in hex. The CLI maps any ``VmwatchError`` to exit
+status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+
+class VmwatchError(Exception):
+    """Base class of every error vmwatch raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        if not message:
+            raise ValueError("VmwatchError needs a message")
+        super().__init__(message)
+
+
+class ImageFormatError(VmwatchError):
+    """A memory image file is malformed, truncated, or of an unsupported kind."""
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None) -> None:
+        self.path = path
+        self.offset = offset
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if offset is not None:
+            where.append(f"file offset {offset:#x}")
+        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+
+
+class UnsupportedOperation(VmwatchError):
+    """The source cannot do this (e.g. writing to a dump, or breakpoints on an image)."""
+
+
+class PhysicalReadError(VmwatchError):
+    """A guest-physical range is not backed by the source (a hole, MMIO, or past the end)."""
+
+    def __init__(self, paddr: int, length: int, message: str | None = None) -> None:
+        self.paddr = paddr
+        self.length = length
+        super().__init__(message or f"physical address {paddr:#x} (+{length:#x}) is not mapped")
+
+
+class TranslationError(VmwatchError):
+    """A virtual address cannot be translated to a physical one."""
+
+    def __init__(
+        self,
+        vaddr: int,
+        cr3: int,
+        message: str | None = None,
+        *,
+        level: int | None = None,
+        entry: int | None = None,
+    ) -> None:
+        self.vaddr = vaddr
+        self.cr3 = cr3
+        self.level = level
+        self.entry = entry
+        if message is None:
+            message = f"cannot translate {vaddr:#x} with page tables at {cr3:#x}"
+            if level is not None:
+                message += f" (level {level}, entry {entry or 0:#x})"
+        super().__init__(message)
+
+
+class PageNotPresent(TranslationError):
+    """A paging-structure entry on the walk has its present bit clear.
+
+    ``invalid_bits`` is how many low address bits the missing entry covers, so a scan can
+    skip the whole 4 KiB, 2 MiB, 1 GiB or 512 GiB region at once.
+    """
+
+    def __init__(self, vaddr: int, cr3: int, *, level: int, entry: int, invalid_bits: int) -> None:
+        self.invalid_bits = invalid_bits
+        super().__init__(
+            vaddr,
+            cr3,
+            f"page not present at {vaddr:#x} (cr3 {cr3:#x}, level {level}, entry {entry:#x})",
+            level=level,
+            entry=entry,
+        )
+
+
+class GuestDataError(VmwatchError):
+    """Guest memory holds something impossible: a cyclic list, a page-table loop, an absurd length."""
+
+
+class SymbolError(VmwatchError):
+    """A symbol, type or struct member is unknown or the OS profile cannot be built."""
+
+    def __init__(self, message: str, *, name: str | None = None, member: str | None = None) -> None:
+        self.name = name
+        self.member = member
+        super().__init__(message)
+
+
+class LinkError(VmwatchError):
+    """A problem talking to a live hypervisor (QMP, gdbstub)."""
+
+
+class ProtocolError(LinkError):
+    """A peer broke the wire protocol (bad framing, checksum, or an unexpected reply)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol state machine does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The remote peer sent something the protocol does not allow."""
+
+
+class LinkClosedError(LinkError):
+    """The hypervisor closed the connection or died; the event stream has ended."""
+
+
+class LabError(VmwatchError):
+    """The lab guest cannot be provisioned, booted or reached."""
+
+
+class RecordingError(VmwatchError):
+    """A recording file is truncated, corrupted, of a newer format, or lacks the memory asked for."""
+
+
+class RuleError(VmwatchError):
+    """A rule pack cannot be loaded or a rule is declared wrongly."""

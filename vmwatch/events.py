@@ -1,0 +1,123 @@
+"""Events that sources emit and the engine dispatches (DESIGN.md "Events").
+
+Low in the import graph on purpose: live backends and replayed recordings produce them, the
+engine and rules consume them. Every event carries a sequence number and a guest timestamp
+(nanoseconds, from the source's clock) so timelines and replays are ordered.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+
+class Access(enum.Flag):
+    """Kind of memory access a watchpoint reports."""
+
+    READ = 1
+    WRITE = 2
+    EXECUTE = 4
+    READ_WRITE = READ | WRITE
+
+
+@attrs.frozen(kw_only=True)
+class Event:
+    """Base of every event."""
+
+    seq: int = 0
+    """Position in the source's stream, from 0; strictly increasing."""
+    time_ns: int = 0
+    """Guest or source timestamp in nanoseconds."""
+    vcpu: int = 0
+    """The vCPU that raised the event."""
+
+
+@attrs.frozen(kw_only=True)
+class Breakpoint(Event):
+    """Execution reached ``address`` (a guest virtual address)."""
+
+    address: int
+
+
+@attrs.frozen(kw_only=True)
+class MemoryAccess(Event):
+    """A watched range was accessed. ``address`` is the watched range's start as gdbstub reports it."""
+
+    access: Access
+    address: int
+    size: int = 0
+    value: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RegisterWrite(Event):
+    """A control register or MSR was written (derived from breakpoints after the writing instruction)."""
+
+    register: str
+    old: int | None
+    new: int
+    rip: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Interrupt(Event):
+    """The guest entered the handler of interrupt ``vector``."""
+
+    vector: int
+
+
+@attrs.frozen(kw_only=True)
+class SingleStep(Event):
+    """One instruction was executed; ``rip`` is the next one."""
+
+    rip: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Tick(Event):
+    """A periodic timer tick of the engine, not from the guest."""
+
+
+@attrs.frozen(kw_only=True)
+class ProcessStart(Event):
+    pid: int
+    ppid: int = 0
+    comm: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class ProcessExit(Event):
+    pid: int
+    comm: str = ""
+    exit_code: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Exec(Event):
+    pid: int
+    filename: str
+    comm: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class ModuleLoad(Event):
+    name: str
+    base: int = 0
+    size: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Demotion(Event):
+    """The engine unhooked or sampled a trap that cost too much (overhead governance)."""
+
+    trap: str
+    hits: int
+    action: str
+
+
+@attrs.frozen(kw_only=True)
+class SourceEnded(Event):
+    """The source ended (QEMU died, the recording ran out); ``reason`` says why."""
+
+    reason: str

@@ -1,0 +1,1 @@
+"""Helpers for vmwatch's own tests and for users testing their rules."""
