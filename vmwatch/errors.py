@@ -127,5 +127,16 @@ class RecordingError(VmwatchError):
     """A recording file is truncated, corrupted, of a newer format, or lacks the memory asked for."""
 
 
+class PageNotRecorded(RecordingError):
+    """Replay read a physical page the recording does not hold (unlike PhysicalReadError, the
+    live source may well have had it: the recorded rules just never read it)."""
+
+    def __init__(self, paddr: int, event: int) -> None:
+        self.paddr = paddr
+        self.event = event
+        when = "before the first event" if event < 0 else f"at event {event}"
+        super().__init__(f"physical address {paddr:#x} is not in the recording ({when})")
+
+
 class RuleError(VmwatchError):
     """A rule pack cannot be loaded or a rule is declared wrongly."""

@@ -1,0 +1,156 @@
+"""The recording file format refuses truncated, corrupted, newer and foreign files clearly."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmwatch.errors import RecordingError
+from vmwatch.events import Access, Breakpoint, MemoryAccess, ProcessStart
+from vmwatch.replay import Recording, recording_target
+from vmwatch.replay import _codec
+from vmwatch.replay.format import MAGIC, RecordType, RecordWriter, iter_records
+
+from .synthetic import synthetic_target
+
+
+def _record_small(path) -> bytes:
+    async def session():
+        with recording_target(synthetic_target(count=4), path) as target:
+            async for event in target.live.events():
+                target.memory.read(0x1000 * (event.seq + 1), 16)
+                await target.live.registers(event.vcpu)
+
+    trio.run(session)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> bytes:
+    return _record_small(tmp_path_factory.mktemp("rec") / "good.vmwr")
+
+
+def _check_file(tmp_path, data: bytes, name="bad.vmwr") -> RecordingError | None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    try:
+        with Recording.open(path) as recording:
+            for ordinal in range(recording.page_count):
+                recording.page(ordinal)
+    except RecordingError as exc:
+        assert str(exc)
+        return exc
+    return None
+
+
+def _rewrite_header(data: bytes, major: int, minor: int) -> bytes:
+    head = struct.pack("<8sHH", MAGIC, major, minor)
+    return head + struct.pack("<I", zlib.crc32(head)) + data[16:]
+
+
+class TestReader:
+    def test_good_file_opens(self, good, tmp_path):
+        """The reference recording itself is accepted."""
+        assert _check_file(tmp_path, good) is None
+
+    def test_every_truncation_is_refused(self, good, tmp_path):
+        """Cutting the file anywhere gives a RecordingError, never a partial success."""
+        for cut in range(0, len(good), max(1, len(good) // 300)):
+            assert _check_file(tmp_path, good[:cut]) is not None, cut
+
+    def test_newer_major_version(self, good, tmp_path):
+        """A recording of format 2.0 names both versions and asks for an upgrade."""
+        error = _check_file(tmp_path, _rewrite_header(good, 2, 0))
+        assert "format version 2.0 is newer than this vmwatch reads (1.x)" in str(error)
+
+    def test_newer_minor_version_with_optional_record(self, good, tmp_path):
+        """A 1.7 file with an unknown optional record type (>= 0x80) is still read."""
+        out = io.BytesIO()
+        writer = RecordWriter(out)
+        records = list(iter_records(good))
+        for record in records[:-1]:
+            writer.write(record.kind, bytes(record.payload))
+        writer.write(0x91, b"something new")
+        writer.write(records[-1].kind, bytes(records[-1].payload))
+        assert _check_file(tmp_path, _rewrite_header(out.getvalue(), 1, 7)) is None
+
+    def test_unknown_mandatory_record(self, good, tmp_path):
+        """An unknown record type below 0x80 is refused with its offset."""
+        out = io.BytesIO()
+        writer = RecordWriter(out)
+        for record in iter_records(good):
+            writer.write(record.kind, bytes(record.payload))
+            if record.kind == RecordType.META:
+                writer.write(0x33, b"x")
+        error = _check_file(tmp_path, out.getvalue())
+        assert "unknown record type 0x33" in str(error)
+
+    def test_foreign_file(self, tmp_path):
+        """An ELF file is not a recording."""
+        error = _check_file(tmp_path, b"\x7fELF" + bytes(100))
+        assert "not a vmwatch recording" in str(error)
+
+    def test_wrong_page_digest(self, good, tmp_path):
+        """A page whose content does not match its digest (CRC recomputed) is caught on read."""
+        out = io.BytesIO()
+        writer = RecordWriter(out)
+        for record in iter_records(good):
+            payload = bytes(record.payload)
+            if record.kind == RecordType.PAGE:
+                payload = payload[:1] + bytes(32) + payload[33:]
+            writer.write(record.kind, payload)
+        error = _check_file(tmp_path, out.getvalue())
+        assert "does not match its BLAKE2b digest" in str(error)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(data=st.data())
+    def test_fuzz_byte_flips(self, good, tmp_path, data):
+        """Random byte changes anywhere give RecordingError or a file that still reads fully."""
+        blob = bytearray(good)
+        for _ in range(data.draw(st.integers(1, 4))):
+            at = data.draw(st.integers(0, len(blob) - 1))
+            blob[at] = data.draw(st.integers(0, 255))
+        _check_file(tmp_path, bytes(blob))
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(records=st.lists(st.tuples(st.sampled_from([1, 2, 3, 4, 5, 6, 0x40, 0x85]), st.binary(max_size=64)),
+                            max_size=8))
+    def test_fuzz_well_framed_garbage(self, tmp_path, records):
+        """Valid framing with hostile payloads (CRCs correct) never escapes as another exception."""
+        out = io.BytesIO()
+        writer = RecordWriter(out)
+        for kind, payload in records:
+            writer.write(kind, payload)
+        assert _check_file(tmp_path, out.getvalue()) is not None
+
+
+class TestCodec:
+    @pytest.mark.parametrize("event", [
+        Breakpoint(seq=1, time_ns=2, vcpu=3, address=0xFFFFFFFF81000000),
+        MemoryAccess(seq=4, access=Access.READ_WRITE, address=0x10, size=8, value=b"\x00\xff"),
+        ProcessStart(seq=5, pid=1, ppid=0, comm="init \u00e9"),
+    ])
+    def test_events_round_trip(self, event):
+        """Every field, enums and bytes included, survives encoding."""
+        assert _codec.decode_event(_codec.encode_event(event)) == event
+
+    @pytest.mark.parametrize("payload", [
+        b'{"$attrs": "os:system", "fields": {}}',
+        b'{"$attrs": "vmwatch.errors:RecordingError", "fields": {}}',
+        b'{"$attrs": "vmwatch.events:Breakpoint", "fields": {"nope": 1}}',
+        b'{"$attrs": "vmwatch.cpu:Registers", "fields": {}}',
+        b'{"$enum": "vmwatch.events:Access", "value": 99}',
+        b'[1, 2]',
+        b'\xff',
+    ])
+    def test_hostile_payloads(self, payload):
+        """Foreign classes, unknown fields, bad enum values and non-events are RecordingErrors."""
+        with pytest.raises(RecordingError):
+            _codec.decode_event(payload)
+

@@ -1,0 +1,373 @@
+"""Replay a recording: its events, and a physical memory that serves the recorded pages.
+
+Theory of operation: opening a recording checks every record (CRC, order, references) once, up
+front, so a corrupt file fails before the first alert rather than halfway. Then, for each frame,
+the list of (context, page ordinal) in recording order is kept; a read while replaying event N
+gets the page as recorded in the latest context <= N. With the same rules that is always the
+page recorded for event N itself (identical reads, identical alerts). With other rules it is the
+last content the recording saw, which may be older than the live guest's was at that moment;
+``strict=True`` refuses anything but the event's own pages. A frame never recorded raises
+:class:`PageNotRecorded` naming the address: never a silent zero.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+import structlog
+import zstandard
+
+from vmwatch.cpu import Registers
+from vmwatch.errors import PageNotRecorded, PhysicalReadError, RecordingError, UnsupportedOperation
+from vmwatch.events import Event
+from vmwatch.images.base import Run
+from vmwatch.replay import _codec
+from vmwatch.replay.format import (
+    PAGE_HEAD,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    READ_ENTRY,
+    READS_HEAD,
+    RECORD_HEAD,
+    REGISTERS_HEAD,
+    SETUP,
+    UNMAPPED,
+    RecordType,
+    decompress_page,
+    iter_records,
+    open_mapped,
+    page_digest,
+)
+from vmwatch.target import Target
+
+log = structlog.get_logger()
+
+
+class Recording:
+    """A parsed, validated recording file (the pages stay in the file until read).
+
+    Use :meth:`open`; close with :meth:`close` or as a context manager.
+    """
+
+    def __init__(self, path: str, data: Any) -> None:
+        self.path = path
+        self._data = data
+        self.meta: dict[str, Any] = {}
+        self.end: dict[str, Any] | None = None
+        self.events: list[Event] = []
+        self._pages: list[tuple[int, int, int]] = []  # (encoding, payload offset, payload length)
+        self._digests: list[bytes] = []
+        self.history: dict[int, tuple[list[int], list[int]]] = {}  # pfn -> (contexts, ordinals)
+        self.registers: dict[tuple[int, int], Registers] = {}
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._cache: dict[int, bytes] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Recording:
+        """Read and check a whole recording.
+
+        Raises:
+            RecordingError: not a recording, newer format, truncated, corrupted, or inconsistent.
+            OSError: the file cannot be read.
+        """
+        path = os.fspath(path)
+        data = open_mapped(path)
+        recording = cls(path, data)
+        try:
+            recording._load()
+        except BaseException:
+            recording.close()
+            raise
+        return recording
+
+    def _load(self) -> None:
+        where = self.path
+        records = iter_records(self._data, where)
+        context = SETUP
+        last_context_with_reads = SETUP - 1
+        for record in records:
+            kind, payload, at = record.kind, record.payload, f"{where}: record at file offset {record.offset:#x}"
+            if self.end is not None:
+                raise RecordingError(f"{at}: data after the END record")
+            if not self.meta and kind != RecordType.META:
+                raise RecordingError(f"{at}: first record must be META, not type {kind:#x}")
+            if kind == RecordType.META:
+                if self.meta:
+                    raise RecordingError(f"{at}: second META record")
+                self.meta = _json_object(payload, at)
+                if self.meta.get("page_size") != PAGE_SIZE:
+                    raise RecordingError(f"{at}: page size {self.meta.get('page_size')!r} is not {PAGE_SIZE}")
+            elif kind == RecordType.PAGE:
+                if len(payload) < PAGE_HEAD.size:
+                    raise RecordingError(f"{at}: page record too short")
+                encoding, digest = PAGE_HEAD.unpack_from(payload, 0)
+                start = record.offset + RECORD_HEAD.size + PAGE_HEAD.size
+                self._pages.append((encoding, start, len(payload) - PAGE_HEAD.size))
+                self._digests.append(digest)
+            elif kind == RecordType.EVENT:
+                self.events.append(_codec.decode_event(bytes(payload)))
+                context = len(self.events) - 1
+            elif kind == RecordType.READS:
+                if len(payload) < READS_HEAD.size:
+                    raise RecordingError(f"{at}: reads record too short")
+                ctx, count = READS_HEAD.unpack_from(payload, 0)
+                if ctx != context or ctx < last_context_with_reads:
+                    raise RecordingError(f"{at}: reads for event {ctx} out of order (current event {context})")
+                last_context_with_reads = ctx
+                if len(payload) != READS_HEAD.size + count * READ_ENTRY.size:
+                    raise RecordingError(f"{at}: reads record length does not match its {count} entries")
+                npages = len(self._pages)
+                for pfn, ordinal in READ_ENTRY.iter_unpack(payload[READS_HEAD.size:]):
+                    if ordinal != UNMAPPED and ordinal >= npages:
+                        raise RecordingError(f"{at}: frame {pfn:#x} refers to page {ordinal}, not yet stored")
+                    contexts, ordinals = self.history.setdefault(pfn, ([], []))
+                    if contexts and contexts[-1] == ctx:
+                        raise RecordingError(f"{at}: frame {pfn:#x} recorded twice for event {ctx}")
+                    contexts.append(ctx)
+                    ordinals.append(ordinal)
+            elif kind == RecordType.REGISTERS:
+                if len(payload) < REGISTERS_HEAD.size:
+                    raise RecordingError(f"{at}: registers record too short")
+                ctx, vcpu = REGISTERS_HEAD.unpack_from(payload, 0)
+                if ctx != context:
+                    raise RecordingError(f"{at}: registers for event {ctx} out of order (current event {context})")
+                registers = _codec.decode_registers(bytes(payload[REGISTERS_HEAD.size:]))
+                if registers.vcpu != vcpu:
+                    raise RecordingError(f"{at}: registers record of vCPU {vcpu} holds vCPU {registers.vcpu}")
+                self.registers[(ctx, vcpu)] = registers
+            elif kind == RecordType.END:
+                self.end = _json_object(payload, at)
+            elif kind < 0x80:
+                raise RecordingError(f"{at}: unknown record type {kind:#x}")
+        if not self.meta:
+            raise RecordingError(f"{where}: recording holds no META record")
+        if self.end is None:
+            raise RecordingError(f"{where}: recording is truncated (no END record)")
+        if self.end.get("events") != len(self.events) or self.end.get("pages") != len(self._pages):
+            raise RecordingError(
+                f"{where}: END record says {self.end.get('events')} events and {self.end.get('pages')} pages,"
+                f" the file holds {len(self.events)} and {len(self._pages)}"
+            )
+
+    @property
+    def page_count(self) -> int:
+        return len(self._pages)
+
+    def page(self, ordinal: int) -> bytes:
+        """The content of stored page ``ordinal`` (digest checked on first use, then cached)."""
+        page = self._cache.get(ordinal)
+        if page is not None:
+            return page
+        encoding, start, length = self._pages[ordinal]
+        where = f"{self.path}: page {ordinal}"
+        page = decompress_page(self._decompressor, encoding, memoryview(self._data)[start:start + length], where)
+        if page_digest(page) != self._digests[ordinal]:
+            raise RecordingError(f"{where}: content does not match its BLAKE2b digest")
+        if len(self._cache) >= 8192:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[ordinal] = page
+        return page
+
+    def lookup(self, pfn: int, context: int, *, strict: bool = False) -> int | None:
+        """Page ordinal (or UNMAPPED) for frame ``pfn`` as seen in ``context``; None if never seen."""
+        entry = self.history.get(pfn)
+        if entry is None:
+            return None
+        contexts, ordinals = entry
+        if contexts[-1] <= context:
+            index = len(contexts) - 1
+        else:
+            index = bisect.bisect_right(contexts, context) - 1
+            if index < 0:
+                return None
+        if strict and contexts[index] != context:
+            return None
+        return ordinals[index]
+
+    def close(self) -> None:
+        close = getattr(self._data, "close", None)
+        self._cache.clear()
+        if close is not None:
+            try:
+                close()
+            except BufferError:  # a memoryview of a page is still alive somewhere; the GC closes it
+                pass
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _json_object(payload: memoryview, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(bytes(payload))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RecordingError(f"{where}: payload is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise RecordingError(f"{where}: payload is not a JSON object")
+    return value
+
+
+def _runs(recording: Recording) -> tuple[Run, ...]:
+    try:
+        return tuple(Run(start=int(a), size=int(b), file_offset=None) for a, b in recording.meta.get("runs", ()))
+    except (TypeError, ValueError):
+        raise RecordingError(f"{recording.path}: META runs are not [start, size] pairs") from None
+
+
+class ReplayPhysicalMemory:
+    """PhysicalMemory serving the pages a recording holds for the event being replayed."""
+
+    writable = False
+
+    def __init__(self, recording: Recording, *, strict: bool = False) -> None:
+        self.recording = recording
+        self.strict = strict
+        self.context = SETUP
+        """The event being replayed (its ordinal), or SETUP before the first."""
+        # The same volatility as the recorded source, so caches are flushed exactly as they were.
+        self.volatile = bool(recording.meta.get("volatile", False))
+        self.runs = _runs(recording)
+        self.missing: PageNotRecorded | None = None
+        """The first read outside the recording (kept in case a caller swallowed the exception)."""
+
+    def read_into(self, paddr: int, buf: bytearray | memoryview, *, pad: bool = False) -> None:
+        size = len(buf)
+        if size == 0:
+            return
+        out = memoryview(buf)
+        recording, context, strict = self.recording, self.context, self.strict
+        first = paddr >> PAGE_SHIFT
+        last = (paddr + size - 1) >> PAGE_SHIFT
+        for pfn in range(first, last + 1):
+            page_start = pfn << PAGE_SHIFT
+            lo = max(paddr, page_start)
+            hi = min(paddr + size, page_start + PAGE_SIZE)
+            ordinal = recording.lookup(pfn, context, strict=strict)
+            if ordinal is None:
+                error = PageNotRecorded(lo, context)
+                if self.missing is None:
+                    self.missing = error
+                raise error
+            if ordinal == UNMAPPED:
+                if not pad:
+                    raise PhysicalReadError(paddr, size)
+                out[lo - paddr:hi - paddr] = bytes(hi - lo)
+                continue
+            out[lo - paddr:hi - paddr] = recording.page(ordinal)[lo - page_start:hi - page_start]
+
+    def read(self, paddr: int, size: int, *, pad: bool = False) -> bytes:
+        buf = bytearray(size)
+        self.read_into(paddr, buf, pad=pad)
+        return bytes(buf)
+
+    def read_many(self, requests: Iterable[tuple[int, int]]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for paddr, size in requests:
+            try:
+                out.append(self.read(paddr, size))
+            except PhysicalReadError:
+                out.append(None)
+        return out
+
+    def write(self, paddr: int, data: bytes) -> None:
+        raise UnsupportedOperation(f"a recording is read-only (write at {paddr:#x})")
+
+
+class ReplayLive:
+    """The live-backend face of a recording: recorded events and registers, no hypervisor.
+
+    Breakpoints and watchpoints are accepted and ignored: the recording already holds every
+    event the live run trapped, and nothing else can happen. Stepping or writing is refused.
+    """
+
+    def __init__(self, recording: Recording, memory: ReplayPhysicalMemory) -> None:
+        self.recording = recording
+        self.memory = memory
+        self.vcpu_count = int(recording.meta.get("vcpu_count") or 1)
+        self.position = 0
+        """How many events were handed out."""
+
+    def events(self) -> ReplayLive:
+        """The recorded events, from where the last iteration stopped.
+
+        Handing out event N switches the memory and registers to what was recorded for event N.
+        (An iterator object rather than an async generator: nothing to finalize if abandoned.)
+        """
+        return self
+
+    def __aiter__(self) -> ReplayLive:
+        return self
+
+    async def __anext__(self) -> Event:
+        index = self.position
+        if index >= len(self.recording.events):
+            raise StopAsyncIteration
+        self.memory.context = index
+        self.position = index + 1
+        return self.recording.events[index]
+
+    async def registers(self, vcpu: int = 0) -> Registers:
+        """The registers of ``vcpu`` as recorded for the current event.
+
+        Raises:
+            RecordingError: the live run did not read them for this event.
+        """
+        registers = self.recording.registers.get((self.memory.context, vcpu))
+        if registers is None:
+            raise RecordingError(f"registers of vCPU {vcpu} were not recorded for event {self.memory.context}")
+        return registers
+
+    async def all_registers(self) -> tuple[Registers, ...]:
+        return tuple([await self.registers(vcpu) for vcpu in range(self.vcpu_count)])
+
+    async def pause(self) -> None:
+        pass
+
+    async def resume(self) -> None:
+        pass
+
+    async def status(self) -> str:
+        return "replay"
+
+    async def add_breakpoint(self, vaddr: int) -> None:
+        pass
+
+    async def remove_breakpoint(self, vaddr: int) -> None:
+        pass
+
+    async def add_watchpoint(self, vaddr: int, size: int, access: Any) -> None:
+        pass
+
+    async def remove_watchpoint(self, vaddr: int, size: int, access: Any) -> None:
+        pass
+
+    async def step(self, vcpu: int = 0, **_: Any) -> Any:
+        raise UnsupportedOperation("cannot single-step a recording")
+
+    async def set_registers(self, vcpu: int, **values: int) -> None:
+        raise UnsupportedOperation("a recording is read-only (set registers)")
+
+
+@contextlib.contextmanager
+def open_recording(path: str | os.PathLike[str], *, strict: bool = False) -> Iterator[Target]:
+    """A Target replaying a recording: ``.memory`` serves pages, ``.live`` yields the events.
+
+    Raises:
+        RecordingError: see :meth:`Recording.open`.
+    """
+    with Recording.open(path) as recording:
+        memory = ReplayPhysicalMemory(recording, strict=strict)
+        saved = tuple(_codec.decode_value(cpu) for cpu in recording.meta.get("saved_cpus", ()))
+        if not all(isinstance(cpu, Registers) for cpu in saved):
+            raise RecordingError(f"{recording.path}: META saved_cpus are not registers")
+        live = ReplayLive(recording, memory) if recording.meta.get("live") else None
+        yield Target(spec=str(recording.meta.get("source", recording.path)), memory=memory,
+                     saved_cpus=saved, live=live)
+

@@ -1,0 +1,313 @@
+"""Record a monitoring session: the events, and every guest page and register read per event.
+
+Theory of operation: the recorder wraps a :class:`vmwatch.target.Target`. Its physical memory
+sits *under* every cache (GuestMemory's page cache, TLB), so it sees exactly the reads that reach
+the source. Reads are grouped by context: the setup phase (everything before the first event),
+then one context per event, which opens when the event source hands out that event and closes
+when the next one is asked for. The first read of a page in a context reads the whole page from
+the source, stores it (content-addressed, so an unchanged page costs 12 bytes in the index) and
+serves the caller from that very copy, so what a rule saw is byte for byte what is recorded.
+Later reads of that page in the same context go straight to the source: the engine keeps the
+vCPUs paused while rules run, so the page cannot have changed.
+
+A frame the source reports unmapped is recorded as unmapped and raises the same
+:class:`PhysicalReadError` live and in replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import structlog
+import zstandard
+
+import vmwatch
+from vmwatch.cpu import Registers
+from vmwatch.errors import PhysicalReadError, UnsupportedOperation
+from vmwatch.events import Event
+from vmwatch.replay import _codec
+from vmwatch.replay.format import (
+    MAX_READS_PER_RECORD,
+    PAGE_HEAD,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    READ_ENTRY,
+    READS_HEAD,
+    REGISTERS_HEAD,
+    SETUP,
+    UNMAPPED,
+    PageEncoding,
+    RecordType,
+    RecordWriter,
+    page_digest,
+)
+from vmwatch.target import Target
+
+log = structlog.get_logger()
+
+
+class Recorder:
+    """Writes one recording file (docs/recording-format.md).
+
+    Args:
+        path: the file to create (truncated if it exists).
+        meta: JSON-able facts about the source (``source``, ``volatile``, ``runs``, ...).
+        level: zstd compression level for pages.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, meta: dict[str, Any], level: int = 3) -> None:
+        self.path = os.fspath(path)
+        self._file = open(self.path, "wb")
+        self._writer = RecordWriter(self._file)
+        self._compressor = zstandard.ZstdCompressor(level=level)
+        self._ordinals: dict[bytes, int] = {}
+        self._context = SETUP
+        self._reads: dict[int, int] = {}
+        self._registers: set[int] = set()
+        self.events = 0
+        self.page_reads = 0
+        self.closed = False
+        self._writer.write_json(RecordType.META, {
+            "format": "vmwatch-recording",
+            "vmwatch_version": vmwatch.__version__,
+            "created_unix_ns": time.time_ns(),
+            "page_size": PAGE_SIZE,
+            **meta,
+        })
+
+    @property
+    def pages(self) -> int:
+        """Distinct page contents stored so far."""
+        return len(self._ordinals)
+
+    @property
+    def bytes_written(self) -> int:
+        return self._writer.bytes_written
+
+    def ordinal_of(self, pfn: int) -> int | None:
+        """Frame ``pfn``'s page ordinal in the current context, UNMAPPED, or None if not read yet."""
+        return self._reads.get(pfn)
+
+    def add_page(self, pfn: int, data: bytes | None) -> None:
+        """Record the content of frame ``pfn`` for the current context (``None``: unmapped)."""
+        if data is None:
+            self._reads[pfn] = UNMAPPED
+            return
+        digest = page_digest(data)
+        ordinal = self._ordinals.get(digest)
+        if ordinal is None:
+            ordinal = self._ordinals[digest] = len(self._ordinals)
+            packed = self._compressor.compress(data)
+            if len(packed) < PAGE_SIZE:
+                self._writer.write(RecordType.PAGE, PAGE_HEAD.pack(PageEncoding.ZSTD, digest) + packed)
+            else:
+                self._writer.write(RecordType.PAGE, PAGE_HEAD.pack(PageEncoding.RAW, digest) + data)
+        self._reads[pfn] = ordinal
+
+    def add_registers(self, registers: Registers) -> None:
+        """Record a vCPU's registers as read in the current context (the first read wins)."""
+        if registers.vcpu in self._registers:
+            return
+        self._registers.add(registers.vcpu)
+        payload = _codec.encode_registers(registers)
+        self._writer.write(RecordType.REGISTERS, REGISTERS_HEAD.pack(self._context, registers.vcpu) + payload)
+
+    def begin_event(self, event: Event) -> None:
+        """Close the current context and open the one of ``event`` (the next ordinal)."""
+        self._flush_reads()
+        self._writer.write(RecordType.EVENT, _codec.encode_event(event))
+        self._context = self.events
+        self.events += 1
+
+    def _flush_reads(self) -> None:
+        items = sorted(self._reads.items())
+        self.page_reads += len(items)
+        for start in range(0, len(items), MAX_READS_PER_RECORD):
+            chunk = items[start:start + MAX_READS_PER_RECORD]
+            body = b"".join(READ_ENTRY.pack(pfn, ordinal) for pfn, ordinal in chunk)
+            self._writer.write(RecordType.READS, READS_HEAD.pack(self._context, len(chunk)) + body)
+        self._reads = {}
+        self._registers = set()
+
+    def close(self) -> None:
+        """Write the END record and close the file (idempotent)."""
+        if self.closed:
+            return
+        self._flush_reads()
+        self._writer.write_json(RecordType.END, {
+            "events": self.events, "pages": self.pages, "page_reads": self.page_reads,
+        })
+        self._file.close()
+        self.closed = True
+        log.info("recording written", path=self.path, events=self.events, pages=self.pages,
+                 bytes=self.bytes_written)
+
+    def abort(self) -> None:
+        """Close without an END record: readers will call the recording truncated."""
+        if not self.closed:
+            self._file.close()
+            self.closed = True
+
+
+class RecordingPhysicalMemory:
+    """A PhysicalMemory that records what it serves into a :class:`Recorder`."""
+
+    def __init__(self, inner: Any, recorder: Recorder) -> None:
+        self.inner = inner
+        self.recorder = recorder
+        self.volatile = bool(getattr(inner, "volatile", False))
+        self.writable = bool(getattr(inner, "writable", False))
+        self.runs = getattr(inner, "runs", ())
+
+    def read_into(self, paddr: int, buf: bytearray | memoryview, *, pad: bool = False) -> None:
+        size = len(buf)
+        if size == 0:
+            return
+        first = paddr >> PAGE_SHIFT
+        last = (paddr + size - 1) >> PAGE_SHIFT
+        recorder = self.recorder
+        if first == last and recorder.ordinal_of(first) not in (None, UNMAPPED):
+            self.inner.read_into(paddr, buf, pad=pad)
+            return
+        out = memoryview(buf)
+        for pfn in range(first, last + 1):
+            page_start = pfn << PAGE_SHIFT
+            lo = max(paddr, page_start)
+            hi = min(paddr + size, page_start + PAGE_SIZE)
+            part = out[lo - paddr:hi - paddr]
+            ordinal = recorder.ordinal_of(pfn)
+            if ordinal == UNMAPPED:
+                self._unmapped(paddr, size, part, pad)
+                continue
+            if ordinal is not None:
+                self.inner.read_into(lo, part)
+                continue
+            try:
+                page = self.inner.read(page_start, PAGE_SIZE)
+            except PhysicalReadError:
+                recorder.add_page(pfn, None)
+                self._unmapped(paddr, size, part, pad)
+                continue
+            recorder.add_page(pfn, page)
+            part[:] = page[lo - page_start:hi - page_start]
+
+    @staticmethod
+    def _unmapped(paddr: int, size: int, part: memoryview, pad: bool) -> None:
+        if not pad:
+            raise PhysicalReadError(paddr, size)
+        part[:] = bytes(len(part))
+
+    def read(self, paddr: int, size: int, *, pad: bool = False) -> bytes:
+        buf = bytearray(size)
+        self.read_into(paddr, buf, pad=pad)
+        return bytes(buf)
+
+    def read_many(self, requests: Iterable[tuple[int, int]]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for paddr, size in requests:
+            try:
+                out.append(self.read(paddr, size))
+            except PhysicalReadError:
+                out.append(None)
+        return out
+
+    def write(self, paddr: int, data: bytes) -> None:
+        """Writes are not replayable: refuse them while recording."""
+        raise UnsupportedOperation(f"cannot write guest memory at {paddr:#x} while recording")
+
+
+class _RecordingEvents:
+    """Async iterator over the inner source's events that opens a context per event."""
+
+    def __init__(self, inner: Any, recorder: Recorder) -> None:
+        self._inner = inner
+        self._recorder = recorder
+
+    def __aiter__(self) -> _RecordingEvents:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self._inner.__anext__()
+        self._recorder.begin_event(event)
+        return event
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class RecordingLive:
+    """Proxy of a live backend that records events and register reads; everything else passes."""
+
+    def __init__(self, inner: Any, memory: RecordingPhysicalMemory, recorder: Recorder) -> None:
+        self._inner = inner
+        self.memory = memory
+        self.recorder = recorder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def events(self, *args: Any, **kwargs: Any) -> _RecordingEvents:
+        return _RecordingEvents(aiter(self._inner.events(*args, **kwargs)), self.recorder)
+
+    async def registers(self, vcpu: int = 0) -> Registers:
+        registers = await self._inner.registers(vcpu)
+        self.recorder.add_registers(registers)
+        return registers
+
+    async def all_registers(self) -> tuple[Registers, ...]:
+        every = tuple(await self._inner.all_registers())
+        for registers in every:
+            self.recorder.add_registers(registers)
+        return every
+
+
+def target_meta(target: Target) -> dict[str, Any]:
+    """What a recording says about the source it came from."""
+    memory = target.memory
+    live = target.live
+    return {
+        "source": target.spec,
+        "volatile": bool(getattr(memory, "volatile", False)),
+        "live": live is not None,
+        "vcpu_count": getattr(live, "vcpu_count", None) if live is not None else len(target.saved_cpus),
+        "runs": [[run.start, run.size] for run in getattr(memory, "runs", ())],
+        "saved_cpus": [_codec.encode_value(cpu) for cpu in target.saved_cpus],
+        "base": None,
+    }
+
+
+@contextlib.contextmanager
+def recording_target(target: Target, path: str | os.PathLike[str]) -> Iterator[Target]:
+    """A Target like ``target`` whose memory reads, register reads and events are recorded.
+
+    The recording is finished (END record) when the block exits normally or on a KeyboardInterrupt
+    or trio cancellation (a stopped watch is a complete session); any other exception leaves it
+    without END, so a reader calls it truncated.
+    """
+    recorder = Recorder(path, meta=target_meta(target))
+    memory = RecordingPhysicalMemory(target.memory, recorder)
+    live = RecordingLive(target.live, memory, recorder) if target.live is not None else None
+    try:
+        yield Target(spec=target.spec, memory=memory, saved_cpus=target.saved_cpus, live=live)
+    except BaseException as exc:
+        if _is_stop(exc):
+            recorder.close()
+        else:
+            recorder.abort()
+        raise
+    recorder.close()
+
+
+def _is_stop(exc: BaseException) -> bool:
+    import trio
+
+    if isinstance(exc, (KeyboardInterrupt, trio.Cancelled)):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_stop(e) for e in exc.exceptions)
+    return False
