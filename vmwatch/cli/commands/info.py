@@ -1,0 +1,148 @@
+"""``vmwatch info IMAGE``: what a memory image holds (format facts, runs, registers, tags)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+HELP = "show a memory image's format, physical runs, saved registers and metadata"
+
+_REG_ORDER = ("rip", "rsp", "rflags", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9",
+              "r10", "r11", "r12", "r13", "r14", "r15", "cr0", "cr2", "cr3", "cr4", "cr8", "efer",
+              "fs_base", "gs_base", "kernel_gs_base", "gdtr_base", "gdtr_limit", "idtr_base",
+              "idtr_limit")  # fmt: skip
+HEXDUMP_LIMIT = 256
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="memory image (format detected by content)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="hexdump tags longer than 8 bytes")
+    parser.add_argument("--dump-dir", metavar="DIR", help="write the screenshot (PNG) and saved config here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--vmem", metavar="PATH", help="VMware: the file holding RAM (default: IMAGE.vmem)")
+
+
+def run(args: argparse.Namespace, env) -> int:
+    from vmwatch.images import open_image
+
+    with open_image(args.image, vmem=args.vmem) as image:
+        dumped = dump_files(image, args.dump_dir) if args.dump_dir else []
+        if args.json:
+            json.dump(as_json(image, verbose=args.verbose, dumped=dumped), env.stdout, indent=2)
+            env.stdout.write("\n")
+        else:
+            env.stdout.write(as_text(image, verbose=args.verbose, dumped=dumped))
+    return 0
+
+
+def as_json(image, *, verbose: bool = False, dumped: list[str] = ()) -> dict:
+    out = {
+        "format": image.format,
+        "path": image.path,
+        "size": image.size,
+        "runs": [{"start": r.start, "size": r.size, "file_offset": r.file_offset} for r in image.runs],
+        "cpus": len(image.cpus),
+        "registers": [c.as_dict() for c in image.cpus],
+        "summary": dict(image.summary()),
+        "metadata": image.metadata,
+    }
+    tags = getattr(image, "tags", None)
+    if tags is not None:
+        out["tags"] = [_tag_json(image, t, verbose) for t in tags]
+    if dumped:
+        out["dumped"] = list(dumped)
+    return out
+
+
+def _tag_json(image, tag, verbose: bool) -> dict:
+    entry = {"name": tag.path, "data_offset": tag.data_offset, "data_size": tag.size}
+    value = image.tag_value(tag)
+    if value is not None:
+        entry["value"] = value
+    elif verbose and not tag.compressed:
+        entry["hex"] = image.tag_bytes(tag, HEXDUMP_LIMIT).hex()
+    if tag.compressed:
+        entry["compressed"] = True
+        entry["memory_size"] = tag.mem_size
+    return entry
+
+
+def as_text(image, *, verbose: bool = False, dumped: list[str] = ()) -> str:
+    lines = [f"Format: {image.format}"]
+    for label, text in image.summary():
+        # vboxinfo prints the version line bare ("VirtualBox 6.1.0 (revision N)")
+        lines.append(text if label == "Version" and text.startswith("VirtualBox") else f"{label}: {text}")
+    lines.append(f"Physical size: {image.size:#x}")
+    lines.append("")
+    lines += _table(("File Offset", "PhysMem Offset", "Size"),
+                    [("(zeros)" if r.file_offset is None else f"{r.file_offset:#018x}",
+                      f"{r.start:#018x}", f"{r.size:#018x}") for r in image.runs])
+    for cpu in image.cpus:
+        lines.append("")
+        lines.append(f"CPU {cpu.vcpu}:")
+        regs = cpu.as_dict()
+        cells = [f"{name.upper():>14}: {regs[name]:#018x}" for name in _REG_ORDER if name in regs]
+        for name in ("cs", "ss", "ds", "es", "fs", "gs"):
+            if name in regs:
+                seg = regs[name]
+                cells.append(f"{name.upper():>14}: {seg['selector']:#06x} base {seg['base']:#x} limit {seg['limit']:#x}")
+        lines += ["  " + "  ".join(cells[i:i + 3]) for i in range(0, len(cells), 3)]
+        for msr, value in sorted(cpu.msrs.items()):
+            lines.append(f"  {msr.upper():>14}: {value:#018x}")
+    if not image.cpus:
+        lines += ["", "No saved CPU registers in this image."]
+    tags = getattr(image, "tags", None)
+    if tags is not None:
+        lines.append("")
+        lines += _tag_table(image, tags, verbose)
+    for path in dumped:
+        lines.append(f"Wrote {path}")
+    return "\n".join(lines) + "\n"
+
+
+def _tag_table(image, tags, verbose: bool) -> list[str]:
+    lines = [f"{'DataOffset':>12} {'DataSize':>10} {'Name':<50} Value",
+             f"{'-' * 12} {'-' * 10} {'-' * 50} -----"]
+    for tag in tags:
+        value = image.tag_value(tag)
+        if value is not None:
+            shown = str(value) if tag.size <= 2 and value < 10000 else f"{value:#x}"
+        else:
+            shown = "(compressed)" if tag.compressed else ""
+        lines.append(f"{tag.data_offset:#012x} {tag.size:#10x} {tag.path:<50} {shown}".rstrip())
+        if verbose and value is None and not tag.compressed and tag.size:
+            data = image.tag_bytes(tag, HEXDUMP_LIMIT)
+            for i in range(0, len(data), 16):
+                row = data[i:i + 16]
+                text = "".join(chr(b) if 32 < b < 127 else "." for b in row)
+                lines.append(f"{tag.data_offset + i:#012x}  {row.hex(' '):<47}   {text}")
+            if tag.size > HEXDUMP_LIMIT:
+                lines.append("[snip]")
+    return lines
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    fmt = " ".join(f"{{:<{w}}}" for w in widths)
+    return [line.rstrip() for line in [fmt.format(*header), " ".join("-" * w for w in widths)] + [fmt.format(*r) for r in rows]]
+
+
+def dump_files(image, directory: str) -> list[str]:
+    """Write what the image carries besides memory (VMware: screenshot PNG, .vmx config)."""
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.splitext(os.path.basename(image.path))[0]
+    written = []
+    screenshot = getattr(image, "screenshot", lambda: None)()
+    if screenshot:
+        path = os.path.join(directory, f"{base}.png")
+        with open(path, "wb") as f:
+            f.write(screenshot)
+        written.append(path)
+    config = getattr(image, "config", lambda: None)()
+    if config:
+        path = os.path.join(directory, f"{base}.vmx")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(config)
+        written.append(path)
+    return written
