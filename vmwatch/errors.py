@@ -138,5 +138,9 @@ class PageNotRecorded(RecordingError):
         super().__init__(f"physical address {paddr:#x} is not in the recording ({when})")
 
 
+class TimelineError(VmwatchError):
+    """A timeline database cannot be read, or a timeline query is malformed (bad time, bucket)."""
+
+
 class RuleError(VmwatchError):
     """A rule pack cannot be loaded or a rule is declared wrongly."""

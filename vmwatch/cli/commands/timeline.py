@@ -1,0 +1,67 @@
+"""``vmwatch timeline DB``: events and alerts from a SQLite timeline, filtered, in time order."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+HELP = "query the SQLite timeline a watch wrote: events and alerts by time, kind and pid"
+
+CSV_FIELDS = ("time", "time_ns", "source", "vm", "seq", "kind", "vcpu", "pid", "comm", "rule", "severity",
+              "message", "details")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("db", help="timeline database (watch --db)")
+    parser.add_argument("--since", metavar="TIME", help="from this time: ISO 8601 (UTC if no zone), 15m ago, or ns")
+    parser.add_argument("--until", metavar="TIME", help="before this time (same forms as --since)")
+    parser.add_argument("--kind", action="append", default=[], metavar="KIND",
+                        help="only this event kind (Exec, ProcessStart...) or 'alert'; repeatable")
+    parser.add_argument("--pid", action="append", type=int, default=[], help="only this pid; repeatable")
+    parser.add_argument("--vm", help="only this VM (the watched target spec)")
+    parser.add_argument("--limit", type=int, metavar="N", help="at most N rows")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per line")
+    output.add_argument("--csv", action="store_true", help="CSV with a header row")
+
+
+def build_query(args: argparse.Namespace):
+    from vmwatch.timeline.query import TimelineQuery
+    from vmwatch.timeline.timespec import parse_time
+
+    return TimelineQuery(
+        since_ns=parse_time(args.since) if args.since else None,
+        until_ns=parse_time(args.until) if args.until else None,
+        kinds=tuple(args.kind), pids=tuple(args.pid or ()), vm=getattr(args, "vm", None),
+        limit=getattr(args, "limit", None),
+    )
+
+
+def run(args: argparse.Namespace, env) -> int:
+    from vmwatch.timeline.query import query_timeline
+    from vmwatch.timeline.timespec import format_time
+
+    entries = query_timeline(args.db, build_query(args))
+    out = env.stdout
+    if args.json:
+        for entry in entries:
+            out.write(json.dumps({"time": format_time(entry.time_ns), **entry.as_dict()}) + "\n")
+    elif args.csv:
+        writer = csv.DictWriter(out, CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for entry in entries:
+            row = entry.as_dict()
+            row["details"] = json.dumps(row["details"], sort_keys=True)
+            writer.writerow({"time": format_time(entry.time_ns), **row})
+    else:
+        vms = {entry.vm for entry in entries}
+        for entry in entries:
+            who = f"{entry.pid}" if entry.pid is not None else "-"
+            if entry.comm:
+                who += f"/{entry.comm}"
+            vm = f"{entry.vm}  " if len(vms) > 1 else ""
+            out.write(f"{format_time(entry.time_ns)}  {vm}{entry.kind:<13} {who:<20} {entry.summary()}\n")
+        if not entries:
+            env.stderr.write("vmwatch: no events or alerts match\n")
+    return 0
