@@ -1,0 +1,1 @@
+"""Operating-system layer: finds kernels in memory and reads their objects (Linux for now)."""

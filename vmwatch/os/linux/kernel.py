@@ -1,0 +1,132 @@
+"""``Linux``: one kernel found in memory, with its symbols, types and objects.
+
+Zero configuration: the kernel's own kallsyms and BTF are read from memory (see locate.py). A
+symbol file (System.map, vmlinux, ISF JSON, libvmi.conf) given by the user fills what the kernel
+does not carry (see symbols.py).
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from vmwatch.cpu import Registers
+from vmwatch.errors import SymbolError, VmwatchError
+from vmwatch.os.linux import locate
+from vmwatch.os.linux.locate import KernelInfo
+
+log = structlog.get_logger()
+
+
+class Linux:
+    """A Linux kernel in a dump or a live guest.
+
+    Attributes:
+        kernel: where it is (:class:`KernelInfo`).
+        symbols: name -> runtime virtual address (and address -> nearest name).
+        types: the BTF profile (or the one from the symbol file).
+        memory: a ``GuestMemory`` on the kernel page tables with symbol and pid->cr3 resolvers.
+    """
+
+    def __init__(self, kernel: KernelInfo, symbols, types, memory) -> None:
+        self.kernel = kernel
+        self.symbols = symbols
+        self.types = types
+        self.memory = memory
+        memory.symbols.resolver = symbols.__getitem__
+        memory.pid_dtb.resolver = self._pid_cr3
+
+    @classmethod
+    def from_memory(cls, phys, registers: tuple[Registers, ...] = (), symbols_file: str | None = None) -> Linux:
+        """Find the kernel in physical memory ``phys``.
+
+        Args:
+            phys: physical memory (an image or a live source).
+            registers: CPU state, if the source has some (speeds up and checks the search).
+            symbols_file: optional System.map / vmlinux / ISF / libvmi.conf for kernels without BTF.
+
+        Raises:
+            SymbolError: no kernel found, or it lacks BTF and no symbol file was given.
+        """
+        from vmwatch.memory import GuestMemory
+        from vmwatch.os.linux import btf
+
+        registers = tuple(r for r in registers if r is not None)
+        symbols, hint, token_table_paddr = locate.find_kallsyms(phys, registers)
+        if hint is not None:
+            text_vaddr, text_paddr, _cr3, mode = hint
+        else:
+            text_vaddr = symbols["_text"]
+            text_paddr = locate.physical_text(phys, symbols, token_table_paddr)
+            mode = None
+        root, mode = locate.kernel_root(phys, symbols, text_paddr, mode)
+        memory = GuestMemory(phys, cr3=root, mode=mode)
+        extra = None
+        if symbols_file is not None:
+            from vmwatch.os.linux.symbols import load_symbols_file
+
+            extra = load_symbols_file(symbols_file)
+        types = None
+        if "__start_BTF" in symbols and "__stop_BTF" in symbols:
+            start, stop = symbols["__start_BTF"], symbols["__stop_BTF"]
+            if not 0 < stop - start < 256 << 20:
+                raise SymbolError(f"absurd BTF size {stop - start:#x}")
+            types = btf.load_profile(memory.read(start, stop - start))
+        if extra is not None:
+            symbols = extra.merge_symbols(symbols, text_vaddr)
+            types = types or extra.types
+        if types is None:
+            raise SymbolError(
+                "this kernel carries no BTF type information (CONFIG_DEBUG_INFO_BTF is off): "
+                "pass --symbols with a vmlinux with DWARF (from the linux-image-*-dbg package) "
+                "or a Volatility 3 ISF JSON file")
+        banner = memory.cstring(symbols["linux_banner"], 512).rstrip("\n")
+        parts = banner.split()
+        page_offset = None
+        if "page_offset_base" in symbols:
+            try:
+                page_offset = memory.u64(symbols["page_offset_base"])
+            except VmwatchError:
+                page_offset = None
+        kernel = KernelInfo(
+            banner=banner, release=parts[2] if len(parts) > 2 else "?",
+            text_vaddr=text_vaddr, text_paddr=text_paddr,
+            slide=text_vaddr - locate.DEFAULT_TEXT, phys_slide=text_paddr - 0x1000000,
+            page_offset=page_offset, kernel_cr3=root, mode=mode)
+        log.debug("linux.found", release=kernel.release, slide=hex(kernel.slide), cr3=hex(root))
+        return cls(kernel, symbols, types, memory)
+
+    # -- objects ------------------------------------------------------------------------------
+
+    def tasks(self):
+        """Thread-group leaders (what /proc lists), as a Listing with ``.skipped`` problems."""
+        from vmwatch.os.linux.tasks import TaskWalker
+
+        return TaskWalker(self).walk()
+
+    def modules(self):
+        from vmwatch.os.linux.modules import walk_modules
+
+        return walk_modules(self)
+
+    def syscalls(self):
+        from vmwatch.os.linux.syscalls import read_syscalls
+
+        return read_syscalls(self)
+
+    def idt(self, registers: Registers | None = None):
+        from vmwatch.os.linux.idt import read_idt
+
+        return read_idt(self, registers)
+
+    def per_cpu(self, name: str, cpu: int = 0) -> int:
+        """Address of per-CPU variable ``name`` on ``cpu`` (per-CPU symbols are offsets)."""
+        offsets = self.symbols["__per_cpu_offset"]
+        return self.symbols[name] + self.memory.pointer(offsets + cpu * self.memory.pointer_size)
+
+    def _pid_cr3(self, pid: int) -> int:
+        for task in self.tasks():
+            if task.pid == pid or pid in task.threads:
+                if task.cr3 is None:
+                    raise SymbolError(f"pid {pid} is a kernel thread: it has no user address space")
+                return task.cr3
+        raise SymbolError(f"no process with pid {pid}")

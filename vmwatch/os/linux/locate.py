@@ -1,0 +1,149 @@
+"""Find a Linux kernel in physical memory: page tables, KASLR slides, kallsyms, BTF.
+
+Theory of operation (x86_64; Documentation/arch/x86/x86_64/mm.rst):
+
+1. With CPU state (a dump's saved registers, a live vCPU): CR3 (PCID bits and the PTI user
+   bit 12 cleared) walks the kernel-text window ``0xffffffff80000000..+1 GiB``. Boot code
+   clears every 2 MiB entry of that window outside the image, so the first mapped 2 MiB page is
+   ``_text``: that gives the virtual and physical base at once, and kallsyms is searched only
+   inside the image.
+2. Without CPU state, all of physical memory is searched for the kallsyms token table (the
+   image is physically contiguous, so its tables need no translation).
+3. kallsyms gives runtime (slid) addresses. The physical base is the 2 MiB-aligned address
+   below the tables where ``linux_banner`` reads "Linux version"; the kernel page-table root is
+   the physical address of ``init_top_pgt``, and the paging depth (4 or 5 levels) is whichever
+   translates ``_text`` back to its physical base.
+"""
+
+from __future__ import annotations
+
+import attrs
+import structlog
+
+from vmwatch.cpu import PagingMode, Registers
+from vmwatch.errors import SymbolError, TranslationError, VmwatchError
+from vmwatch.os.linux import kallsyms
+
+log = structlog.get_logger()
+
+START_KERNEL_MAP = 0xFFFFFFFF80000000
+DEFAULT_TEXT = 0xFFFFFFFF81000000
+"""Where ``_text`` links without KASLR (x86_64 CONFIG_PHYSICAL_START 16 MiB)."""
+_KERNEL_WINDOW = 1 << 30
+_2M = 1 << 21
+_IMAGE_MAX = 256 << 20
+_CR3_MASK = 0x000FFFFFFFFFF000
+BANNER = b"Linux version "
+
+
+@attrs.frozen
+class KernelInfo:
+    """Where the kernel is and what it is."""
+
+    banner: str
+    release: str
+    text_vaddr: int
+    """Runtime virtual address of ``_text``."""
+    text_paddr: int
+    """Physical address of ``_text``."""
+    slide: int
+    """Virtual KASLR slide: ``text_vaddr - 0xffffffff81000000``."""
+    phys_slide: int
+    """Physical KASLR slide: ``text_paddr - 16 MiB`` (CONFIG_PHYSICAL_START)."""
+    page_offset: int | None
+    """Start of the direct map (``page_offset_base``), None if unknown."""
+    kernel_cr3: int
+    mode: PagingMode
+
+
+def cr3_candidates(registers: tuple[Registers, ...]) -> list[tuple[int, PagingMode]]:
+    """Kernel page-table roots from saved/live registers: PCID and PTI user bit cleared first."""
+    found: list[tuple[int, PagingMode]] = []
+    for regs in registers:
+        if regs.cr3 is None or regs.cr0 is None:
+            continue
+        mode = regs.paging_mode
+        if mode not in (PagingMode.LEVEL4, PagingMode.LEVEL5):
+            continue
+        base = regs.cr3 & _CR3_MASK
+        for cr3 in (base & ~0x1000, base):
+            if (cr3, mode) not in found:
+                found.append((cr3, mode))
+    return found
+
+
+def text_from_page_tables(phys, cr3: int, mode: PagingMode) -> tuple[int, int] | None:
+    """(virtual, physical) ``_text`` from the first mapped 2 MiB page of the kernel-text window."""
+    from vmwatch.memory import GuestMemory
+
+    mem = GuestMemory(phys, cr3=cr3, mode=mode)
+    vaddr = START_KERNEL_MAP
+    while vaddr < START_KERNEL_MAP + _KERNEL_WINDOW:
+        try:
+            return vaddr, mem.translate(vaddr)
+        except TranslationError as exc:
+            skip = 1 << getattr(exc, "invalid_bits", 21)
+            vaddr = (vaddr + max(skip, _2M)) & ~(max(skip, _2M) - 1)
+    return None
+
+
+def _runs(phys) -> list[tuple[int, int]]:
+    runs = getattr(phys, "runs", None)
+    if runs:
+        return [(run.start, run.size) for run in runs]
+    size = getattr(phys, "size", 0)
+    if not size:
+        raise SymbolError("physical memory has no known extent to search for the kernel")
+    return [(0, size)]
+
+
+def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
+    """Locate and decode kallsyms; use CPU state to narrow the search when there is some.
+
+    Returns:
+        (symbols, text hint as (vaddr, paddr, cr3, mode) or None, physical address of the token table)
+    """
+    read = lambda paddr, size: phys.read(paddr, size, pad=True)  # noqa: E731
+    for cr3, mode in cr3_candidates(registers):
+        try:
+            text = text_from_page_tables(phys, cr3, mode)
+        except VmwatchError:
+            continue
+        if text is None:
+            continue
+        try:
+            symbols, tables, base = kallsyms.scan(read, [(text[1], _IMAGE_MAX)])
+        except SymbolError:
+            continue
+        if symbols.get("_text") == text[0]:
+            return symbols, (text[0], text[1], cr3, mode), base + tables.token_table
+    symbols, tables, base = kallsyms.scan(read, _runs(phys))
+    return symbols, None, base + tables.token_table
+
+
+def physical_text(phys, symbols: kallsyms.Symbols, token_table_paddr: int) -> int:
+    """The 2 MiB-aligned physical base below the tables at which ``linux_banner`` reads right."""
+    banner = symbols["linux_banner"] - symbols["_text"]
+    start = (token_table_paddr & ~(_2M - 1))
+    for paddr in range(start, max(-1, start - _IMAGE_MAX), -_2M):
+        if phys.read(paddr + banner, len(BANNER), pad=True) == BANNER:
+            return paddr
+    raise SymbolError("kernel image base not found (linux_banner does not read 'Linux version')")
+
+
+def kernel_root(phys, symbols: kallsyms.Symbols, text_paddr: int,
+                hint: PagingMode | None = None) -> tuple[int, PagingMode]:
+    """Physical ``init_top_pgt`` and the paging depth that maps ``_text`` back to ``text_paddr``."""
+    from vmwatch.memory import GuestMemory
+
+    name = "init_top_pgt" if "init_top_pgt" in symbols else "swapper_pg_dir"
+    root = text_paddr + symbols[name] - symbols["_text"]
+    modes = [hint] if hint else []
+    modes += [m for m in (PagingMode.LEVEL4, PagingMode.LEVEL5) if m not in modes]
+    for mode in modes:
+        try:
+            if GuestMemory(phys, cr3=root, mode=mode).translate(symbols["_text"]) == text_paddr:
+                return root, mode
+        except VmwatchError:
+            continue
+    raise SymbolError(f"{name} at {root:#x} does not map _text to {text_paddr:#x}")

@@ -1,0 +1,119 @@
+"""Kernel objects read through the BTF profile: no struct offset is written in this code.
+
+A :class:`StructReader` reads a whole struct once and decodes members from that one buffer,
+so walking a task costs one translation and one page-cache slice, not one per field.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vmwatch.errors import SymbolError, VmwatchError
+from vmwatch.os.linux.btf import ENUM, ENUM64, INT, PTR, STRUCT, UNION, BtfProfile
+
+_UNSIGNED = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+_SIGNED = {1: "<b", 2: "<h", 4: "<i", 8: "<q"}
+
+MAX_LIST = 1 << 16
+"""No kernel list we walk is longer than this; a longer one is corrupt or cyclic."""
+
+
+class StructReader:
+    """Decode members of one struct type from raw bytes.
+
+    Args:
+        types: the kernel's type profile.
+        name: struct name (``"task_struct"``).
+    """
+
+    def __init__(self, types: BtfProfile, name: str) -> None:
+        self.types = types
+        self.struct = types.struct(name)
+        self.size = self.struct.size
+        self.name = name
+        self._decoders: dict[str, tuple[int, str | None, int, int]] = {}
+
+    def has(self, member: str) -> bool:
+        try:
+            self.types.member(self.name, member)
+        except SymbolError:
+            return False
+        return True
+
+    def offset(self, member: str) -> int:
+        return self.types.member(self.name, member).offset
+
+    def _decoder(self, member: str) -> tuple[int, str | None, int, int]:
+        found = self._decoders.get(member)
+        if found is None:
+            m = self.types.member(self.name, member)
+            tid = self.types.resolve(m.type_id)
+            kind = self.types.kind(tid)
+            size = self.types.size_of(tid)
+            if kind == PTR:
+                fmt = _UNSIGNED[self.types.pointer_size]
+            elif kind == INT:
+                fmt = (_SIGNED if self.types.int_encoding(tid)[0] & 1 else _UNSIGNED).get(size)
+            elif kind in (ENUM, ENUM64, STRUCT, UNION):  # kuid_t and friends wrap one integer
+                fmt = _UNSIGNED.get(size)
+            else:
+                fmt = None
+            found = (m.offset, fmt, m.bit_size, m.bit_offset & 7)
+            if m.bit_size:
+                found = (m.bit_offset // 8, "<Q", m.bit_size, m.bit_offset & 7)
+            self._decoders[member] = found
+        return found
+
+    def int(self, buf: bytes, member: str) -> int:
+        """An integer, pointer, enum or bitfield member."""
+        offset, fmt, bit_size, shift = self._decoder(member)
+        if fmt is None:
+            raise SymbolError(f"{self.name}.{member} is not a scalar", name=self.name, member=member)
+        if bit_size:
+            raw = int.from_bytes(buf[offset:offset + 8], "little")
+            return (raw >> shift) & ((1 << bit_size) - 1)
+        return struct.unpack_from(fmt, buf, offset)[0]
+
+    def bytes(self, buf: bytes, member: str) -> bytes:
+        """The raw bytes of a member (arrays such as ``comm``)."""
+        m = self.types.member(self.name, member)
+        return buf[m.offset:m.offset + self.types.size_of(m.type_id)]
+
+
+def c_string(raw: bytes) -> str:
+    """A NUL-terminated byte string as text (undecodable bytes escaped, never raising)."""
+    end = raw.find(b"\0")
+    return (raw if end < 0 else raw[:end]).decode("utf-8", "backslashreplace")
+
+
+def walk_list(memory, head: int, link_offset: int, *, limit: int = MAX_LIST,
+              skipped: list[str] | None = None) -> list[int]:
+    """Addresses of the structs on a circular ``list_head`` list (the head itself excluded).
+
+    Args:
+        head: virtual address of the list head (``&init_task.tasks``, ``&modules``).
+        link_offset: offset of the ``list_head`` member inside each struct (container_of).
+        skipped: a list that receives one line per problem (bad pointer, cycle, too long).
+
+    The walk stops at the first unreadable pointer, at a node seen before (a cycle that does
+    not pass through the head) and after ``limit`` nodes; each is reported, none hangs.
+    """
+    problems = skipped if skipped is not None else []
+    seen = {head}
+    out = []
+    node = head
+    for _ in range(limit + 1):
+        try:
+            node = memory.pointer(node)
+        except VmwatchError:
+            problems.append(f"list at {head:#x}: unreadable pointer at {node:#x}; walk stopped")
+            return out
+        if node == head:
+            return out
+        if node in seen:
+            problems.append(f"list at {head:#x}: cycle at {node:#x} not through the head; walk stopped")
+            return out
+        seen.add(node)
+        out.append(node - link_offset)
+    problems.append(f"list at {head:#x}: more than {limit} entries; walk stopped")
+    return out

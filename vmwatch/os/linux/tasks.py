@@ -1,0 +1,146 @@
+"""Processes: the ``init_task.tasks`` list of thread-group leaders, and their threads.
+
+Fields come from BTF by name; kernels moved some of them (``state`` became ``__state`` in 5.14,
+threads moved from ``task_struct.thread_group`` to ``signal_struct.thread_head`` in 6.7), so
+each is looked up by the names the kernel may use.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from vmwatch.errors import VmwatchError
+from vmwatch.os.linux.objects import StructReader, c_string, walk_list
+
+_TASK_STATES = "RSDTtXZP"
+_TASK_IDLE = 0x402  # TASK_UNINTERRUPTIBLE | TASK_NOLOAD: what ps shows as I
+
+
+@attrs.frozen(kw_only=True)
+class Task:
+    """One process (thread-group leader) or thread."""
+
+    pid: int
+    tgid: int
+    ppid: int
+    comm: str
+    uid: int | None
+    gid: int | None
+    euid: int | None
+    start_time_ns: int
+    """``start_time``: nanoseconds of CLOCK_MONOTONIC at fork."""
+    state: str
+    """ps-style letter: R running, S sleeping, D disk sleep, T stopped, Z zombie, I idle..."""
+    address: int
+    """Virtual address of the ``task_struct``."""
+    mm: int
+    pgd: int | None
+    """Virtual address of the page-global directory (None for kernel threads)."""
+    cr3: int | None
+    """Physical page-table root of the address space (None for kernel threads)."""
+    threads: tuple[int, ...] = ()
+    """pids of the other threads of the group."""
+
+    def as_dict(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+class Listing(list):
+    """A list of kernel objects plus what the bounded walk had to skip."""
+
+    def __init__(self, items=(), skipped: list[str] | None = None) -> None:
+        super().__init__(items)
+        self.skipped = skipped or []
+
+
+def _state_letter(state: int, exit_state: int) -> str:
+    if state & _TASK_IDLE == _TASK_IDLE:
+        return "I"
+    value = (state | exit_state) & 0x7F  # TASK_REPORT
+    if value == 0:
+        return "R"
+    for i, letter in enumerate(_TASK_STATES[1:]):
+        if value & (1 << i):
+            return letter
+    return "?"
+
+
+class TaskWalker:
+    """Reads tasks, creds and address spaces of one kernel."""
+
+    def __init__(self, linux) -> None:
+        self.linux = linux
+        types = linux.types
+        self.task = StructReader(types, "task_struct")
+        self.cred = StructReader(types, "cred")
+        self.mm = StructReader(types, "mm_struct")
+        self.state_field = "__state" if self.task.has("__state") else "state"
+        self.tasks_off = self.task.offset("tasks")
+        if self.task.has("thread_group"):
+            self.thread_head, self.thread_link = None, self.task.offset("thread_group")
+        else:
+            self.thread_head = StructReader(types, "signal_struct").offset("thread_head")
+            self.thread_link = self.task.offset("thread_node")
+
+    def walk(self) -> Listing:
+        linux = self.linux
+        memory = linux.memory
+        skipped: list[str] = []
+        head = linux.symbols["init_task"] + self.tasks_off
+        tasks = []
+        for address in walk_list(memory, head, self.tasks_off, skipped=skipped):
+            try:
+                tasks.append(self.read(address, skipped))
+            except VmwatchError as exc:
+                skipped.append(f"task at {address:#x}: {exc}")
+        return Listing(tasks, skipped)
+
+    def read(self, address: int, skipped: list[str]) -> Task:
+        memory, t = self.linux.memory, self.task
+        buf = memory.read(address, t.size)
+        parent = t.int(buf, "real_parent")
+        try:
+            ppid = memory.u32(parent + t.offset("tgid")) if parent else 0
+        except VmwatchError:
+            ppid = -1
+            skipped.append(f"task at {address:#x}: unreadable parent {parent:#x}")
+        uid = gid = euid = None
+        cred_ptr = t.int(buf, "real_cred") if t.has("real_cred") else t.int(buf, "cred")
+        try:
+            cbuf = memory.read(cred_ptr, self.cred.size)
+            uid, gid, euid = (self.cred.int(cbuf, f) for f in ("uid", "gid", "euid"))
+        except VmwatchError:
+            skipped.append(f"task at {address:#x}: unreadable cred {cred_ptr:#x}")
+        mm = t.int(buf, "mm")
+        pgd = cr3 = None
+        if mm:
+            try:
+                pgd = memory.pointer(mm + self.mm.offset("pgd"))
+                cr3 = memory.translate(pgd)
+            except VmwatchError:
+                skipped.append(f"task at {address:#x}: unreadable mm {mm:#x}")
+        exit_state = t.int(buf, "exit_state") if t.has("exit_state") else 0
+        return Task(
+            pid=t.int(buf, "pid"), tgid=t.int(buf, "tgid"), ppid=ppid,
+            comm=c_string(t.bytes(buf, "comm")), uid=uid, gid=gid, euid=euid,
+            start_time_ns=t.int(buf, "start_time"),
+            state=_state_letter(t.int(buf, self.state_field), exit_state),
+            address=address, mm=mm, pgd=pgd, cr3=cr3,
+            threads=tuple(self._threads(address, buf, skipped)),
+        )
+
+    def _threads(self, address: int, buf: bytes, skipped: list[str]) -> list[int]:
+        memory, t = self.linux.memory, self.task
+        if self.thread_head is None:
+            head = address + self.thread_link
+        else:
+            head = t.int(buf, "signal") + self.thread_head
+        pids = []
+        for thread in walk_list(memory, head, self.thread_link, skipped=skipped, limit=4096):
+            if thread == address:
+                continue
+            try:
+                pids.append(memory.u32(thread + t.offset("pid")))
+            except VmwatchError:
+                skipped.append(f"thread at {thread:#x} unreadable")
+        return pids
