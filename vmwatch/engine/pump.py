@@ -1,0 +1,686 @@
+"""The pump: a source's events -> dispatcher -> rules -> alerts -> sinks, under trio.
+
+Theory of operation:
+
+* One consumer task reads the source's stream (in batches when the source offers them) and
+  handles each event synchronously: look up the handlers (one dict lookup), ask the governor
+  whether the trap is within budget, run the rules, dispatch the events they derive (sensors),
+  then -- only when there is something to await -- fetch registers, publish alerts, apply
+  demotions, and resume the guest. The fast path (no registers, no alerts) never awaits.
+* A live (``pause``-capable) source holds the guest paused for every event it yields; the pump
+  resumes it after the rules ran. The ticker (periodic rules) and trap re-arming pause the guest
+  themselves and take the guest lock so they never interleave with an event being handled.
+* Each sink has its own task and bounded channel. Event records are sent with ``send_nowait``
+  and counted as dropped when a sink lags; alerts go through a per-sink outbox that is drained
+  with ``await send`` (backpressure) and, at shutdown, under a shield with a grace period: every
+  alert raised reaches every sink unless a sink stays stuck for the whole grace period (then the
+  loss is counted and logged, never silent).
+* A realtime source (events at their own pace, e.g. a storm) is read by a producer task into a
+  bounded intake channel; batches that do not fit are dropped and counted.
+* Ending: the source ends (or dies: a ``VmwatchError`` from the stream becomes ``SourceEnded``),
+  the duration passes, or :meth:`Engine.stop` is called (Ctrl-C). Traps are removed, the guest
+  resumed, outboxes flushed, sinks closed, and a :class:`WatchSummary` returned.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+import traceback
+from typing import Any, Callable, Iterable
+
+import attrs
+import structlog
+import trio
+
+from vmwatch.engine import sources as caps
+from vmwatch.engine.alerts import Alert
+from vmwatch.engine.dispatch import KEY_FIELD, Dispatcher, Handler, RuleRun, Trap
+from vmwatch.engine.governance import Budget, Decision, Governor
+from vmwatch.engine.guest import Current, Guest, cr3_root
+from vmwatch.engine.sinks import EventRecord, Sink
+from vmwatch.errors import VmwatchError
+from vmwatch.events import (Access, Breakpoint, Demotion, Event, Exec, Interrupt, MemoryAccess, ModuleLoad,
+                            ProcessExit, ProcessStart, RegisterWrite, SourceEnded, Tick)
+from vmwatch.rules import ListenerKind, RuleSet, Severity
+
+log = structlog.get_logger()
+
+TRAP_EVENTS = (Breakpoint, MemoryAccess, RegisterWrite, Interrupt)
+RECORDED_EVENTS = frozenset({ProcessStart, ProcessExit, Exec, ModuleLoad, RegisterWrite, Demotion, SourceEnded})
+"""Event classes stored in sinks by default (traps are too many; their rules' alerts say what matters)."""
+
+
+@attrs.frozen(kw_only=True)
+class WatchOptions:
+    budget: Budget = Budget()
+    sink_queue: int = 1024
+    """Items per sink channel."""
+    intake_queue: int = 64
+    """Batches buffered from a realtime source."""
+    max_rule_errors: int = 5
+    """A rule raising this many times is isolated (deactivated) for the rest of the run."""
+    recorded: frozenset[type] = RECORDED_EVENTS
+    flush_grace: float = 10.0
+    """Seconds at shutdown for sinks to take the alerts still queued."""
+    sensors: bool = True
+    """Derive register, interrupt and Linux events from breakpoints when rules want them."""
+
+
+@attrs.define
+class WatchSummary:
+    """What a run did; the CLI prints it, tests check it."""
+
+    vm: str
+    events: int = 0
+    seconds: float = 0.0
+    alerts: dict[str, int] = attrs.Factory(dict)
+    """Alerts per severity name."""
+    dropped_events: int = 0
+    """Events of a realtime source dropped because the pump lagged."""
+    dropped_records: dict[str, int] = attrs.Factory(dict)
+    """Event records per sink dropped because the sink lagged."""
+    lost_alerts: dict[str, int] = attrs.Factory(dict)
+    """Alerts a sink never took within the shutdown grace period (should stay empty)."""
+    sampled_out: int = 0
+    demotions: list[Demotion] = attrs.Factory(list)
+    rule_errors: dict[str, int] = attrs.Factory(dict)
+    isolated: list[str] = attrs.Factory(list)
+    inactive: list[str] = attrs.Factory(list)
+    """Listeners that could not be armed, with the reason."""
+    traps: int = 0
+    end_reason: str = ""
+
+    @property
+    def total_alerts(self) -> int:
+        return sum(self.alerts.values())
+
+
+SensorPlanner = Callable[["Engine", dict], list[str]]
+
+
+class _SinkLink:
+    __slots__ = ("sink", "send", "outbox", "dropped", "failures")
+
+    def __init__(self, sink: Sink, send: trio.MemorySendChannel) -> None:
+        self.sink = sink
+        self.send = send
+        self.outbox: collections.deque[Alert] = collections.deque()
+        self.dropped = 0
+        self.failures = 0
+
+
+class Engine:
+    """One watch: a source, the rules of a run, the sinks."""
+
+    def __init__(
+        self,
+        source: Any,
+        ruleset: RuleSet,
+        sinks: Iterable[Sink],
+        *,
+        options: WatchOptions = WatchOptions(),
+        linux_factory: Callable[[Guest], Any] | None = None,
+        current_resolver: Callable[[Guest], Current | None] | None = None,
+    ) -> None:
+        self.source = source
+        self.ruleset = ruleset
+        self.options = options
+        self.vm = getattr(source, "name", "guest")
+        self.capabilities: frozenset[str] = frozenset(getattr(source, "capabilities", ()))
+        self.pausable = caps.PAUSE in self.capabilities
+        self.has_registers = caps.REGISTERS in self.capabilities
+        can_unhook = caps.BREAKPOINTS in self.capabilities or caps.WATCHPOINTS in self.capabilities
+        self.governor = Governor(options.budget, can_unhook=can_unhook)
+        self.dispatcher = Dispatcher()
+        if linux_factory is None and getattr(source, "memory", None) is not None:
+            linux_factory = default_linux_factory
+        if current_resolver is None and linux_factory is not None:
+            from vmwatch.engine.linux_sensors import current_task
+
+            current_resolver = current_task
+        self.guest = Guest(vm=self.vm, phys=getattr(source, "memory", None), capabilities=self.capabilities,
+                           linux_factory=linux_factory, current_resolver=current_resolver)
+        self.summary = WatchSummary(vm=self.vm)
+        self.runs: dict[str, RuleRun] = {}
+        self._sinks = [_SinkLink(s, None) for s in sinks]  # type: ignore[arg-type]
+        self._scope: trio.CancelScope | None = None
+        self._lock = trio.Lock()
+        self._held = False
+        self._armed: set[Trap] = set()
+        self._decisions: list[Decision] = []
+        self._last_seq = 0
+        self._rule_failures: list[tuple[RuleRun, Event, BaseException]] = []
+        self._stop_requested = False
+        self._ended = False
+
+    # -- public ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """End the watch gracefully (what Ctrl-C does): alerts already raised still reach every sink."""
+        self._stop_requested = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(self, *, duration: float | None = None,
+                  task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED) -> WatchSummary:
+        """Watch until the source ends, ``duration`` seconds pass, or :meth:`stop`."""
+        started = time.perf_counter()
+        async with trio.open_nursery() as sink_nursery:
+            for link in self._sinks:
+                send, recv = trio.open_memory_channel[Any](self.options.sink_queue)
+                link.send = send
+                sink_nursery.start_soon(self._sink_task, link, recv)
+            try:
+                async with trio.open_nursery() as work:
+                    self._work = work
+                    with trio.CancelScope() as scope:
+                        self._scope = scope
+                        if self._stop_requested:
+                            scope.cancel()
+                        if duration is not None:
+                            scope.deadline = trio.current_time() + duration
+                        task_status.started(self)
+                        await self._setup()
+                        await self._run_start_rules()
+                        if self.dispatcher.periodic:
+                            work.start_soon(self._ticker)
+                        await self._consume()
+                    if not self.summary.end_reason:
+                        self.summary.end_reason = "stopped" if self._stop_requested else "duration elapsed"
+                    work.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._teardown()
+        self.summary.seconds = time.perf_counter() - started
+        self.summary.sampled_out = self.governor.skipped()
+        for name, run in self.runs.items():
+            if run.errors:
+                self.summary.rule_errors[name] = run.errors
+        return self.summary
+
+    # -- setup -----------------------------------------------------------------------------
+
+    async def _setup(self) -> None:
+        d = self.dispatcher
+        wanted: dict[str, list[Handler]] = collections.defaultdict(list)
+        for r in self.ruleset.active():
+            run = self.runs[r.name] = RuleRun(r.name, r.func, config=self.ruleset.config_of(r))
+            for lst in r.listeners:
+                h = Handler(run, lst, None if lst.narrow.empty else lst.narrow)
+                kind = lst.kind
+                if kind is ListenerKind.START:
+                    d.start.append(h)
+                elif kind is ListenerKind.EVERY:
+                    d.periodic.append((lst.target, h))
+                elif kind is ListenerKind.EVENT:
+                    d.add(lst.target, h)
+                    wanted[lst.target.__name__].append(h)
+                elif kind is ListenerKind.REGISTER:
+                    d.add((RegisterWrite, lst.target), h)
+                    wanted["register:" + lst.target].append(h)
+                elif kind is ListenerKind.INTERRUPT:
+                    d.add((Interrupt, lst.target), h)
+                    wanted[f"interrupt:{lst.target}"].append(h)
+                else:
+                    await self._bind_trap(h)
+        if self.options.sensors and wanted:
+            await self._plan_sensors(wanted)
+        self.summary.traps = len(self._armed)
+        log.info("watch armed", vm=self.vm, rules=len(self.runs), traps=len(self._armed),
+                 inactive=len(self.summary.inactive))
+
+    def inactive(self, what: str, why: str) -> None:
+        """Record a listener or sensor that cannot work on this source (reported, never silent)."""
+        self.summary.inactive.append(f"{what}: {why}")
+        log.warning("listener inactive", what=what, why=why)
+
+    def resolve(self, target: str | int) -> int:
+        """A symbol (``name`` or ``name+0x10``) or address -> address (symbols from the Linux layer)."""
+        if isinstance(target, int):
+            return target
+        name, _, off = target.partition("+")
+        return resolve_symbol(self.guest.linux, name.strip()) + (int(off, 0) if off else 0)
+
+    async def _bind_trap(self, h: Handler) -> None:
+        lst = h.listener
+        assert lst is not None
+        is_bp = lst.kind is ListenerKind.BREAKPOINT
+        what = f"{h.rule.name} ({'breakpoint' if is_bp else 'write watch'} on {lst.target!r})"
+        needed = caps.BREAKPOINTS if is_bp else caps.WATCHPOINTS
+        if needed not in self.capabilities:
+            self.inactive(what, f"the source has no {needed}")
+            return
+        try:
+            address = self.resolve(lst.target)
+        except (VmwatchError, KeyError, ValueError) as exc:
+            self.inactive(what, f"cannot resolve: {exc}")
+            return
+        label = lst.target if isinstance(lst.target, str) else ""
+        if is_bp:
+            await self.add_trap(Trap("breakpoint", address, 1, label), h)
+        else:
+            await self.add_trap(Trap("watchpoint", address, lst.size, label), h)
+
+    async def add_trap(self, trap: Trap, handler: Handler) -> Trap:
+        """Arm ``trap`` (once per address) and route its events to ``handler``."""
+        cls = Breakpoint if trap.kind == "breakpoint" else MemoryAccess
+        key = (cls, trap.address)
+        existing = self.dispatcher.traps.get(key)
+        if existing is None or existing.size < trap.size:
+            if existing is not None and existing in self._armed:
+                await self._disarm(existing)
+            self.dispatcher.traps[key] = trap
+            await self._arm(trap)
+        self.dispatcher.add(key, handler)
+        return self.dispatcher.traps[key]
+
+    async def _arm(self, trap: Trap) -> None:
+        if trap.kind == "breakpoint":
+            await self.source.add_breakpoint(trap.address)
+        else:
+            await self.source.add_watchpoint(trap.address, trap.size, Access.WRITE)
+        self._armed.add(trap)
+
+    async def _disarm(self, trap: Trap) -> None:
+        self._armed.discard(trap)
+        if trap.kind == "breakpoint":
+            await self.source.remove_breakpoint(trap.address)
+        else:
+            await self.source.remove_watchpoint(trap.address, trap.size, Access.WRITE)
+
+    async def _plan_sensors(self, wanted: dict[str, list[Handler]]) -> None:
+        from vmwatch.engine import interrupts, linux_sensors, registers
+
+        for planner in (registers.plan, interrupts.plan, linux_sensors.plan):
+            await planner(self, wanted)
+
+    def sensor_run(self, name: str) -> RuleRun:
+        run = self.runs.get(name)
+        if run is None:
+            run = self.runs[name] = RuleRun(name, lambda e, g: None, internal=True)
+        return run
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def _run_start_rules(self) -> None:
+        if not self.dispatcher.start:
+            return
+        await self._tick(self.dispatcher.start, seq=0)
+
+    async def _consume(self) -> None:
+        src = self.source
+        try:
+            if getattr(src, "realtime", False):
+                await self._consume_realtime()
+            elif hasattr(src, "event_batches") and not self.pausable:
+                async for batch in src.event_batches():
+                    await self._handle_batch(batch)
+                    if self._ended:
+                        return
+                    await trio.lowlevel.checkpoint()
+            else:
+                async for event in src.events():
+                    async with self._lock:
+                        await self._handle_batch((event,))
+                    if self._ended:
+                        return
+        except VmwatchError as exc:  # the source died (QEMU gone, recording truncated)
+            log.warning("source failed", vm=self.vm, error=str(exc))
+            await self._handle_batch((SourceEnded(seq=self._last_seq, time_ns=time.time_ns(),
+                                                  reason=f"source failed: {exc}"),))
+            return
+        if not self._ended:
+            self.summary.end_reason = self.summary.end_reason or "source ended"
+
+    async def _consume_realtime(self) -> None:
+        send, recv = trio.open_memory_channel[list](self.options.intake_queue)
+
+        async def produce() -> None:
+            last_report = trio.current_time()
+            async with send:
+                async for batch in self.source.event_batches():
+                    if batch and type(batch[-1]) is SourceEnded:
+                        await send.send(batch)  # the end is never dropped
+                        return
+                    try:
+                        send.send_nowait(batch)
+                    except trio.WouldBlock:
+                        self.summary.dropped_events += len(batch)
+                        now = trio.current_time()
+                        if now - last_report >= 1.0:
+                            last_report = now
+                            self._report_drops()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(produce)
+            async with recv:
+                async for batch in recv:
+                    await self._handle_batch(batch)
+                    if self._ended:
+                        break
+                    await trio.lowlevel.checkpoint()
+            n.cancel_scope.cancel()
+        if self.summary.dropped_events:
+            self._report_drops()
+
+    def _report_drops(self) -> None:
+        log.warning("events dropped", vm=self.vm, dropped=self.summary.dropped_events)
+        self._record(EventRecord(vm=self.vm, time_ns=time.time_ns(), seq=self._last_seq, kind="Dropped",
+                                 details={"dropped_total": self.summary.dropped_events}))
+
+    async def _handle_batch(self, batch: Iterable[Event]) -> None:
+        index = self.dispatcher.index
+        traps = self.dispatcher.traps
+        recorded = self.options.recorded
+        governor = self.governor
+        guest = self.guest
+        summary = self.summary
+        for event in batch:
+            summary.events += 1
+            cls = type(event)
+            field = KEY_FIELD.get(cls)
+            key = (cls, getattr(event, field)) if field else cls
+            handlers = index.get(key)
+            trap = None
+            now = 0.0
+            if handlers is not None and field is not None:
+                trap = traps.get(key)
+                if trap is not None:
+                    now = trio.current_time()
+                    if not governor.admit(trap, now):
+                        handlers = None
+            if self.pausable:
+                self._held = True
+            if handlers is not None:
+                regs = None
+                if self.has_registers and field is not None:
+                    regs = await self.source.registers(event.vcpu)
+                guest.begin(event, regs)
+                if trap is not None:
+                    t0 = time.perf_counter()
+                    self._run(event, handlers)
+                    decision = governor.charge(trap, time.perf_counter() - t0, now)
+                    if decision is not None:
+                        self._decisions.append(decision)
+                else:
+                    self._run(event, handlers)
+                if guest._emitted:
+                    self._dispatch_derived(guest.take_emitted())
+            if cls in recorded:
+                self._record(EventRecord.from_event(event, self.vm))
+            self._last_seq = event.seq
+            if guest._alerts or self._decisions or self._rule_failures:
+                await self._after_rules()
+            if self._held:
+                await self._release()
+            if cls is SourceEnded:
+                self.summary.end_reason = event.reason  # type: ignore[attr-defined]
+                self._ended = True
+                return
+
+    def _run(self, event: Event, handlers: list[Handler]) -> None:
+        guest = self.guest
+        for h in handlers:
+            run = h.rule
+            if not run.active:
+                continue
+            if h.narrow is not None and not self._narrow_ok(h):
+                continue
+            guest.rule = run
+            run.calls += 1
+            try:
+                run.func(event, guest)
+            except Exception as exc:  # a rule is user code: report and isolate, never die
+                self._rule_failures.append((run, event, exc))
+        guest.rule = None
+
+    def _narrow_ok(self, h: Handler) -> bool:
+        n = h.narrow
+        try:
+            cur = self.guest.current
+        except Exception as exc:
+            self._rule_failures.append((h.rule, self.guest.event, exc))  # type: ignore[arg-type]
+            return False
+        if cur is None:
+            return False
+        if n.pid is not None and cur.pid != n.pid:  # type: ignore[union-attr]
+            return False
+        if n.comm is not None and cur.comm != n.comm:  # type: ignore[union-attr]
+            return False
+        if n.cr3 is not None and cur.cr3 != cr3_root(n.cr3):  # type: ignore[union-attr]
+            return False
+        return True
+
+    def _dispatch_derived(self, events: list[Event], depth: int = 0) -> None:
+        guest = self.guest
+        parent_regs = guest.registers
+        for event in events:
+            handlers = self.dispatcher.index.get(_key(event))
+            if handlers:
+                guest.begin(event, parent_regs)
+                self._run(event, handlers)
+            if type(event) in self.options.recorded:
+                self._record(EventRecord.from_event(event, self.vm))
+            more = guest.take_emitted()
+            if more and depth < 3:
+                self._dispatch_derived(more, depth + 1)
+
+    # -- after the rules ran ---------------------------------------------------------------
+
+    async def _after_rules(self) -> None:
+        for run, event, exc in self._rule_failures:
+            self._rule_failed(run, event, exc)
+        self._rule_failures.clear()
+        alerts = self.guest.take_alerts()
+        if alerts:
+            self.publish(alerts)
+        decisions, self._decisions = self._decisions, []
+        for decision in decisions:
+            await self._demote(decision)
+        for link in self._sinks:
+            if link.outbox:
+                await self._drain(link)
+
+    def publish(self, alerts: Iterable[Alert]) -> None:
+        """Queue alerts for every sink (never dropped)."""
+        counts = self.summary.alerts
+        for alert in alerts:
+            counts[alert.severity.name.lower()] = counts.get(alert.severity.name.lower(), 0) + 1
+            for link in self._sinks:
+                link.outbox.append(alert)
+
+    def _record(self, record: EventRecord) -> None:
+        for link in self._sinks:
+            try:
+                link.send.send_nowait(record)
+            except trio.WouldBlock:
+                link.dropped += 1
+                self.summary.dropped_records[link.sink.name] = link.dropped
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+    async def _drain(self, link: _SinkLink) -> None:
+        while link.outbox:
+            await link.send.send(link.outbox[0])
+            link.outbox.popleft()
+
+    def _rule_failed(self, run: RuleRun, event: Event, exc: BaseException) -> None:
+        run.errors += 1
+        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "?"
+        log.warning("rule raised", rule=run.name, error=f"{type(exc).__name__}: {exc}", where=where)
+        details = {"error": f"{type(exc).__name__}: {exc}", "where": where, "event": type(event).__name__,
+                   "errors": run.errors}
+        self._record(EventRecord(vm=self.vm, time_ns=event.time_ns, seq=event.seq, kind="RuleFailure",
+                                 details={"rule": run.name, **details}))
+        isolate = run.errors >= self.options.max_rule_errors and run.active
+        if run.errors == 1 or isolate:
+            msg = f"rule {run.name} raised {type(exc).__name__}: {exc}"
+            if isolate:
+                run.active = False
+                self.summary.isolated.append(run.name)
+                msg = f"rule {run.name} isolated after {run.errors} errors (last: {type(exc).__name__}: {exc})"
+            self.publish([Alert(rule="engine", severity=Severity.ERROR, message=msg, vm=self.vm,
+                                time_ns=event.time_ns, seq=event.seq, details={"rule": run.name, **details})])
+
+    async def _demote(self, decision: Decision) -> None:
+        trap = decision.trap
+        event = Demotion(seq=self._last_seq, time_ns=time.time_ns(), trap=trap.name, hits=decision.hits,
+                         action=decision.describe())
+        self.summary.demotions.append(event)
+        log.warning("trap demoted", trap=trap.name, hits=decision.hits, action=event.action)
+        if decision.action == "unhook" and trap in self._armed:
+            await self._disarm(trap)
+            self._work.start_soon(self._rearm_later, trap, decision.seconds)
+        handlers = self.dispatcher.index.get(Demotion)
+        if handlers:
+            self.guest.begin(event, None)
+            self._run(event, handlers)
+            self.publish(self.guest.take_alerts())
+        self._record(EventRecord.from_event(event, self.vm))
+
+    async def _rearm_later(self, trap: Trap, seconds: float) -> None:
+        await trio.sleep(seconds)
+        async with self._stopped_guest():
+            due = self.governor.due_rearm(trio.current_time() + 1e-9)
+            if trap in due and trap not in self._armed:
+                await self._arm(trap)
+                log.info("trap re-armed", trap=trap.name)
+
+    async def _release(self) -> None:
+        """Let a held guest run again."""
+        self._held = False
+        if self.pausable:
+            await self.source.resume()
+            self.guest.on_resume()
+
+    # -- ticks -----------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        periodic = self.dispatcher.periodic
+        now = trio.current_time()
+        due = [now + period for period, _ in periodic]
+        while True:
+            next_due = min(due)
+            await trio.sleep_until(next_due)
+            now = trio.current_time()
+            ready = []
+            for i, (period, h) in enumerate(periodic):
+                if due[i] <= now + 1e-9:
+                    ready.append(h)
+                    # skip missed periods instead of bursting to catch up
+                    due[i] += period * max(1, math.floor((now - due[i]) / period) + 1)
+            await self._tick(ready, seq=self._last_seq)
+
+    async def _tick(self, handlers: list[Handler], *, seq: int) -> None:
+        async with self._stopped_guest():
+            cpus: tuple = ()
+            if self.has_registers:
+                cpus = tuple(await self.source.all_registers())
+            guest = self.guest
+            guest.cpus = cpus
+            guest.begin(Tick(seq=seq, time_ns=time.time_ns()), cpus[0] if cpus else None)
+            self._run(guest.event, handlers)  # type: ignore[arg-type]
+            if guest._emitted:
+                self._dispatch_derived(guest.take_emitted())
+            await self._after_rules()
+
+    def _stopped_guest(self) -> Any:
+        """Context manager: the guest lock, with the guest paused for the duration if it was running."""
+        engine = self
+
+        class _Stopped:
+            async def __aenter__(self) -> None:
+                await engine._lock.acquire()
+                self.paused = False
+                if engine.pausable and not engine._held:
+                    await engine.source.pause()
+                    self.paused = True
+
+            async def __aexit__(self, *exc: object) -> None:
+                try:
+                    if self.paused:
+                        with trio.CancelScope(shield=True):
+                            await engine.source.resume()
+                        engine.guest.on_resume()
+                finally:
+                    engine._lock.release()
+
+        return _Stopped()
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def _teardown(self) -> None:
+        for run, event, exc in self._rule_failures:
+            self._rule_failed(run, event, exc)
+        self._rule_failures.clear()
+        self.publish(self.guest.take_alerts())
+        with trio.move_on_after(self.options.flush_grace):
+            # the guest must not stay frozen: remove traps, then let it run
+            for trap in list(self._armed):
+                try:
+                    await self._disarm(trap)
+                except VmwatchError as exc:
+                    log.warning("cannot remove trap", trap=trap.name, error=str(exc))
+                    break
+            if self._held:
+                try:
+                    await self._release()
+                except VmwatchError as exc:
+                    log.warning("cannot resume guest", error=str(exc))
+        with trio.move_on_after(self.options.flush_grace):
+            for link in self._sinks:
+                await self._drain(link)
+        for link in self._sinks:
+            if link.outbox:
+                self.summary.lost_alerts[link.sink.name] = len(link.outbox)
+                log.error("alerts not delivered", sink=link.sink.name, lost=len(link.outbox))
+            await link.send.aclose()
+
+    async def _sink_task(self, link: _SinkLink, recv: trio.MemoryReceiveChannel) -> None:
+        sink = link.sink
+        flush = getattr(sink, "flush", None)
+        async with recv:
+            async for item in recv:
+                try:
+                    await sink.send(item)
+                    if flush is not None and recv.statistics().current_buffer_used == 0:
+                        await flush()
+                except Exception as exc:  # a broken sink must not end the watch or starve others
+                    link.failures += 1
+                    if link.failures == 1:
+                        log.error("sink failed", sink=sink.name, error=f"{type(exc).__name__}: {exc}")
+        try:
+            await sink.aclose()
+        except Exception as exc:
+            log.error("sink close failed", sink=sink.name, error=f"{type(exc).__name__}: {exc}")
+
+
+def _key(event: Event) -> object:
+    cls = type(event)
+    field = KEY_FIELD.get(cls)
+    return (cls, getattr(event, field)) if field else cls
+
+
+def resolve_symbol(linux: Any, name: str) -> int:
+    """Address of a kernel symbol through the Linux layer's symbol table."""
+    address = linux.symbols.get(name)
+    if address is None:
+        from vmwatch.errors import SymbolError
+
+        raise SymbolError(f"unknown kernel symbol {name!r}", name=name)
+    return int(address)
+
+
+def default_linux_factory(guest: Guest) -> Any:
+    from vmwatch.os.linux import Linux
+
+    return Linux.from_memory(guest.phys, registers=guest.cpus or ((guest.registers,) if guest.registers else ()))
+
+
+async def watch(source: Any, ruleset: RuleSet, sinks: Iterable[Sink], *, duration: float | None = None,
+                options: WatchOptions = WatchOptions(), **kwargs: Any) -> WatchSummary:
+    """Run one watch to its end and return the summary (see :class:`Engine`)."""
+    return await Engine(source, ruleset, sinks, options=options, **kwargs).run(duration=duration)

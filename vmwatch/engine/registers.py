@@ -1,0 +1,207 @@
+"""Register-write events derived generically from breakpoints (DESIGN.md "How register ... arise").
+
+Theory of operation: gdbstub cannot report "CR4 was written". Every write to a control register
+or an MSR is one instruction, ``mov crN, reg`` (0F 22 /r) or ``wrmsr`` (0F 30), and the kernel
+only executes them from its text. So: scan kernel text for those opcode bytes, confirm each hit
+is a real instruction boundary by disassembling (capstone) from the start of the function that
+contains it (a linear sweep inside one function; data in x86-64 kernel text is rare and a false
+hit is rejected by the boundary check), and break right after it. At that breakpoint the new
+value is in the register file (CRn), or in EDX:EAX with the MSR index in ECX (``wrmsr`` leaves
+them intact); the old value is the last one seen on that vCPU (from the registers at start,
+then from each event). Only the sites of registers some rule listens to are armed: CR3 sites
+fire on every context switch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Iterator
+
+import attrs
+import structlog
+
+from vmwatch.errors import RuleError, VmwatchError
+from vmwatch.events import Breakpoint, RegisterWrite
+
+if TYPE_CHECKING:
+    from vmwatch.engine.guest import Guest
+    from vmwatch.engine.pump import Engine
+
+log = structlog.get_logger()
+
+MSR_NAMES = {
+    0x10: "tsc", 0x1B: "apic_base", 0x48: "spec_ctrl", 0x174: "sysenter_cs", 0x175: "sysenter_esp",
+    0x176: "sysenter_eip", 0x6E0: "tsc_deadline", 0xC0000080: "efer", 0xC0000081: "star",
+    0xC0000082: "lstar", 0xC0000083: "cstar", 0xC0000084: "fmask", 0xC0000100: "fs_base",
+    0xC0000101: "gs_base", 0xC0000102: "kernel_gs_base",
+}  # fmt: skip
+MSR_NUMBERS = {name: number for number, name in MSR_NAMES.items()}
+CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8")
+SYSCALL_MSRS = ("msr:lstar", "msr:cstar", "msr:star", "msr:fmask", "msr:sysenter_cs", "msr:sysenter_esp",
+                "msr:sysenter_eip")
+
+
+def msr_register(number: int) -> str:
+    """Canonical event name of MSR ``number``: ``msr:lstar`` or ``msr:0x1234``."""
+    return "msr:" + MSR_NAMES.get(number, f"{number:#x}")
+
+
+def canonical_register(name: str) -> str:
+    """Normalise a register name as rules write it: ``CR0`` -> ``cr0``, ``msr:0xc0000082`` -> ``msr:lstar``."""
+    if not isinstance(name, str):
+        raise RuleError(f"register must be a name like 'cr0' or 'msr:lstar', not {name!r}")
+    low = name.strip().lower()
+    if low in CONTROL_REGISTERS:
+        return low
+    if low.startswith("msr:"):
+        rest = low[4:]
+        if rest in MSR_NUMBERS:
+            return low
+        try:
+            return msr_register(int(rest, 0))
+        except ValueError:
+            pass
+    raise RuleError(f"unknown register {name!r} (cr0, cr3, cr4, cr8, msr:<name or number>; "
+                    f"MSR names: {', '.join(sorted(MSR_NUMBERS))})")
+
+
+@attrs.frozen
+class WriteSite:
+    """A register-writing instruction in kernel text."""
+
+    address: int
+    """The instruction."""
+    next_address: int
+    """Where the breakpoint goes (right after it)."""
+    register: str
+    """``cr0``..``cr8`` or ``msr`` (the MSR is known only at run time, from ECX)."""
+    source: str = ""
+    """For ``mov crN, reg``: the general register holding the new value."""
+
+
+_MOV_CR = re.compile(rb"\x0f\x22", re.DOTALL)
+_WRMSR = re.compile(rb"\x0f\x30", re.DOTALL)
+_MAX_FUNCTION = 64 << 10
+
+
+def find_write_sites(text: bytes, text_start: int, function_start: Any) -> Iterator[WriteSite]:
+    """Every ``mov crN, reg`` and ``wrmsr`` in ``text`` (mapped at ``text_start``).
+
+    Args:
+        function_start: ``vaddr -> start of the function containing it`` (kallsyms ``lookup``),
+            or None if unknown (the candidate is then dropped).
+    """
+    import capstone
+
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    seen: set[int] = set()
+    candidates = sorted({m.start() for m in _MOV_CR.finditer(text)} | {m.start() for m in _WRMSR.finditer(text)})
+    for offset in candidates:
+        opcode_va = text_start + offset
+        start = function_start(opcode_va)
+        if start is None or not 0 <= opcode_va - start < _MAX_FUNCTION or start < text_start:
+            continue
+        end = min(offset + 3, len(text))
+        for address, size, mnemonic, operands in md.disasm_lite(text[start - text_start:end], start):
+            if address > opcode_va:
+                break
+            if address + size <= opcode_va or address in seen:
+                continue
+            # the opcode bytes start this instruction (maybe after a REX prefix)
+            if mnemonic == "wrmsr":
+                seen.add(address)
+                yield WriteSite(address, address + size, "msr")
+            elif mnemonic == "mov" and operands.startswith("cr"):
+                seen.add(address)
+                dest, _, src = operands.partition(",")
+                yield WriteSite(address, address + size, dest.strip(), src.strip())
+            break
+
+
+def kernel_text(guest: Guest) -> tuple[int, bytes]:
+    linux = guest.linux
+    symbols = linux.symbols
+    start = symbols["_stext"]
+    end = symbols["_etext"]
+    if not 0 < end - start <= 256 << 20:
+        raise VmwatchError(f"implausible kernel text {start:#x}-{end:#x}")
+    return start, linux.memory.read(start, end - start)
+
+
+class RegisterSensor:
+    """Turns breakpoints after writer instructions into :class:`RegisterWrite` events."""
+
+    def __init__(self, sites: dict[int, WriteSite], initial: dict[str, int]) -> None:
+        self.sites = sites
+        self._initial = initial
+        self._last: dict[tuple[int, str], int] = {}
+
+    def __call__(self, event: Breakpoint, guest: Guest) -> None:
+        site = self.sites.get(event.address)
+        regs = guest.registers
+        if site is None or regs is None:
+            return
+        if site.register == "msr":
+            number = (regs.rcx or 0) & 0xFFFFFFFF
+            name = msr_register(number)
+            new = ((regs.rdx or 0) & 0xFFFFFFFF) << 32 | ((regs.rax or 0) & 0xFFFFFFFF)
+        else:
+            name = site.register
+            value = getattr(regs, name, None)
+            if value is None:  # the source does not report this control register: use the operand
+                value = getattr(regs, site.source, None)
+            if value is None:
+                return
+            new = value
+        key = (event.vcpu, name)
+        old = self._last.get(key, self._initial.get(name))
+        self._last[key] = new
+        guest.emit(RegisterWrite(seq=event.seq, time_ns=event.time_ns, vcpu=event.vcpu, register=name,
+                                 old=old, new=new, rip=site.address))
+
+
+def initial_values(cpus: tuple) -> dict[str, int]:
+    values: dict[str, int] = {}
+    if cpus:
+        regs = cpus[0]
+        for name in ("cr0", "cr3", "cr4", "cr8"):
+            value = getattr(regs, name, None)
+            if value is not None:
+                values[name] = value
+        for name, value in (regs.msrs or {}).items():
+            values["msr:" + name] = value
+    return values
+
+
+async def plan(engine: Engine, wanted: dict[str, list]) -> None:
+    """Arm breakpoints after the writers of the registers rules listen to."""
+    from vmwatch.engine import sources as caps
+    from vmwatch.engine.dispatch import Handler, Trap
+
+    registers = {k.split(":", 1)[1] for k in wanted if k.startswith("register:")}
+    if not registers:
+        return
+    if caps.BREAKPOINTS not in engine.capabilities:
+        return  # the source delivers RegisterWrite itself (replay, synthetic) or not at all
+    want_msr = any(r.startswith("msr:") for r in registers)
+    try:
+        text_start, text = kernel_text(engine.guest)
+        symbols = engine.guest.linux.symbols
+
+        def function_start(vaddr: int) -> int | None:
+            hit = symbols.lookup(vaddr)
+            return None if hit is None else vaddr - hit[1]
+
+        sites = [s for s in find_write_sites(text, text_start, function_start)
+                 if s.register in registers or (s.register == "msr" and want_msr)]
+    except VmwatchError as exc:
+        engine.inactive(f"register sensor ({', '.join(sorted(registers))})", str(exc))
+        return
+    cpus = tuple(await engine.source.all_registers()) if caps.REGISTERS in engine.capabilities else ()
+    sensor = RegisterSensor({s.next_address: s for s in sites}, initial_values(cpus))
+    run = engine.sensor_run("sensor.registers")
+    run.func = sensor
+    for site in sites:
+        label = f"after {site.register} write at {site.address:#x}"
+        await engine.add_trap(Trap("breakpoint", site.next_address, 1, label), Handler(run, None))
+    log.info("register sensor armed", registers=sorted(registers), sites=len(sites))

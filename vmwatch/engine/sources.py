@@ -1,0 +1,183 @@
+"""Event sources: what the pump consumes.
+
+A source is an async stream of events plus optional capabilities, each declared by name in
+``capabilities`` so a caller asks what a source can do and a memory image never pretends to
+support breakpoints (DESIGN.md "Capabilities")::
+
+    name: str                       # the VM, as stored in sinks
+    memory: PhysicalMemory | None
+    capabilities: frozenset[str]    # any of the names below
+    realtime: bool                  # events arrive at their own pace (the engine may drop them)
+    events() -> AsyncIterator[Event]
+    event_batches() -> AsyncIterator[list[Event]]    # optional, faster for synthetic/replay streams
+
+    "registers":   async registers(vcpu) -> Registers; async all_registers() -> tuple[Registers, ...]
+    "breakpoints": async add_breakpoint(vaddr); async remove_breakpoint(vaddr)
+    "watchpoints": async add_watchpoint(vaddr, size, access); async remove_watchpoint(vaddr, size, access)
+    "pause":       async pause(); async resume()  -- every event the stream yields holds the guest
+                   paused; the pump calls resume() once the rules for it ran
+    "write":       the memory is writable (tamper tests, the debugger)
+
+The live QEMU adapter is in :mod:`vmwatch.engine.live`; the replay source (issue 7) implements
+the same protocol.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Callable, Iterable, Protocol
+
+import trio
+
+from vmwatch.cpu import Registers
+from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SourceEnded, Tick
+
+BREAKPOINTS = "breakpoints"
+WATCHPOINTS = "watchpoints"
+REGISTERS = "registers"
+PAUSE = "pause"
+WRITE = "write"
+
+
+class Source(Protocol):
+    name: str
+    memory: object | None
+    capabilities: frozenset[str]
+    realtime: bool
+
+    def events(self) -> AsyncIterator[Event]: ...
+
+
+class SyntheticSource:
+    """Events from a list or generator: engine tests and benchmarks, and users testing rules.
+
+    With ``honour_traps`` (the default) it behaves like a hypervisor: breakpoint and watchpoint
+    events are only delivered for armed traps, so unhooking a trap silences it.
+
+    Args:
+        events: the events (a list, or any iterable; consumed once).
+        memory: physical memory rules read.
+        registers: registers per vCPU (``{0: Registers(...)}``) or a function of the vCPU.
+        realtime: pace the stream at ``rate`` events/s whatever the consumer does (an event
+            storm); the pump then queues and, when full, drops.
+        rate: events per second (realtime only).
+        batch: events per ``event_batches()`` item.
+    """
+
+    def __init__(
+        self,
+        events: Iterable[Event],
+        *,
+        name: str = "synthetic",
+        memory: object | None = None,
+        registers: dict[int, Registers] | Callable[[int], Registers] | None = None,
+        honour_traps: bool = True,
+        realtime: bool = False,
+        rate: float = 10_000.0,
+        batch: int = 256,
+        end_reason: str = "stream ended",
+    ) -> None:
+        self.name = name
+        self.memory = memory
+        self.realtime = realtime
+        self._events = events
+        self._registers = registers
+        self._honour = honour_traps
+        self._rate = rate
+        self._batch = batch
+        self._end_reason = end_reason
+        caps = {BREAKPOINTS, WATCHPOINTS} if honour_traps else set()
+        if registers is not None:
+            caps.add(REGISTERS)
+        if memory is not None and getattr(memory, "writable", False):
+            caps.add(WRITE)
+        self.capabilities = frozenset(caps)
+        self.breakpoints: set[int] = set()
+        self.watchpoints: set[int] = set()
+        self.arm_log: list[tuple[str, int]] = []
+        """Every add/remove in order (tests check unhook and re-arm)."""
+        self.delivered = 0
+        self.suppressed = 0
+
+    async def add_breakpoint(self, vaddr: int) -> None:
+        self.breakpoints.add(vaddr)
+        self.arm_log.append(("add_breakpoint", vaddr))
+
+    async def remove_breakpoint(self, vaddr: int) -> None:
+        self.breakpoints.discard(vaddr)
+        self.arm_log.append(("remove_breakpoint", vaddr))
+
+    async def add_watchpoint(self, vaddr: int, size: int, access: Access) -> None:
+        self.watchpoints.add(vaddr)
+        self.arm_log.append(("add_watchpoint", vaddr))
+
+    async def remove_watchpoint(self, vaddr: int, size: int, access: Access) -> None:
+        self.watchpoints.discard(vaddr)
+        self.arm_log.append(("remove_watchpoint", vaddr))
+
+    async def registers(self, vcpu: int) -> Registers:
+        regs = self._registers
+        return regs(vcpu) if callable(regs) else regs[vcpu]  # type: ignore[index]
+
+    async def all_registers(self) -> tuple[Registers, ...]:
+        regs = self._registers
+        if callable(regs):
+            return (regs(0),)
+        return tuple(regs[k] for k in sorted(regs))  # type: ignore[union-attr]
+
+    def _armed(self, event: Event) -> bool:
+        if not self._honour:
+            return True
+        cls = type(event)
+        if cls is Breakpoint:
+            return event.address in self.breakpoints  # type: ignore[attr-defined]
+        if cls is MemoryAccess:
+            return event.address in self.watchpoints  # type: ignore[attr-defined]
+        return True
+
+    async def event_batches(self) -> AsyncIterator[list[Event]]:
+        batch: list[Event] = []
+        size = self._batch
+        pause = size / self._rate if self.realtime else 0.0
+        armed = self._armed
+        for event in self._events:
+            if not armed(event):
+                self.suppressed += 1
+                continue
+            batch.append(event)
+            if len(batch) >= size:
+                self.delivered += len(batch)
+                yield batch
+                batch = []
+                if pause:
+                    await trio.sleep(pause)
+        if batch:
+            self.delivered += len(batch)
+            yield batch
+        yield [SourceEnded(reason=self._end_reason)]
+
+    async def events(self) -> AsyncIterator[Event]:
+        async for batch in self.event_batches():
+            for event in batch:
+                yield event
+
+
+class ImageSource:
+    """A memory image: no events of its own; state-inspecting rules run once on a single tick."""
+
+    realtime = False
+
+    def __init__(self, image: object, *, name: str | None = None, cpus: tuple[Registers, ...] = ()) -> None:
+        self.name = name or str(getattr(image, "path", "image"))
+        self.memory = image
+        self._cpus = cpus
+        self.capabilities = frozenset({REGISTERS} if cpus else ())
+
+    async def registers(self, vcpu: int) -> Registers:
+        return self._cpus[vcpu]
+
+    async def all_registers(self) -> tuple[Registers, ...]:
+        return self._cpus
+
+    async def events(self) -> AsyncIterator[Event]:
+        yield Tick(seq=1)
+        yield SourceEnded(seq=2, reason="image inspected")

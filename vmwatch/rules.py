@@ -1,0 +1,357 @@
+"""The rule API: plain Python functions with decorators that declare what they listen to.
+
+A rule pack is a Python file (or a folder of them). Each decorated function is one rule; it
+receives ``(event, guest)`` and raises alerts with ``guest.alert(severity, message, **details)``::
+
+    from vmwatch.rules import rule
+
+    @rule.on_breakpoint("commit_creds", comm="sh")
+    def creds(event, guest):
+        guest.alert("info", "sh changes credentials", cred=hex(guest.registers.rdi))
+
+    @rule.every(5.0)
+    @rule.configure(limit=10)
+    def count(event, guest):
+        guest.state["ticks"] = guest.state.get("ticks", 0) + 1
+
+Decorators stack: one function may listen to several things. ``guest.state`` is a dict private
+to the rule for one run; ``guest.config`` holds the rule's defaults (``@rule.configure``) merged
+with the overrides of the run. Rules are enabled unless declared with ``@rule.disabled``; a run
+can enable, disable and configure any rule by name (``pack.function``) or glob.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import attrs
+
+from vmwatch.errors import RuleError
+from vmwatch.events import Event
+
+RuleFunction = Callable[[Event, Any], object]
+_SPEC_ATTR = "__vmwatch_rule__"
+
+
+class Severity(enum.IntEnum):
+    """How bad an alert is; values follow the ``logging`` levels."""
+
+    INFO = 20
+    WARNING = 30
+    ERROR = 40
+    CRITICAL = 50
+
+    @classmethod
+    def parse(cls, value: Severity | str | int) -> Severity:
+        if isinstance(value, Severity):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                raise ValueError(f"unknown severity {value!r}") from None
+        return cls(value)
+
+
+class ListenerKind(enum.Enum):
+    """What a listener waits for."""
+
+    BREAKPOINT = "breakpoint"
+    WRITE = "write"
+    REGISTER = "register"
+    INTERRUPT = "interrupt"
+    EVERY = "every"
+    EVENT = "event"
+    START = "start"
+
+
+@attrs.frozen
+class Narrow:
+    """Restricts a listener to one process: by pid, by name (``comm``) or by page-table root."""
+
+    pid: int | None = None
+    comm: str | None = None
+    cr3: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.pid is None and self.comm is None and self.cr3 is None
+
+
+@attrs.frozen(kw_only=True)
+class Listener:
+    """One thing a rule listens to."""
+
+    kind: ListenerKind
+    target: Any = None
+    """Symbol (``"name"`` or ``"name+0x10"``) or address; register name; vector; seconds; event class."""
+    size: int = 0
+    """Watched bytes (``on_write``)."""
+    narrow: Narrow = Narrow()
+
+
+@attrs.define
+class _Spec:
+    """What the decorators collected on a function (mutable while decorating)."""
+
+    listeners: list[Listener] = attrs.Factory(list)
+    defaults: dict[str, Any] = attrs.Factory(dict)
+    enabled: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class Rule:
+    """A loaded rule: a function and what it listens to."""
+
+    name: str
+    """``pack.function``: what ``--enable``, ``--disable`` and ``--set`` name."""
+    func: RuleFunction
+    listeners: tuple[Listener, ...]
+    defaults: dict[str, Any]
+    enabled: bool
+    doc: str = ""
+
+
+def _spec(func: RuleFunction) -> _Spec:
+    if not callable(func):
+        raise RuleError(f"a rule must be a function, not {func!r}")
+    spec = getattr(func, _SPEC_ATTR, None)
+    if spec is None:
+        spec = _Spec()
+        setattr(func, _SPEC_ATTR, spec)
+    return spec
+
+
+def _adding(listener: Listener) -> Callable[[RuleFunction], RuleFunction]:
+    def decorate(func: RuleFunction) -> RuleFunction:
+        _spec(func).listeners.append(listener)
+        return func
+
+    return decorate
+
+
+def _check_where(where: object) -> None:
+    if isinstance(where, bool) or not isinstance(where, (str, int)) or (isinstance(where, int) and where < 0):
+        raise RuleError(f"a trap location must be a symbol name or an address, not {where!r}")
+
+
+def on_breakpoint(where: str | int, *, pid: int | None = None, comm: str | None = None,
+                  cr3: int | None = None) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when execution reaches ``where`` (kernel symbol, ``symbol+offset`` or address)."""
+    _check_where(where)
+    return _adding(Listener(kind=ListenerKind.BREAKPOINT, target=where, narrow=Narrow(pid, comm, cr3)))
+
+
+def on_write(where: str | int, size: int = 8, *, pid: int | None = None, comm: str | None = None,
+             cr3: int | None = None) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest writes into ``size`` bytes at ``where`` (a write watchpoint)."""
+    _check_where(where)
+    if not isinstance(size, int) or size <= 0:
+        raise RuleError(f"watched size must be a positive int, not {size!r}")
+    return _adding(Listener(kind=ListenerKind.WRITE, target=where, size=size, narrow=Narrow(pid, comm, cr3)))
+
+
+def on_register(name: str) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest writes a control register or MSR: ``"cr0"``, ``"cr4"``, ``"msr:lstar"``."""
+    from vmwatch.engine.registers import canonical_register
+
+    return _adding(Listener(kind=ListenerKind.REGISTER, target=canonical_register(name)))
+
+
+def on_interrupt(vector: int) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest enters the handler of interrupt ``vector`` (0-255)."""
+    if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector <= 255:
+        raise RuleError(f"interrupt vector must be 0-255, not {vector!r}")
+    return _adding(Listener(kind=ListenerKind.INTERRUPT, target=vector))
+
+
+def every(seconds: float) -> Callable[[RuleFunction], RuleFunction]:
+    """Run periodically (the guest is paused while the rule runs); the event is a ``Tick``."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise RuleError(f"period must be a positive number of seconds, not {seconds!r}")
+    return _adding(Listener(kind=ListenerKind.EVERY, target=float(seconds)))
+
+
+def on(*event_types: type[Event], pid: int | None = None,
+       comm: str | None = None) -> Callable[[RuleFunction], RuleFunction]:
+    """Run on OS-level or engine events: ``ProcessStart``, ``Exec``, ``ProcessExit``, ``ModuleLoad``..."""
+    if not event_types:
+        raise RuleError("rule.on() needs at least one event class")
+    for cls in event_types:
+        if not (isinstance(cls, type) and issubclass(cls, Event)):
+            raise RuleError(f"rule.on() takes event classes, not {cls!r}")
+
+    def decorate(func: RuleFunction) -> RuleFunction:
+        for cls in event_types:
+            _spec(func).listeners.append(Listener(kind=ListenerKind.EVENT, target=cls, narrow=Narrow(pid, comm)))
+        return func
+
+    return decorate
+
+
+def on_start(func: RuleFunction) -> RuleFunction:
+    """Run once when the watch begins (take baselines here); the event is a ``Tick`` with seq 0."""
+    _spec(func).listeners.append(Listener(kind=ListenerKind.START))
+    return func
+
+
+def configure(**defaults: Any) -> Callable[[RuleFunction], RuleFunction]:
+    """Declare the rule's settings and their defaults (``guest.config``; overridable per run)."""
+
+    def decorate(func: RuleFunction) -> RuleFunction:
+        _spec(func).defaults.update(defaults)
+        return func
+
+    return decorate
+
+
+def disabled(func: RuleFunction) -> RuleFunction:
+    """The rule is off unless a run enables it."""
+    _spec(func).enabled = False
+    return func
+
+
+class _Namespace:
+    """``rule.on_breakpoint(...)`` reads better in packs than bare function names."""
+
+    on_breakpoint = staticmethod(on_breakpoint)
+    on_write = staticmethod(on_write)
+    on_register = staticmethod(on_register)
+    on_interrupt = staticmethod(on_interrupt)
+    every = staticmethod(every)
+    on = staticmethod(on)
+    on_start = staticmethod(on_start)
+    configure = staticmethod(configure)
+    disabled = staticmethod(disabled)
+
+
+rule = _Namespace()
+
+
+def rules_of(namespace: dict[str, Any], pack: str) -> list[Rule]:
+    """The rules declared in a module namespace, in definition order."""
+    found = []
+    for obj in namespace.values():
+        spec = getattr(obj, _SPEC_ATTR, None)
+        if not isinstance(spec, _Spec) or getattr(obj, "__module__", None) != namespace.get("__name__"):
+            continue
+        if not spec.listeners:
+            raise RuleError(f"rule {pack}.{obj.__name__} listens to nothing")
+        found.append(Rule(
+            name=f"{pack}.{obj.__name__}", func=obj, listeners=tuple(reversed(spec.listeners)),
+            defaults=dict(spec.defaults), enabled=spec.enabled,
+            doc=(obj.__doc__ or "").strip().split("\n")[0],
+        ))
+    return found
+
+
+SHIPPED_PACKS = Path(__file__).resolve().parent.parent / "rules"
+
+
+def resolve_pack_path(spec: str | Path) -> list[Path]:
+    """Files of a pack: a ``.py`` file, a folder of them, or a shipped pack's name (``security``)."""
+    path = Path(spec)
+    if not path.exists() and SHIPPED_PACKS.joinpath(f"{spec}.py").is_file():
+        path = SHIPPED_PACKS / f"{spec}.py"
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.py") if not p.name.startswith("_"))
+        if not files:
+            raise RuleError(f"no rule files (*.py) in {path}")
+        return files
+    if not path.is_file():
+        raise RuleError(f"rule pack {str(spec)!r} not found (a .py file, a folder, or one of: "
+                        f"{', '.join(shipped_pack_names())})")
+    if path.suffix != ".py":
+        raise RuleError(f"rule pack {path} is not a .py file")
+    return [path]
+
+
+def shipped_pack_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_PACKS.glob("*.py") if not p.name.startswith("_"))
+
+
+def load_pack(path: Path) -> list[Rule]:
+    """Import one rule file under a private module name and collect its rules.
+
+    Raises:
+        RuleError: the file does not import, or declares a rule wrongly.
+    """
+    module_name = f"vmwatch_rulepack_{abs(hash(str(path.resolve()))):x}_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise RuleError(f"cannot load rule pack {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except RuleError as exc:
+        raise RuleError(f"{path}: {exc}") from exc
+    except Exception as exc:  # a pack is user code: any failure is a bad pack, reported in one line
+        raise RuleError(f"{path}: cannot load rule pack: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.modules.pop(module_name, None)
+    rules = rules_of(vars(module), path.stem)
+    if not rules:
+        raise RuleError(f"{path}: no rules (decorate functions with @rule.on_...)")
+    return rules
+
+
+@attrs.define
+class RuleSet:
+    """The rules of one run, with per-run enable/disable/configure."""
+
+    rules: list[Rule] = attrs.Factory(list)
+    _enabled: dict[str, bool] = attrs.Factory(dict)
+    _config: dict[str, dict[str, Any]] = attrs.Factory(dict)
+
+    @classmethod
+    def load(cls, specs: Iterable[str | Path]) -> RuleSet:
+        """Load packs by path or shipped name; rule names must be unique across packs."""
+        rules: list[Rule] = []
+        seen: set[str] = set()
+        for spec in specs:
+            for path in resolve_pack_path(spec):
+                for r in load_pack(path):
+                    if r.name in seen:
+                        raise RuleError(f"rule {r.name} defined twice (pack {path})")
+                    seen.add(r.name)
+                    rules.append(r)
+        return cls(rules)
+
+    def _matching(self, pattern: str) -> list[Rule]:
+        hits = [r for r in self.rules if r.name == pattern or fnmatch.fnmatchcase(r.name, pattern)
+                or r.name.split(".", 1)[0] == pattern]
+        if not hits:
+            raise RuleError(f"no rule matches {pattern!r} (rules: {', '.join(r.name for r in self.rules)})")
+        return hits
+
+    def enable(self, pattern: str) -> None:
+        for r in self._matching(pattern):
+            self._enabled[r.name] = True
+
+    def disable(self, pattern: str) -> None:
+        for r in self._matching(pattern):
+            self._enabled[r.name] = False
+
+    def configure(self, pattern: str, **values: Any) -> None:
+        """Override settings; an unknown setting name is an error (catches typos)."""
+        for r in self._matching(pattern):
+            unknown = set(values) - set(r.defaults)
+            if unknown:
+                raise RuleError(f"rule {r.name} has no setting {sorted(unknown)[0]!r} "
+                                f"(settings: {', '.join(sorted(r.defaults)) or 'none'})")
+            self._config.setdefault(r.name, {}).update(values)
+
+    def is_enabled(self, r: Rule) -> bool:
+        return self._enabled.get(r.name, r.enabled)
+
+    def config_of(self, r: Rule) -> dict[str, Any]:
+        return {**r.defaults, **self._config.get(r.name, {})}
+
+    def active(self) -> list[Rule]:
+        return [r for r in self.rules if self.is_enabled(r)]
