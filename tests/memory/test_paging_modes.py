@@ -55,8 +55,9 @@ class TestTranslate:
         rng = fake.rng
         candidates = [m.vaddr + rng.randrange(m.size) for m in fake.expected]
         candidates += [fake.random_vaddr(0x1000) + rng.randrange(0x1000) for _ in range(300)]
+        buf = bytes(fake.buffer)
         for vaddr in candidates:
-            want = ref(bytes(fake.buffer), fake.cr3, vaddr)
+            want = ref(buf, fake.cr3, vaddr)
             try:
                 got = mem.translate(vaddr)
             except PageNotPresent:
@@ -80,9 +81,10 @@ class TestTranslate:
         """An unmapped address raises PageNotPresent naming it, with how much is missing."""
         mem = fake.guest_memory()
         ref = REFERENCE[fake.mode]
+        buf = bytes(fake.buffer)
         for _ in range(200):
             vaddr = fake.random_vaddr(0x1000) + 0x123
-            if ref(bytes(fake.buffer), fake.cr3, vaddr) is None:
+            if ref(buf, fake.cr3, vaddr) is None:
                 break
         with pytest.raises(PageNotPresent) as info:
             mem.translate(vaddr)
