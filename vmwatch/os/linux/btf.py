@@ -206,8 +206,10 @@ class BtfProfile:
             type_id = target
         raise SymbolError(f"BTF modifier chain too deep at type {type_id}")
 
-    def size_of(self, type_id: int) -> int:
+    def size_of(self, type_id: int, _depth: int = 0) -> int:
         """Size in bytes of a type (after resolving modifiers)."""
+        if _depth > _MAX_DEPTH:
+            raise SymbolError(f"BTF array nesting too deep at type {type_id}")
         type_id = self.resolve(type_id)
         if type_id == 0:
             raise SymbolError("void has no size")
@@ -218,7 +220,7 @@ class BtfProfile:
             return self.pointer_size
         if kind == ARRAY:
             elem, _, count = self.array(type_id)
-            return self.size_of(elem) * count
+            return self.size_of(elem, _depth + 1) * count
         raise SymbolError(f"BTF type {type_id} ({KIND_NAMES.get(kind, kind)}) has no size")
 
     @property

@@ -169,6 +169,13 @@ def decode(buf: bytes, token_table: int, *, pointer_size: int = 8) -> tuple[Symb
     Raises:
         SymbolError: the candidate is not a kallsyms token table.
     """
+    try:
+        return _decode(buf, token_table, pointer_size)
+    except (IndexError, struct.error) as exc:  # a table that runs off the buffer
+        raise SymbolError(f"kallsyms tables at {token_table:#x} are truncated or corrupt ({exc})") from None
+
+
+def _decode(buf: bytes, token_table: int, pointer_size: int) -> tuple[Symbols, KallsymsTables]:
     tokens, tt_end = _tokens(buf, token_table)
     token_index = _token_index(buf, tt_end, tokens)
     markers_at, markers, count_hint = _markers(buf, token_table)

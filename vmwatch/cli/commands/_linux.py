@@ -1,0 +1,66 @@
+"""Shared plumbing of the Linux commands: open a target, find the kernel, print rows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable, Sequence
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="TARGET", help="memory image path, or qemu:/path/to/qmp.sock")
+    parser.add_argument("--symbols", metavar="FILE",
+                        help="System.map, vmlinux (BTF or DWARF), Volatility 3 ISF JSON (.json/.json.xz) "
+                             "or libvmi.conf, for kernels without BTF")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def with_linux(args: argparse.Namespace, work: Callable) -> object:
+    """Run ``work(linux, registers)`` on the target; a live guest is paused while it runs."""
+    import trio
+
+    from vmwatch.os.linux.kernel import Linux
+    from vmwatch.target import open_target
+
+    async def main():
+        async with open_target(args.target) as target:
+            live = target.live
+            paused_here = False
+            if live is not None and await live.status() == "running":
+                await live.pause()  # a walk of a running guest's lists races the guest
+                paused_here = True
+            try:
+                registers = await target.cpu_state()
+                linux = Linux.from_memory(target.memory, registers, symbols_file=args.symbols)
+                return work(linux, registers)
+            finally:
+                if paused_here:
+                    await live.resume()
+
+    return trio.run(main)
+
+
+def emit(env, args: argparse.Namespace, rows: Sequence[dict], columns: Sequence[tuple[str, str, Callable]],
+         skipped: Sequence[str] = ()) -> int:
+    """Print rows as JSON or as an aligned table; report skipped guest data on stderr."""
+    for line in skipped:
+        print(f"vmwatch: warning: skipped {line}", file=env.stderr)
+    if args.json:
+        json.dump(list(rows), env.stdout, indent=1)
+        env.stdout.write("\n")
+        return 0
+    table = [[title for _, title, _ in columns]]
+    for row in rows:
+        table.append([fmt(row[key]) for key, _, fmt in columns])
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    for r in table:
+        env.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() + "\n")
+    return 0
+
+
+def hexa(value) -> str:
+    return "-" if value is None else f"{value:#x}"
+
+
+def text(value) -> str:
+    return "-" if value is None else str(value)
