@@ -1,4 +1,4 @@
-"""A synthetic live source for recording tests: RAM that changes between events, a hole, events."""
+"""A synthetic live engine Source for recording tests: RAM that changes between events, a hole, events."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from vmwatch.cpu import Registers
 from vmwatch.events import Access, Breakpoint, MemoryAccess, Tick
 from vmwatch.images.base import Run
 from vmwatch.memory.physical import BufferMemory
-from vmwatch.target import Target
 
 RAM = 0x40000
 HOLE = (0x20000, 0x10000)  # unmapped frames 0x20..0x2f
@@ -18,7 +17,10 @@ class SyntheticLive:
     """Yields ``count`` events; before each, it scribbles on RAM as a running guest would."""
 
     def __init__(self, memory: BufferMemory, buffer: bytearray, count: int, seed: int) -> None:
+        self.name = "synthetic"
         self.memory = memory
+        self.capabilities = frozenset({"registers", "pause", "breakpoints", "watchpoints"})
+        self.realtime = False
         self.vcpu_count = 2
         self._buffer = buffer
         self._count = count
@@ -45,6 +47,9 @@ class SyntheticLive:
     def __aiter__(self):
         return self
 
+    async def aclose(self):
+        pass
+
     async def __anext__(self):
         if self.position >= self._count:
             raise StopAsyncIteration
@@ -62,16 +67,30 @@ class SyntheticLive:
     async def resume(self) -> None:
         pass
 
+    async def pause(self) -> None:
+        pass
 
-def synthetic_target(count: int = 30, seed: int = 1) -> Target:
+    async def add_breakpoint(self, vaddr: int) -> None:
+        pass
+
+    async def remove_breakpoint(self, vaddr: int) -> None:
+        pass
+
+    async def add_watchpoint(self, vaddr: int, size: int, access) -> None:
+        pass
+
+    async def remove_watchpoint(self, vaddr: int, size: int, access) -> None:
+        pass
+
+
+def synthetic_source(count: int = 30, seed: int = 1) -> SyntheticLive:
     rng = random.Random(seed)
     buffer = bytearray(rng.randbytes(RAM))
     buffer[0x30000:0x38000] = bytes(0x8000)  # zero pages: deduplicated to one
     runs = [Run(start=0, size=HOLE[0], file_offset=0),
             Run(start=HOLE[0] + HOLE[1], size=RAM - HOLE[0] - HOLE[1], file_offset=HOLE[0] + HOLE[1])]
     memory = BufferMemory(buffer, runs=runs, volatile=True)
-    live = SyntheticLive(memory, buffer, count, seed)
-    return Target(spec="synthetic:", memory=memory, live=live)
+    return SyntheticLive(memory, buffer, count, seed)
 
 
 def handler_reads(seq: int) -> list[tuple[int, int]]:

@@ -13,19 +13,19 @@ from hypothesis import strategies as st
 
 from vmwatch.errors import RecordingError
 from vmwatch.events import Access, Breakpoint, MemoryAccess, ProcessStart
-from vmwatch.replay import Recording, recording_target
+from vmwatch.replay import Recording, recording_source
 from vmwatch.replay import _codec
 from vmwatch.replay.format import MAGIC, RecordType, RecordWriter, iter_records
 
-from .synthetic import synthetic_target
+from .synthetic import synthetic_source
 
 
 def _record_small(path) -> bytes:
     async def session():
-        with recording_target(synthetic_target(count=4), path) as target:
-            async for event in target.live.events():
+        with recording_source(synthetic_source(count=4), path) as target:
+            async for event in target.events():
                 target.memory.read(0x1000 * (event.seq + 1), 16)
-                await target.live.registers(event.vcpu)
+                await target.registers(event.vcpu)
 
     trio.run(session)
     return path.read_bytes()

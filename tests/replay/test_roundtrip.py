@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from vmwatch.errors import PageNotRecorded, PhysicalReadError, RecordingError, UnsupportedOperation
-from vmwatch.replay import Recording, open_recording, recording_target
+from vmwatch.replay import Recording, open_replay, recording_source
 from vmwatch.replay.format import SETUP
 
-from .synthetic import HOLE, handler_reads, synthetic_target
+from .synthetic import HOLE, handler_reads, synthetic_source
 
 
 async def run_session(target, reads_for=handler_reads):
@@ -16,7 +16,7 @@ async def run_session(target, reads_for=handler_reads):
     seen = []
     setup = target.memory.read(0x2000, 0x100)
     seen.append(("setup", setup))
-    async for event in target.live.events():
+    async for event in target.events():
         observed = [event]
         for paddr, size in reads_for(event.seq):
             observed.append(target.memory.read(paddr, size))
@@ -25,9 +25,9 @@ async def run_session(target, reads_for=handler_reads):
         except PhysicalReadError as exc:
             observed.append(("hole", str(exc)))
         observed.append(target.memory.read(HOLE[0] - 8, 16, pad=True))
-        observed.append(await target.live.registers(event.vcpu))
+        observed.append(await target.registers(event.vcpu))
         if event.seq % 5 == 0:
-            observed.append(await target.live.all_registers())
+            observed.append(await target.all_registers())
         seen.append(observed)
     return seen
 
@@ -35,7 +35,7 @@ async def run_session(target, reads_for=handler_reads):
 @pytest.fixture
 async def recorded(tmp_path):
     path = tmp_path / "session.vmwr"
-    with recording_target(synthetic_target(), path) as target:
+    with recording_source(synthetic_source(), path) as target:
         live_seen = await run_session(target)
     return path, live_seen
 
@@ -44,7 +44,7 @@ class TestRoundTrip:
     async def test_replay_sees_what_live_saw(self, recorded):
         """Every read, unmapped-read error, padded read and register read replays identically."""
         path, live_seen = recorded
-        with open_recording(path) as target:
+        with open_replay(path) as target:
             replay_seen = await run_session(target)
         assert replay_seen == live_seen
         assert len(live_seen) == 31
@@ -61,17 +61,17 @@ class TestRoundTrip:
         """A page the guest changed between events replays with each event's own content."""
         path = tmp_path / "r.vmwr"
         whole = lambda seq: [(0, HOLE[0])]  # noqa: E731 - read all low RAM every event
-        with recording_target(synthetic_target(count=5), path) as target:
+        with recording_source(synthetic_source(count=5), path) as target:
             live_seen = await run_session(target, whole)
         assert len({bytes(obs[1]) for obs in live_seen[1:]}) == 5
-        with open_recording(path) as target:
+        with open_replay(path) as target:
             assert await run_session(target, whole) == live_seen
 
     async def test_read_outside_recording_names_address(self, recorded):
         """A different rule set reading a never-recorded page gets PageNotRecorded, not zeros."""
         path, _ = recorded
-        with open_recording(path) as target:
-            async for event in target.live.events():
+        with open_replay(path) as target:
+            async for event in target.events():
                 with pytest.raises(PageNotRecorded, match=r"0x3f000 is not in the recording \(at event 0\)"):
                     target.memory.read(0x3F000, 8)
                 with pytest.raises(PageNotRecorded):
@@ -82,13 +82,13 @@ class TestRoundTrip:
     async def test_earlier_pages_serve_other_rules_unless_strict(self, recorded):
         """A page recorded at setup serves later events; strict mode refuses it."""
         path, _ = recorded
-        with open_recording(path) as target:
-            async for event in target.live.events():
+        with open_replay(path) as target:
+            async for event in target.events():
                 if event.seq == 3:
                     assert len(target.memory.read(0x2000, 0x10)) == 0x10
                     break
-        with open_recording(path, strict=True) as target:
-            async for event in target.live.events():
+        with open_replay(path, strict=True) as target:
+            async for event in target.events():
                 if event.seq == 3:
                     with pytest.raises(PageNotRecorded, match="0x2000"):
                         target.memory.read(0x2000, 0x10)
@@ -97,35 +97,35 @@ class TestRoundTrip:
     async def test_registers_not_recorded(self, recorded):
         """Registers no handler read for an event are a RecordingError, not made up."""
         path, _ = recorded
-        with open_recording(path) as target:
-            async for event in target.live.events():
+        with open_replay(path) as target:
+            async for event in target.events():
                 if event.seq == 1:
                     with pytest.raises(RecordingError, match="vCPU 1 were not recorded for event 1"):
-                        await target.live.registers(1)
+                        await target.registers(1)
                     break
 
     async def test_replay_is_read_only(self, recorded):
         """Writes and steps are refused by a replay."""
         path, _ = recorded
-        with open_recording(path) as target:
+        with open_replay(path) as target:
             with pytest.raises(UnsupportedOperation):
                 target.memory.write(0, b"x")
             with pytest.raises(UnsupportedOperation):
-                await target.live.step(0)
+                await target.step(0)
 
     async def test_setup_context_before_events(self, recorded):
         """Before the first event, replay serves the setup reads."""
         path, live_seen = recorded
-        with open_recording(path) as target:
-            assert target.memory.context == SETUP
+        with open_replay(path) as target:
+            assert target.context == SETUP
             assert target.memory.read(0x2000, 0x100) == live_seen[0][1]
 
     async def test_interrupted_session_is_complete(self, tmp_path):
         """A watch stopped by KeyboardInterrupt still writes a complete, replayable recording."""
         path = tmp_path / "stopped.vmwr"
         with pytest.raises(KeyboardInterrupt):
-            with recording_target(synthetic_target(count=10), path) as target:
-                async for event in target.live.events():
+            with recording_source(synthetic_source(count=10), path) as target:
+                async for event in target.events():
                     target.memory.read(0x1000, 8)
                     if event.seq == 4:
                         raise KeyboardInterrupt
@@ -136,8 +136,8 @@ class TestRoundTrip:
         """A recording cut by a crash has no END record and is refused as truncated."""
         path = tmp_path / "crashed.vmwr"
         with pytest.raises(ZeroDivisionError):
-            with recording_target(synthetic_target(count=10), path) as target:
-                async for event in target.live.events():
+            with recording_source(synthetic_source(count=10), path) as target:
+                async for event in target.events():
                     1 / 0
         with pytest.raises(RecordingError, match="truncated"):
             Recording.open(path)

@@ -45,6 +45,7 @@ UNMAPPED = 0xFFFFFFFF
 READ_ENTRY = struct.Struct("<QI")
 READS_HEAD = struct.Struct("<qI")
 REGISTERS_HEAD = struct.Struct("<qI")
+CLOCK_ENTRY = struct.Struct("<qq")
 PAGE_HEAD = struct.Struct("<B32s")
 MAX_READS_PER_RECORD = 65536
 
@@ -56,6 +57,7 @@ class RecordType(enum.IntEnum):
     READS = 0x04
     REGISTERS = 0x05
     END = 0x06
+    CLOCK = 0x07
 
 
 class PageEncoding(enum.IntEnum):

@@ -27,6 +27,7 @@ from vmwatch.events import Event
 from vmwatch.images.base import Run
 from vmwatch.replay import _codec
 from vmwatch.replay.format import (
+    CLOCK_ENTRY,
     PAGE_HEAD,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -42,7 +43,6 @@ from vmwatch.replay.format import (
     open_mapped,
     page_digest,
 )
-from vmwatch.target import Target
 
 log = structlog.get_logger()
 
@@ -63,6 +63,7 @@ class Recording:
         self._digests: list[bytes] = []
         self.history: dict[int, tuple[list[int], list[int]]] = {}  # pfn -> (contexts, ordinals)
         self.registers: dict[tuple[int, int], Registers] = {}
+        self.clocks: dict[int, list[int]] = {}
         self._decompressor = zstandard.ZstdDecompressor()
         self._cache: dict[int, bytes] = {}
 
@@ -139,6 +140,13 @@ class Recording:
                 if registers.vcpu != vcpu:
                     raise RecordingError(f"{at}: registers record of vCPU {vcpu} holds vCPU {registers.vcpu}")
                 self.registers[(ctx, vcpu)] = registers
+            elif kind == RecordType.CLOCK:
+                if len(payload) != CLOCK_ENTRY.size:
+                    raise RecordingError(f"{at}: clock record has the wrong size")
+                ctx, value = CLOCK_ENTRY.unpack_from(payload, 0)
+                if ctx != context:
+                    raise RecordingError(f"{at}: clock for event {ctx} out of order (current event {context})")
+                self.clocks.setdefault(ctx, []).append(value)
             elif kind == RecordType.END:
                 self.end = _json_object(payload, at)
             elif kind < 0x80:
@@ -280,38 +288,64 @@ class ReplayPhysicalMemory:
         raise UnsupportedOperation(f"a recording is read-only (write at {paddr:#x})")
 
 
-class ReplayLive:
-    """The live-backend face of a recording: recorded events and registers, no hypervisor.
+class ReplaySource:
+    """An engine Source (vmwatch/engine/sources.py) replaying a recording: no hypervisor.
 
-    Breakpoints and watchpoints are accepted and ignored: the recording already holds every
-    event the live run trapped, and nothing else can happen. Stepping or writing is refused.
+    It declares the recorded source's capabilities, so the engine behaves as it did live (in
+    particular "pause": the engine resumes after each event and flushes its caches, exactly as
+    it did while recording). Breakpoints and watchpoints are accepted and ignored: the recording
+    already holds every event the live run trapped, and nothing else can happen. Stepping and
+    writing are refused.
     """
 
-    def __init__(self, recording: Recording, memory: ReplayPhysicalMemory) -> None:
+    realtime = False
+
+    def __init__(self, recording: Recording, *, strict: bool = False) -> None:
+        meta = recording.meta
         self.recording = recording
-        self.memory = memory
-        self.vcpu_count = int(recording.meta.get("vcpu_count") or 1)
+        self.name = str(meta.get("source", recording.path))
+        self.memory = ReplayPhysicalMemory(recording, strict=strict) if meta.get("memory", True) else None
+        caps = meta.get("capabilities", [])
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise RecordingError(f"{recording.path}: META capabilities are not a list of names")
+        self.capabilities = frozenset(caps)
+        self.vcpu_count = int(meta.get("vcpu_count") or 1)
         self.position = 0
         """How many events were handed out."""
+        self.context = SETUP
+        self._clock_used = 0
+        self.failure: RecordingError | None = None
+        """The first thing asked of the recording that it does not hold (kept in case the engine
+        swallowed the exception, as it does for rules that raise)."""
 
-    def events(self) -> ReplayLive:
+    def first_failure(self) -> RecordingError | None:
+        """The first register or memory request the recording could not serve, if any."""
+        return self.failure or (self.memory.missing if self.memory is not None else None)
+
+    def events(self) -> ReplaySource:
         """The recorded events, from where the last iteration stopped.
 
-        Handing out event N switches the memory and registers to what was recorded for event N.
+        Handing out event N switches memory, registers and clock to what was recorded for it.
         (An iterator object rather than an async generator: nothing to finalize if abandoned.)
         """
         return self
 
-    def __aiter__(self) -> ReplayLive:
+    def __aiter__(self) -> ReplaySource:
         return self
 
     async def __anext__(self) -> Event:
         index = self.position
         if index >= len(self.recording.events):
             raise StopAsyncIteration
-        self.memory.context = index
+        self.context = index
+        if self.memory is not None:
+            self.memory.context = index
+        self._clock_used = 0
         self.position = index + 1
         return self.recording.events[index]
+
+    async def aclose(self) -> None:
+        """Nothing to release (the recording is closed by :func:`open_replay`)."""
 
     async def registers(self, vcpu: int = 0) -> Registers:
         """The registers of ``vcpu`` as recorded for the current event.
@@ -319,13 +353,26 @@ class ReplayLive:
         Raises:
             RecordingError: the live run did not read them for this event.
         """
-        registers = self.recording.registers.get((self.memory.context, vcpu))
+        registers = self.recording.registers.get((self.context, vcpu))
         if registers is None:
-            raise RecordingError(f"registers of vCPU {vcpu} were not recorded for event {self.memory.context}")
+            when = "before the first event" if self.context < 0 else f"for event {self.context}"
+            error = RecordingError(f"registers of vCPU {vcpu} were not recorded {when}")
+            self.failure = self.failure or error
+            raise error
         return registers
 
     async def all_registers(self) -> tuple[Registers, ...]:
         return tuple([await self.registers(vcpu) for vcpu in range(self.vcpu_count)])
+
+    def clock_ns(self) -> int:
+        """The clock readings of the live run, in order; past them, the current event's time."""
+        values = self.recording.clocks.get(self.context, ())
+        if self._clock_used < len(values):
+            self._clock_used += 1
+            return values[self._clock_used - 1]
+        if self.context >= 0:
+            return self.recording.events[self.context].time_ns
+        return 0
 
     async def pause(self) -> None:
         pass
@@ -356,18 +403,11 @@ class ReplayLive:
 
 
 @contextlib.contextmanager
-def open_recording(path: str | os.PathLike[str], *, strict: bool = False) -> Iterator[Target]:
-    """A Target replaying a recording: ``.memory`` serves pages, ``.live`` yields the events.
+def open_replay(path: str | os.PathLike[str], *, strict: bool = False) -> Iterator[ReplaySource]:
+    """A Source replaying the recording at ``path``.
 
     Raises:
         RecordingError: see :meth:`Recording.open`.
     """
     with Recording.open(path) as recording:
-        memory = ReplayPhysicalMemory(recording, strict=strict)
-        saved = tuple(_codec.decode_value(cpu) for cpu in recording.meta.get("saved_cpus", ()))
-        if not all(isinstance(cpu, Registers) for cpu in saved):
-            raise RecordingError(f"{recording.path}: META saved_cpus are not registers")
-        live = ReplayLive(recording, memory) if recording.meta.get("live") else None
-        yield Target(spec=str(recording.meta.get("source", recording.path)), memory=memory,
-                     saved_cpus=saved, live=live)
-
+        yield ReplaySource(recording, strict=strict)

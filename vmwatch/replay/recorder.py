@@ -1,6 +1,6 @@
 """Record a monitoring session: the events, and every guest page and register read per event.
 
-Theory of operation: the recorder wraps a :class:`vmwatch.target.Target`. Its physical memory
+Theory of operation: the recorder wraps an engine Source (vmwatch/engine/sources.py). Its physical memory
 sits *under* every cache (GuestMemory's page cache, TLB), so it sees exactly the reads that reach
 the source. Reads are grouped by context: the setup phase (everything before the first event),
 then one context per event, which opens when the event source hands out that event and closes
@@ -30,6 +30,7 @@ from vmwatch.errors import PhysicalReadError, UnsupportedOperation
 from vmwatch.events import Event
 from vmwatch.replay import _codec
 from vmwatch.replay.format import (
+    CLOCK_ENTRY,
     MAX_READS_PER_RECORD,
     PAGE_HEAD,
     PAGE_SHIFT,
@@ -44,7 +45,6 @@ from vmwatch.replay.format import (
     RecordWriter,
     page_digest,
 )
-from vmwatch.target import Target
 
 log = structlog.get_logger()
 
@@ -106,6 +106,10 @@ class Recorder:
             else:
                 self._writer.write(RecordType.PAGE, PAGE_HEAD.pack(PageEncoding.RAW, digest) + data)
         self._reads[pfn] = ordinal
+
+    def add_clock(self, value: int) -> None:
+        """Record a clock reading taken in the current context."""
+        self._writer.write(RecordType.CLOCK, CLOCK_ENTRY.pack(self._context, value))
 
     def add_registers(self, registers: Registers) -> None:
         """Record a vCPU's registers as read in the current context (the first read wins)."""
@@ -240,19 +244,31 @@ class _RecordingEvents:
             await aclose()
 
 
-class RecordingLive:
-    """Proxy of a live backend that records events and register reads; everything else passes."""
+class RecordingSource:
+    """An engine Source (vmwatch/engine/sources.py) that records what passes through it.
 
-    def __init__(self, inner: Any, memory: RecordingPhysicalMemory, recorder: Recorder) -> None:
+    Everything not overridden is the inner source's. It offers ``events()`` only, never
+    ``event_batches()``: each event must be its own context, and a batch would mix the reads of
+    several events. For the same reason it is never ``realtime``.
+    """
+
+    realtime = False
+
+    def __init__(self, inner: Any, recorder: Recorder) -> None:
         self._inner = inner
-        self.memory = memory
         self.recorder = recorder
+        self.name = getattr(inner, "name", "guest")
+        memory = getattr(inner, "memory", None)
+        self.memory = RecordingPhysicalMemory(memory, recorder) if memory is not None else None
+        self.capabilities = frozenset(getattr(inner, "capabilities", ())) - {"write"}
 
     def __getattr__(self, name: str) -> Any:
+        if name == "event_batches":
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
-    def events(self, *args: Any, **kwargs: Any) -> _RecordingEvents:
-        return _RecordingEvents(aiter(self._inner.events(*args, **kwargs)), self.recorder)
+    def events(self) -> _RecordingEvents:
+        return _RecordingEvents(aiter(self._inner.events()), self.recorder)
 
     async def registers(self, vcpu: int = 0) -> Registers:
         registers = await self._inner.registers(vcpu)
@@ -265,35 +281,39 @@ class RecordingLive:
             self.recorder.add_registers(registers)
         return every
 
+    def clock_ns(self) -> int:
+        """The source's clock (wall clock unless the source has its own), recorded for replay."""
+        inner = getattr(self._inner, "clock_ns", None)
+        value = inner() if inner is not None else time.time_ns()
+        self.recorder.add_clock(value)
+        return value
 
-def target_meta(target: Target) -> dict[str, Any]:
+
+def source_meta(source: Any) -> dict[str, Any]:
     """What a recording says about the source it came from."""
-    memory = target.memory
-    live = target.live
+    memory = getattr(source, "memory", None)
     return {
-        "source": target.spec,
+        "source": getattr(source, "name", "guest"),
+        "capabilities": sorted(set(getattr(source, "capabilities", ())) - {"write"}),
+        "memory": memory is not None,
         "volatile": bool(getattr(memory, "volatile", False)),
-        "live": live is not None,
-        "vcpu_count": getattr(live, "vcpu_count", None) if live is not None else len(target.saved_cpus),
+        "vcpu_count": getattr(source, "vcpu_count", None),
         "runs": [[run.start, run.size] for run in getattr(memory, "runs", ())],
-        "saved_cpus": [_codec.encode_value(cpu) for cpu in target.saved_cpus],
         "base": None,
     }
 
 
 @contextlib.contextmanager
-def recording_target(target: Target, path: str | os.PathLike[str]) -> Iterator[Target]:
-    """A Target like ``target`` whose memory reads, register reads and events are recorded.
+def recording_source(source: Any, path: str | os.PathLike[str]) -> Iterator[RecordingSource]:
+    """A Source like ``source`` whose events, memory reads, register reads and clock are recorded.
 
     The recording is finished (END record) when the block exits normally or on a KeyboardInterrupt
     or trio cancellation (a stopped watch is a complete session); any other exception leaves it
     without END, so a reader calls it truncated.
     """
-    recorder = Recorder(path, meta=target_meta(target))
-    memory = RecordingPhysicalMemory(target.memory, recorder)
-    live = RecordingLive(target.live, memory, recorder) if target.live is not None else None
+    recorder = Recorder(path, meta=source_meta(source))
     try:
-        yield Target(spec=target.spec, memory=memory, saved_cpus=target.saved_cpus, live=live)
+        yield RecordingSource(source, recorder)
     except BaseException as exc:
         if _is_stop(exc):
             recorder.close()
