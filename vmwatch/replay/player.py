@@ -335,8 +335,8 @@ class ReplaySource:
 
     async def __anext__(self) -> Event:
         index = self.position
-        if index >= len(self.recording.events):
-            raise StopAsyncIteration
+        if index >= len(self.recording.events) or self.first_failure() is not None:
+            raise StopAsyncIteration  # a replay that cannot be faithful stops at once
         self.context = index
         if self.memory is not None:
             self.memory.context = index
