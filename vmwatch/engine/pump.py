@@ -11,10 +11,10 @@ Theory of operation:
   resumes it after the rules ran. The ticker (periodic rules) and trap re-arming pause the guest
   themselves and take the guest lock so they never interleave with an event being handled.
 * Each sink has its own task and bounded channel. Event records are sent with ``send_nowait``
-  and counted as dropped when a sink lags; alerts go through a per-sink outbox that is drained
-  with ``await send`` (backpressure) and, at shutdown, under a shield with a grace period: every
-  alert raised reaches every sink unless a sink stays stuck for the whole grace period (then the
-  loss is counted and logged, never silent).
+  and counted as dropped when a sink lags; alerts go through a per-sink outbox drained with
+  ``await send`` (backpressure: a slow sink slows the pump, it never loses alerts). At shutdown
+  the channels close and each sink task delivers what is left in its outbox, so every alert
+  raised reaches every sink; only a sink whose ``send`` raises loses alerts (counted, logged).
 * A realtime source (events at their own pace, e.g. a storm) is read by a producer task into a
   bounded intake channel; batches that do not fit are dropped and counted.
 * Ending: the source ends (or dies: a ``VmwatchError`` from the stream becomes ``SourceEnded``),
@@ -25,6 +25,7 @@ Theory of operation:
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import time
 import traceback
@@ -62,8 +63,8 @@ class WatchOptions:
     max_rule_errors: int = 5
     """A rule raising this many times is isolated (deactivated) for the rest of the run."""
     recorded: frozenset[type] = RECORDED_EVENTS
-    flush_grace: float = 10.0
-    """Seconds at shutdown for sinks to take the alerts still queued."""
+    shutdown_grace: float = 10.0
+    """Seconds at shutdown to remove traps and resume the guest."""
     sensors: bool = True
     """Derive register, interrupt and Linux events from breakpoints when rules want them."""
 
@@ -82,7 +83,7 @@ class WatchSummary:
     dropped_records: dict[str, int] = attrs.Factory(dict)
     """Event records per sink dropped because the sink lagged."""
     lost_alerts: dict[str, int] = attrs.Factory(dict)
-    """Alerts a sink never took within the shutdown grace period (should stay empty)."""
+    """Alerts a sink failed to store (its ``send`` raised); should stay empty."""
     sampled_out: int = 0
     demotions: list[Demotion] = attrs.Factory(list)
     rule_errors: dict[str, int] = attrs.Factory(dict)
@@ -249,7 +250,8 @@ class Engine:
         is_bp = lst.kind is ListenerKind.BREAKPOINT
         what = f"{h.rule.name} ({'breakpoint' if is_bp else 'write watch'} on {lst.target!r})"
         needed = caps.BREAKPOINTS if is_bp else caps.WATCHPOINTS
-        if needed not in self.capabilities:
+        passive = needed not in self.capabilities
+        if passive and not getattr(self.source, "replays_traps", False):
             self.inactive(what, f"the source has no {needed}")
             return
         try:
@@ -258,10 +260,13 @@ class Engine:
             self.inactive(what, f"cannot resolve: {exc}")
             return
         label = lst.target if isinstance(lst.target, str) else ""
-        if is_bp:
-            await self.add_trap(Trap("breakpoint", address, 1, label), h)
+        trap = Trap("breakpoint", address, 1, label) if is_bp else Trap("watchpoint", address, lst.size, label)
+        if passive:  # a replay carries the trap events it recorded: index them, arm nothing
+            key = (Breakpoint if is_bp else MemoryAccess, address)
+            self.dispatcher.traps.setdefault(key, trap)
+            self.dispatcher.add(key, h)
         else:
-            await self.add_trap(Trap("watchpoint", address, lst.size, label), h)
+            await self.add_trap(trap, h)
 
     async def add_trap(self, trap: Trap, handler: Handler) -> Trap:
         """Arm ``trap`` (once per address) and route its events to ``handler``."""
@@ -315,17 +320,19 @@ class Engine:
             if getattr(src, "realtime", False):
                 await self._consume_realtime()
             elif hasattr(src, "event_batches") and not self.pausable:
-                async for batch in src.event_batches():
-                    await self._handle_batch(batch)
-                    if self._ended:
-                        return
-                    await trio.lowlevel.checkpoint()
+                async with contextlib.aclosing(src.event_batches()) as batches:
+                    async for batch in batches:
+                        await self._handle_batch(batch)
+                        if self._ended:
+                            return
+                        await trio.lowlevel.checkpoint()
             else:
-                async for event in src.events():
-                    async with self._lock:
-                        await self._handle_batch((event,))
-                    if self._ended:
-                        return
+                async with contextlib.aclosing(src.events()) as events:
+                    async for event in events:
+                        async with self._lock:
+                            await self._handle_batch((event,))
+                        if self._ended:
+                            return
         except VmwatchError as exc:  # the source died (QEMU gone, recording truncated)
             log.warning("source failed", vm=self.vm, error=str(exc))
             await self._handle_batch((SourceEnded(seq=self._last_seq, time_ns=time.time_ns(),
@@ -339,8 +346,8 @@ class Engine:
 
         async def produce() -> None:
             last_report = trio.current_time()
-            async with send:
-                async for batch in self.source.event_batches():
+            async with send, contextlib.aclosing(self.source.event_batches()) as batches:
+                async for batch in batches:
                     if batch and type(batch[-1]) is SourceEnded:
                         await send.send(batch)  # the end is never dropped
                         return
@@ -617,7 +624,7 @@ class Engine:
             self._rule_failed(run, event, exc)
         self._rule_failures.clear()
         self.publish(self.guest.take_alerts())
-        with trio.move_on_after(self.options.flush_grace):
+        with trio.move_on_after(self.options.shutdown_grace):
             # the guest must not stay frozen: remove traps, then let it run
             for trap in list(self._armed):
                 try:
@@ -630,28 +637,43 @@ class Engine:
                     await self._release()
                 except VmwatchError as exc:
                     log.warning("cannot resume guest", error=str(exc))
-        with trio.move_on_after(self.options.flush_grace):
-            for link in self._sinks:
-                await self._drain(link)
         for link in self._sinks:
-            if link.outbox:
-                self.summary.lost_alerts[link.sink.name] = len(link.outbox)
-                log.error("alerts not delivered", sink=link.sink.name, lost=len(link.outbox))
+            # the sink task delivers what is left in the outbox after the channel: no alert is
+            # abandoned because a sink is slow, only if it fails
             await link.send.aclose()
+
+    def _sink_failed(self, link: _SinkLink, exc: Exception, alerts: list[Alert]) -> None:
+        link.failures += 1
+        if alerts:
+            lost = self.summary.lost_alerts
+            lost[link.sink.name] = lost.get(link.sink.name, 0) + len(alerts)
+        if link.failures == 1:
+            log.error("sink failed", sink=link.sink.name, error=f"{type(exc).__name__}: {exc}")
 
     async def _sink_task(self, link: _SinkLink, recv: trio.MemoryReceiveChannel) -> None:
         sink = link.sink
         flush = getattr(sink, "flush", None)
         async with recv:
             async for item in recv:
+                batch = [item]
+                while True:  # take what is queued in one go: one scheduling round per burst
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
                 try:
-                    await sink.send(item)
-                    if flush is not None and recv.statistics().current_buffer_used == 0:
+                    for item in batch:
+                        await sink.send(item)
+                    if flush is not None:
                         await flush()
                 except Exception as exc:  # a broken sink must not end the watch or starve others
-                    link.failures += 1
-                    if link.failures == 1:
-                        log.error("sink failed", sink=sink.name, error=f"{type(exc).__name__}: {exc}")
+                    self._sink_failed(link, exc, [i for i in batch if isinstance(i, Alert)])
+        while link.outbox:
+            alert = link.outbox.popleft()
+            try:
+                await sink.send(alert)
+            except Exception as exc:
+                self._sink_failed(link, exc, [alert])
         try:
             await sink.aclose()
         except Exception as exc:

@@ -8,6 +8,8 @@ support breakpoints (DESIGN.md "Capabilities")::
     memory: PhysicalMemory | None
     capabilities: frozenset[str]    # any of the names below
     realtime: bool                  # events arrive at their own pace (the engine may drop them)
+    replays_traps: bool             # optional: the stream carries recorded trap events (a replay):
+                                    # trap listeners are indexed without arming anything
     events() -> AsyncIterator[Event]
     event_batches() -> AsyncIterator[list[Event]]    # optional, faster for synthetic/replay streams
 
@@ -79,6 +81,7 @@ class SyntheticSource:
         self.name = name
         self.memory = memory
         self.realtime = realtime
+        self.replays_traps = not honour_traps
         self._events = events
         self._registers = registers
         self._honour = honour_traps
