@@ -16,3 +16,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "guest" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lab_guest():
+    """The real lab guest (default LabConfig), booted once per test session and stopped at its end.
+
+    Shared by every test: don't stop it, and expect scenario actions of other tests to have run.
+    """
+    from vmwatch.lab import LabGuest
+
+    guest = LabGuest.start()
+    yield guest
+    guest.stop()
+
+
+@pytest.fixture(scope="session")
+def lab_guest_factory():
+    """``start(**LabConfig fields)`` boots an extra guest; stop it when done (leftovers stop at session end)."""
+    from vmwatch.lab import LabConfig, LabGuest
+
+    started = []
+
+    def start(**config):
+        guest = LabGuest.start(LabConfig(**config))
+        started.append(guest)
+        return guest
+
+    yield start
+    for guest in started:
+        guest.stop()

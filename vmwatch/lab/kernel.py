@@ -1,0 +1,307 @@
+"""The lab guest's kernel: the current Debian kernel package, downloaded and unpacked once per user.
+
+``linux-image-amd64`` (or ``-686``, ``-686-pae``) is a meta package; apt tells which versioned
+``linux-image-<release>`` it depends on, so no kernel version is written down anywhere. The
+unpacked package is kept whole (vmlinuz, System.map stub, config, modules) because other parts of
+vmwatch want its modules and config too.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+import structlog
+
+from vmwatch.errors import LabError
+from vmwatch.lab.cache import cache_dir
+
+log = structlog.get_logger()
+
+RESOLVE_TTL = 24 * 3600
+"""Seconds a resolved kernel package name is trusted before apt is asked again."""
+
+ARCHES = {
+    # lab arch -> (meta package, Debian architecture, QEMU system emulator)
+    "amd64": ("linux-image-amd64", "amd64", "qemu-system-x86_64"),
+    "686": ("linux-image-686", "i386", "qemu-system-i386"),
+    "686-pae": ("linux-image-686-pae", "i386", "qemu-system-i386"),
+}
+
+
+@attrs.frozen
+class KernelPackage:
+    """An unpacked Debian kernel package in the cache."""
+
+    arch: str
+    package: str
+    """Versioned package name, e.g. ``linux-image-6.1.0-26-amd64``."""
+    version: str
+    """Debian package version."""
+    release: str
+    """``uname -r`` of the kernel, e.g. ``6.1.0-26-amd64``."""
+    root: Path
+    """Where the package is unpacked (holds ``boot/`` and ``lib/modules/``)."""
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.release}"
+
+    @property
+    def system_map(self) -> Path:
+        """Debian ships a stub here (the real map is in the -dbg package); kept for completeness."""
+        return self.root / "boot" / f"System.map-{self.release}"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "boot" / f"config-{self.release}"
+
+    @property
+    def modules_dir(self) -> Path:
+        return self.root / "lib" / "modules" / self.release
+
+    def module_path(self, name: str) -> Path:
+        """The file of module ``name`` (``-`` and ``_`` are the same in module names)."""
+        index = self._module_index()
+        key = name.replace("-", "_")
+        if key not in index:
+            raise LabError(f"kernel {self.release} has no module {name!r}")
+        return index[key]
+
+    def module_with_deps(self, name: str) -> list[tuple[str, bytes]]:
+        """``(name, uncompressed .ko bytes)`` for ``name`` and everything it needs, dependencies first."""
+        ordered: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
+
+        def visit(mod: str, depth: int) -> None:
+            key = mod.replace("-", "_")
+            if key in seen:
+                return
+            if depth > 64:
+                raise LabError(f"module dependency chain of {name!r} is too deep")
+            seen.add(key)
+            data = read_module(self.module_path(key))
+            for dep in modinfo(data).get("depends", "").split(","):
+                if dep:
+                    visit(dep, depth + 1)
+            ordered.append((key, data))
+
+        visit(name, 0)
+        return ordered
+
+    def _module_index(self) -> dict[str, Path]:
+        found = {}
+        for path in (self.modules_dir / "kernel").rglob("*.ko*"):
+            found[path.name.split(".ko")[0].replace("-", "_")] = path
+        return found
+
+
+def read_module(path: Path) -> bytes:
+    """A module file's ELF bytes, decompressing ``.ko.xz`` / ``.ko.zst`` / ``.ko.gz`` on the host."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    if path.name.endswith(".gz"):
+        import gzip
+
+        return gzip.decompress(data)
+    return data
+
+
+def modinfo(elf: bytes) -> dict[str, str]:
+    """The ``key=value`` strings of a module's ``.modinfo`` section (first value wins)."""
+    section = _elf_section(elf, ".modinfo")
+    info: dict[str, str] = {}
+    for item in section.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            info.setdefault(key.decode(errors="replace"), value.decode(errors="replace"))
+    return info
+
+
+def _elf_section(elf: bytes, wanted: str) -> bytes:
+    if elf[:4] != b"\x7fELF" or elf[4] not in (1, 2) or elf[5] != 1:
+        raise LabError("kernel module is not a little-endian ELF file")
+    if elf[4] == 2:
+        shoff, = struct.unpack_from("<Q", elf, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+        fmt, name_at, off_at, size_at = "<IIQQQQ", 0, 4, 5
+    else:
+        shoff, = struct.unpack_from("<I", elf, 0x20)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x2E)
+        fmt, name_at, off_at, size_at = "<IIIIII", 0, 4, 5
+    try:
+        headers = [struct.unpack_from(fmt, elf, shoff + i * shentsize) for i in range(shnum)]
+        strtab = headers[shstrndx]
+        for header in headers:
+            start = strtab[off_at] + header[name_at]
+            name = elf[start:elf.index(b"\0", start)].decode()
+            if name == wanted:
+                return elf[header[off_at]:header[off_at] + header[size_at]]
+    except (struct.error, IndexError, ValueError) as exc:
+        raise LabError(f"kernel module ELF is malformed: {exc}") from exc
+    raise LabError(f"kernel module has no {wanted} section")
+
+
+def ensure_kernel(arch: str = "amd64", *, cache: Path | None = None) -> KernelPackage:
+    """Resolve, download and unpack the current Debian kernel for ``arch`` (cached)."""
+    if arch not in ARCHES:
+        raise LabError(f"unknown lab arch {arch!r} (choose from {', '.join(ARCHES)})")
+    base = (cache or cache_dir()) / "kernels"
+    base.mkdir(parents=True, exist_ok=True)
+    # Asking apt costs seconds; its answer is reused for a day.
+    resolved = base / f"resolved-{arch}.json"
+    try:
+        known = json.loads(resolved.read_text())
+        if time.time() - resolved.stat().st_mtime < RESOLVE_TTL and (base / known["dir"] / ".complete").exists():
+            return _load(arch, base / known["dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    apt = Apt.for_arch(ARCHES[arch][1], cache or cache_dir())
+    try:
+        package, version = apt.resolve(ARCHES[arch][0])
+    except LabError as exc:
+        # Offline or apt-less host: fall back to the newest kernel already unpacked for this arch.
+        cached = sorted(base.glob(f"*_{ARCHES[arch][1]}/.complete"), key=lambda p: p.stat().st_mtime)
+        if not cached:
+            raise
+        log.warning("lab.kernel.apt_failed_using_cache", error=str(exc), cached=str(cached[-1].parent))
+        return _load(arch, cached[-1].parent)
+    root = base / f"{package}_{version}_{ARCHES[arch][1]}"
+    if not (root / ".complete").exists():
+        _download_and_unpack(apt, package, version, root)
+    resolved.write_text(json.dumps({"dir": root.name}))
+    return _load(arch, root)
+
+
+def _load(arch: str, root: Path) -> KernelPackage:
+    package, version, _ = root.name.split("_")
+    vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
+    if not vmlinuz:
+        raise LabError(f"kernel package unpacked at {root} has no boot/vmlinuz-*")
+    release = vmlinuz[0].name[len("vmlinuz-"):]
+    return KernelPackage(arch=arch, package=package, version=version, release=release, root=root)
+
+
+def _download_and_unpack(apt: "Apt", package: str, version: str, root: Path) -> None:
+    if shutil.which("dpkg-deb") is None:
+        raise LabError("dpkg-deb is missing (install the Debian package dpkg)")
+    log.info("lab.kernel.download", package=package, version=version)
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=".dl-") as tmp:
+        deb = apt.download(package, version, Path(tmp))
+        unpacked = Path(tmp) / "root"
+        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking the kernel package")
+        shutil.rmtree(unpacked / "usr" / "share" / "doc", ignore_errors=True)
+        (unpacked / ".complete").write_text(f"{package} {version}\n")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(unpacked, root)
+
+
+@attrs.frozen
+class Apt:
+    """apt-cache / apt-get, either the system's (native arch) or a private state for a foreign arch."""
+
+    arch: str
+    options: tuple[str, ...] = ()
+    private_root: Path | None = None
+
+    @classmethod
+    def for_arch(cls, arch: str, cache: Path) -> "Apt":
+        if arch == _native_arch():
+            return cls(arch)
+        # A foreign arch (i386 kernel on an amd64 host) gets its own apt lists in the cache, so the
+        # system's dpkg configuration is never changed.
+        root = cache / "apt" / arch
+        for sub in ("lists/partial", "archives/partial"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / "status").touch()
+        options = (
+            f"-oAPT::Architecture={arch}", f"-oAPT::Architectures={arch}",
+            f"-oDir::State::Lists={root / 'lists'}", f"-oDir::State::status={root / 'status'}",
+            f"-oDir::Cache={root / 'cache'}", f"-oDir::Cache::archives={root / 'archives'}",
+            "-oAPT::Sandbox::User=root" if os.getuid() == 0 else "-oDebug::NoLocking=1",
+        )
+        return cls(arch, options, root)
+
+    def resolve(self, meta: str) -> tuple[str, str]:
+        """The versioned package a kernel meta package depends on, and its candidate version."""
+        self._ensure_lists(meta)
+        show = self._cache("show", "--no-all-versions", meta)
+        depends = _field(show, "Depends")
+        match = re.search(r"\b(linux-image-[0-9][^\s,(|]*)", depends or "")
+        if not match:
+            raise LabError(f"apt-cache show {meta}: no linux-image-<release> dependency in {depends!r}")
+        package = match.group(1)
+        version = _field(self._cache("show", "--no-all-versions", package), "Version")
+        if not version:
+            raise LabError(f"apt-cache show {package}: no Version field")
+        return package, version
+
+    def download(self, package: str, version: str, into: Path) -> Path:
+        # apt's sandbox user cannot enter root's private cache directory: download as root directly.
+        sandbox = ["-oAPT::Sandbox::User=root"] if os.getuid() == 0 and not self.options else []
+        _run(["apt-get", *self.options, *sandbox, "download", "-q", f"{package}={version}"],
+             f"downloading {package}", cwd=into)
+        debs = list(into.glob(f"{package}_*.deb"))
+        if not debs:
+            raise LabError(f"apt-get download {package} produced no .deb in {into}")
+        return debs[0]
+
+    def _ensure_lists(self, meta: str) -> None:
+        policy = self._cache("policy", meta, check=False)
+        if "Candidate:" in policy and "Candidate: (none)" not in policy:
+            return
+        if os.getuid() != 0 and self.private_root is None:
+            raise LabError(f"apt knows no candidate for {meta}: run `sudo apt-get update` once")
+        log.info("lab.kernel.apt_update", arch=self.arch)
+        _run(["apt-get", *self.options, "update", "-q"], "apt-get update")
+        policy = self._cache("policy", meta, check=False)
+        if "Candidate:" not in policy or "Candidate: (none)" in policy:
+            raise LabError(f"apt knows no candidate for {meta} even after apt-get update (check sources.list)")
+
+    def _cache(self, *args: str, check: bool = True) -> str:
+        if shutil.which("apt-cache") is None:
+            raise LabError("apt-cache is missing: the lab guest needs a Debian-like host")
+        proc = subprocess.run(["apt-cache", *self.options, *args], capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise LabError(f"apt-cache {' '.join(args)} failed: {proc.stderr.strip()[-300:]}")
+        return proc.stdout
+
+
+def _field(stanza: str, name: str) -> str | None:
+    for line in stanza.splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _native_arch() -> str:
+    try:
+        return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"x86_64": "amd64", "i686": "i386", "i386": "i386"}.get(platform.machine(), platform.machine())
+
+
+def _run(argv: list[str], what: str, cwd: Path | None = None) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
+    except OSError as exc:
+        raise LabError(f"{what}: cannot run {argv[0]}: {exc}") from exc
+    if proc.returncode != 0:
+        raise LabError(f"{what} failed ({' '.join(argv[:3])}...): {proc.stderr.strip()[-400:]}")
