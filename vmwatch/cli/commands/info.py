@@ -111,7 +111,7 @@ def _tag_table(image, tags, verbose: bool) -> list[str]:
         else:
             shown = "(compressed)" if tag.compressed else ""
         lines.append(f"{tag.data_offset:#012x} {tag.size:#10x} {tag.path:<50} {shown}".rstrip())
-        if verbose and value is None and not tag.compressed and tag.size:
+        if verbose and value is None and not tag.compressed and tag.size and tag.path != "memory/Memory[0][0]":
             data = image.tag_bytes(tag, HEXDUMP_LIMIT)
             for i in range(0, len(data), 16):
                 row = data[i:i + 16]
