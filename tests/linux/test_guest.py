@@ -1,0 +1,105 @@
+"""Linux zero-config on the real lab guest: processes and modules against the guest's own /proc."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vmwatch.images import open_image
+from vmwatch.os.linux.kernel import Linux
+from vmwatch.testing.cli import run_cli
+
+from .guesttruth import comm_matches, snapshot
+
+pytestmark = pytest.mark.guest
+
+
+@pytest.fixture(scope="module")
+def default_snap(lab_guest, tmp_path_factory):
+    return snapshot(lab_guest, tmp_path_factory.mktemp("linux") / "default.elf")
+
+
+@pytest.fixture(scope="module")
+def la57_snap(lab_guest_factory, tmp_path_factory):
+    guest = lab_guest_factory(cpu_model="qemu64,+la57", cpus=2)
+    try:
+        return snapshot(guest, tmp_path_factory.mktemp("linux") / "la57.elf"), guest
+    finally:
+        guest.stop()
+
+
+def check_ps(snap) -> None:
+    result = run_cli("ps", snap.dump, "--json")
+    assert result.status == 0, result.stderr
+    ours = {p["pid"]: p for p in json.loads(result.stdout)}
+    stable = snap.stable
+    assert len(stable) > 20
+    missing = set(stable) - set(ours)
+    assert not missing, f"processes /proc listed before and after the dump but ps missed: {missing}"
+    extra = set(ours) - snap.possible
+    assert not extra, f"ps shows pids /proc never listed: {extra}"
+    for pid, proc in stable.items():
+        assert comm_matches(ours[pid]["comm"], proc.comm), (pid, ours[pid]["comm"], proc.comm)
+        assert ours[pid]["ppid"] == proc.ppid, (pid, ours[pid], proc)
+        assert ours[pid]["uid"] == proc.uid, (pid, ours[pid], proc)
+    sleepers = [p for p in ours.values() if p["comm"] == "sleep"]
+    assert sleepers and all(p["cr3"] for p in sleepers)
+
+
+def check_modules(snap) -> None:
+    result = run_cli("modules", snap.dump, "--json")
+    assert result.status == 0, result.stderr
+    ours = {m["name"]: m for m in json.loads(result.stdout)}
+    assert {name for name, _, _ in snap.modules} == set(ours)
+    assert "tcp_yeah" in ours
+    for name, size, base in snap.modules:
+        assert ours[name]["size"] == size
+        if base:  # /proc/modules prints 0 unless kptr_restrict allows addresses
+            assert ours[name]["base"] == base
+
+
+class TestDefaultGuest:
+    def test_ps_matches_proc(self, default_snap):
+        """Every pid /proc lists around the dump is found with the same comm, ppid and uid."""
+        check_ps(default_snap)
+
+    def test_modules_match_proc_modules(self, default_snap):
+        """Module names, sizes and bases equal /proc/modules."""
+        check_modules(default_snap)
+
+    def test_without_registers(self, default_snap):
+        """Scanning physical memory (no CPU state) finds the same kernel as the saved CR3 does."""
+        with open_image(default_snap.dump) as image:
+            with_regs = Linux.from_memory(image, image.cpus)
+            blind = Linux.from_memory(image, ())
+            assert blind.kernel == with_regs.kernel
+            assert [t.pid for t in blind.tasks()] == [t.pid for t in with_regs.tasks()]
+
+    def test_kernel_info(self, default_snap, lab_guest):
+        """The banner read through the found mapping names the release the guest reports."""
+        with open_image(default_snap.dump) as image:
+            linux = Linux.from_memory(image, image.cpus)
+        assert linux.kernel.release == lab_guest.kernel_release
+        assert linux.kernel.slide % (2 << 20) == 0
+
+    def test_syscalls_and_idt(self, default_snap):
+        """Syscall 0 is read, 1 is write; the IDT's divide-error gate resolves to its handler."""
+        result = run_cli("syscalls", default_snap.dump, "--json")
+        assert result.status == 0, result.stderr
+        table = json.loads(result.stdout)
+        assert table[0]["symbol"].endswith("sys_read") and table[1]["symbol"].endswith("sys_write")
+        assert all(e["in_text"] for e in table)
+        result = run_cli("idt", default_snap.dump, "--json")
+        gates = {g["vector"]: g for g in json.loads(result.stdout)}
+        assert "divide_error" in gates[0]["symbol"]
+
+
+class TestLa57TwoCpus:
+    def test_ps_and_modules(self, la57_snap):
+        """5-level paging and two vCPUs: same checks against /proc."""
+        snap, _guest = la57_snap
+        check_ps(snap)
+        check_modules(snap)
+        with open_image(snap.dump) as image:
+            assert Linux.from_memory(image, image.cpus).kernel.mode.value == "5-level"
