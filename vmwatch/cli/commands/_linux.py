@@ -17,6 +17,16 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
 
 def with_linux(args: argparse.Namespace, work: Callable) -> object:
     """Run ``work(linux, registers)`` on the target; a live guest is paused while it runs."""
+    from vmwatch.target import QEMU_PREFIX
+
+    if not args.target.startswith(QEMU_PREFIX):
+        # An image needs no event loop: skip importing trio (a cold start is what ps is timed on).
+        from vmwatch.images import open_image
+        from vmwatch.os.linux.kernel import Linux
+
+        with open_image(args.target) as image:
+            registers = tuple(image.cpus)
+            return work(Linux.from_memory(image, registers, symbols_file=args.symbols), registers)
     import trio
 
     from vmwatch.os.linux.kernel import Linux

@@ -78,12 +78,13 @@ class Symbols:
 
     def _index(self) -> dict[str, int]:
         if self._by_name is None:
-            by_name: dict[str, int] = {}
-            types = self.types
-            for i, name in enumerate(self.names):
+            names, types = self.names, self.types
+            by_name = dict(zip(names, range(len(names))))
+            if types:
                 # Globals win over statics sharing a name (lowercase nm types are local).
-                if name not in by_name or types and types[i].isupper() and not types[by_name[name]].isupper():
-                    by_name[name] = i
+                for i, kind in enumerate(types):
+                    if "A" <= kind <= "Z":
+                        by_name[names[i]] = i
             self._by_name = by_name
         return self._by_name
 
@@ -178,8 +179,17 @@ def decode(buf: bytes, token_table: int, *, pointer_size: int = 8) -> tuple[Symb
 def _decode(buf: bytes, token_table: int, pointer_size: int) -> tuple[Symbols, KallsymsTables]:
     tokens, tt_end = _tokens(buf, token_table)
     token_index = _token_index(buf, tt_end, tokens)
-    markers_at, markers, count_hint = _markers(buf, token_table)
-    names_at, num_syms = _names_start(buf, markers_at, markers, pointer_size, count_hint)
+    key = hashlib.blake2b(buf[token_table:token_index + 512], digest_size=16).hexdigest()
+    layout = _cache.load("kallsyms-layout", key)
+    if isinstance(layout, tuple) and len(layout) == 3 and _layout_holds(buf, token_table, *layout):
+        # The search for markers and num_syms is the slow part: reuse where it found them.
+        markers_at, names_at, num_syms = (token_table + layout[0], token_table + layout[1], layout[2])
+        nm = (num_syms + 255) >> 8
+        markers = list(struct.unpack_from(f"<{nm}I", buf, markers_at))
+    else:
+        markers_at, markers, count_hint = _markers(buf, token_table)
+        names_at, num_syms = _names_start(buf, markers_at, markers, pointer_size, count_hint)
+        _cache.store("kallsyms-layout", key, (markers_at - token_table, names_at - token_table, num_syms))
     names, types, names_end = _decode_names(buf, names_at, num_syms, tokens, markers)
     if not markers_at - 8 <= names_end <= markers_at:
         raise SymbolError(f"kallsyms names end at {names_end:#x}, markers start at {markers_at:#x}")
@@ -188,6 +198,15 @@ def _decode(buf: bytes, token_table: int, pointer_size: int) -> tuple[Symbols, K
                             names=names_at, markers=markers_at, token_table=token_table,
                             token_index=token_index, offsets=offsets_at, relative_base=base)
     return Symbols(names, addresses, types), tables
+
+
+def _layout_holds(buf: bytes, token_table: int, markers_rel: int, names_rel: int, count: int) -> bool:
+    """A cached layout still fits this buffer: markers[0] is 0 and num_syms precedes the names."""
+    markers_at, names_at = token_table + markers_rel, token_table + names_rel
+    if not 8 <= names_at < markers_at < token_table or not 0 < count <= _MAX_SYMS:
+        return False
+    return (_U32.unpack_from(buf, markers_at)[0] == 0
+            and count in (_U32.unpack_from(buf, names_at - 8)[0], _U32.unpack_from(buf, names_at - 4)[0]))
 
 
 def _align(value: int, to: int) -> int:

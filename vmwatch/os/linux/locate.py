@@ -112,7 +112,7 @@ def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
         if text is None:
             continue
         try:
-            symbols, tables, base = kallsyms.scan(read, [(text[1], _IMAGE_MAX)])
+            symbols, tables, base = kallsyms.scan(read, [(text[1], _IMAGE_MAX)], chunk=4 << 20)
         except SymbolError:
             continue
         if symbols.get("_text") == text[0]:
