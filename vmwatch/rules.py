@@ -91,7 +91,7 @@ class Listener:
     target: Any = None
     """Symbol (``"name"`` or ``"name+0x10"``) or address; register name; vector; seconds; event class."""
     size: int = 0
-    """Watched bytes (``on_write``)."""
+    """Watched bytes (``on_write``); 0: up to the next symbol, or the end of a ``"a..b"`` range."""
     narrow: Narrow = Narrow()
 
 
@@ -147,13 +147,18 @@ def on_breakpoint(where: str | int, *, pid: int | None = None, comm: str | None 
     return _adding(Listener(kind=ListenerKind.BREAKPOINT, target=where, narrow=Narrow(pid, comm, cr3)))
 
 
-def on_write(where: str | int, size: int = 8, *, pid: int | None = None, comm: str | None = None,
+def on_write(where: str | int, size: int | None = 8, *, pid: int | None = None, comm: str | None = None,
              cr3: int | None = None) -> Callable[[RuleFunction], RuleFunction]:
-    """Run when the guest writes into ``size`` bytes at ``where`` (a write watchpoint)."""
+    """Run when the guest writes into ``size`` bytes at ``where`` (a write watchpoint).
+
+    ``where`` may be a range of symbols, ``"_stext.._etext"``; ``size=None`` watches up to the
+    next kernel symbol (a whole table). The event gives the watched range's start, not the byte
+    written (gdbstub reports it so).
+    """
     _check_where(where)
-    if not isinstance(size, int) or size <= 0:
-        raise RuleError(f"watched size must be a positive int, not {size!r}")
-    return _adding(Listener(kind=ListenerKind.WRITE, target=where, size=size, narrow=Narrow(pid, comm, cr3)))
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+        raise RuleError(f"watched size must be a positive int or None, not {size!r}")
+    return _adding(Listener(kind=ListenerKind.WRITE, target=where, size=size or 0, narrow=Narrow(pid, comm, cr3)))
 
 
 def on_register(name: str) -> Callable[[RuleFunction], RuleFunction]:

@@ -215,6 +215,7 @@ class Engine:
                     d.start.append(h)
                 elif kind is ListenerKind.EVERY:
                     d.periodic.append((lst.target, h))
+                    d.add(Tick, h)  # a source's own ticks (an image: one look) reach periodic rules
                 elif kind is ListenerKind.EVENT:
                     d.add(lst.target, h)
                     wanted[lst.target.__name__].append(h)
@@ -235,7 +236,7 @@ class Engine:
     def inactive(self, what: str, why: str) -> None:
         """Record a listener or sensor that cannot work on this source (reported, never silent)."""
         self.summary.inactive.append(f"{what}: {why}")
-        log.warning("listener inactive", what=what, why=why)
+        log.info("listener inactive", what=what, why=why)
 
     def resolve(self, target: str | int) -> int:
         """A symbol (``name`` or ``name+0x10``) or address -> address (symbols from the Linux layer)."""
@@ -243,6 +244,22 @@ class Engine:
             return target
         name, _, off = target.partition("+")
         return resolve_symbol(self.guest.linux, name.strip()) + (int(off, 0) if off else 0)
+
+    def resolve_range(self, target: str | int, size: int) -> tuple[int, int]:
+        """``(address, size)`` of a watched range: ``"a..b"``, or ``size`` 0 = up to the next symbol."""
+        if isinstance(target, str) and ".." in target:
+            start, _, end = target.partition("..")
+            first, last = self.resolve(start), self.resolve(end)
+            if not 0 < last - first <= 1 << 30:
+                raise ValueError(f"empty or absurd range {target!r} ({first:#x}..{last:#x})")
+            return first, last - first
+        address = self.resolve(target)
+        if size:
+            return address, size
+        following = self.guest.linux.symbols.next_address(address)
+        if following is None or not 0 < following - address <= 1 << 20:
+            raise ValueError(f"cannot size {target!r} from the symbol table: give a size")
+        return address, following - address
 
     async def _bind_trap(self, h: Handler) -> None:
         lst = h.listener
@@ -255,12 +272,15 @@ class Engine:
             self.inactive(what, f"the source has no {needed}")
             return
         try:
-            address = self.resolve(lst.target)
+            if is_bp:
+                address, size = self.resolve(lst.target), 1
+            else:
+                address, size = self.resolve_range(lst.target, lst.size)
         except (VmwatchError, KeyError, ValueError) as exc:
             self.inactive(what, f"cannot resolve: {exc}")
             return
         label = lst.target if isinstance(lst.target, str) else ""
-        trap = Trap("breakpoint", address, 1, label) if is_bp else Trap("watchpoint", address, lst.size, label)
+        trap = Trap("breakpoint" if is_bp else "watchpoint", address, size, label)
         if passive:  # a replay carries the trap events it recorded: index them, arm nothing
             key = (Breakpoint if is_bp else MemoryAccess, address)
             self.dispatcher.traps.setdefault(key, trap)
