@@ -138,6 +138,10 @@ class PageNotRecorded(RecordingError):
         super().__init__(f"physical address {paddr:#x} is not in the recording ({when})")
 
 
+class DebugError(VmwatchError):
+    """A debugger command cannot be done as asked (bad address expression, unknown breakpoint number)."""
+
+
 class TimelineError(VmwatchError):
     """A timeline database cannot be read, or a timeline query is malformed (bad time, bucket)."""
 

@@ -1,0 +1,480 @@
+"""The debugger core: one vCPU of a live guest (or a memory image, read-only) under control.
+
+Theory of operation: a session holds a Target (``open_target``) and, lazily, the Linux layer
+for symbols and the current task. Everything that only reads (registers, memory, disassembly,
+backtrace, task) works on both live guests and images; an image answers from its saved CPU
+state. Controlling execution (step, next, continue, breakpoints, watchpoints) needs
+``target.live`` and raises :class:`UnsupportedOperation` otherwise. The API is async (trio);
+:class:`vmwatch.debug.sync.Debugger` wraps it for notebooks and the shell.
+
+Step over decodes the instruction at RIP with capstone: a ``call`` gets a temporary breakpoint
+right after it (RIP + instruction length) and a continue; anything else is a single step.
+
+Kernel backtraces: Debian kernels use the ORC unwinder and no frame pointers, so the stack is
+scanned from RSP to the top of the 16 KiB task stack for words that point into kernel text just
+after a ``call`` (a return address). Such a scan can show stale frames; it is marked as a scan.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+import structlog
+
+from vmwatch.cpu import GPR_NAMES, Registers
+from vmwatch.errors import DebugError, SymbolError, UnsupportedOperation, VmwatchError
+from vmwatch.events import Access, Breakpoint, Event, MemoryAccess
+
+log = structlog.get_logger()
+
+THREAD_SIZE = 16 << 10
+"""x86-64 kernel stacks (THREAD_SIZE with KASAN off): a backtrace scan stops at their top."""
+MAX_CALL_LEN = 7
+"""Longest x86 call instruction that matters here: ``call [rip+disp32]`` with a prefix."""
+KERNEL_SPACE = 0xFFFF800000000000
+
+_REGISTER_ALIASES = {"pc": "rip", "sp": "rsp", "fp": "rbp", "eflags": "rflags"}
+_TERM = re.compile(r"\s*([+-])?\s*([^\s+-]+)")
+
+
+@attrs.frozen
+class Frame:
+    """One line of a backtrace."""
+
+    index: int
+    address: int
+    symbol: str | None
+    stack_address: int | None
+    """Where on the stack the return address was found (``None`` for frame 0, the RIP)."""
+
+
+@attrs.frozen
+class Instruction:
+    address: int
+    size: int
+    mnemonic: str
+    op_str: str
+    raw: bytes
+    target: int | None = None
+    """Branch or call target when it is a constant."""
+
+
+@attrs.frozen
+class TaskInfo:
+    pid: int
+    tgid: int
+    comm: str
+    address: int
+    """Virtual address of the task_struct."""
+
+
+@attrs.frozen
+class BreakpointInfo:
+    number: int
+    address: int
+    label: str
+    hits: int = 0
+
+
+@attrs.frozen
+class WatchpointInfo:
+    number: int
+    address: int
+    size: int
+    access: Access
+
+
+class DebugSession:
+    """Debugger state for one target. Create with :func:`open_debug` (or from a Target).
+
+    Args:
+        target: from ``open_target``.
+        cpus: saved registers of an image target (defaults to ``target.saved_cpus``).
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.live = target.live
+        self.vcpu = 0
+        self._regs: Registers | None = None
+        self._linux: Any = None
+        self._linux_error: Exception | None = None
+        self._memory: Any = None
+        self.breakpoints: dict[int, BreakpointInfo] = {}
+        self.watchpoints: dict[int, WatchpointInfo] = {}
+        self._next_number = 1
+        self.last_stop: Event | None = None
+        from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+        self._cs = Cs(CS_ARCH_X86, CS_MODE_64)
+        self._cs.detail = True
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        return self.live is None
+
+    async def registers(self, refresh: bool = False) -> Registers:
+        """The selected vCPU's registers (cached until the guest runs again)."""
+        if self._regs is None or refresh:
+            if self.live is None:
+                cpus = self.target.saved_cpus
+                if not cpus:
+                    raise UnsupportedOperation("this image holds no saved CPU state")
+                if not 0 <= self.vcpu < len(cpus):
+                    raise DebugError(f"no vCPU {self.vcpu} (the image has {len(cpus)})")
+                self._regs = cpus[self.vcpu]
+            else:
+                self._regs = await self.live.registers(self.vcpu)
+        return self._regs
+
+    def _ran(self) -> None:
+        """The guest executed: registers and cached memory are stale."""
+        self._regs = None
+        if self._memory is not None:
+            self._memory.on_resume()
+
+    @property
+    def linux(self) -> Any:
+        """The Linux layer (symbols, types), or raise SymbolError once and remember why."""
+        if self._linux is None:
+            if self._linux_error is not None:
+                raise self._linux_error
+            from vmwatch.os.linux.kernel import Linux
+
+            regs = (self._regs,) if self._regs is not None else tuple(self.target.saved_cpus)
+            try:
+                self._linux = Linux.from_memory(self.target.memory, registers=regs)
+            except VmwatchError as exc:
+                self._linux_error = SymbolError(f"no Linux symbols: {exc}")
+                raise self._linux_error from None
+        return self._linux
+
+    @property
+    def symbols(self) -> Any | None:
+        try:
+            return self.linux.symbols
+        except VmwatchError:
+            return None
+
+    async def memory(self) -> Any:
+        """GuestMemory: the Linux layer's (kernel page tables, caches) or one on the vCPU's CR3."""
+        if self._memory is None:
+            try:
+                self._memory = self.linux.memory
+            except VmwatchError:
+                from vmwatch.memory import GuestMemory
+
+                self._memory = GuestMemory(self.target.memory, registers=await self.registers())
+        return self._memory
+
+    async def read(self, vaddr: int, size: int) -> bytes:
+        """Virtual memory: kernel addresses through the kernel tables, user ones through CR3.
+
+        Raises:
+            TranslationError, PhysicalReadError: the address is not mapped.
+        """
+        if size < 0 or size > 1 << 24:
+            raise DebugError(f"bad length {size}")
+        memory = await self.memory()
+        cr3 = None
+        if vaddr < KERNEL_SPACE:
+            regs = await self.registers()
+            cr3 = regs.cr3 & ~0xFFF & ((1 << 52) - 1) if regs.cr3 is not None else None
+        return memory.read(vaddr & 0xFFFFFFFFFFFFFFFF, size, cr3=cr3)
+
+    # -- symbols and expressions ---------------------------------------------------------------------
+
+    def symbolize(self, address: int) -> str | None:
+        """``name+0xoff`` for a kernel address, or ``None``."""
+        symbols = self.symbols
+        if symbols is None or address < KERNEL_SPACE:
+            return None
+        found = symbols.lookup(address)
+        if found is None:
+            return None
+        name, offset = found
+        if offset > 0x100000:
+            return None
+        return f"{name}+{offset:#x}" if offset else name
+
+    async def evaluate(self, expression: str) -> int:
+        """An address expression: numbers, ``$reg``, symbols, joined by + and -.
+
+        Examples: ``0xffffffff81000000``, ``commit_creds+0x10``, ``$rsp+8``, ``$rip``.
+
+        Raises:
+            DebugError: a term is neither a number, a register nor a known symbol.
+        """
+        text = expression.strip()
+        if not text:
+            raise DebugError("empty address expression")
+        total, pos = 0, 0
+        for match in _TERM.finditer(text):
+            if match.start() != pos and text[pos:match.start()].strip():
+                raise DebugError(f"bad address expression {expression!r}")
+            sign = -1 if match.group(1) == "-" else 1
+            total += sign * await self._term(match.group(2), expression)
+            pos = match.end()
+        if text[pos:].strip():
+            raise DebugError(f"bad address expression {expression!r}")
+        return total & 0xFFFFFFFFFFFFFFFF
+
+    async def _term(self, term: str, expression: str) -> int:
+        if term.startswith("$"):
+            name = _REGISTER_ALIASES.get(term[1:].lower(), term[1:].lower())
+            regs = await self.registers()
+            value = getattr(regs, name, None)
+            if not isinstance(value, int):
+                raise DebugError(f"unknown register {term!r} in {expression!r}")
+            return value
+        try:
+            return int(term, 0)
+        except ValueError:
+            pass
+        try:
+            return int(term, 16) if re.fullmatch(r"[0-9a-fA-F]{8,16}", term) else self._symbol(term)
+        except KeyError:
+            raise DebugError(f"unknown symbol {term!r}") from None
+
+    def _symbol(self, name: str) -> int:
+        symbols = self.symbols
+        if symbols is None:
+            raise DebugError(f"cannot resolve {name!r}: {self._linux_error}")
+        return int(symbols[name])
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    async def disassemble(self, address: int, count: int = 10) -> list[Instruction]:
+        """Up to ``count`` instructions from ``address`` (stops early at undecodable bytes)."""
+        data = await self._read_code(address, count * 15)
+        out: list[Instruction] = []
+        for insn in self._cs.disasm(data, address):
+            out.append(self._instruction(insn))
+            if len(out) >= count:
+                break
+        if not out:
+            raise DebugError(f"no valid instruction at {address:#x}")
+        return out
+
+    async def _read_code(self, address: int, size: int) -> bytes:
+        """Code bytes; stops at the first unreadable page rather than failing the whole read."""
+        try:
+            return await self.read(address, size)
+        except VmwatchError:
+            first = min(size, 0x1000 - (address & 0xFFF))
+            return await self.read(address, first)
+
+    def _instruction(self, insn: Any) -> Instruction:
+        from capstone import CS_GRP_CALL, CS_GRP_JUMP
+        from capstone.x86 import X86_OP_IMM
+
+        target = None
+        if insn.group(CS_GRP_CALL) or insn.group(CS_GRP_JUMP):
+            ops = insn.operands
+            if len(ops) == 1 and ops[0].type == X86_OP_IMM:
+                target = ops[0].imm & 0xFFFFFFFFFFFFFFFF
+        return Instruction(insn.address, insn.size, insn.mnemonic, insn.op_str, bytes(insn.bytes), target)
+
+    async def current_instruction(self) -> Instruction:
+        regs = await self.registers()
+        return (await self.disassemble(regs.rip, 1))[0]
+
+    async def current_task(self) -> TaskInfo:
+        """The task on the selected vCPU, from the per-CPU ``current_task`` (``pcpu_hot`` on 6.2+).
+
+        Raises:
+            SymbolError: no Linux layer, or it lacks the symbols.
+        """
+        linux = self.linux
+        memory = linux.memory
+        symbols, types = linux.symbols, linux.types
+        current = symbols.get("current_task")
+        if current is None:
+            current = symbols["pcpu_hot"] + types.offset("pcpu_hot", "current_task")
+        base = memory.u64(symbols["__per_cpu_offset"] + 8 * self.vcpu)
+        task = memory.u64((base + current) & 0xFFFFFFFFFFFFFFFF)
+        return TaskInfo(
+            pid=memory.s32(task + types.offset("task_struct", "pid")),
+            tgid=memory.s32(task + types.offset("task_struct", "tgid")),
+            comm=memory.cstring(task + types.offset("task_struct", "comm"), 16),
+            address=task,
+        )
+
+    async def backtrace(self, limit: int = 32) -> list[Frame]:
+        """Frame 0 is RIP; the rest are return addresses found scanning the kernel stack."""
+        regs = await self.registers()
+        frames = [Frame(0, regs.rip, self.symbolize(regs.rip), None)]
+        rsp = regs.rsp
+        if rsp is None or rsp < KERNEL_SPACE or regs.rip < KERNEL_SPACE:
+            return frames  # a user-mode vCPU: no kernel stack to scan
+        top = (rsp | (THREAD_SIZE - 1)) + 1
+        try:
+            stack = await self.read(rsp, top - rsp)
+        except VmwatchError:
+            stack = await self.read(rsp, 0x1000 - (rsp & 0xFFF))
+        for offset in range(0, len(stack) - 7, 8):
+            value = int.from_bytes(stack[offset:offset + 8], "little")
+            if value < KERNEL_SPACE or not await self._after_call(value):
+                continue
+            frames.append(Frame(len(frames), value, self.symbolize(value), rsp + offset))
+            if len(frames) >= limit:
+                break
+        return frames
+
+    async def _after_call(self, address: int) -> bool:
+        """True if ``address`` is in kernel text and a call instruction ends right before it."""
+        symbols = self.symbols
+        if symbols is None:
+            return False
+        start, end = symbols.get("_stext"), symbols.get("_etext")
+        if start is None or end is None or not start < address < end:
+            return False
+        try:
+            code = await self.read(address - MAX_CALL_LEN, MAX_CALL_LEN)
+        except VmwatchError:
+            return False
+        for length in (5, 6, 7, 2, 3, 4):  # call rel32 first: by far the most common
+            insns = list(self._cs.disasm(code[MAX_CALL_LEN - length:], address - length))
+            if len(insns) == 1 and insns[0].size == length and insns[0].mnemonic == "call":
+                return True
+        return False
+
+    # -- control ---------------------------------------------------------------------------------------
+
+    def _need_live(self, what: str) -> Any:
+        if self.live is None:
+            raise UnsupportedOperation(f"cannot {what}: the target is a memory image (read-only session)")
+        return self.live
+
+    async def step(self, count: int = 1) -> int:
+        """Execute ``count`` instructions on the selected vCPU; return the new RIP."""
+        live = self._need_live("step")
+        if count < 1:
+            raise DebugError(f"step count must be >= 1, not {count}")
+        rip = 0
+        for _ in range(count):
+            event = await live.step(self.vcpu)
+            self._ran()
+            rip = event.rip if getattr(event, "rip", None) else (await self.registers()).rip
+            self.last_stop = event
+        return rip
+
+    async def next(self) -> int:
+        """Step over: a call runs to its return address; anything else is one step. Returns RIP."""
+        live = self._need_live("step over")
+        insn = await self.current_instruction()
+        if insn.mnemonic != "call":
+            return await self.step()
+        after = insn.address + insn.size
+        temporary = after not in {b.address for b in self.breakpoints.values()}
+        if temporary:
+            await live.add_breakpoint(after)
+        try:
+            while True:
+                event = await self.cont(_armed_extra={after})
+                if isinstance(event, Breakpoint) and event.address == after and event.vcpu == self.vcpu:
+                    break
+                if isinstance(event, Breakpoint) and event.address in {b.address for b in self.breakpoints.values()}:
+                    break  # a user breakpoint inside the call: stop there, as gdb does
+        finally:
+            if temporary:
+                await live.remove_breakpoint(after)
+        return (await self.registers()).rip
+
+    async def cont(self, *, _armed_extra: set[int] = frozenset()) -> Event:
+        """Resume until a breakpoint or watchpoint stops the guest; return that event.
+
+        A breakpoint at the current RIP would re-trigger at once, so the first instruction is
+        stepped over it (as gdbstub users must). Cancel with trio (Ctrl-C in the shell).
+        """
+        live = self._need_live("continue")
+        regs = await self.registers()
+        armed = {b.address for b in self.breakpoints.values()} | set(_armed_extra)
+        if regs.rip in armed:
+            await live.step(self.vcpu)
+            self._ran()
+        events = live.events()
+        try:
+            await live.resume()
+            self._ran()
+            async for event in events:
+                if isinstance(event, (Breakpoint, MemoryAccess)):
+                    self._ran()
+                    self.last_stop = event
+                    self.vcpu = event.vcpu
+                    self._count_hit(event)
+                    return event
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        raise VmwatchError("the guest's event stream ended (QEMU gone?)")
+
+    def _count_hit(self, event: Event) -> None:
+        if isinstance(event, Breakpoint):
+            for number, bp in self.breakpoints.items():
+                if bp.address == event.address:
+                    self.breakpoints[number] = attrs.evolve(bp, hits=bp.hits + 1)
+
+    async def add_breakpoint(self, expression: str) -> BreakpointInfo:
+        live = self._need_live("set a breakpoint")
+        address = await self.evaluate(expression)
+        await live.add_breakpoint(address)
+        bp = BreakpointInfo(self._next_number, address, self.symbolize(address) or f"{address:#x}")
+        self.breakpoints[bp.number] = bp
+        self._next_number += 1
+        return bp
+
+    async def delete_breakpoint(self, number: int) -> None:
+        live = self._need_live("delete a breakpoint")
+        if number in self.breakpoints:
+            bp = self.breakpoints.pop(number)
+            await live.remove_breakpoint(bp.address)
+        elif number in self.watchpoints:
+            wp = self.watchpoints.pop(number)
+            await live.remove_watchpoint(wp.address, wp.size, wp.access)
+        else:
+            raise DebugError(f"no breakpoint or watchpoint number {number}")
+
+    async def add_watchpoint(self, expression: str, size: int = 8, access: Access = Access.WRITE) -> WatchpointInfo:
+        live = self._need_live("watch memory")
+        if not 0 < size <= 1 << 20:
+            raise DebugError(f"bad watch length {size}")
+        address = await self.evaluate(expression)
+        await live.add_watchpoint(address, size, access)
+        wp = WatchpointInfo(self._next_number, address, size, access)
+        self.watchpoints[wp.number] = wp
+        self._next_number += 1
+        return wp
+
+    async def detach(self) -> None:
+        """Remove every breakpoint and watchpoint and let the guest run."""
+        if self.live is None:
+            return
+        for number in list(self.breakpoints) + list(self.watchpoints):
+            try:
+                await self.delete_breakpoint(number)
+            except VmwatchError as exc:
+                log.warning("cannot remove trap", number=number, error=str(exc))
+        await self.live.resume()
+        self._ran()
+
+
+def register_lines(regs: Registers) -> list[str]:
+    """``info registers`` text: GPRs, RIP, RFLAGS, control registers, segment bases."""
+    lines = []
+    names = list(GPR_NAMES) + ["rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer", "fs_base", "gs_base",
+                                "kernel_gs_base"]
+    for name in names:
+        value = getattr(regs, name)
+        if value is not None:
+            lines.append(f"{name:<15}{value:#018x}")
+    for seg in ("cs", "ss", "ds", "es", "fs", "gs"):
+        value = getattr(regs, seg)
+        if value is not None:
+            lines.append(f"{seg:<15}{value.selector:#06x}")
+    return lines

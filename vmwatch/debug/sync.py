@@ -1,0 +1,173 @@
+"""A blocking debugger for notebooks, scripts and the shell.
+
+A trio loop in a background thread owns the target and the :class:`DebugSession`; each method
+here runs one session call in it and waits. Notebook use::
+
+    from vmwatch.debug import Debugger
+    with Debugger.open("qemu:/run/vm/qmp.sock") as dbg:
+        dbg.add_breakpoint("do_nanosleep")
+        dbg.cont(timeout=10)
+        print(dbg.disassemble("$rip", 5), dbg.current_task())
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from vmwatch.debug.session import BreakpointInfo, DebugSession, Frame, Instruction, TaskInfo, WatchpointInfo
+from vmwatch.cpu import Registers
+from vmwatch.events import Access, Event
+
+
+class Debugger:
+    """Blocking facade of :class:`DebugSession`; use :meth:`open` (a context manager)."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.session: DebugSession | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._done: trio.Event | None = None
+        self._scope: trio.CancelScope | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def open(cls, spec: str) -> Debugger:
+        """Attach to ``spec`` (``qemu:/path/qmp.sock`` or a memory image path).
+
+        Raises:
+            VmwatchError: the target cannot be opened.
+        """
+        debugger = cls(spec)
+        started: queue.Queue[BaseException | None] = queue.Queue()
+        debugger._thread = threading.Thread(target=trio.run, args=(debugger._main, started), daemon=True,
+                                            name="vmwatch-debug")
+        debugger._thread.start()
+        error = started.get()
+        if error is not None:
+            debugger._thread.join()
+            raise error
+        return debugger
+
+    async def _main(self, started: queue.Queue[BaseException | None]) -> None:
+        from vmwatch.target import open_target
+
+        try:
+            async with open_target(self.spec) as target:
+                self.session = DebugSession(target)
+                self._token = trio.lowlevel.current_trio_token()
+                self._done = trio.Event()
+                started.put(None)
+                try:
+                    await self._done.wait()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self.session.detach()
+        except BaseException as exc:
+            if self._token is None:
+                started.put(exc)
+                return
+            raise
+
+    def _call(self, func: Callable[..., Awaitable[Any]], *args: Any, timeout: float | None = None) -> Any:
+        if self._token is None:
+            raise RuntimeError("the debugger is closed")
+
+        async def run() -> Any:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                if timeout is not None:
+                    scope.deadline = trio.current_time() + timeout
+                result = await func(*args)
+                return result
+            raise trio.TooSlowError(f"no stop within {timeout} s" if timeout is not None else "interrupted")
+
+        try:
+            return trio.from_thread.run(run, trio_token=self._token)
+        except KeyboardInterrupt:
+            # Ctrl-C while the guest runs: cancel the wait in the trio thread, keep the session.
+            if self._scope is not None:
+                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+            raise
+
+    def close(self) -> None:
+        """Remove traps, let a live guest run, and stop the background loop."""
+        if self._token is not None and self._done is not None:
+            trio.from_thread.run_sync(self._done.set, trio_token=self._token)
+            self._token = None
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Debugger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the session's API, blocking -------------------------------------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        return self.session.read_only  # type: ignore[union-attr]
+
+    @property
+    def vcpu(self) -> int:
+        return self.session.vcpu  # type: ignore[union-attr]
+
+    def select_vcpu(self, vcpu: int) -> None:
+        self.session.vcpu = vcpu  # type: ignore[union-attr]
+        self.session._ran()  # type: ignore[union-attr]
+
+    def registers(self, refresh: bool = False) -> Registers:
+        return self._call(self.session.registers, refresh)  # type: ignore[union-attr]
+
+    def evaluate(self, expression: str) -> int:
+        return self._call(self.session.evaluate, expression)  # type: ignore[union-attr]
+
+    def read(self, address: int | str, size: int) -> bytes:
+        return self._call(self._read, address, size)
+
+    async def _read(self, address: int | str, size: int) -> bytes:
+        session = self.session
+        if isinstance(address, str):
+            address = await session.evaluate(address)  # type: ignore[union-attr]
+        return await session.read(address, size)  # type: ignore[union-attr]
+
+    def disassemble(self, address: int | str = "$rip", count: int = 10) -> list[Instruction]:
+        return self._call(self._disassemble, address, count)
+
+    async def _disassemble(self, address: int | str, count: int) -> list[Instruction]:
+        session = self.session
+        if isinstance(address, str):
+            address = await session.evaluate(address)  # type: ignore[union-attr]
+        return await session.disassemble(address, count)  # type: ignore[union-attr]
+
+    def symbolize(self, address: int) -> str | None:
+        return self.session.symbolize(address)  # type: ignore[union-attr]
+
+    def backtrace(self, limit: int = 32) -> list[Frame]:
+        return self._call(self.session.backtrace, limit)  # type: ignore[union-attr]
+
+    def current_task(self) -> TaskInfo:
+        return self._call(self.session.current_task)  # type: ignore[union-attr]
+
+    def step(self, count: int = 1) -> int:
+        return self._call(self.session.step, count)  # type: ignore[union-attr]
+
+    def next(self, timeout: float | None = None) -> int:
+        return self._call(self.session.next, timeout=timeout)  # type: ignore[union-attr]
+
+    def cont(self, timeout: float | None = None) -> Event:
+        return self._call(self.session.cont, timeout=timeout)  # type: ignore[union-attr]
+
+    def add_breakpoint(self, expression: str) -> BreakpointInfo:
+        return self._call(self.session.add_breakpoint, expression)  # type: ignore[union-attr]
+
+    def add_watchpoint(self, expression: str, size: int = 8, access: Access = Access.WRITE) -> WatchpointInfo:
+        return self._call(self.session.add_watchpoint, expression, size, access)  # type: ignore[union-attr]
+
+    def delete(self, number: int) -> None:
+        self._call(self.session.delete_breakpoint, number)  # type: ignore[union-attr]
