@@ -223,19 +223,14 @@ class LabGuest:
 
     def stop(self) -> None:
         """Quit QEMU (QMP ``quit``, then SIGKILL if needed) and remove the runtime directory."""
-        if self._qmp is not None:
+        if self.alive:
             try:
-                self._qmp.execute("quit", timeout=3)
+                self.qmp().execute("quit", timeout=3)
             except LinkError:
-                pass
+                pass  # _kill below makes sure
+        if self._qmp is not None:
             self._qmp.close()
             self._qmp = None
-        elif self.qmp_path.exists() and self.status_or_none() is not None:
-            try:
-                with SyncQmp.connect(str(self.qmp_path), timeout=3) as qmp:
-                    qmp.execute("quit", timeout=3)
-            except LinkError:
-                pass
         if self._serial is not None:
             self._serial.close()
             self._serial = None
