@@ -153,3 +153,46 @@ class TestConvert:
         monkeypatch.setattr(convert, "convert", corrupting)
         result = run_cli("convert", src, "-o", tmp_path / "o.raw")
         assert result.status == 2 and "verification failed" in result.stderr
+
+
+class TestConvertSparseSource:
+    @pytest.fixture
+    def sparse(self, tmp_path):
+        """A 1 GiB sparse raw source with two data pages."""
+        a, b = os.urandom(PAGE), os.urandom(PAGE)
+        path = tmp_path / "sparse.raw"
+        with open(path, "wb") as f:
+            f.truncate(1 << 30)
+            f.seek(0x12345000)
+            f.write(a)
+            f.seek((1 << 30) - PAGE)
+            f.write(b)
+        return path, a, b
+
+    def test_source_holes_are_skipped_and_output_is_sparse(self, sparse, tmp_path):
+        """Holes in the source file stay holes; the data pages land at their addresses."""
+        path, a, b = sparse
+        out = tmp_path / "o.raw"
+        result = run_cli("convert", path, "-o", out)
+        assert result.status == 0, result.stderr
+        assert out.stat().st_size == 1 << 30 and out.stat().st_blocks * 512 <= 1 << 20
+        with open_image(out) as raw:
+            assert raw.read(0x12345000, PAGE) == a and raw.read((1 << 30) - PAGE, PAGE) == b
+
+    def test_verification_checks_holes_too(self, sparse, tmp_path, monkeypatch):
+        """Stray data written where the source has a hole is caught by the verification."""
+        from vmwatch.cli.commands import convert
+
+        path, _, _ = sparse
+        original = convert.convert
+
+        def stray(image, output, advance=lambda n: None):
+            written = original(image, output, advance)
+            with open(output, "r+b") as f:
+                f.seek(0x20000000)
+                f.write(b"junk")
+            return written
+
+        monkeypatch.setattr(convert, "convert", stray)
+        result = run_cli("convert", path, "-o", tmp_path / "o.raw")
+        assert result.status == 2 and "differs from the image at 0x20000000" in result.stderr

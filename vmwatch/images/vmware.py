@@ -107,7 +107,8 @@ class VmwareImage(Image):
             "config": self.config(), "screenshot_size": (t.size if (t := self._find("MKSVMX", "imageData")) else None),
         }
         extra = [meta_map] if data is not meta_map else []
-        super().__init__(path, data=data, runs=runs, cpus=cpus, metadata=metadata, extra_maps=extra)
+        super().__init__(path, data=data, runs=runs, cpus=cpus, metadata=metadata, extra_maps=extra,
+                         data_path=data_path)
 
     # -- tag access ---------------------------------------------------------------------------
 

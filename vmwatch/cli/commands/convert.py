@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import mmap
 import os
 import time
@@ -43,30 +44,60 @@ def run(args: argparse.Namespace, env) -> int:
 
 
 def convert(image, output: str, advance=lambda n: None) -> int:
-    """Write every file-backed run at its physical address; skip zero chunks. Returns bytes written."""
+    """Write every file-backed run at its physical address; skip zero chunks. Returns bytes written.
+
+    Holes in the *source* file (a sparse raw or .vmem) are found with SEEK_DATA/SEEK_HOLE and
+    never read at all; data extents are copied in 1 MiB chunks, all-zero chunks left as holes.
+    """
     written = 0
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    src = os.open(image.data_path, os.O_RDONLY)
     try:
         for run in image.runs:
             if run.file_offset is None:  # reads as zeros: a hole in the output
                 continue
-            pos = run.start
-            while pos < run.end:
-                n = min(CHUNK, run.end - pos)
-                chunk = image.read(pos, n)
-                if chunk != _ZEROS[:n]:
-                    os.pwrite(fd, chunk, pos)
-                    written += n
-                pos += n
-                advance(n)
+            extents = list(data_extents(src, run.file_offset, run.file_offset + run.size))
+            for lo, hi in extents:
+                pos, end = run.start + lo - run.file_offset, run.start + hi - run.file_offset
+                while pos < end:
+                    n = min(CHUNK - pos % CHUNK, end - pos)  # chunk-aligned in the output
+                    chunk = image.read(pos, n)
+                    if chunk != _ZEROS[:n]:
+                        os.pwrite(fd, chunk, pos)
+                        written += n
+                    pos += n
+                    advance(n)
+            advance(run.size - sum(hi - lo for lo, hi in extents))  # source holes count as done
         os.ftruncate(fd, image.size)
     finally:
+        os.close(src)
         os.close(fd)
     return written
 
 
+def data_extents(fd: int, start: int, end: int):
+    """(lo, hi) file ranges within [start, end) that may hold data (the whole range if unknown)."""
+    pos = start
+    while pos < end:
+        try:
+            lo = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from pos to the end of the file
+                return
+            yield pos, end  # the file system cannot tell: treat it all as data
+            return
+        if lo >= end:
+            return
+        hi = min(os.lseek(fd, lo, os.SEEK_HOLE), end)
+        yield lo, hi
+        pos = hi
+
+
 def verify(image, output: str) -> None:
     """Compare the written file against what the API reads, run by run, chunk by chunk.
+
+    Where the source file has a hole the API reads zeros, so there the output only has to hold
+    no data other than zeros; that keeps verifying a mostly-empty multi-GB image cheap.
 
     Raises:
         VmwatchError: the first range that differs.
@@ -75,14 +106,31 @@ def verify(image, output: str) -> None:
 
     if image.size == 0:
         return
-    with open(output, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as out:
-        if len(out) != image.size:
-            raise VmwatchError(f"verification failed: {output} is {len(out):#x} bytes, expected {image.size:#x}")
-        for run in image.runs:
-            for pos in range(run.start, run.end, CHUNK):
-                n = min(CHUNK, run.end - pos)
-                if out[pos:pos + n] != image.read(pos, n):
-                    raise VmwatchError(f"verification failed: {output} differs from the image at {pos:#x}")
+    src = os.open(image.data_path, os.O_RDONLY)
+    try:
+        with open(output, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as out:
+            if len(out) != image.size:
+                raise VmwatchError(f"verification failed: {output} is {len(out):#x} bytes, expected {image.size:#x}")
+            for run in image.runs:
+                if run.file_offset is None:
+                    checks = [(run.start, run.end, True)]
+                else:
+                    delta = run.start - run.file_offset
+                    checks, pos = [], run.start
+                    for lo, hi in data_extents(src, run.file_offset, run.file_offset + run.size):
+                        checks += [(pos, lo + delta, True), (lo + delta, hi + delta, False)]
+                        pos = hi + delta
+                    checks.append((pos, run.end, True))
+                for lo, hi, zeros in checks:
+                    ranges = data_extents(f.fileno(), lo, hi) if zeros else [(lo, hi)]
+                    for a, b in ranges:
+                        for pos in range(a, b, CHUNK):
+                            n = min(CHUNK, b - pos)
+                            want = _ZEROS[:n] if zeros else image.read(pos, n)
+                            if out[pos:pos + n] != want:
+                                raise VmwatchError(f"verification failed: {output} differs from the image at {pos:#x}")
+    finally:
+        os.close(src)
 
 
 class _progress:
