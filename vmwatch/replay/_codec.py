@@ -40,7 +40,12 @@ def encode_value(value: Any) -> Any:
             raise TypeError(f"only str keys can be recorded, not {list(value)!r}")
         return {"$dict": {k: encode_value(v) for k, v in value.items()}}
     if attrs.has(type(value)):
-        fields = {f.name: encode_value(getattr(value, f.name)) for f in attrs.fields(type(value))}
+        fields = {}
+        for f in attrs.fields(type(value)):
+            item = getattr(value, f.name)
+            if item is None and f.default is None:
+                continue  # the constructor restores it: most registers are unknown, keep them out
+            fields[f.name] = encode_value(item)
         return {"$attrs": _class_name(type(value)), "fields": fields}
     raise TypeError(f"cannot record a value of type {type(value).__name__}: {value!r}")
 
