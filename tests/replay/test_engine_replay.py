@@ -61,7 +61,7 @@ def live_session(tmp_path):
 
     async def session():
         with recording_source(synthetic_source(count=30), path) as source:
-            return await watch(source, RuleSet.load([rules]), [JsonLinesSink(out, events=False)])
+            return await watch(source, RuleSet.load([rules]), [JsonLinesSink(out)])
 
     summary = trio.run(session)
     assert summary.total_alerts >= 6 and not summary.rule_errors

@@ -12,7 +12,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recording", help="recording file written by watch --record")
     parser.add_argument("--rules", nargs="+", action="extend", default=[], metavar="PACK",
                         help="rule packs: paths or shipped pack names")
-    parser.add_argument("--json", action="store_true", help="alerts as JSON lines (as watch --json prints them)")
+    parser.add_argument("--json", action="store_true", help="alerts and events as JSON lines, exactly as watch --json prints them")
     parser.add_argument("--db", metavar="PATH", help="also write events and alerts to this SQLite timeline")
     parser.add_argument("--strict", action="store_true",
                         help="serve only pages recorded for the very event being replayed")
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace, env) -> int:
         raise RuleError("replay needs --rules PACK... (the rules to run over the recording)")
     with open_replay(args.recording, strict=args.strict) as source:
         ruleset = RuleSet.load(args.rules)
-        sinks: list = [JsonLinesSink(env.stdout, events=False) if args.json else _TextAlerts(env.stdout)]
+        sinks: list = [JsonLinesSink(env.stdout) if args.json else _TextAlerts(env.stdout)]
         if args.db:
             sinks.append(SqliteSink(args.db))
         # Timing-driven governance would demote differently than live: replay every recorded event.
