@@ -300,7 +300,10 @@ def load_pack(path: Path) -> list[Rule]:
         raise RuleError(f"{path}: cannot load rule pack: {type(exc).__name__}: {exc}") from exc
     finally:
         sys.modules.pop(module_name, None)
-    rules = rules_of(vars(module), path.stem)
+    try:
+        rules = rules_of(vars(module), path.stem)
+    except RuleError as exc:
+        raise RuleError(f"{path}: {exc}") from exc
     if not rules:
         raise RuleError(f"{path}: no rules (decorate functions with @rule.on_...)")
     return rules

@@ -149,7 +149,7 @@ class TestFailures:
         assert "isolated after 3 errors" in messages[1]
         assert [r.kind for r in sink.events].count("RuleFailure") == 3
 
-    async def test_dying_source_ends_the_watch_with_alerts_flushed(self):
+    async def test_dying_source_ends_the_watch_with_alerts_flushed(self, autojump_clock):
         """A source that raises (QEMU died) ends the watch; alerts raised before reach every sink."""
 
         async def dying():
@@ -216,7 +216,7 @@ class TestSinksAndStorms:
                 guest.alert("warning", f"seq {event.seq}")
 
         sink = SlowSink(0.05)  # backpressure on alerts makes the pump lag behind the storm
-        n = 200_000
+        n = 60_000
         source = SyntheticSource(bps([0x1000] * n), realtime=True, rate=100_000, batch=100)
         summary = await watch(source, ruleset(every_hundredth), [sink],
                               options=WatchOptions(intake_queue=8, budget=Budget(max_hits=10**9, max_cost=1.0)))

@@ -155,6 +155,8 @@ class Engine:
         self._rule_failures: list[tuple[RuleRun, Event, BaseException]] = []
         self._stop_requested = False
         self._ended = False
+        self._clock: Callable[[], int] = getattr(source, "clock_ns", None) or time.time_ns
+        """Timestamps of the engine's own events: the source's clock if it has one (replays)."""
 
     # -- public ----------------------------------------------------------------------------
 
@@ -355,7 +357,7 @@ class Engine:
                             return
         except VmwatchError as exc:  # the source died (QEMU gone, recording truncated)
             log.warning("source failed", vm=self.vm, error=str(exc))
-            await self._handle_batch((SourceEnded(seq=self._last_seq, time_ns=time.time_ns(),
+            await self._handle_batch((SourceEnded(seq=self._last_seq, time_ns=self._clock(),
                                                   reason=f"source failed: {exc}"),))
             return
         if not self._ended:
@@ -394,7 +396,7 @@ class Engine:
 
     def _report_drops(self) -> None:
         log.warning("events dropped", vm=self.vm, dropped=self.summary.dropped_events)
-        self._record(EventRecord(vm=self.vm, time_ns=time.time_ns(), seq=self._last_seq, kind="Dropped",
+        self._record(EventRecord(vm=self.vm, time_ns=self._clock(), seq=self._last_seq, kind="Dropped",
                                  details={"dropped_total": self.summary.dropped_events}))
 
     async def _handle_batch(self, batch: Iterable[Event]) -> None:
@@ -554,7 +556,7 @@ class Engine:
 
     async def _demote(self, decision: Decision) -> None:
         trap = decision.trap
-        event = Demotion(seq=self._last_seq, time_ns=time.time_ns(), trap=trap.name, hits=decision.hits,
+        event = Demotion(seq=self._last_seq, time_ns=self._clock(), trap=trap.name, hits=decision.hits,
                          action=decision.describe())
         self.summary.demotions.append(event)
         log.warning("trap demoted", trap=trap.name, hits=decision.hits, action=event.action)
@@ -608,7 +610,7 @@ class Engine:
                 cpus = tuple(await self.source.all_registers())
             guest = self.guest
             guest.cpus = cpus
-            guest.begin(Tick(seq=seq, time_ns=time.time_ns()), cpus[0] if cpus else None)
+            guest.begin(Tick(seq=seq, time_ns=self._clock()), cpus[0] if cpus else None)
             self._run(guest.event, handlers)  # type: ignore[arg-type]
             if guest._emitted:
                 self._dispatch_derived(guest.take_emitted())

@@ -184,3 +184,58 @@ class ImageSource:
     async def events(self) -> AsyncIterator[Event]:
         yield Tick(seq=1)
         yield SourceEnded(seq=2, reason="image inspected")
+
+
+class LiveSource:
+    """A live hypervisor (``vmwatch.live.qemu``) as an engine source.
+
+    Each event ``vm.events()`` yields leaves the guest paused; the pump calls :meth:`resume`
+    once the rules for it ran. Ticks and trap changes pause the guest through :meth:`pause`.
+    """
+
+    realtime = False
+
+    def __init__(self, vm: object, *, name: str) -> None:
+        self.vm = vm
+        self.name = name
+        self.memory = vm.memory  # type: ignore[attr-defined]
+        self.vcpu_count = getattr(vm, "vcpu_count", None)
+        caps = {BREAKPOINTS, WATCHPOINTS, REGISTERS, PAUSE}
+        if getattr(self.memory, "writable", False):
+            caps.add(WRITE)
+        self.capabilities = frozenset(caps)
+
+    def events(self) -> AsyncIterator[Event]:
+        return self.vm.events()  # type: ignore[attr-defined]
+
+    async def pause(self) -> None:
+        await self.vm.pause()  # type: ignore[attr-defined]
+
+    async def resume(self) -> None:
+        await self.vm.resume()  # type: ignore[attr-defined]
+
+    async def registers(self, vcpu: int) -> Registers:
+        return await self.vm.registers(vcpu)  # type: ignore[attr-defined]
+
+    async def all_registers(self) -> tuple[Registers, ...]:
+        return tuple(await self.vm.all_registers())  # type: ignore[attr-defined]
+
+    async def add_breakpoint(self, vaddr: int) -> None:
+        await self.vm.add_breakpoint(vaddr)  # type: ignore[attr-defined]
+
+    async def remove_breakpoint(self, vaddr: int) -> None:
+        await self.vm.remove_breakpoint(vaddr)  # type: ignore[attr-defined]
+
+    async def add_watchpoint(self, vaddr: int, size: int, access: Access) -> None:
+        await self.vm.add_watchpoint(vaddr, size, access)  # type: ignore[attr-defined]
+
+    async def remove_watchpoint(self, vaddr: int, size: int, access: Access) -> None:
+        await self.vm.remove_watchpoint(vaddr, size, access)  # type: ignore[attr-defined]
+
+
+def source_for(target: object) -> object:
+    """The engine source for an opened :class:`vmwatch.target.Target`: live or image."""
+    live = getattr(target, "live", None)
+    if live is not None:
+        return LiveSource(live, name=target.spec)  # type: ignore[attr-defined]
+    return ImageSource(target.memory, name=target.spec, cpus=tuple(target.saved_cpus))  # type: ignore[attr-defined]

@@ -1,0 +1,117 @@
+"""The rule API: decorators, packs from paths, per-run enable/disable/configure."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from vmwatch.engine.registers import canonical_register
+from vmwatch.errors import RuleError
+from vmwatch.events import Exec
+from vmwatch.rules import ListenerKind, RuleSet, Severity, load_pack, rule, shipped_pack_names
+
+PACK = textwrap.dedent('''
+    from vmwatch.events import Exec
+    from vmwatch.rules import rule
+
+    @rule.on_breakpoint("do_sys_openat2", comm="sh")
+    @rule.on(Exec)
+    def opens(event, guest):
+        """Opens by sh."""
+
+    @rule.disabled
+    @rule.every(2)
+    @rule.configure(limit=3, names=["a"])
+    def ticking(event, guest):
+        pass
+
+    def helper():  # not a rule
+        pass
+''')
+
+
+class TestDecorators:
+    def test_listeners_in_declaration_order(self, tmp_path):
+        """Stacked decorators give listeners top to bottom; narrowing and defaults are kept."""
+        path = tmp_path / "mine.py"
+        path.write_text(PACK)
+        opens, ticking = load_pack(path)
+        assert opens.name == "mine.opens" and opens.doc == "Opens by sh."
+        assert [lst.kind for lst in opens.listeners] == [ListenerKind.BREAKPOINT, ListenerKind.EVENT]
+        assert opens.listeners[0].narrow.comm == "sh" and opens.listeners[1].target is Exec
+        assert ticking.enabled is False and ticking.defaults == {"limit": 3, "names": ["a"]}
+        assert ticking.listeners[0].target == 2.0
+
+    @pytest.mark.parametrize("make", [
+        lambda: rule.on_breakpoint(-1),
+        lambda: rule.on_breakpoint(1.5),
+        lambda: rule.on_write("x", size=0),
+        lambda: rule.on_interrupt(256),
+        lambda: rule.every(0),
+        lambda: rule.on(int),
+        lambda: rule.on(),
+        lambda: rule.on_register("cr9"),
+        lambda: rule.on_register("msr:bogus"),
+    ])
+    def test_bad_declarations_raise_rule_error(self, make):
+        """Wrong arguments to a decorator are a RuleError at load time, not at run time."""
+        with pytest.raises(RuleError):
+            make()
+
+    def test_register_names(self):
+        """Registers are normalised: case, MSR numbers to names, unknown MSRs by number."""
+        assert canonical_register("CR4") == "cr4"
+        assert canonical_register("msr:0xC0000082") == "msr:lstar"
+        assert canonical_register("msr:0x123") == "msr:0x123"
+
+    def test_severity_parse(self):
+        assert Severity.parse("Warning") is Severity.WARNING
+        with pytest.raises(ValueError, match="'loud'"):
+            Severity.parse("loud")
+
+
+class TestRuleSet:
+    def test_shipped_packs_load(self):
+        """The shipped packs load by name and declare what they listen to."""
+        assert {"security", "timeline"} <= set(shipped_pack_names())
+        rules = RuleSet.load(["security", "timeline"]).rules
+        assert len(rules) >= 12 and all(r.listeners for r in rules)
+
+    def test_enable_disable_configure(self, tmp_path):
+        """Per-run switches by name, glob or pack; unknown settings and names are errors."""
+        (tmp_path / "mine.py").write_text(PACK)
+        rs = RuleSet.load([tmp_path / "mine.py"])
+        assert [r.name for r in rs.active()] == ["mine.opens"]
+        rs.enable("mine.tick*")
+        rs.disable("mine.opens")
+        assert [r.name for r in rs.active()] == ["mine.ticking"]
+        rs.configure("mine.ticking", limit=9)
+        assert rs.config_of(rs.rules[1]) == {"limit": 9, "names": ["a"]}
+        with pytest.raises(RuleError, match="no setting 'limt'"):
+            rs.configure("mine.ticking", limt=1)
+        with pytest.raises(RuleError, match="no rule matches"):
+            rs.disable("other.*")
+        rs.disable("mine")
+        assert rs.active() == []
+
+    @pytest.mark.parametrize("text, message", [
+        ("def broken(:\n", "SyntaxError"),
+        ("raise RuntimeError('at import')\n", "RuntimeError: at import"),
+        ("x = 1\n", "no rules"),
+        ("from vmwatch.rules import rule\n@rule.configure(a=1)\ndef f(e, g): pass\n", "listens to nothing"),
+    ])
+    def test_bad_pack_is_one_rule_error(self, tmp_path, text, message):
+        """A pack that does not import or declares nothing is a RuleError naming the file."""
+        path = tmp_path / "bad.py"
+        path.write_text(text)
+        with pytest.raises(RuleError, match=message) as info:
+            RuleSet.load([path])
+        assert "bad.py" in str(info.value)
+
+    def test_missing_pack_and_duplicates(self, tmp_path):
+        with pytest.raises(RuleError, match="not found"):
+            RuleSet.load([tmp_path / "nope.py"])
+        (tmp_path / "mine.py").write_text(PACK)
+        with pytest.raises(RuleError, match="defined twice"):
+            RuleSet.load([tmp_path / "mine.py", tmp_path])

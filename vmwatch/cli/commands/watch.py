@@ -1,0 +1,113 @@
+"""``vmwatch watch TARGET --rules PACK...``: run rule packs over a live VM (or an image), alerts live."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "watch a live VM (qemu:/path/qmp.sock) or inspect an image with rule packs; alerts as they arrive"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help="qemu:/path/to/qmp.sock (live) or a memory image file")
+    parser.add_argument("--rules", nargs="+", action="extend", default=[], metavar="PACK", required=True,
+                        help="rule packs: .py files, folders, or shipped packs (security, timeline)")
+    parser.add_argument("--db", metavar="FILE", help="also write events and alerts to this SQLite timeline")
+    parser.add_argument("--json", action="store_true", help="alerts and events as JSON lines on stdout")
+    parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
+    parser.add_argument("--enable", action="append", default=[], metavar="RULE", help="enable a rule (name or glob)")
+    parser.add_argument("--disable", action="append", default=[], metavar="RULE", help="disable a rule (name or glob)")
+    parser.add_argument("--set", action="append", default=[], metavar="RULE.KEY=VALUE",
+                        help="configure a rule; VALUE is JSON (or a plain string)")
+    parser.add_argument("--min-severity", default="info", choices=["info", "warning", "error", "critical"],
+                        help="lowest severity shown on screen (all go to --db and --json)")
+    parser.add_argument("--record", metavar="FILE", help="also record the session for vmwatch replay")
+
+
+def build_ruleset(args: argparse.Namespace):
+    """Load packs and apply --enable/--disable/--set (in that order)."""
+    from vmwatch.errors import RuleError
+    from vmwatch.rules import RuleSet
+
+    ruleset = RuleSet.load(args.rules)
+    for pattern in args.enable:
+        ruleset.enable(pattern)
+    for pattern in args.disable:
+        ruleset.disable(pattern)
+    for item in args.set:
+        name, sep, raw = item.partition("=")
+        rule_name, dot, key = name.rpartition(".")
+        if not sep or not dot or not key:
+            raise RuleError(f"--set wants RULE.KEY=VALUE, not {item!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        ruleset.configure(rule_name, **{key: value})
+    return ruleset
+
+
+def run(args: argparse.Namespace, env) -> int:
+    import trio
+
+    from vmwatch.errors import VmwatchError
+
+    if args.duration is not None and not args.duration > 0:
+        raise VmwatchError(f"--duration must be positive, not {args.duration}")
+    ruleset = build_ruleset(args)
+    summary = trio.run(_watch, args, env, ruleset)
+    return 0 if summary is not None else 1
+
+
+async def _watch(args: argparse.Namespace, env, ruleset):
+    import contextlib
+
+    import trio
+
+    from vmwatch.cli.alertview import ScreenSink, make_console, print_summary
+    from vmwatch.engine.pump import Engine
+    from vmwatch.engine.sinks import JsonLinesSink, SqliteSink
+    from vmwatch.engine.sources import source_for
+    from vmwatch.rules import Severity
+    from vmwatch.target import open_target
+
+    console = make_console(env.stdout)
+    async with open_target(args.target) as target:
+        with contextlib.ExitStack() as stack:
+            source = source_for(target)
+            if args.record:
+                from vmwatch.replay.recorder import recording_source
+
+                source = stack.enter_context(recording_source(source, args.record))
+            screen = None
+            if args.json:
+                sinks: list = [JsonLinesSink(env.stdout)]
+            else:
+                screen = ScreenSink(console, min_severity=Severity.parse(args.min_severity))
+                sinks = [screen]
+            if args.db:
+                sinks.append(SqliteSink(args.db))
+            engine = Engine(source, ruleset, sinks)
+            if screen is not None:
+                console.print(f"watching {target.spec} with {len(ruleset.active())} rules "
+                              f"({', '.join(args.rules)}); Ctrl-C to stop")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_sigint, engine)
+                summary = await engine.run(duration=args.duration)
+                nursery.cancel_scope.cancel()
+    if screen is not None:
+        print_summary(console, summary, screen.alerts, db=args.db)
+    return summary
+
+
+async def _stop_on_sigint(engine) -> None:
+    """First Ctrl-C: end the watch cleanly (alerts flushed). Second: interrupt at once."""
+    import signal
+
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async for _ in signals:
+            engine.stop()
+            break
+    await trio.sleep_forever()
