@@ -73,7 +73,7 @@ class Linux:
             types = btf.load_profile(memory.read(start, stop - start))
         if extra is not None:
             symbols = extra.merge_symbols(symbols, text_vaddr)
-            types = types or extra.types
+            types = extra.types or types  # what the user named wins over what memory holds
         if types is None:
             raise SymbolError(
                 "this kernel carries no BTF type information (CONFIG_DEBUG_INFO_BTF is off): "

@@ -22,12 +22,12 @@ class Task:
 
     pid: int
     tgid: int
-    ppid: int
+    ppid: int | None
     comm: str
     uid: int | None
     gid: int | None
     euid: int | None
-    start_time_ns: int
+    start_time_ns: int | None
     """``start_time``: nanoseconds of CLOCK_MONOTONIC at fork."""
     state: str
     """ps-style letter: R running, S sleeping, D disk sleep, T stopped, Z zombie, I idle..."""
@@ -72,15 +72,20 @@ class TaskWalker:
         self.linux = linux
         types = linux.types
         self.task = StructReader(types, "task_struct")
-        self.cred = StructReader(types, "cred")
+        # A hand-written profile (libvmi.conf) may describe only tasks, mm, pid and comm.
+        self.cred = StructReader(types, "cred") if types.has_type("struct cred") else None
         self.mm = StructReader(types, "mm_struct")
-        self.state_field = "__state" if self.task.has("__state") else "state"
+        self.state_field = next((f for f in ("__state", "state") if self.task.has(f)), None)
         self.tasks_off = self.task.offset("tasks")
+        self.thread_head = self.thread_link = None
         if self.task.has("thread_group"):
-            self.thread_head, self.thread_link = None, self.task.offset("thread_group")
-        else:
+            self.thread_link = self.task.offset("thread_group")
+        elif self.task.has("thread_node") and types.has_type("struct signal_struct"):
             self.thread_head = StructReader(types, "signal_struct").offset("thread_head")
             self.thread_link = self.task.offset("thread_node")
+
+    def _optional(self, buf: bytes, member: str, default=None):
+        return self.task.int(buf, member) if self.task.has(member) else default
 
     def walk(self) -> Listing:
         linux = self.linux
@@ -98,19 +103,22 @@ class TaskWalker:
     def read(self, address: int, skipped: list[str]) -> Task:
         memory, t = self.linux.memory, self.task
         buf = memory.read(address, t.size)
-        parent = t.int(buf, "real_parent")
-        try:
-            ppid = memory.u32(parent + t.offset("tgid")) if parent else 0
-        except VmwatchError:
-            ppid = -1
-            skipped.append(f"task at {address:#x}: unreadable parent {parent:#x}")
+        pid = t.int(buf, "pid")
+        parent = self._optional(buf, "real_parent", 0)
+        ppid = None
+        if parent:
+            try:
+                ppid = memory.u32(parent + t.offset("tgid"))
+            except VmwatchError:
+                skipped.append(f"task at {address:#x}: unreadable parent {parent:#x}")
         uid = gid = euid = None
-        cred_ptr = t.int(buf, "real_cred") if t.has("real_cred") else t.int(buf, "cred")
-        try:
-            cbuf = memory.read(cred_ptr, self.cred.size)
-            uid, gid, euid = (self.cred.int(cbuf, f) for f in ("uid", "gid", "euid"))
-        except VmwatchError:
-            skipped.append(f"task at {address:#x}: unreadable cred {cred_ptr:#x}")
+        cred_ptr = self._optional(buf, "real_cred") or self._optional(buf, "cred")
+        if self.cred is not None and cred_ptr:
+            try:
+                cbuf = memory.read(cred_ptr, self.cred.size)
+                uid, gid, euid = (self.cred.int(cbuf, f) for f in ("uid", "gid", "euid"))
+            except VmwatchError:
+                skipped.append(f"task at {address:#x}: unreadable cred {cred_ptr:#x}")
         mm = t.int(buf, "mm")
         pgd = cr3 = None
         if mm:
@@ -119,18 +127,21 @@ class TaskWalker:
                 cr3 = memory.translate(pgd)
             except VmwatchError:
                 skipped.append(f"task at {address:#x}: unreadable mm {mm:#x}")
-        exit_state = t.int(buf, "exit_state") if t.has("exit_state") else 0
+        state = "?"
+        if self.state_field is not None:
+            state = _state_letter(t.int(buf, self.state_field), self._optional(buf, "exit_state", 0))
         return Task(
-            pid=t.int(buf, "pid"), tgid=t.int(buf, "tgid"), ppid=ppid,
+            pid=pid, tgid=self._optional(buf, "tgid", pid), ppid=ppid,
             comm=c_string(t.bytes(buf, "comm")), uid=uid, gid=gid, euid=euid,
-            start_time_ns=t.int(buf, "start_time"),
-            state=_state_letter(t.int(buf, self.state_field), exit_state),
+            start_time_ns=self._optional(buf, "start_time"), state=state,
             address=address, mm=mm, pgd=pgd, cr3=cr3,
             threads=tuple(self._threads(address, buf, skipped)),
         )
 
     def _threads(self, address: int, buf: bytes, skipped: list[str]) -> list[int]:
         memory, t = self.linux.memory, self.task
+        if self.thread_link is None:
+            return []
         if self.thread_head is None:
             head = address + self.thread_link
         else:

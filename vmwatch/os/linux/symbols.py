@@ -1,0 +1,177 @@
+"""Optional symbol files (``--symbols FILE``) for kernels that do not carry enough about themselves.
+
+Accepted, detected by content: a System.map (``address type name`` lines), a vmlinux ELF with a
+``.BTF`` section (types) and ``.symtab`` (symbols), a Volatility 3 ISF (``.json`` or
+``.json.xz``), and a libvmi.conf entry (hand-written offsets plus the path of its System.map).
+File addresses are link-time; they are moved by the KASLR slide measured on ``_text``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import attrs
+
+from vmwatch.errors import SymbolError
+from vmwatch.os.linux.kallsyms import Symbols
+
+_MAP_LINE = re.compile(r"^([0-9a-fA-F]{8,16}) ([A-Za-z?]) (\S+)")
+
+
+@attrs.define
+class SymbolFile:
+    """What a symbol file provides: link-time symbols and/or types."""
+
+    path: str
+    symbols: Symbols | None = None
+    types: object | None = None
+
+    def merge_symbols(self, runtime: Symbols, text_vaddr: int) -> Symbols:
+        """kallsyms from memory plus the file's symbols it lacks (data symbols on i386), slid."""
+        if self.symbols is None or "_text" not in self.symbols:
+            return runtime
+        slide = text_vaddr - self.symbols["_text"]
+        mask = (1 << 64) - 1 if text_vaddr > 0xFFFFFFFF else 0xFFFFFFFF
+        names, addresses, types = list(runtime.names), list(runtime.addresses), list(runtime.types or "T" * len(runtime))
+        for i, (name, address) in enumerate(self.symbols.items()):
+            if name in runtime:
+                continue
+            kind = self.symbols.types[i] if self.symbols.types else "D"
+            names.append(name)
+            addresses.append(address if kind in "aA" else (address + slide) & mask)
+            types.append(kind)
+        return Symbols(names, addresses, "".join(types))
+
+
+def load_symbols_file(path: str) -> SymbolFile:
+    """Read any supported symbol file.
+
+    Raises:
+        SymbolError: unreadable, or of no known kind.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise SymbolError(f"cannot read symbol file {path}: {exc.strerror}") from None
+    if head.startswith(b"\x7fELF"):
+        return _vmlinux(path)
+    if head.startswith(b"\xfd7zXZ") or head.lstrip().startswith(b"{"):
+        return _isf(path)
+    text = head.decode("latin-1")
+    if _MAP_LINE.match(text):
+        return SymbolFile(path, symbols=read_system_map(path))
+    if re.search(r"\{[^}]*ostype\s*=", text, re.S) or "linux_tasks" in text:
+        return _libvmi(path, text)
+    raise SymbolError(f"{path}: not a System.map, vmlinux, ISF JSON or libvmi.conf file")
+
+
+def read_system_map(path: str) -> Symbols:
+    names, addresses, types = [], [], []
+    with open(path, encoding="latin-1") as f:
+        for line in f:
+            m = _MAP_LINE.match(line)
+            if m:
+                addresses.append(int(m.group(1), 16))
+                types.append(m.group(2))
+                names.append(m.group(3))
+    if len(names) < 10 or "_text" not in names:
+        raise SymbolError(f"{path}: System.map without real symbols (Debian ships a stub; "
+                          "the real one is in the linux-image-*-dbg package)")
+    return Symbols(names, addresses, "".join(types))
+
+
+def _isf(path: str) -> SymbolFile:
+    from vmwatch.os.linux.isf import IsfProfile, read_isf
+
+    doc = read_isf(path)
+    names, addresses = [], []
+    for name, entry in (doc.get("symbols") or {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("address"), int):
+            names.append(name)
+            addresses.append(entry["address"] & ((1 << 64) - 1))
+    return SymbolFile(path, symbols=Symbols(names, addresses) if names else None, types=IsfProfile(doc))
+
+
+def _vmlinux(path: str) -> SymbolFile:
+    try:
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+    except ImportError:  # pragma: no cover - pyelftools is a dependency
+        raise SymbolError("reading a vmlinux needs pyelftools") from None
+    from vmwatch.os.linux.btf import load_profile
+
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            names, addresses, types = [], [], []
+            symtab = elf.get_section_by_name(".symtab")
+            if symtab is not None:
+                for sym in symtab.iter_symbols():
+                    kind = sym["st_info"]["type"]
+                    if sym.name and kind in ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE") and sym["st_value"]:
+                        names.append(sym.name)
+                        addresses.append(sym["st_value"])
+                        local = sym["st_info"]["bind"] == "STB_LOCAL"
+                        letter = "T" if kind == "STT_FUNC" else "D"
+                        types.append(letter.lower() if local else letter)
+            btf_section = elf.get_section_by_name(".BTF")
+            types_profile = load_profile(btf_section.data()) if btf_section is not None else None
+            has_dwarf = elf.get_section_by_name(".debug_info") is not None
+    except (ELFError, ValueError, KeyError) as exc:
+        raise SymbolError(f"{path}: unreadable vmlinux ({exc})") from None
+    if types_profile is None and has_dwarf:
+        raise SymbolError(f"{path}: vmlinux has DWARF but no .BTF section; vmwatch reads types from BTF or ISF "
+                          "(convert the DWARF with dwarf2json to an ISF and pass that)")
+    symbols = Symbols(names, addresses, "".join(types)) if names else None
+    if symbols is None and types_profile is None:
+        raise SymbolError(f"{path}: vmlinux has neither .symtab nor .BTF")
+    return SymbolFile(path, symbols=symbols, types=types_profile)
+
+
+_LIBVMI_FIELDS = {
+    "linux_tasks": ("task_struct", "tasks", {"kind": "struct", "name": "list_head"}),
+    "linux_mm": ("task_struct", "mm", {"kind": "pointer", "subtype": {"kind": "struct", "name": "mm_struct"}}),
+    "linux_pid": ("task_struct", "pid", {"kind": "base", "name": "int"}),
+    "linux_name": ("task_struct", "comm", {"kind": "array", "count": 16, "subtype": {"kind": "base", "name": "char"}}),
+    "linux_pgd": ("mm_struct", "pgd", {"kind": "pointer", "subtype": {"kind": "base", "name": "void"}}),
+}
+
+
+def _libvmi(path: str, head: str) -> SymbolFile:
+    """One libvmi.conf entry: ``name { ostype = "Linux"; sysmap = "..."; linux_tasks = 0x...; ... }``."""
+    from vmwatch.os.linux.isf import IsfProfile
+
+    with open(path, encoding="latin-1") as f:
+        text = f.read()
+    entry = re.search(r"\{([^}]*)\}", text, re.S)
+    if entry is None:
+        raise SymbolError(f"{path}: no libvmi.conf entry")
+    values = dict(re.findall(r"(\w+)\s*=\s*\"?([^\";\s]+)\"?\s*;", entry.group(1)))
+    user_types: dict[str, dict] = {
+        "list_head": {"kind": "struct", "size": 16, "fields": {
+            "next": {"offset": 0, "type": {"kind": "pointer", "subtype": {"kind": "struct", "name": "list_head"}}},
+            "prev": {"offset": 8, "type": {"kind": "pointer", "subtype": {"kind": "struct", "name": "list_head"}}}}},
+    }
+    for key, (struct_name, field, desc) in _LIBVMI_FIELDS.items():
+        if key in values:
+            entry_type = user_types.setdefault(struct_name, {"kind": "struct", "size": 0, "fields": {}})
+            offset = int(values[key], 0)
+            entry_type["fields"][field] = {"offset": offset, "type": desc}
+            entry_type["size"] = max(entry_type["size"], offset + 16)
+    if "task_struct" not in user_types:
+        raise SymbolError(f"{path}: libvmi.conf entry without linux_* offsets")
+    doc = {"user_types": user_types, "enums": {}, "base_types": {
+        "int": {"kind": "int", "size": 4, "signed": True, "endian": "little"},
+        "char": {"kind": "char", "size": 1, "signed": True, "endian": "little"},
+        "void": {"kind": "void", "size": 0, "signed": False, "endian": "little"},
+        "pointer": {"kind": "int", "size": 8, "signed": False, "endian": "little"}}}
+    symbols = None
+    sysmap = values.get("sysmap")
+    if sysmap:
+        if not os.path.isabs(sysmap):
+            sysmap = os.path.join(os.path.dirname(path), sysmap)
+        symbols = read_system_map(sysmap)
+    return SymbolFile(path, symbols=symbols, types=IsfProfile(doc))
