@@ -219,7 +219,8 @@ class TestSinksAndStorms:
         n = 60_000
         source = SyntheticSource(bps([0x1000] * n), realtime=True, rate=100_000, batch=100)
         summary = await watch(source, ruleset(every_hundredth), [sink],
-                              options=WatchOptions(intake_queue=8, budget=Budget(max_hits=10**9, max_cost=1.0)))
+                              options=WatchOptions(intake_queue=8, sink_queue=16,
+                                                      budget=Budget(max_hits=10**9, max_cost=1.0)))
         assert summary.dropped_events > 0
         assert summary.events - 1 + summary.dropped_events == n  # -1: SourceEnded
         assert len(sink.alerts) == summary.alerts["warning"] > 0
