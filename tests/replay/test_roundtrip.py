@@ -141,3 +141,43 @@ class TestRoundTrip:
                     1 / 0
         with pytest.raises(RecordingError, match="truncated"):
             Recording.open(path)
+
+
+class TestBaseImage:
+    async def _record(self, tmp_path, base=None):
+        path = tmp_path / "b.vmwr"
+        source = synthetic_source(count=3)
+        image = tmp_path / "base.raw"
+        image.write_bytes(source.memory.read(0, 0x20000))  # low RAM as a raw image, before the session
+        with recording_source(source, path, base=image if base is None else base) as target:
+            async for event in target.events():
+                target.memory.read(0x1000, 8)
+        return path, image, source
+
+    async def test_unrecorded_pages_come_from_the_base(self, tmp_path):
+        """A page the session never read is served from the named base image, not refused."""
+        path, image, _ = await self._record(tmp_path)
+        with open_replay(path) as replay:
+            async for event in replay.events():
+                assert replay.memory.read(0x7000, 16) == image.read_bytes()[0x7000:0x7010]
+                with pytest.raises(PhysicalReadError):
+                    replay.memory.read(0x20000, 4)  # beyond the base image: unmapped, as the image says
+                break
+
+    async def test_wrong_base_is_refused(self, tmp_path):
+        """Another file than the recorded base (same size, other content) is a RecordingError."""
+        path, image, _ = await self._record(tmp_path)
+        other = tmp_path / "other.raw"
+        other.write_bytes(bytes(image.stat().st_size))
+        with pytest.raises(RecordingError, match="is not the base image"):
+            with open_replay(path, base=other):
+                pass
+
+    async def test_strict_ignores_base(self, tmp_path):
+        """Strict replay never reads the base."""
+        path, _, _ = await self._record(tmp_path)
+        with open_replay(path, strict=True) as replay:
+            async for event in replay.events():
+                with pytest.raises(PageNotRecorded):
+                    replay.memory.read(0x7000, 16)
+                break

@@ -234,9 +234,13 @@ class ReplayPhysicalMemory:
 
     writable = False
 
-    def __init__(self, recording: Recording, *, strict: bool = False) -> None:
+    def __init__(self, recording: Recording, *, strict: bool = False, base: Any = None) -> None:
+        if strict and base is not None:
+            raise ValueError("strict replay serves only recorded pages: it takes no base image")
         self.recording = recording
         self.strict = strict
+        self.base = base
+        """Physical memory (an image of the guest from before the recording) for pages never recorded."""
         self.context = SETUP
         """The event being replayed (its ordinal), or SETUP before the first."""
         # The same volatility as the recorded source, so caches are flushed exactly as they were.
@@ -258,6 +262,14 @@ class ReplayPhysicalMemory:
             lo = max(paddr, page_start)
             hi = min(paddr + size, page_start + PAGE_SIZE)
             ordinal = recording.lookup(pfn, context, strict=strict)
+            if ordinal is None and self.base is not None:
+                try:
+                    self.base.read_into(lo, out[lo - paddr:hi - paddr])
+                except PhysicalReadError:
+                    if not pad:
+                        raise PhysicalReadError(paddr, size) from None
+                    out[lo - paddr:hi - paddr] = bytes(hi - lo)
+                continue
             if ordinal is None:
                 error = PageNotRecorded(lo, context)
                 if self.missing is None:
@@ -300,11 +312,12 @@ class ReplaySource:
 
     realtime = False
 
-    def __init__(self, recording: Recording, *, strict: bool = False) -> None:
+    def __init__(self, recording: Recording, *, strict: bool = False, base: Any = None) -> None:
         meta = recording.meta
         self.recording = recording
         self.name = str(meta.get("source", recording.path))
-        self.memory = ReplayPhysicalMemory(recording, strict=strict) if meta.get("memory", True) else None
+        self.memory = (ReplayPhysicalMemory(recording, strict=strict, base=base) if meta.get("memory", True)
+                       else None)
         caps = meta.get("capabilities", [])
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
             raise RecordingError(f"{recording.path}: META capabilities are not a list of names")
@@ -403,11 +416,52 @@ class ReplaySource:
 
 
 @contextlib.contextmanager
-def open_replay(path: str | os.PathLike[str], *, strict: bool = False) -> Iterator[ReplaySource]:
+def open_replay(path: str | os.PathLike[str], *, strict: bool = False,
+                base: str | os.PathLike[str] | None = None) -> Iterator[ReplaySource]:
     """A Source replaying the recording at ``path``.
 
+    Args:
+        strict: serve only the pages recorded for the event being replayed.
+        base: a memory image of the guest taken before the recording (``watch --record-base``,
+            or any dump): pages the recording never saw are read from it. If the recording names
+            its base, the file must be that one (same size and BLAKE2b digest).
+
     Raises:
-        RecordingError: see :meth:`Recording.open`.
+        RecordingError: see :meth:`Recording.open`; or the base image is not the recorded one.
+        ImageFormatError: the base is not a memory image.
     """
-    with Recording.open(path) as recording:
-        yield ReplaySource(recording, strict=strict)
+    with Recording.open(path) as recording, contextlib.ExitStack() as stack:
+        if base is None and not strict:
+            named = recording.meta.get("base")
+            base = named.get("path") if isinstance(named, dict) and os.path.exists(str(named.get("path"))) else None
+        image = None
+        if base:
+            from vmwatch.images import open_image
+
+            check_base(recording, base)
+            image = stack.enter_context(open_image(base))
+        yield ReplaySource(recording, strict=strict, base=image)
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """BLAKE2b-256 of a whole file, hex (how a recording names its base image)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_base(recording: Recording, path: str | os.PathLike[str]) -> None:
+    """Refuse a base image other than the one the recording was made on top of (if it names one)."""
+    wanted = recording.meta.get("base")
+    if not wanted:
+        return
+    if not isinstance(wanted, dict):
+        raise RecordingError(f"{recording.path}: META base is not an object")
+    size = os.path.getsize(path)
+    if size != wanted.get("size") or file_digest(path) != wanted.get("blake2b"):
+        raise RecordingError(f"{path} is not the base image this recording was made on "
+                             f"(expected {wanted.get('size')} bytes, BLAKE2b {str(wanted.get('blake2b'))[:16]}...)")

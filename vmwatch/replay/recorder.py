@@ -304,14 +304,23 @@ def source_meta(source: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def recording_source(source: Any, path: str | os.PathLike[str]) -> Iterator[RecordingSource]:
+def recording_source(source: Any, path: str | os.PathLike[str], *,
+                     base: str | os.PathLike[str] | None = None) -> Iterator[RecordingSource]:
     """A Source like ``source`` whose events, memory reads, register reads and clock are recorded.
+
+    ``base`` names a memory image of the guest taken just before (a dump): the recording keeps
+    its path, size and BLAKE2b digest, and replay reads pages the recording never saw from it.
 
     The recording is finished (END record) when the block exits normally or on a KeyboardInterrupt
     or trio cancellation (a stopped watch is a complete session); any other exception leaves it
     without END, so a reader calls it truncated.
     """
-    recorder = Recorder(path, meta=source_meta(source))
+    meta = source_meta(source)
+    if base is not None:
+        from vmwatch.replay.player import file_digest
+
+        meta["base"] = {"path": os.path.abspath(base), "size": os.path.getsize(base), "blake2b": file_digest(base)}
+    recorder = Recorder(path, meta=meta)
     try:
         yield RecordingSource(source, recorder)
     except BaseException as exc:

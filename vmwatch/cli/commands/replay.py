@@ -14,7 +14,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="rule packs: paths or shipped pack names")
     parser.add_argument("--json", action="store_true", help="alerts and events as JSON lines, exactly as watch --json prints them")
     parser.add_argument("--db", metavar="PATH", help="also write events and alerts to this SQLite timeline")
-    parser.add_argument("--strict", action="store_true",
+    exact = parser.add_mutually_exclusive_group()
+    exact.add_argument("--base", metavar="IMAGE",
+                        help="memory image of the guest from before the recording: serves pages it never saw")
+    exact.add_argument("--strict", action="store_true",
                         help="serve only pages recorded for the very event being replayed")
 
 
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace, env) -> int:
 
     if not args.rules:
         raise RuleError("replay needs --rules PACK... (the rules to run over the recording)")
-    with open_replay(args.recording, strict=args.strict) as source:
+    with open_replay(args.recording, strict=args.strict, base=args.base) as source:
         ruleset = RuleSet.load(args.rules)
         sinks: list = [JsonLinesSink(env.stdout) if args.json else _TextAlerts(env.stdout)]
         if args.db:
