@@ -28,6 +28,8 @@ CR4_SMAP = 1 << 21
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
+CS_L = 1 << 21
+"""The L (64-bit code) bit of a segment descriptor's attribute word, as QEMU stores it."""
 
 
 class PagingMode(enum.Enum):
@@ -117,7 +119,10 @@ class Registers:
         cr4 = self.cr4 or 0
         efer = self.efer
         if efer is None:
-            efer = EFER_LMA if (cr4 & CR4_PAE and (self.rip or 0) > 0xFFFFFFFF) else 0
+            # Unknown EFER (e.g. QEMU ELF dumps): long mode if running above 4 GiB or in a
+            # 64-bit code segment (CS.L, descriptor bit 21) - a 64-bit guest paused in user mode.
+            long_code = self.cs is not None and bool(self.cs.attributes & CS_L)
+            efer = EFER_LMA if (cr4 & CR4_PAE and ((self.rip or 0) > 0xFFFFFFFF or long_code)) else 0
         return PagingMode.from_registers(cr0, cr4, efer)
 
     def as_dict(self) -> dict[str, object]:

@@ -258,3 +258,17 @@ class TestHostileTables:
         # The CPU would take PML4[0] as the PTE: the walk ends at its frame.
         assert mem.translate(5 << 21) == reference.walk4(bytes(fake.buffer), fake.cr3, 5 << 21)
         assert mem.translate(5 << 21) == fake._get(fake.cr3) & 0x000F_FFFF_FFFF_F000
+
+
+class TestModeFromDumpRegisters:
+    def test_long_mode_from_cs_when_efer_unknown(self):
+        """Without EFER (QEMU ELF dumps), a 64-bit code segment means IA-32e paging even at a user rip."""
+        from vmwatch.cpu import CS_L, Registers, Segment
+
+        common = dict(cr0=0x80050033, cr3=0x1000, rip=0x401000)
+        long_user = Registers(cr4=0x6F0, cs=Segment(selector=0x33, attributes=0xA0FB00), **common)
+        assert long_user.cs.attributes & CS_L and long_user.paging_mode is PagingMode.LEVEL4
+        la57_user = Registers(cr4=0x16F0, cs=Segment(selector=0x33, attributes=0xA0FB00), **common)
+        assert la57_user.paging_mode is PagingMode.LEVEL5
+        pae_32bit = Registers(cr4=0x6F0, cs=Segment(selector=0x73, attributes=0xCFFB00), **common)
+        assert pae_32bit.paging_mode is PagingMode.PAE
