@@ -73,7 +73,10 @@ class _Exporter:
 
     def user_type(self, type_id: int) -> str:
         t = self.t
-        name = t.name(type_id) or self.anon.setdefault(type_id, f"unnamed_{type_id}")
+        name = t.name(type_id)
+        if name and t.has_type(f"struct {name}"):
+            type_id = t.type_id(f"struct {name}")  # the definition with members, not a duplicate
+        name = name or self.anon.setdefault(type_id, f"unnamed_{type_id}")
         if name in self.user_types:
             return name
         kind = t.kind(type_id)
