@@ -572,7 +572,7 @@ class Engine:
 
     async def _rearm_later(self, trap: Trap, seconds: float) -> None:
         await trio.sleep(seconds)
-        async with self._stopped_guest():
+        async with self.guest_stopped():
             due = self.governor.due_rearm(trio.current_time() + 1e-9)
             if trap in due and trap not in self._armed:
                 await self._arm(trap)
@@ -604,7 +604,7 @@ class Engine:
             await self._tick(ready, seq=self._last_seq)
 
     async def _tick(self, handlers: list[Handler], *, seq: int) -> None:
-        async with self._stopped_guest():
+        async with self.guest_stopped():
             cpus: tuple = ()
             if self.has_registers:
                 cpus = tuple(await self.source.all_registers())
@@ -616,8 +616,12 @@ class Engine:
                 self._dispatch_derived(guest.take_emitted())
             await self._after_rules()
 
-    def _stopped_guest(self) -> Any:
-        """Context manager: the guest lock, with the guest paused for the duration if it was running."""
+    def guest_stopped(self) -> Any:
+        """``async with engine.guest_stopped():`` the guest is paused (if live) and no rule runs.
+
+        For anything that must see or change the guest consistently while a watch runs: ticks,
+        trap changes, a debugger, a test's tamper.
+        """
         engine = self
 
         class _Stopped:
