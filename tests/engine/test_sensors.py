@@ -1,0 +1,58 @@
+"""Register-write sensor: finding writer instructions in code bytes and deriving events."""
+
+from __future__ import annotations
+
+from vmwatch.cpu import Registers
+from vmwatch.engine.dispatch import RuleRun
+from vmwatch.engine.guest import Guest
+from vmwatch.engine.registers import RegisterSensor, WriteSite, find_write_sites
+from vmwatch.events import Breakpoint, RegisterWrite
+
+TEXT = 0xFFFFFFFF81000000
+CODE = bytes.fromhex(
+    "55"                      # 0  push rbp
+    "4889e5"                  # 1  mov rbp, rsp
+    "0f22e7"                  # 4  mov cr4, rdi
+    "48b80f22c00f30000000"    # 7  movabs rax, imm64 holding 0f 22 c0 and 0f 30 (not instructions)
+    "440f22c0"                # 17 mov cr8, rax
+    "0f30"                    # 21 wrmsr
+    "5d"                      # 23 pop rbp
+    "c3"                      # 24 ret
+    "cccc"
+)
+
+
+class TestWriteSites:
+    def test_real_writers_only(self):
+        """mov crN and wrmsr are found at instruction boundaries; the same bytes inside an immediate are not."""
+        sites = list(find_write_sites(CODE, TEXT, lambda vaddr: TEXT))
+        assert sites == [
+            WriteSite(TEXT + 4, TEXT + 7, "cr4", "rdi"),
+            WriteSite(TEXT + 17, TEXT + 21, "cr8", "rax"),
+            WriteSite(TEXT + 21, TEXT + 23, "msr"),
+        ]
+
+    def test_unknown_function_start_is_skipped(self):
+        """Without a containing function the boundary cannot be checked: no site."""
+        assert list(find_write_sites(CODE, TEXT, lambda vaddr: None)) == []
+
+
+class TestRegisterSensor:
+    def test_old_and_new_values(self):
+        """The breakpoint after a writer becomes RegisterWrite with the last value seen as old."""
+        sites = {TEXT + 7: WriteSite(TEXT + 4, TEXT + 7, "cr4", "rdi"), TEXT + 23: WriteSite(TEXT + 21, TEXT + 23, "msr")}
+        sensor = RegisterSensor(sites, {"cr4": 0x3006F0})
+        guest = Guest(vm="t", phys=None)
+        guest.rule = RuleRun("sensor", sensor)
+        out = []
+        for regs, address in ((Registers(cr4=0x2006F0), TEXT + 7), (Registers(cr4=0x3006F0), TEXT + 7),
+                              (Registers(rcx=0x176, rdx=0xFFFFFFFF, rax=0x81000000), TEXT + 23)):
+            event = Breakpoint(seq=len(out), address=address)
+            guest.begin(event, regs)
+            sensor(event, guest)
+            out += guest.take_emitted()
+        assert out == [
+            RegisterWrite(seq=0, register="cr4", old=0x3006F0, new=0x2006F0, rip=TEXT + 4),
+            RegisterWrite(seq=1, register="cr4", old=0x2006F0, new=0x3006F0, rip=TEXT + 4),
+            RegisterWrite(seq=2, register="msr:sysenter_eip", old=None, new=0xFFFFFFFF81000000, rip=TEXT + 21),
+        ]
