@@ -318,3 +318,12 @@ class TestDetection:
         """An empty file is not an image."""
         with pytest.raises(ImageFormatError, match="empty"):
             open_image(_write(tmp_path, "empty.raw", b""))
+
+
+class TestForeignElf:
+    def test_non_x86_core_gives_memory_but_no_registers(self, tmp_path):
+        """An aarch64 core (EM 183) reads as memory; its notes are not misread as x86 registers."""
+        data = build.elf_core([build.Load(0x40000000, b"\x01" * PAGE)], [("CORE", 1, bytes(392))], machine=183)
+        with open_image(_write(tmp_path, "arm.elf", data)) as img:
+            assert img.read(0x40000000, 4) == b"\x01" * 4 and img.cpus == ()
+            assert img.metadata["machine"] == "183"

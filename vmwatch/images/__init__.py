@@ -37,8 +37,6 @@ def open_image(path: str | os.PathLike, *, vmem: str | os.PathLike | None = None
     path = os.fspath(path)
     with open(path, "rb") as f:
         head = f.read(64)
-    if os.path.isdir(path):
-        raise IsADirectoryError(21, "Is a directory", path)
     for magic, why in _REJECTED:
         if head.startswith(magic):
             raise ImageFormatError(f"unsupported image: {why}", path=path)

@@ -44,10 +44,12 @@ class QemuElfImage(Image):
         prstatus = [n for n in notes if n.name == "CORE" and n.type == NT_PRSTATUS]
         qemu = [n for n in notes if n.name == "QEMU"]
         self.format = "qemu-elf" if qemu else "elf-core"
-        cpus = [registers_from_qemu_note(n.desc, i) for i, n in enumerate(qemu)]
-        if not cpus:
-            cpus = [registers_from_prstatus(n.desc, i) for i, n in enumerate(prstatus)]
-        cpus = [c for c in cpus if c is not None]
+        cpus = []
+        if core.machine in _elf.MACHINES:  # register layouts below are x86 only
+            cpus = [registers_from_qemu_note(n.desc, i) for i, n in enumerate(qemu)]
+            if not cpus:
+                cpus = [registers_from_prstatus(n.desc, i) for i, n in enumerate(prstatus)]
+            cpus = [c for c in cpus if c is not None]
         vmcoreinfo = next((n.desc.decode("latin-1").rstrip("\0") for n in notes if n.name == "VMCOREINFO"), None)
         metadata = {
             "elf_class": 64 if core.elf_class == 2 else 32,
