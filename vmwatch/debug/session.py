@@ -91,16 +91,17 @@ class DebugSession:
 
     Args:
         target: from ``open_target``.
-        cpus: saved registers of an image target (defaults to ``target.saved_cpus``).
+        linux: look for a Linux kernel (symbols, current task); False for other guests, where
+            addresses are numbers and registers only.
     """
 
-    def __init__(self, target: Any) -> None:
+    def __init__(self, target: Any, *, linux: bool = True) -> None:
         self.target = target
         self.live = target.live
         self.vcpu = 0
         self._regs: Registers | None = None
         self._linux: Any = None
-        self._linux_error: Exception | None = None
+        self._linux_error: Exception | None = None if linux else SymbolError("no OS layer in this session")
         self._memory: Any = None
         self.breakpoints: dict[int, BreakpointInfo] = {}
         self.watchpoints: dict[int, WatchpointInfo] = {}
