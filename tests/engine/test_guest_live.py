@@ -1,0 +1,296 @@
+"""The shipped packs on the live lab guest: quiet on a clean guest, each security rule fires on a real trigger.
+
+One watch (security + timeline packs) stays attached for the whole module, in its own thread
+with its own trio loop; tests act inside the guest through its serial shell, or tamper from
+outside through vmwatch's own write API (then restore), and wait for the alert. Truth about the
+guest (pids, uids) comes from the guest's shell, not from vmwatch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import trio
+
+from vmwatch.engine import Engine, ListSink
+from vmwatch.engine.sources import source_for
+from vmwatch.rules import RuleSet, Severity
+
+pytestmark = pytest.mark.guest
+
+
+class Watcher:
+    """A running watch on the lab guest, driven from synchronous tests."""
+
+    def __init__(self, guest) -> None:
+        self.guest = guest
+        self.sink = ListSink()
+        self.engine: Engine | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(120) or self.error is not None:
+            raise RuntimeError(f"watch did not start: {self.error!r}")
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._run)
+        except BaseException as exc:  # reported to the test thread
+            self.error = exc
+            self._ready.set()
+
+    async def _run(self) -> None:
+        from vmwatch.target import open_target
+
+        self.token = trio.lowlevel.current_trio_token()
+        async with open_target(self.guest.target, writable=True) as target:
+            self.target = target
+            self.engine = Engine(source_for(target), RuleSet.load(["security", "timeline"]), [self.sink])
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.engine.run)
+                while self.engine.summary.traps == 0:
+                    await trio.sleep(0.05)
+                self._ready.set()
+
+    def stop(self):
+        if self.engine is not None and self.token is not None:
+            trio.from_thread.run_sync(self.engine.stop, trio_token=self.token)
+        self._thread.join(60)
+        return self.engine.summary if self.engine else None
+
+    def mark(self) -> int:
+        return len(self.sink.alerts)
+
+    def serious_since(self, mark: int) -> list:
+        return [a for a in self.sink.alerts[mark:] if a.severity >= Severity.WARNING]
+
+    def wait_for(self, rule: str, mark: int, timeout: float = 15.0, severity: Severity = Severity.WARNING):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hits = [a for a in self.sink.alerts[mark:] if a.rule == rule and a.severity >= severity]
+            if hits:
+                return hits
+            if self.error is not None:
+                raise self.error
+            time.sleep(0.1)
+        got = [(a.rule, a.message) for a in self.sink.alerts[mark:]]
+        raise AssertionError(f"{rule} did not fire within {timeout} s; alerts since: {got}")
+
+    def stopped(self, work):
+        """Run ``work(linux, source)`` with the guest paused and no rule running; return its result."""
+
+        async def run():
+            async with self.engine.guest_stopped():
+                return work(self.engine.guest.linux, self.engine.source)
+
+        return trio.from_thread.run(run, trio_token=self.token)
+
+    def stopped_async(self, work):
+        async def run():
+            async with self.engine.guest_stopped():
+                return await work(self.engine.guest.linux, self.engine.source)
+
+        return trio.from_thread.run(run, trio_token=self.token)
+
+
+@pytest.fixture(scope="module")
+def watcher(lab_guest):
+    # other tests share this guest: bring it back to its boot-time baseline first
+    lab_guest.shell("scenario unsysctl; scenario unmodule 2>/dev/null; scenario busy stop 2>/dev/null; true")
+    w = Watcher(lab_guest)
+    w.start()
+    yield w
+    summary = w.stop()
+    assert summary is not None and not summary.rule_errors, summary
+
+
+def test_clean_guest_running_its_scenario_is_quiet(watcher, lab_guest):
+    """Normal activity for a while: the timeline sees it, no security alert at warning or above."""
+    mark = watcher.mark()
+    deadline = time.monotonic() + 12
+    while time.monotonic() < deadline:
+        lab_guest.shell("scenario benign; scenario creds")
+    assert watcher.serious_since(mark) == []
+    timeline = {a.rule for a in watcher.sink.alerts[mark:]}
+    assert {"timeline.process_start", "timeline.process_exec", "timeline.process_exit"} <= timeline
+    execs = [a.details["filename"] for a in watcher.sink.alerts[mark:] if a.rule == "timeline.process_exec"]
+    assert "/bin/true" in execs or "/bin/su" in execs
+
+
+def test_module_load_outside_allowlist(watcher, lab_guest):
+    mark = watcher.mark()
+    out = lab_guest.shell("scenario module")
+    try:
+        loaded = out.split()[-1]
+        hits = watcher.wait_for("security.module_allowlist", mark)
+        assert any(loaded in a.message for a in hits), hits
+        loads = [a for a in watcher.sink.alerts[mark:] if a.rule == "timeline.module_load"]
+        assert loaded in {a.details["module"] for a in loads}
+    finally:
+        lab_guest.shell("scenario unmodule")
+
+
+def test_security_sysctl_write(watcher, lab_guest):
+    mark = watcher.mark()
+    lab_guest.shell("scenario sysctl")
+    try:
+        hits = watcher.wait_for("security.security_sysctl", mark)
+        messages = " ".join(a.message for a in hits)
+        assert "kernel.kptr_restrict changed: 1 -> 0" in messages or "kernel.modprobe" in messages
+    finally:
+        lab_guest.shell("scenario unsysctl")
+
+
+def test_exec_from_hidden_tmp_directory(watcher, lab_guest):
+    mark = watcher.mark()
+    lab_guest.shell("scenario dropper")
+    hits = watcher.wait_for("security.exec_from_scratch_dir", mark)
+    assert any("/tmp/.x/sh" in a.message for a in hits)
+
+
+def test_syscall_table_hook_from_outside(watcher):
+    """Overwrite sys_call_table[getpid] through vmwatch's write API, detect, restore."""
+    mark = watcher.mark()
+
+    def hook(linux, source):
+        slot = linux.symbols["sys_call_table"] + 8 * 39
+        original = linux.memory.read(slot, 8)
+        linux.memory.write(slot, linux.symbols["__x64_sys_getppid"].to_bytes(8, "little"))
+        return slot, original
+
+    slot, original = watcher.stopped(hook)
+    try:
+        hits = watcher.wait_for("security.syscall_table", mark, severity=Severity.CRITICAL)
+        assert "sys_call_table[39] changed" in hits[0].message and "__x64_sys_getppid" in hits[0].message
+    finally:
+        watcher.stopped(lambda linux, source: linux.memory.write(slot, original))
+
+
+def test_idt_gate_changed_from_outside(watcher):
+    """Point the IDT gate of vector 0x80 elsewhere in physical memory, detect, restore."""
+    mark = watcher.mark()
+
+    def patch(linux, source):
+        regs = watcher.engine.guest.cpus[0] if watcher.engine.guest.cpus else None
+        base = (regs.idtr_base if regs and regs.idtr_base else linux.symbols["idt_table"]) + 16 * 0x80
+        paddr = linux.memory.translate(base)
+        original = linux.memory.read_phys(paddr, 16)
+        gate = bytearray(original)
+        gate[0] ^= 0x10  # offset bits 0-7 of the handler
+        source.memory.write(paddr, bytes(gate))
+        return paddr, original
+
+    paddr, original = watcher.stopped(patch)
+    try:
+        hits = watcher.wait_for("security.idt", mark, severity=Severity.CRITICAL)
+        assert "IDT vector 128 handler changed" in hits[0].message
+    finally:
+        watcher.stopped(lambda linux, source: source.memory.write(paddr, original))
+
+
+def test_kernel_text_patch_from_outside(watcher):
+    """Change one byte inside a never-called syscall's code, detect, restore."""
+    mark = watcher.mark()
+
+    def patch(linux, source):
+        address = linux.symbols["__x64_sys_kexec_load"] + 1
+        paddr = linux.memory.translate(address)
+        original = linux.memory.read_phys(paddr, 1)
+        source.memory.write(paddr, bytes([original[0] ^ 0xFF]))
+        return paddr, original
+
+    paddr, original = watcher.stopped(patch)
+    try:
+        hits = watcher.wait_for("security.kernel_text", mark, timeout=25, severity=Severity.CRITICAL)
+        assert "__x64_sys_kexec_load+0x1" in hits[0].message
+    finally:
+        watcher.stopped(lambda linux, source: source.memory.write(paddr, original))
+
+
+def test_cr0_wp_cleared_from_outside(watcher):
+    """Clear CR0.WP on vCPU 0 through the debugger link, detect, restore."""
+    from vmwatch.cpu import CR0_WP
+
+    mark = watcher.mark()
+
+    async def clear(linux, source):
+        regs = await source.registers(0)
+        await source.vm.set_registers(0, cr0=regs.cr0 & ~CR0_WP)
+        return regs.cr0
+
+    cr0 = watcher.stopped_async(clear)
+    try:
+        hits = watcher.wait_for("security.control_register_state", mark, severity=Severity.CRITICAL)
+        assert "CR0.WP cleared" in hits[0].message
+    finally:
+        async def restore(linux, source):
+            await source.vm.set_registers(0, cr0=cr0)
+
+        watcher.stopped_async(restore)
+
+
+def test_hidden_process_unlinked_from_task_list(watcher, lab_guest):
+    """Unlink a busy process from the task list (DKOM) from outside: the scheduler still runs it."""
+    pid = int(lab_guest.shell("scenario busy start").split()[-1])
+    mark = watcher.mark()
+
+    def unlink(linux, source):
+        task = next(t for t in linux.tasks() if t.pid == pid)
+        mem = linux.memory
+        link = task.address + linux.types.offset("task_struct", "tasks")
+        nxt, prev = mem.u64(link), mem.u64(link + 8)
+        mem.write(prev, nxt.to_bytes(8, "little"))        # prev->next = next
+        mem.write(nxt + 8, prev.to_bytes(8, "little"))    # next->prev = prev
+        return link, nxt, prev
+
+    link, nxt, prev = watcher.stopped(unlink)
+    try:
+        assert str(pid) in lab_guest.shell(f"cat /proc/{pid}/stat")  # alive from the guest's view
+        hits = watcher.wait_for("security.hidden_process", mark, severity=Severity.CRITICAL)
+        assert f"pid {pid}" in hits[0].message
+    finally:
+        def relink(linux, source):
+            mem = linux.memory
+            mem.write(prev, link.to_bytes(8, "little"))
+            mem.write(nxt + 8, link.to_bytes(8, "little"))
+
+        watcher.stopped(relink)
+        lab_guest.shell("scenario busy stop")
+
+
+def test_root_without_exec(watcher, lab_guest):
+    """A uid-1000 process whose credentials are overwritten with root from outside."""
+    out = lab_guest.shell("su -s /bin/sh lab -c 'exec sleep 120' </dev/null >/dev/null 2>&1 & echo $!")
+    pid = int(out.split()[-1])
+    time.sleep(3)  # one periodic check sees it as uid 1000 first
+    assert lab_guest.shell(f"grep Uid /proc/{pid}/status").split()[1] == "1000"
+    mark = watcher.mark()
+    fields = ("uid", "euid", "suid", "fsuid")
+
+    def escalate(linux, source):
+        mem, types = linux.memory, linux.types
+        task = next(t for t in linux.tasks() if t.pid == pid)
+        cred = mem.pointer(task.address + types.offset("task_struct", "real_cred"))
+        saved = {f: mem.read(cred + types.offset("cred", f), 4) for f in fields}
+        for f in fields:
+            mem.write(cred + types.offset("cred", f), bytes(4))
+        return cred, saved
+
+    cred, saved = watcher.stopped(escalate)
+    try:
+        assert lab_guest.shell(f"grep Uid /proc/{pid}/status").split()[1] == "0"  # the guest agrees
+        hits = watcher.wait_for("security.root_without_exec", mark, severity=Severity.CRITICAL)
+        assert f"pid {pid}" in hits[0].message
+    finally:
+        def restore(linux, source):
+            for f, raw in saved.items():
+                linux.memory.write(cred + linux.types.offset("cred", f), raw)
+
+        watcher.stopped(restore)
+        lab_guest.shell(f"kill {pid}")
