@@ -16,11 +16,6 @@ pytestmark = pytest.mark.guest
 
 
 @pytest.fixture(scope="module")
-def default_snap(lab_guest, tmp_path_factory):
-    return snapshot(lab_guest, tmp_path_factory.mktemp("linux") / "default.elf")
-
-
-@pytest.fixture(scope="module")
 def la57_snap(lab_guest_factory, tmp_path_factory):
     guest = lab_guest_factory(cpu_model="qemu64,+la57", cpus=2)
     try:
@@ -103,3 +98,15 @@ class TestLa57TwoCpus:
         check_modules(snap)
         with open_image(snap.dump) as image:
             assert Linux.from_memory(image, image.cpus).kernel.mode.value == "5-level"
+
+
+def test_isf_export_round_trip(default_snap, tmp_path):
+    """ps through the exported ISF (--symbols) lists the same processes as zero-config ps."""
+    isf = tmp_path / "kernel.json.xz"
+    result = run_cli("symbols", "export", default_snap.dump, "-o", str(isf))
+    assert result.status == 0, result.stderr
+    plain = json.loads(run_cli("ps", default_snap.dump, "--json").stdout)
+    via_isf = run_cli("ps", default_snap.dump, "--json", "--symbols", str(isf))
+    assert via_isf.status == 0, via_isf.stderr
+    assert [(p["pid"], p["comm"], p["uid"]) for p in json.loads(via_isf.stdout)] == [
+        (p["pid"], p["comm"], p["uid"]) for p in plain]
