@@ -33,7 +33,7 @@ ADDR = 0x000FFFFFFFFFF000
 
 def walk_pae(buf: bytes, cr3: int, vaddr: int) -> int | None:
     pdpte = _u(buf, (cr3 & 0xFFFFFFE0) + ((vaddr >> 30) & 3) * 8, 8)
-    if pdpte is None or not pdpte & 1 or pdpte & 0x1E6:
+    if pdpte is None or not pdpte & 1 or pdpte & 0x6:
         return None
     return _walk_long(buf, pdpte & ADDR, vaddr, [21, 12])
 

@@ -89,7 +89,9 @@ SPECS: dict[PagingMode, PagingSpec] = {
         mode=PagingMode.PAE, entry_size=8, cr3_mask=0xFFFF_FFE0, addr_mask=ADDR_MASK_64,
         va_bits=32, canonical=False,
         levels=(
-            Level(30, 2, False, reserved=0x1E6),  # PDPTE: bits 1, 2, 5..8 reserved
+            # PDPTE bits 2:1 are reserved. The SDM reserves 8:5 too, but QEMU's TCG sets the
+            # accessed bit (5) in them and ignores 8:5, and Linux guests run fine with it.
+            Level(30, 2, False, reserved=0x6),
             Level(21, 9, True, reserved=_large_reserved(21)),
             Level(12, 9, False),
         ),
