@@ -1,0 +1,1 @@
+"""Live hypervisor links: QEMU through its shared RAM file, QMP and the gdbstub."""

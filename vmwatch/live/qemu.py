@@ -1,0 +1,709 @@
+"""The QEMU live backend: shared-RAM reads, QMP control, gdbstub registers, breakpoints and events.
+
+Theory of operation:
+
+* Memory: QMP ``qom-list``/``qom-get`` on ``/objects`` find a ``memory-backend-file`` with
+  ``share=on``; its file is mapped (read-only unless asked) and QEMU's flat view of the system
+  address space gives the GPA -> file offset runs (``qemu_ram``). Without one, reads go through
+  the gdbstub in physical mode (``Qqemu.PhyMemMode:1``), ~100x slower, with a warning once.
+* Run state has ONE owner: the gdbstub link. QMP is used for queries only (status, HMP
+  ``info registers``/``info mtree``, starting the stub); a QMP ``cont`` behind the stub's back
+  would make its next packet act as an interrupt (DESIGN.md).
+* Events: the guest runs until a stop reply; it then stays stopped while the consumer handles
+  the event. Continuing past a breakpoint at X without a single step ("hop"): remove X, plant a
+  temporary breakpoint on the next instruction (decoded with capstone), continue, and on that
+  stop put X back, drop the temporary one and continue; both swaps are pipelined with the
+  resume in one write. Breakpoint changes are cheap in QEMU >= 6.2 (no TB flush). Branches and
+  SMP guests (X is global to all vCPUs, another one could pass it meanwhile) use ``vCont;s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import socket
+import tempfile
+import time
+from typing import AsyncIterator, Callable
+
+import capstone
+import structlog
+import trio
+
+from vmwatch.cpu import SEGMENT_NAMES, Registers, Segment
+from vmwatch.errors import LinkClosedError, LinkError, ProtocolError, UnsupportedOperation
+from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SingleStep, SourceEnded
+from vmwatch.live.gdbrsp import _proto as p
+from vmwatch.live.gdbrsp._trio import GdbConnection, RemoteError
+from vmwatch.live.qemu_ram import GdbMemory, SharedRam, ram_runs
+from vmwatch.live.qmp import open_qmp
+
+log = structlog.get_logger()
+
+SIGINT = 2
+SIGTRAP = 5
+_BP = p.WatchKind.SOFTWARE
+_WATCH_KIND = {Access.WRITE: p.WatchKind.WRITE, Access.READ: p.WatchKind.READ, Access.READ_WRITE: p.WatchKind.ACCESS}
+_WATCH_ACCESS = {"watch": Access.WRITE, "rwatch": Access.READ, "awatch": Access.READ_WRITE}
+_REG_ALIASES = {"rflags": "eflags", "kernel_gs_base": "k_gs_base"}
+_BRANCH_GROUPS = (capstone.CS_GRP_JUMP, capstone.CS_GRP_CALL, capstone.CS_GRP_RET, capstone.CS_GRP_IRET,
+                  capstone.CS_GRP_INT, capstone.CS_GRP_BRANCH_RELATIVE)
+_SERIALIZING = frozenset(("syscall", "sysret", "sysenter", "sysexit", "hlt", "mwait", "ud2", "int3",
+                          "wrmsr", "cpuid", "lgdt", "lidt", "mov cr", "invlpg", "swapgs", "iretq"))
+
+
+class _Hop:
+    """A step-over in flight: the user breakpoint ``addr`` is lifted until ``next_addr`` is reached."""
+
+    __slots__ = ("addr", "next_addr")
+
+    def __init__(self, addr: int, next_addr: int) -> None:
+        self.addr = addr
+        self.next_addr = next_addr
+
+
+class QemuVM:
+    """A live QEMU guest. Get one from :func:`attach_qemu`."""
+
+    def __init__(self, qmp: object, gdb: GdbConnection, *, layout: list[p.RegisterInfo],
+                 threads: list[p.ThreadId], gdb_path: str) -> None:
+        self.qmp = qmp
+        self.gdb = gdb
+        self.gdb_path = gdb_path
+        self.memory: object = None
+        """Guest-physical memory (``SharedRam`` or the slow ``GdbMemory``); volatile."""
+        self.on_resume: list[Callable[[], None]] = [self._forget_registers]
+        """Called (synchronously) every time the guest is let run: drop caches of guest memory."""
+        self.step_over = "auto"
+        """How to continue past a breakpoint: ``"hop"``, ``"step"`` or ``"auto"`` (hop when safe)."""
+        self._layout = {r.name: r for r in layout}
+        self._g_size = sum(r.size for r in layout)
+        self._threads = threads
+        self._lock = trio.Lock()
+        self._pending: collections.deque[Event] = collections.deque()
+        self._raw_stops: collections.deque[p.StopReply | p.Exited] = collections.deque()
+        """Stop replies a synchronous gdbstub memory read ran into; digested by the async side."""
+        self._breakpoints: set[int] = set()
+        self._watchpoints: dict[tuple[int, int, Access], None] = {}
+        self._hop: _Hop | None = None
+        self._held = False  # the consumer called pause(): don't auto-resume
+        self._resume_from: tuple[int, int] | None = None  # (vcpu, rip) of a delivered breakpoint
+        self._selected: str | None = None
+        self._sstep_flags: int | None = None
+        self._phys_mode = False
+        self._waiting = False
+        self._stop_wanted = False
+        self._stopped = trio.Event()
+        self._closed: str | None = None
+        self._seq = 0
+        self._next_insn: dict[int, int | None] = {}
+        self._descriptors: dict[int, tuple[int, int, int, int]] = {}
+        self._regs_cache: dict[int, Registers] = {}
+        self._md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._md.detail = True
+        self.stats = collections.Counter()
+        """Counts of internal stops, hops and steps (for benchmarks)."""
+
+    # ------------------------------------------------------------------ basic facts
+
+    @property
+    def vcpu_count(self) -> int:
+        return len(self._threads)
+
+    @property
+    def running(self) -> bool:
+        """True when the gdbstub link says the guest runs."""
+        return self.gdb.state is p.State.RUNNING
+
+    async def status(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``debug``, ...) from QMP."""
+        return (await self.qmp.execute("query-status"))["status"]
+
+    def _thread(self, vcpu: int) -> p.ThreadId:
+        if not 0 <= vcpu < len(self._threads):
+            raise ValueError(f"vcpu {vcpu!r} out of range 0..{len(self._threads) - 1}")
+        return self._threads[vcpu]
+
+    def _vcpu_of(self, thread: p.ThreadId | None) -> int:
+        if thread is None:
+            return 0
+        for i, t in enumerate(self._threads):
+            if t.tid == thread.tid:
+                return i
+        return max(thread.tid - 1, 0)
+
+    def _event_fields(self, vcpu: int) -> dict:
+        self._seq += 1
+        return {"seq": self._seq - 1, "time_ns": time.monotonic_ns(), "vcpu": vcpu}
+
+    # ------------------------------------------------------------------ run-state ownership
+
+    def _forget_registers(self) -> None:
+        self._regs_cache.clear()
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise LinkClosedError(f"QEMU link closed: {self._closed}")
+
+    async def _stop_locked(self) -> None:
+        """Make sure the guest is stopped (lock held). Real events that race in are queued."""
+        if self.gdb.state is not p.State.RUNNING:
+            return
+        if self._waiting:
+            self._stop_wanted = True
+            self._stopped = trio.Event()
+            await self.gdb.interrupt()
+            await self._stopped.wait()
+            self._check_open()
+            return
+        await self.gdb.interrupt()
+        await self._on_stop(await self.gdb.wait_stop())
+
+    @contextlib.asynccontextmanager
+    async def _stopped_link(self) -> AsyncIterator[None]:
+        """Hold the link with the guest stopped; put it back running if we stopped it."""
+        self._check_open()
+        async with self._lock:
+            was_running = self.gdb.state is p.State.RUNNING
+            await self._stop_locked()
+            yield
+            if was_running and not self._pending and not self._held and self.gdb.state is p.State.STOPPED \
+                    and not self._waiting:
+                await self._resume_locked()
+
+    async def pause(self) -> None:
+        """Stop the guest and keep it stopped until :meth:`resume` (also across ``events()``)."""
+        self._check_open()
+        async with self._lock:
+            self._held = True
+            await self._stop_locked()
+
+    async def resume(self) -> None:
+        """Let the guest run (stepping over a breakpoint it is stopped at, without losing it)."""
+        self._check_open()
+        async with self._lock:
+            self._held = False
+            if self.gdb.state is p.State.STOPPED:
+                await self._resume_locked()
+
+    async def _resume_locked(self) -> None:
+        for callback in self.on_resume:
+            callback()
+        start = self._resume_from
+        self._resume_from = None
+        if start is not None and start[1] in self._breakpoints:
+            vcpu, addr = start
+            mode = self.step_over
+            nxt = None
+            if mode != "step" and (mode == "hop" or self.vcpu_count == 1):
+                nxt = await self._next_instruction(vcpu, addr)
+            if nxt is not None and nxt not in self._breakpoints:
+                self._hop = _Hop(addr, nxt)
+                self.stats["hops"] += 1
+                await self.gdb.batch([p.remove_point(_BP, addr), p.insert_point(_BP, nxt), p.cont()])
+                return
+            # single-step just that vCPU (others stay stopped), then continue all
+            self.stats["steps_over"] += 1
+            await self._set_sstep(p.SSTEP_ENABLE | p.SSTEP_NOIRQ | p.SSTEP_NOTIMER)
+            await self.gdb.resume(p.vcont(("s", str(self._thread(vcpu)))))
+            stop = await self.gdb.wait_stop()
+            if not self._is_plain_step(stop):
+                await self._on_stop(stop)
+                return
+        await self.gdb.resume(p.cont())
+
+    def _is_plain_step(self, stop: p.StopReply | p.Exited) -> bool:
+        return isinstance(stop, p.StopReply) and stop.signal == SIGTRAP and stop.watch is None
+
+    async def _next_instruction(self, vcpu: int, addr: int) -> int | None:
+        """Address of the instruction after ``addr`` if it surely falls through (None otherwise)."""
+        if addr in self._next_insn:
+            return self._next_insn[addr]
+        nxt = None
+        try:
+            await self._select(vcpu)
+            await self._set_phys(False)
+            code = p.decode_hex(await self.gdb.request(p.read_memory(addr, 16)))
+            insn = next(self._md.disasm(code, addr), None)
+        except RemoteError:
+            insn = None
+        if insn is not None and not any(insn.group(g) for g in _BRANCH_GROUPS) and \
+                not any(f"{insn.mnemonic} {insn.op_str}".startswith(s) for s in _SERIALIZING) and \
+                insn.mnemonic not in ("loop", "loope", "loopne", "jrcxz", "jecxz", "xbegin", "xend") \
+                and not insn.mnemonic.startswith("rep"):
+            nxt = addr + insn.size
+        self._next_insn[addr] = nxt
+        return nxt
+
+    async def _set_sstep(self, flags: int) -> None:
+        if self._sstep_flags != flags:
+            await self.gdb.request(p.set_sstep_flags(flags))
+            self._sstep_flags = flags
+
+    async def _set_phys(self, on: bool) -> None:
+        if self._phys_mode != on:
+            await self.gdb.request(p.set_physical_mode(on))
+            self._phys_mode = on
+            if isinstance(self.memory, GdbMemory):
+                self.memory.phys_mode = on
+
+    async def _select(self, vcpu: int) -> None:
+        thread = str(self._thread(vcpu))
+        if self._selected != thread:
+            await self.gdb.request(p.set_thread(thread, "g"))
+            self._selected = thread
+
+    # ------------------------------------------------------------------ stops -> events
+
+    async def _on_stop(self, stop: p.StopReply | p.Exited) -> bool:
+        """Digest a stop reply (lock held, or the sole reader). Returns True when there is
+        nothing for the consumer (our own interrupt, or the internal stop of a hop)."""
+        if isinstance(stop, p.Exited):
+            self._closed = f"guest exited with status {stop.status}"
+            self._pending.append(SourceEnded(reason=self._closed, **self._event_fields(0)))
+            return False
+        vcpu = self._vcpu_of(stop.thread)
+        hop = self._hop
+        if hop is not None:
+            self._hop = None
+            restore = [p.insert_point(_BP, hop.addr), p.remove_point(_BP, hop.next_addr)]
+            if stop.signal == SIGTRAP and stop.watch is None and not self._stop_wanted:
+                # Optimistic: put the breakpoint back, read RIP and continue in one write. If
+                # RIP is not the hop target but a user breakpoint B, the guest re-stops at B at
+                # once (a plain continue at a breakpoint does), and B is reported then.
+                await self._select(vcpu)
+                for callback in self.on_resume:
+                    callback()
+                replies = await self.gdb.batch([*restore, p.read_register(self._layout["rip"].regnum), p.cont()])
+                rip = int.from_bytes(p.decode_hex(replies[-1]), "little")
+                self.stats["internal_stops" if rip == hop.next_addr else "hops_interrupted"] += 1
+                return True
+            await self.gdb.batch(restore)
+        if stop.watch is not None:
+            kind, addr = stop.watch
+            size = next((s for (a, s, _acc) in self._watchpoints if a == addr), 0)
+            value = None
+            if 0 < size <= 64:
+                try:
+                    await self._select(vcpu)
+                    await self._set_phys(False)
+                    value = p.decode_hex(await self.gdb.request(p.read_memory(addr, size)))
+                except RemoteError:
+                    value = None
+            self._pending.append(MemoryAccess(access=_WATCH_ACCESS[kind], address=addr, size=size,
+                                              value=value, **self._event_fields(vcpu)))
+            return False
+        if stop.signal == SIGTRAP:
+            regs = await self._read_g(vcpu)
+            if regs.rip not in self._breakpoints:
+                return True  # a breakpoint removed meanwhile, or a spurious trap
+            self._resume_from = (vcpu, regs.rip)
+            self._pending.append(Breakpoint(address=regs.rip, **self._event_fields(vcpu)))
+            return False
+        return True  # SIGINT (our interrupt) or another signal: nothing to report
+
+    async def _read_g(self, vcpu: int) -> Registers:
+        """Registers of a stopped vCPU, cached until the guest runs again."""
+        regs = self._regs_cache.get(vcpu)
+        if regs is None:
+            await self._select(vcpu)
+            data = p.decode_hex(await self.gdb.request(p.read_registers()))
+            if len(data) < self._g_size:
+                raise ProtocolError(f"g packet of {len(data)} bytes, expected {self._g_size}")
+            regs = self._regs_cache[vcpu] = registers_from_g(data, self._layout, vcpu)
+        return regs
+
+    async def _rip(self, vcpu: int) -> int:
+        await self._select(vcpu)
+        info = self._layout["rip"]
+        return int.from_bytes(p.decode_hex(await self.gdb.request(p.read_register(info.regnum))), "little")
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Breakpoint / MemoryAccess / SingleStep events, one at a time, guest stopped meanwhile.
+
+        The guest stays stopped while the consumer handles an event. Asking for the next event
+        lets it run again, unless the consumer called :meth:`pause` (then only :meth:`resume`
+        does); an explicit :meth:`resume` inside the loop body is fine too. The stream ends with
+        one :class:`SourceEnded` when QEMU exits or the link drops.
+        """
+        while True:
+            while self._raw_stops and not self._pending:
+                async with self._lock:
+                    await self._on_stop(self._raw_stops.popleft())
+            if self._pending:
+                event = self._pending.popleft()
+                yield event
+                if isinstance(event, SourceEnded):
+                    return
+                continue
+            if self._closed is not None:
+                return
+            try:
+                async with self._lock:
+                    if self.gdb.state is p.State.STOPPED and not self._pending:
+                        if self._held:
+                            # wait outside the lock for resume() to let the guest go
+                            pass
+                        else:
+                            await self._resume_locked()
+                    self._waiting = self.gdb.state is p.State.RUNNING
+                if not self._waiting:
+                    await trio.sleep(0.01)
+                    continue
+                try:
+                    stop = await self.gdb.wait_stop()
+                finally:
+                    self._waiting = False
+                if self._stop_wanted:
+                    self._stop_wanted = False
+                    await self._on_stop(stop)
+                    self._stopped.set()
+                    continue
+                async with self._lock:
+                    await self._on_stop(stop)
+            except (LinkClosedError, ProtocolError) as exc:
+                self._closed = str(exc)
+                self._stopped.set()
+                yield SourceEnded(reason=self._closed, **self._event_fields(0))
+                return
+
+    # ------------------------------------------------------------------ registers
+
+    async def registers(self, vcpu: int = 0, *, descriptors: bool = True) -> Registers:
+        """All registers of one vCPU (GDT/IDT bases from HMP, cached: they change only at boot).
+
+        Stops the guest for the read if it runs, and lets it go again afterwards.
+        """
+        self._thread(vcpu)
+        async with self._stopped_link():
+            regs = await self._read_g(vcpu)
+        if descriptors:
+            desc = self._descriptors.get(vcpu)
+            if desc is None:
+                desc = self._descriptors[vcpu] = await self._read_descriptors(vcpu)
+            regs = _with_descriptors(regs, desc)
+        return regs
+
+    async def all_registers(self) -> tuple[Registers, ...]:
+        return tuple([await self.registers(v) for v in range(self.vcpu_count)])
+
+    async def _read_descriptors(self, vcpu: int) -> tuple[int, int, int, int]:
+        text = await self.qmp.execute("human-monitor-command", command_line="info registers", cpu_index=vcpu)
+        return parse_descriptor_tables(text)
+
+    async def set_registers(self, vcpu: int = 0, **values: int) -> None:
+        """Write registers by ``Registers`` field name (``rip=...``, ``rax=...``, ``cr3=...``)."""
+        writes = []
+        for name, value in values.items():
+            info = self._layout.get(_REG_ALIASES.get(name, name))
+            if info is None:
+                raise ValueError(f"unknown or unwritable register {name!r}")
+            if not isinstance(value, int) or value < 0 or value >= 1 << info.bitsize:
+                raise ValueError(f"value {value!r} does not fit register {name!r}")
+            writes.append(p.write_register(info.regnum, value.to_bytes(info.size, "little")))
+        async with self._stopped_link():
+            await self._select(vcpu)
+            for command in writes:
+                await self.gdb.request(command)
+            self._regs_cache.pop(vcpu, None)
+            if "rip" in values:
+                self._resume_from = None
+
+    # ------------------------------------------------------------------ break / watch / step
+
+    async def add_breakpoint(self, vaddr: int) -> None:
+        """Execution breakpoint at a guest virtual address (invisible to the guest under TCG)."""
+        async with self._stopped_link():
+            if vaddr not in self._breakpoints:
+                await self.gdb.request(p.insert_point(_BP, vaddr))
+                self._breakpoints.add(vaddr)
+
+    async def remove_breakpoint(self, vaddr: int) -> None:
+        async with self._stopped_link():
+            if vaddr in self._breakpoints:
+                self._breakpoints.discard(vaddr)
+                self._next_insn.pop(vaddr, None)
+                await self.gdb.request(p.remove_point(_BP, vaddr))
+
+    async def add_watchpoint(self, vaddr: int, size: int, access: Access = Access.WRITE) -> None:
+        """Watch ``size`` bytes at ``vaddr`` for reads, writes or both (any length).
+
+        The event's ``address`` is the START of the watched range (what QEMU reports).
+        """
+        kind = _WATCH_KIND.get(access)
+        if kind is None:
+            raise ValueError(f"access must be READ, WRITE or READ_WRITE, not {access!r}")
+        if size <= 0:
+            raise ValueError(f"size must be > 0, not {size!r}")
+        async with self._stopped_link():
+            await self.gdb.request(p.insert_point(kind, vaddr, size))
+            self._watchpoints[(vaddr, size, access)] = None
+
+    async def remove_watchpoint(self, vaddr: int, size: int, access: Access = Access.WRITE) -> None:
+        async with self._stopped_link():
+            if self._watchpoints.pop((vaddr, size, access), 0) is None:
+                await self.gdb.request(p.remove_point(_WATCH_KIND[access], vaddr, size))
+
+    async def step(self, vcpu: int = 0, *, mask_interrupts: bool = True) -> SingleStep:
+        """Execute one instruction on ``vcpu`` (interrupts and timers masked unless told).
+
+        The guest is stopped before and after (a running guest is paused first and stays paused).
+        """
+        self._check_open()
+        async with self._lock:
+            self._held = True
+            await self._stop_locked()
+            flags = p.SSTEP_ENABLE | (p.SSTEP_NOIRQ | p.SSTEP_NOTIMER if mask_interrupts else 0)
+            await self._set_sstep(flags)
+            for callback in self.on_resume:
+                callback()
+            self._resume_from = None
+            await self.gdb.resume(p.vcont(("s", str(self._thread(vcpu)))))
+            stop = await self.gdb.wait_stop()
+            if isinstance(stop, p.Exited) or stop.watch is not None:
+                await self._on_stop(stop)
+            rip = await self._rip(vcpu)
+            if rip in self._breakpoints:
+                self._resume_from = (vcpu, rip)
+            self.stats["steps"] += 1
+            return SingleStep(rip=rip, **self._event_fields(vcpu))
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def _detach(self) -> None:
+        if self._closed is not None:
+            return
+        with contextlib.suppress(LinkError):
+            async with self._lock:
+                await self._stop_locked()
+                if self._hop is not None:
+                    await self.gdb.batch([p.insert_point(_BP, self._hop.addr), p.remove_point(_BP, self._hop.next_addr)])
+                    self._hop = None
+                for addr in self._breakpoints:
+                    await self.gdb.request(p.remove_point(_BP, addr), check=False)
+                for (addr, size, access) in self._watchpoints:
+                    await self.gdb.request(p.remove_point(_WATCH_KIND[access], addr, size), check=False)
+                await self._set_phys(False)
+                await self.gdb.request(p.detach())
+
+
+def registers_from_g(data: bytes, layout: dict[str, p.RegisterInfo], vcpu: int) -> Registers:
+    """Decode a ``g`` packet with the target-description layout into :class:`Registers`."""
+    def get(name: str) -> int | None:
+        info = layout.get(name)
+        if info is None or info.offset + info.size > len(data):
+            return None
+        return int.from_bytes(data[info.offset : info.offset + info.size], "little")
+
+    values: dict[str, object] = {"vcpu": vcpu}
+    for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12",
+                 "r13", "r14", "r15", "rip", "fs_base", "gs_base", "cr0", "cr2", "cr3", "cr4", "cr8", "efer"):
+        values[name] = get(name)
+    values["rflags"] = get("eflags")
+    values["kernel_gs_base"] = get("k_gs_base")
+    for seg in SEGMENT_NAMES:
+        selector = get(seg)
+        if selector is not None:
+            base = {"fs": values["fs_base"], "gs": values["gs_base"]}.get(seg) or 0
+            values[seg] = Segment(selector=selector, base=base)
+    return Registers(**values)
+
+
+def parse_descriptor_tables(text: str) -> tuple[int, int, int, int]:
+    """GDT and IDT (base, limit) from HMP ``info registers`` (no binary interface has them).
+
+    Raises:
+        ProtocolError: the lines are missing.
+    """
+    found: dict[str, tuple[int, int]] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition("=")
+        if sep and key.strip() in ("GDT", "IDT"):
+            fields = rest.split()
+            try:
+                found[key.strip()] = (int(fields[0], 16), int(fields[1], 16))
+            except (IndexError, ValueError):
+                raise ProtocolError(f"unreadable {key.strip()} line in 'info registers': {line!r}") from None
+    if len(found) != 2:
+        raise ProtocolError("'info registers' shows no GDT/IDT lines")
+    return (*found["GDT"], *found["IDT"])
+
+
+def _with_descriptors(regs: Registers, desc: tuple[int, int, int, int]) -> Registers:
+    import attrs
+
+    return attrs.evolve(regs, gdtr_base=desc[0], gdtr_limit=desc[1], idtr_base=desc[2], idtr_limit=desc[3])
+
+
+# ---------------------------------------------------------------------- attaching
+
+
+async def _find_ram(qmp: object) -> list[tuple[str, str]]:
+    """``(region name, file path)`` of every shared memory-backend-file."""
+    found = []
+    for child in await qmp.execute("qom-list", path="/objects"):
+        if child.get("type") != "child<memory-backend-file>":
+            continue
+        obj = f"/objects/{child['name']}"
+        if not await qmp.execute("qom-get", path=obj, property="share"):
+            continue  # a private mapping: the file does not show the guest's writes
+        path = await qmp.execute("qom-get", path=obj, property="mem-path")
+        found.append((child["name"], path))
+        found.append((obj, path))  # x-use-canonical-path-for-ramblock-id names the region by path
+    return found
+
+
+async def _gdb_socket(qmp: object, private_dir: str) -> str:
+    """Path of a gdbstub unix socket: QEMU's existing one or a new one we start."""
+    for chardev in await qmp.execute("query-chardev"):
+        name = chardev.get("filename", "")
+        if chardev.get("label") == "gdb":
+            name = name.removeprefix("disconnected:")
+            if name.startswith("unix:"):
+                return name[len("unix:"):].split(",")[0]
+    path = os.path.join(private_dir, "gdb.sock")
+    await qmp.execute("human-monitor-command", command_line=f"gdbserver unix:{path},server=on,wait=off")
+    if not os.path.exists(path):
+        raise LinkError(f"QEMU did not start a gdbstub at {path}")
+    return path
+
+
+async def _connect_gdb(path: str) -> GdbConnection:
+    try:
+        stream = await trio.open_unix_socket(path)
+    except OSError as exc:
+        raise LinkClosedError(f"cannot connect to gdbstub at {path}: {exc.strerror or exc}") from exc
+    return GdbConnection(stream)
+
+
+async def _fetch_layout(gdb: GdbConnection) -> list[p.RegisterInfo]:
+    docs: dict[str, bytes] = {}
+
+    async def fetch(name: str, depth: int) -> None:
+        if name in docs or depth > 8:
+            return
+        docs[name] = await gdb.read_features(name)
+        for inc in p.parse_target_xml(docs[name])[0]:
+            await fetch(inc, depth + 1)
+
+    await fetch("target.xml", 0)
+    return p.register_layout(docs.__getitem__)
+
+
+async def _thread_list(gdb: GdbConnection) -> list[p.ThreadId]:
+    threads: list[p.ThreadId] = []
+    chunk = p.parse_thread_list(await gdb.request(p.query_threads(True)))
+    while chunk:
+        threads.extend(chunk)
+        if len(threads) > 4096:
+            raise ProtocolError("gdbstub lists more than 4096 threads")
+        chunk = p.parse_thread_list(await gdb.request(p.query_threads(False)))
+    if not threads:
+        raise ProtocolError("gdbstub lists no threads")
+    return threads
+
+
+@contextlib.asynccontextmanager
+async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator[QemuVM]:
+    """Attach to a running QEMU by its QMP socket alone.
+
+    Maps the shared RAM file, starts a gdbstub on a private unix socket when QEMU has none,
+    connects to it and leaves the guest in the run state it was found in (also on exit,
+    when every breakpoint and watchpoint is removed and the stub detached).
+
+    Raises:
+        LinkError: QMP or the gdbstub cannot be reached or misbehave.
+    """
+    private_dir = tempfile.mkdtemp(prefix="vmwatch-gdb-")
+    os.chmod(private_dir, 0o700)
+    try:
+        async with open_qmp(qmp_path) as qmp:
+            was_running = (await qmp.execute("query-status"))["running"]
+            ram = await _find_ram(qmp)
+            mtree = await qmp.execute("human-monitor-command", command_line="info mtree -f")
+            gdb_path = await _gdb_socket(qmp, private_dir)
+            with trio.fail_after(10):
+                gdb = await _connect_gdb(gdb_path)
+            async with contextlib.AsyncExitStack() as stack:
+                stack.push_async_callback(gdb.aclose)
+                with trio.fail_after(10):
+                    await gdb.request(p.query_supported())
+                    await gdb.query_stop()
+                    layout = await _fetch_layout(gdb)
+                    threads = await _thread_list(gdb)
+                    await gdb.request(p.set_physical_mode(False))
+                vm = QemuVM(qmp, gdb, layout=layout, threads=threads, gdb_path=gdb_path)
+                vm.memory = _open_memory(vm, ram, mtree, writable)
+                stack.callback(_close_memory, vm)
+                if was_running:
+                    await vm.gdb.resume(p.cont())
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_drain_qmp_events, qmp)
+                        try:
+                            yield vm
+                        finally:
+                            with trio.CancelScope(shield=True):
+                                await vm._detach()
+                                if not was_running and vm._closed is None:
+                                    with contextlib.suppress(LinkError):
+                                        await qmp.execute("stop")
+                            nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    if len(group.exceptions) == 1:
+                        raise group.exceptions[0] from None
+                    raise
+    finally:
+        with contextlib.suppress(OSError):
+            for name in os.listdir(private_dir):
+                os.unlink(os.path.join(private_dir, name))
+            os.rmdir(private_dir)
+
+
+_WARNED: list[bool] = []
+"""Say once per process that memory goes through the gdbstub."""
+
+
+def _open_memory(vm: QemuVM, ram: list[tuple[str, str]], mtree: str, writable: bool) -> object:
+    if ram:
+        paths = {path for _, path in ram}
+        if len(paths) == 1:
+            runs = ram_runs(mtree, [name for name, _ in ram])
+            if runs:
+                return SharedRam(paths.pop(), runs, writable=writable)
+    if not _WARNED:
+        _WARNED.append(True)
+        log.warning("qemu.slow_memory", reason="no shared memory-backend-file: reading guest RAM through the gdbstub",
+                    hint="start QEMU with -object memory-backend-file,share=on,... -machine memory-backend=...")
+
+    def link_idle() -> bool:
+        return not vm._lock.locked() and not vm._waiting
+
+    def on_stop(stop: p.StopReply | p.Exited) -> bool:
+        # called from a synchronous read that interrupted the guest: a real event stays queued
+        if isinstance(stop, p.StopReply) and stop.signal == SIGINT:
+            return True
+        vm._raw_stops.append(stop)
+        return False
+
+    def set_phys(on: bool) -> None:
+        vm._phys_mode = on
+
+    sock = socket.fromfd(vm.gdb.stream.socket.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+    return GdbMemory(vm.gdb.core, sock, ram_runs(mtree, None),
+                     link_idle=link_idle, on_stop=on_stop, set_phys_mode=set_phys, writable=writable)
+
+
+def _close_memory(vm: QemuVM) -> None:
+    if isinstance(vm.memory, SharedRam):
+        vm.memory.close()
+    elif isinstance(vm.memory, GdbMemory):
+        vm.memory.close()
+
+
+async def _drain_qmp_events(qmp: object) -> None:
+    """Read QMP's STOP/RESUME events so its buffer never fills (we own run state through gdb)."""
+    async for event in qmp.events:
+        if event.name in ("SHUTDOWN",):
+            log.info("qemu.shutdown", data=getattr(event, "data", None))
