@@ -17,22 +17,35 @@ class Qemu:
     """A paused QEMU (no guest code runs) we can ask to dump its memory."""
 
     def __init__(self, binary: str, tmp: Path, *args: str) -> None:
-        self.sock_path = tmp / "qmp.sock"
+        self.sock_path = tmp / f"qmp-{len(list(tmp.glob('qmp-*.sock')))}.sock"
+        self.sock = None
         self.proc = subprocess.Popen(
             [binary, "-S", "-display", "none", "-nodefaults", "-qmp",
              f"unix:{self.sock_path},server=on,wait=off", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not self.sock_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode() if self.proc.poll() is not None else "timeout"
-                self.close()
-                raise RuntimeError(f"QEMU did not start: {err}")
-            time.sleep(0.02)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(60)
-        self.sock.connect(str(self.sock_path))
-        self.file = self.sock.makefile("rwb")
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited: {self.proc.stderr.read().decode(errors='replace')}")
+            try:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.settimeout(60)
+                sock.connect(str(self.sock_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise RuntimeError("QEMU's QMP socket never accepted a connection") from None
+                time.sleep(0.02)
+        self.sock = sock
+        self.file = sock.makefile("rwb")
         greeting = json.loads(self.file.readline())
         assert "QMP" in greeting
         self.execute("qmp_capabilities")
@@ -55,12 +68,15 @@ class Qemu:
         return path
 
     def close(self) -> None:
-        if getattr(self, "sock", None) is not None:
+        """Quit QEMU politely, then make sure: the process never outlives the test."""
+        if self.sock is not None:
             try:
                 self.execute("quit")
             except (OSError, RuntimeError, ValueError):
                 pass
+            self.file.close()
             self.sock.close()
+            self.sock = None
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -78,7 +94,7 @@ def qemu(tmp_path):
     def start(binary: str = "qemu-system-x86_64", *args: str) -> Qemu:
         if shutil.which(binary) is None:
             pytest.skip(f"{binary} not installed")
-        q = Qemu(binary, tmp_path, *args)
+        q = Qemu(binary, tmp_path, *args)  # closes itself if it cannot start
         started.append(q)
         return q
 
