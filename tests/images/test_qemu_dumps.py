@@ -96,3 +96,19 @@ class TestQemuI386:
             assert img.read(0x100000, len(blob)) == blob
             assert img.read(0xFFFFFFF0, 16) == _xp(q, 0xFFFFFFF0, 2)
             assert img.cpus[0].rip == 0xFFF0
+
+
+class TestQemuOtherFormats:
+    @pytest.mark.parametrize("fmt", ["kdump-zlib", "kdump-lzo"])
+    def test_kdump_outputs_are_refused_clearly(self, qemu, tmp_path, fmt):
+        """QEMU's kdump-compressed output is recognised and refused with advice, not read as raw."""
+        q = qemu("qemu-system-x86_64", "-m", "16M")
+        path = tmp_path / f"{fmt}.dump"
+        try:
+            q.execute("dump-guest-memory", paging=False, protocol=f"file:{path}", format=fmt)
+        except RuntimeError as exc:  # this QEMU was built without the compressor
+            pytest.skip(str(exc))
+        from vmwatch.errors import ImageFormatError
+
+        with pytest.raises(ImageFormatError, match="kdump"):
+            open_image(path)
