@@ -99,10 +99,10 @@ class TestQemuI386:
 
 
 class TestQemuOtherFormats:
-    @pytest.mark.parametrize("fmt", ["kdump-zlib", "kdump-lzo"])
-    def test_kdump_outputs_are_refused_clearly(self, qemu, tmp_path, fmt):
+    def test_kdump_outputs_are_refused_clearly(self, qemu, tmp_path):
         """QEMU's kdump-compressed output is recognised and refused with advice, not read as raw."""
         q = qemu("qemu-system-x86_64", "-m", "16M")
+        fmt = "kdump-zlib"  # Debian's QEMU 7.2 has neither lzo nor snappy
         path = tmp_path / f"{fmt}.dump"
         try:
             q.execute("dump-guest-memory", paging=False, protocol=f"file:{path}", format=fmt)
