@@ -109,3 +109,25 @@ class TestCachedPhysicalMemory:
         """The wrapper reports the source's volatile and writable flags."""
         cached = CachedPhysicalMemory(BufferMemory(bytearray(16), volatile=True, writable=True))
         assert cached.volatile and cached.writable
+
+
+class _CountingMemory(BufferMemory):
+    """Counts read_many batches, like a gdbstub source where each batch is a round trip."""
+
+    batches = 0
+
+    def read_many(self, requests):
+        self.batches += 1
+        return super().read_many(requests)
+
+
+class TestBatchedReads:
+    def test_misses_go_in_one_batch(self):
+        """Uncached requests reach the source as one read_many; cached ones do not reach it."""
+        inner = _CountingMemory(bytes(range(256)) * 64)
+        cached = CachedPhysicalMemory(inner)
+        cached.read(0x1000, 1)  # page 1 is now cached
+        got = cached.read_many([(0x1004, 2), (0x10, 2), (0x3FFE, 2), (0x4000, 1)])
+        assert got == [bytes([4, 5]), bytes([16, 17]), bytes([254, 255]), None]
+        assert inner.batches == 1
+        assert cached.stats()["hits"] == 1

@@ -243,12 +243,24 @@ class CachedPhysicalMemory:
         return bytes(buf)
 
     def read_many(self, requests: Iterable[tuple[int, int]]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for paddr, size in requests:
-            try:
-                out.append(self.read(paddr, size))
-            except PhysicalReadError:
-                out.append(None)
+        """Serve what the cache holds; send the rest to the source in one batch (one round
+        trip for a gdbstub source) without caching it."""
+        requests = list(requests)
+        out: list[bytes | None] = [None] * len(requests)
+        missing = []
+        pages = self._pages
+        for i, (paddr, size) in enumerate(requests):
+            off = paddr & PAGE_MASK
+            page = pages.get(paddr >> PAGE_SHIFT) if off + size <= PAGE_SIZE else None
+            if page is not None:
+                self.hits += 1
+                out[i] = page[off : off + size]
+            else:
+                missing.append(i)
+        if missing:
+            self.misses += len(missing)
+            for i, data in zip(missing, self.inner.read_many([requests[i] for i in missing])):
+                out[i] = data
         return out
 
     def write(self, paddr: int, data: bytes) -> None:
