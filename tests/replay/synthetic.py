@@ -53,6 +53,8 @@ class SyntheticLive:
     async def __anext__(self):
         if self.position >= self._count:
             raise StopAsyncIteration
+        for hook in getattr(self, "on_resume", ()):  # the guest runs before the next event
+            hook()
         self._mutate()
         self.position += 1
         return self.event(self.position - 1)
@@ -83,14 +85,17 @@ class SyntheticLive:
         pass
 
 
-def synthetic_source(count: int = 30, seed: int = 1) -> SyntheticLive:
+def synthetic_source(count: int = 30, seed: int = 1, *, on_resume: bool = False) -> SyntheticLive:
     rng = random.Random(seed)
     buffer = bytearray(rng.randbytes(RAM))
     buffer[0x30000:0x38000] = bytes(0x8000)  # zero pages: deduplicated to one
     runs = [Run(start=0, size=HOLE[0], file_offset=0),
             Run(start=HOLE[0] + HOLE[1], size=RAM - HOLE[0] - HOLE[1], file_offset=HOLE[0] + HOLE[1])]
     memory = BufferMemory(buffer, runs=runs, volatile=True)
-    return SyntheticLive(memory, buffer, count, seed)
+    source = SyntheticLive(memory, buffer, count, seed)
+    if on_resume:
+        source.on_resume = []
+    return source
 
 
 def handler_reads(seq: int) -> list[tuple[int, int]]:

@@ -42,6 +42,20 @@ RULES = textwrap.dedent('''
             guest.alert("info", "tick", pid=3, word=guest.phys.read(0x5FF8, 16).hex())
 ''')
 
+CACHED_RULES = textwrap.dedent('''
+    import hashlib
+    from vmwatch.rules import rule
+
+    @rule.on_breakpoint(0xFFFFFFFF81000003)
+    @rule.on_breakpoint(0xFFFFFFFF81000006)
+    @rule.on_breakpoint(0xFFFFFFFF81000009)
+    @rule.on_breakpoint(0xFFFFFFFF8100000C)
+    def cached(event, guest):
+        # through GuestMemory's page cache: fresh only if the cache is flushed when the guest ran
+        low = guest.memory.read_phys(0, 0x20000)
+        guest.alert("info", "low memory", pid=1, digest=hashlib.sha256(low).hexdigest())
+''')
+
 OTHER_RULES = textwrap.dedent('''
     from vmwatch.rules import rule
 
@@ -49,6 +63,20 @@ OTHER_RULES = textwrap.dedent('''
     def elsewhere(event, guest):
         guest.alert("info", "reads a page nobody recorded", pid=1, data=guest.phys.read(0x3F000, 8).hex())
 ''')
+
+
+def _watch(tmp_path, rules_text, **source_options):
+    rules = tmp_path / "pack.py"
+    rules.write_text(rules_text)
+    path = tmp_path / "session.vmwr"
+    out = io.StringIO()
+
+    async def session():
+        with recording_source(synthetic_source(count=30, **source_options), path) as source:
+            return await watch(source, RuleSet.load([rules]), [JsonLinesSink(out)])
+
+    summary = trio.run(session)
+    return path, rules, out.getvalue().splitlines(), summary
 
 
 @pytest.fixture
@@ -96,6 +124,15 @@ class TestEngineReplay:
         last = result.stderr.splitlines()[-1]
         assert last == "vmwatch: error: physical address 0x3f000 is not in the recording (at event 3)"
         assert "Traceback" not in result.stderr
+
+    def test_cache_flushes_replayed(self, tmp_path):
+        """A source that reports when the guest ran: the engine's cache flushes happen in replay too."""
+        path, rules, live_lines, _ = _watch(tmp_path, CACHED_RULES, on_resume=True)
+        digests = {json.loads(line)["details"]["digest"] for line in live_lines if "low memory" in line}
+        assert len(digests) == 4  # the guest changed low memory between the events: fresh reads live
+        result = run_cli("replay", path, "--rules", rules, "--json")
+        assert result.status == 0, result.stderr
+        assert result.stdout.splitlines() == live_lines
 
     def test_truncated_file_exit_2(self, tmp_path):
         """A truncated recording: one line, exit 2."""

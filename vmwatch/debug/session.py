@@ -376,7 +376,7 @@ class DebugSession:
             await live.add_breakpoint(after)
         try:
             while True:
-                event = await self.cont(_armed_extra={after})
+                event = await self.cont()
                 if isinstance(event, Breakpoint) and event.address == after and event.vcpu == self.vcpu:
                     break
                 if isinstance(event, Breakpoint) and event.address in {b.address for b in self.breakpoints.values()}:
@@ -386,18 +386,13 @@ class DebugSession:
                 await live.remove_breakpoint(after)
         return (await self.registers()).rip
 
-    async def cont(self, *, _armed_extra: set[int] = frozenset()) -> Event:
+    async def cont(self) -> Event:
         """Resume until a breakpoint or watchpoint stops the guest; return that event.
 
-        A breakpoint at the current RIP would re-trigger at once, so the first instruction is
-        stepped over it (as gdbstub users must). Cancel with trio (Ctrl-C in the shell).
+        The backend steps over a breakpoint at the current RIP by itself. Cancel with trio
+        (Ctrl-C in the shell); the guest is then stopped again.
         """
         live = self._need_live("continue")
-        regs = await self.registers()
-        armed = {b.address for b in self.breakpoints.values()} | set(_armed_extra)
-        if regs.rip in armed:
-            await live.step(self.vcpu)
-            self._ran()
         events = live.events()
         try:
             await live.resume()
@@ -451,6 +446,12 @@ class DebugSession:
         self.watchpoints[wp.number] = wp
         self._next_number += 1
         return wp
+
+    async def attach(self) -> None:
+        """Stop a live guest, as a debugger attaching does (an image needs nothing)."""
+        if self.live is not None:
+            await self.live.pause()
+            self._ran()
 
     async def detach(self) -> None:
         """Remove every breakpoint and watchpoint and let the guest run."""

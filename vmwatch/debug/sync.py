@@ -58,6 +58,7 @@ class Debugger:
         try:
             async with open_target(self.spec) as target:
                 self.session = DebugSession(target)
+                await self.session.attach()
                 self._token = trio.lowlevel.current_trio_token()
                 self._done = trio.Event()
                 started.put(None)

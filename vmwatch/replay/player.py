@@ -16,7 +16,7 @@ import bisect
 import contextlib
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import structlog
 import zstandard
@@ -325,6 +325,11 @@ class ReplaySource:
         self.vcpu_count = int(meta.get("vcpu_count") or 1)
         self.position = 0
         """How many events were handed out."""
+        if meta.get("on_resume"):
+            # The live source told the engine when the guest ran (it flushed its caches then).
+            # A replayed guest "runs" before every event; flushing at least as often as live did
+            # only sends more reads to the recording, which serves them from the same event.
+            self.on_resume: list[Callable[[], None]] = []
         self.context = SETUP
         self._clock_used = 0
         self.failure: RecordingError | None = None
@@ -350,6 +355,7 @@ class ReplaySource:
         index = self.position
         if index >= len(self.recording.events) or self.first_failure() is not None:
             raise StopAsyncIteration  # a replay that cannot be faithful stops at once
+        self._ran()
         self.context = index
         if self.memory is not None:
             self.memory.context = index
@@ -391,7 +397,11 @@ class ReplaySource:
         pass
 
     async def resume(self) -> None:
-        pass
+        self._ran()
+
+    def _ran(self) -> None:
+        for hook in getattr(self, "on_resume", ()):
+            hook()
 
     async def status(self) -> str:
         return "replay"
