@@ -25,6 +25,7 @@ import hashlib
 import struct
 from array import array
 from bisect import bisect_right
+from collections import Counter
 from typing import Callable, Iterable
 
 import attrs
@@ -62,15 +63,19 @@ class Symbols:
         names: symbol names in table order.
         addresses: runtime addresses, same order.
         types: nm type letters (``T``, ``t``, ``D``, ``A``...), same order; may be empty.
+        preferred: indexes of globals that must win over earlier statics of the same name
+            (computed when not given; cached with decoded kallsyms).
     """
 
-    def __init__(self, names: list[str], addresses: Iterable[int], types: str = "") -> None:
+    def __init__(self, names: list[str], addresses: Iterable[int], types: str = "",
+                 preferred: list[int] | None = None) -> None:
         self.names = names
         self.addresses = array("Q", addresses)
         self.types = types
         if len(self.addresses) != len(names) or types and len(types) != len(names):
             raise SymbolError("symbol names, addresses and types differ in length")
         self._by_name: dict[str, int] | None = None
+        self._preferred = preferred
         self._sorted: tuple[array, list[int]] | None = None
 
     def __len__(self) -> int:
@@ -78,13 +83,12 @@ class Symbols:
 
     def _index(self) -> dict[str, int]:
         if self._by_name is None:
-            names, types = self.names, self.types
-            by_name = dict(zip(names, range(len(names))))
-            if types:
-                # Globals win over statics sharing a name (lowercase nm types are local).
-                for i, kind in enumerate(types):
-                    if "A" <= kind <= "Z":
-                        by_name[names[i]] = i
+            names = self.names
+            by_name = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))  # first one wins
+            if self._preferred is None:
+                self._preferred = preferred_globals(names, self.types) if len(by_name) != len(names) else []
+            for i in self._preferred:
+                by_name[names[i]] = i
             self._by_name = by_name
         return self._by_name
 
@@ -126,6 +130,23 @@ class Symbols:
 
     def items(self) -> Iterable[tuple[str, int]]:
         return zip(self.names, self.addresses)
+
+
+def preferred_globals(names: list[str], types: str) -> list[int]:
+    """Indexes of global symbols whose name an earlier local (static) symbol also has."""
+    if not types:
+        return []
+    dups = {name for name, n in Counter(names).items() if n > 1}
+    first: dict[str, int] = {}
+    out = []
+    for i, name in enumerate(names):
+        if name in dups:
+            if name not in first:
+                first[name] = i
+            elif "A" <= types[i] <= "Z" and not "A" <= types[first[name]] <= "Z":
+                out.append(i)
+                first[name] = i
+    return out
 
 
 def find_token_tables(buf: bytes, start: int = 0) -> list[int]:
@@ -190,14 +211,14 @@ def _decode(buf: bytes, token_table: int, pointer_size: int) -> tuple[Symbols, K
         markers_at, markers, count_hint = _markers(buf, token_table)
         names_at, num_syms = _names_start(buf, markers_at, markers, pointer_size, count_hint)
         _cache.store("kallsyms-layout", key, (markers_at - token_table, names_at - token_table, num_syms))
-    names, types, names_end = _decode_names(buf, names_at, num_syms, tokens, markers)
+    names, types, names_end, preferred = _decode_names(buf, names_at, num_syms, tokens, markers)
     if not markers_at - 8 <= names_end <= markers_at:
         raise SymbolError(f"kallsyms names end at {names_end:#x}, markers start at {markers_at:#x}")
     offsets_at, base, addresses = _addresses(buf, names_at, num_syms, token_index, pointer_size)
     tables = KallsymsTables(num_syms=names_at - pointer_size if pointer_size == 4 else names_at - 8,
                             names=names_at, markers=markers_at, token_table=token_table,
                             token_index=token_index, offsets=offsets_at, relative_base=base)
-    return Symbols(names, addresses, types), tables
+    return Symbols(names, addresses, types, preferred), tables
 
 
 def _layout_holds(buf: bytes, token_table: int, markers_rel: int, names_rel: int, count: int) -> bool:
@@ -302,7 +323,7 @@ def _names_start(buf: bytes, markers_at: int, markers: list[int], pointer_size: 
 
 
 def _decode_names(buf: bytes, start: int, count: int, tokens: list[str],
-                  markers: list[int]) -> tuple[list[str], str, int]:
+                  markers: list[int]) -> tuple[list[str], str, int, list[int]]:
     if count > _MAX_SYMS:
         raise SymbolError(f"absurd kallsyms_num_syms {count}")
     key = hashlib.blake2b(buf[start:start + 16] + count.to_bytes(4, "little")
@@ -311,9 +332,9 @@ def _decode_names(buf: bytes, start: int, count: int, tokens: list[str],
     end_guess = start + markers[-1] + 256 * 260
     key.update(buf[start:min(end_guess, len(buf))])
     cached = _cache.load("kallsyms", key.hexdigest())
-    if cached is not None:
-        joined, types, end = cached
-        return joined.split("\n"), types, end
+    if isinstance(cached, tuple) and len(cached) == 4:
+        joined, types, end, preferred = cached
+        return joined.split("\n"), types, end, preferred
     names: list[str] = []
     types: list[str] = []
     for i in range(count):
@@ -330,9 +351,10 @@ def _decode_names(buf: bytes, start: int, count: int, tokens: list[str],
         pos += length
         types.append(text[0])
         names.append(text[1:])
-    result = (names, "".join(types), pos)
-    _cache.store("kallsyms", key.hexdigest(), ("\n".join(names), result[1], pos))
-    return result
+    joined_types = "".join(types)
+    preferred = preferred_globals(names, joined_types)
+    _cache.store("kallsyms", key.hexdigest(), ("\n".join(names), joined_types, pos, preferred))
+    return names, joined_types, pos, preferred
 
 
 def _addresses(buf: bytes, names_at: int, count: int, token_index: int,
