@@ -84,6 +84,7 @@ class TestReads:
             mem.read(BASE, 1 << 40)
         with pytest.raises(GuestDataError):
             mem.read(BASE, -1)
+        assert mem.read(BASE + 0x3000, 0) == b""
 
     def test_read_phys(self, fake):
         """read_phys bypasses translation."""

@@ -179,7 +179,9 @@ class GuestMemory:
                 mapped or not backed, unless ``pad``.
             GuestDataError: ``size`` is absurd (over 1 GiB).
         """
-        if size < 0 or size > MAX_READ:
+        if not 0 < size <= MAX_READ:
+            if size == 0:
+                return b""
             raise GuestDataError(f"refusing to read {size:#x} bytes at {vaddr:#x}")
         off = vaddr & PAGE_MASK
         if off + size <= PAGE_SIZE and not pad:

@@ -306,7 +306,7 @@ class Walker:
         if lo >= hi:
             return
         esize = spec.entry_size
-        fmt = "<Q" if esize == 8 else "<I"
+        tables = {lv.bits: struct.Struct(f"<{1 << lv.bits}{'Q' if esize == 8 else 'I'}").unpack for lv in spec.levels}
         budget = [max_tables]
         sign_bit = 1 << (spec.va_bits - 1) if spec.canonical else 0
         sign_fill = ((1 << 64) - 1) ^ lin_mask if spec.canonical else 0
@@ -327,11 +327,11 @@ class Walker:
                 raw = self._read_table(base, count * esize)
             except PhysicalReadError:
                 return
-            entries = struct.unpack(f"<{count}{fmt[1]}", raw)
+            entries = tables[level.bits](raw)
             span = 1 << level.shift
             first = max(0, (lo - va_base) >> level.shift) if lo > va_base else 0
             last = min(count, -(-(hi - va_base) // span))
-            _, _, _, large, reserved, shift = steps[depth]
+            large, reserved = steps[depth][3:5]
             for index in range(first, last):
                 entry = entries[index]
                 if not entry & PRESENT:

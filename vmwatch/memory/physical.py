@@ -2,9 +2,9 @@
 
 Theory of operation: a source (image, live RAM file, replay) knows only guest-physical
 addresses. ``read_into`` and the batched ``read_many`` are the whole contract (as in memflow's
-``PhysicalMemory``); everything else is built on them. Sources that are one contiguous buffer
-may also offer ``view(paddr, size)``: a zero-copy memoryview the translator reads page-table
-entries from with ``struct.unpack_from``, skipping every copy.
+``PhysicalMemory``); everything else is built on them. :class:`CachedPhysicalMemory` keeps
+whole 4 KiB pages as ``bytes`` so the page walker and the integer readers can
+``struct.unpack_from`` straight out of them.
 """
 
 from __future__ import annotations
@@ -88,22 +88,6 @@ class BufferMemory:
         run = self.runs[i]
         left = run.start + run.size - paddr
         return (run, left) if left > 0 else None
-
-    def view(self, paddr: int, size: int) -> memoryview:
-        """A zero-copy view of ``size`` backed bytes at ``paddr`` (one run, no zero-fill).
-
-        Raises:
-            PhysicalReadError: the range is not wholly inside one file-backed run.
-        """
-        if self._flat:
-            if paddr < 0 or paddr + size > len(self._view):
-                raise PhysicalReadError(paddr, size)
-            return self._view[paddr : paddr + size]
-        found = self._locate(paddr)
-        if found is None or found[1] < size or found[0].file_offset is None:
-            raise PhysicalReadError(paddr, size)
-        off = found[0].file_offset + paddr - found[0].start
-        return self._view[off : off + size]
 
     def read_into(self, paddr: int, buf: bytearray | memoryview, *, pad: bool = False) -> None:
         out = memoryview(buf).cast("B")
