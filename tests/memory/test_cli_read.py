@@ -80,3 +80,15 @@ class TestReadCommand:
         assert result.status == 2
         assert re.search(message, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.guest
+class TestReadLive:
+    def test_banner_by_symbol_matches_proc_version(self, lab_guest):
+        """`vmwatch read qemu:SOCK linux_banner` shows the banner the guest itself reports."""
+        version = lab_guest.shell("cat /proc/version").strip()
+        result = run_cli("read", lab_guest.target, "linux_banner", "-n", "64", "--json")
+        assert result.status == 0, result.stderr
+        out = json.loads(result.stdout)
+        data = b"".join(bytes.fromhex(chunk["hex"]) for chunk in out["chunks"])
+        assert data == version.encode()[:64]
