@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+from pathlib import Path
 
 from vmwatch.testing import imagebuilders as build
 
@@ -31,7 +32,23 @@ def valid_files() -> dict[str, bytes]:
         "windows64": build.windows_crashdump([(1, _ram(PAGE)), (4, _ram(PAGE))], regs=_REGS),
         "windows32": build.windows_crashdump([(1, _ram(PAGE))], bits=32),
         "windows-bitmap": build.windows_crashdump([(2, _ram(PAGE)), (9, _ram(PAGE))], dump_type=5),
+        **_real_samples(),
     }
+
+
+def _real_samples() -> dict[str, bytes]:
+    """The real LiME slice, and the real Windows headers carrying a few pages (when present)."""
+    samples = Path(__file__).resolve().parents[3] / "shared" / "samples"
+    out = {}
+    lime = samples / "lime" / "deb-x86_64-slice.lime"
+    if lime.exists():
+        out["lime-real"] = lime.read_bytes()
+    for bits, name in ((64, "coredump_win10_64bit_stripped.raw"), (32, "coredump_win7_32bit_stripped.raw")):
+        header = samples / "windows-crashdump" / name
+        if header.exists():
+            out[f"windows{bits}-real-header"] = build.windows_crashdump(
+                [(1, _ram(PAGE)), (0x100, _ram(PAGE))], bits=bits, header=header.read_bytes())
+    return out
 
 
 def put_u64(data: bytes, offset: int, value: int) -> bytes:

@@ -118,3 +118,16 @@ class TestValidation:
         """Validation sorts runs and drops empty ones."""
         runs = validate_runs([Run(0x2000, 0x10, 0), Run(0, 0, 0), Run(0, 0x10, 0)], 0x100, "x")
         assert [r.start for r in runs] == [0, 0x2000]
+
+
+class TestView:
+    def test_view_is_zero_copy_and_bounded(self, lime3):
+        """view() returns the stored bytes without copying, only inside one file-backed run."""
+        img, a, *_ = lime3
+        v = img.view(0x1100, 0x100)
+        assert isinstance(v, memoryview) and bytes(v) == a[0x100:0x200]
+        v.release()
+        with pytest.raises(PhysicalReadError):
+            img.view(0x2FF0, 0x20)  # crosses into the next run
+        with pytest.raises(PhysicalReadError):
+            img.view(0x5000, 1)

@@ -190,6 +190,16 @@ class Image:
         data, view, slow = self._data, self._view, self._read_slow
         find = bisect.bisect_right
 
+        if len(starts) == 1 and offsets[0] is not None:  # raw, .vmem, one-range LiME: no bisect
+            first, last, delta = starts[0], ends[0], offsets[0] - starts[0]
+
+            def read_one(paddr: int, size: int, *, pad: bool = False) -> bytes:
+                if first <= paddr and 0 <= size and paddr + size <= last:
+                    return data[paddr + delta:paddr + delta + size]
+                buf = bytearray(size if size > 0 else 0)
+                slow(paddr, memoryview(buf), pad, size)
+                return bytes(buf)
+
         def read(paddr: int, size: int, *, pad: bool = False) -> bytes:
             i = find(starts, paddr) - 1
             if i >= 0 and 0 <= size and paddr + size <= ends[i]:
@@ -216,7 +226,7 @@ class Image:
                 return
             slow(paddr, out, pad, size)
 
-        self.read = read
+        self.read = read_one if len(starts) == 1 and offsets[0] is not None else read
         self.read_into = read_into
 
     def view(self, paddr: int, size: int) -> memoryview:

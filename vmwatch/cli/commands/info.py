@@ -69,7 +69,7 @@ def _tag_json(image, tag, verbose: bool) -> dict:
 
 
 def as_text(image, *, verbose: bool = False, dumped: list[str] = ()) -> str:
-    lines = [f"Format: {image.format}"]
+    lines = [f"Image: {image.path}", f"Type: {image.format}"]
     for label, text in image.summary():
         # vboxinfo prints the version line bare ("VirtualBox 6.1.0 (revision N)")
         lines.append(text if label == "Version" and text.startswith("VirtualBox") else f"{label}: {text}")

@@ -35,13 +35,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, env) -> int:
-    from vmwatch.errors import LabError
     from vmwatch.lab.vm import LabGuest, default_state_file
 
     state_file = default_state_file()
     if args.action == "start":
         return _start(args, env, state_file)
     guest = LabGuest.attach(state_file)
+    try:
+        return _act(args, env, guest, state_file)
+    finally:
+        guest.close()
+
+
+def _act(args: argparse.Namespace, env, guest, state_file) -> int:
+    from vmwatch.errors import LabError
+
     if args.action == "stop":
         guest.stop()
         state_file.unlink(missing_ok=True)
