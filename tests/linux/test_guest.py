@@ -110,3 +110,34 @@ def test_isf_export_round_trip(default_snap, tmp_path):
     assert via_isf.status == 0, via_isf.stderr
     assert [(p["pid"], p["comm"], p["uid"]) for p in json.loads(via_isf.stdout)] == [
         (p["pid"], p["comm"], p["uid"]) for p in plain]
+
+
+def test_live_guest(lab_guest):
+    """Tasks and modules of the running guest through qemu:<qmp socket> match /proc around the walk."""
+    import trio
+
+    from vmwatch.target import open_target
+
+    from .guesttruth import LISTING, parse_listing
+
+    async def walk():
+        async with open_target(f"qemu:{lab_guest.qmp_path}") as target:
+            await target.live.pause()  # the lists change while the guest runs
+            try:
+                linux = Linux.from_memory(target.memory, await target.cpu_state())
+                return linux.tasks(), linux.modules()
+            finally:
+                await target.live.resume()
+
+    before = parse_listing(lab_guest.shell(LISTING, timeout=120))
+    tasks, modules = trio.run(walk)
+    after = parse_listing(lab_guest.shell(LISTING, timeout=120))
+    ours = {t.pid: t for t in tasks}
+    stable = {pid: p for pid, p in before.items() if after.get(pid) == p}
+    assert len(stable) > 20 and set(stable) <= set(ours), set(stable) - set(ours)
+    assert set(ours) <= set(before) | set(after)
+    for pid, proc in stable.items():
+        assert comm_matches(ours[pid].comm, proc.comm) and ours[pid].ppid == proc.ppid
+    proc_modules = {line.split()[0] for line in lab_guest.shell("cat /proc/modules").strip().splitlines()}
+    assert {m.name for m in modules} == proc_modules
+    assert lab_guest.status() == "running"
