@@ -131,3 +131,21 @@ class TestBatchedReads:
         assert got == [bytes([4, 5]), bytes([16, 17]), bytes([254, 255]), None]
         assert inner.batches == 1
         assert cached.stats()["hits"] == 1
+
+
+class TestEntryReads:
+    def test_second_touch_caches_the_page(self):
+        """entry() reads just the entry on the first touch and caches the page on the second."""
+        cached = CachedPhysicalMemory(BufferMemory(bytes(range(256)) * 32))
+        data, off = cached.entry(0x1010, 8)
+        assert (data[off : off + 8], cached.stats()["size"]) == (bytes(range(16, 24)), 0)
+        data, off = cached.entry(0x1010, 8)
+        assert (data[off : off + 8], off, cached.stats()["size"]) == (bytes(range(16, 24)), 0x10, 1)
+        cached.flush()
+        data, off = cached.entry(0x1010, 8)
+        assert cached.stats()["size"] == 0 and off == 0
+
+    def test_unbacked_entry(self):
+        """An entry outside memory raises PhysicalReadError."""
+        with pytest.raises(PhysicalReadError):
+            CachedPhysicalMemory(BufferMemory(bytes(0x1000))).entry(0x5000, 8)

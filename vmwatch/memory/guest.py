@@ -79,7 +79,7 @@ class GuestMemory:
         self.mode = mode
         spec = spec_from_registers(mode, cr4)
         self._page = self.phys.page
-        self._walker = Walker(spec, self._page, self.phys._pages) if spec is not None else None
+        self._walker = Walker(spec, self.phys) if spec is not None else None
         self._kernel_cr3 = cr3
         self.tlb = Tlb()
         self._tlb_sets = self.tlb.sets

@@ -25,12 +25,13 @@ caps the number of tables it expands.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Iterator
+from typing import Iterator
 
 import attrs
 
 from vmwatch.cpu import CR4_PSE, PagingMode
 from vmwatch.errors import GuestDataError, PageNotPresent, PhysicalReadError, TranslationError
+from vmwatch.memory.physical import CachedPhysicalMemory
 
 PRESENT = 1 << 0
 WRITABLE = 1 << 1
@@ -150,24 +151,20 @@ class Mapping:
     """XD set at any level (always False in 32-bit paging)."""
 
 
-PageSource = Callable[[int], "bytes | memoryview"]
-"""Returns the 4 KiB physical page number ``pfn`` or raises PhysicalReadError."""
-
-
 class Walker:
     """Translates linear addresses by walking one mode's page tables.
 
     Args:
         spec: the paging mode.
-        page: returns physical page ``pfn`` (4 KiB, bytes-like); it may cache.
-        pages: a dict ``pfn -> page`` probed before calling ``page`` (the page cache's own
-            dict, so a cached table costs one dict lookup and no call).
+        phys: the page cache tables are read through. A walk probes its page dict inline (a
+            cached table costs one dict lookup, no call) and asks ``phys.entry`` on a miss.
     """
 
-    def __init__(self, spec: PagingSpec, page: PageSource, pages: dict | None = None) -> None:
+    def __init__(self, spec: PagingSpec, phys: CachedPhysicalMemory) -> None:
         self.spec = spec
-        self._page = page
-        self._pages_get = (pages if pages is not None else {}).get
+        self._page = phys.page
+        self._pages_get = phys._pages.get
+        self._entry_miss = phys.entry
         esize = spec.entry_size
         eshift = esize.bit_length() - 1
         self._entry = struct.Struct("<Q" if esize == 8 else "<I").unpack_from
@@ -221,6 +218,7 @@ class Walker:
             self.check_address(vaddr, cr3)
         pages_get = self._pages_get
         unpack = self._entry
+        esize = self.spec.entry_size
         base = cr3 & self._cr3_mask
         level = 0
         try:
@@ -228,8 +226,10 @@ class Walker:
                 ea = base + ((vaddr >> rshift) & imask)
                 table = pages_get(ea >> 12)
                 if table is None:
-                    table = self._page(ea >> 12)
-                entry = unpack(table, ea & 0xFFF)[0]
+                    table, off = self._entry_miss(ea, esize)
+                else:
+                    off = ea & 0xFFF
+                entry = unpack(table, off)[0]
                 if not entry & 1:
                     raise PageNotPresent(vaddr, cr3, level=level, entry=entry, invalid_bits=shift)
                 if large and entry & 0x80:
