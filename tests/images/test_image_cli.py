@@ -196,3 +196,13 @@ class TestConvertSparseSource:
         monkeypatch.setattr(convert, "convert", stray)
         result = run_cli("convert", path, "-o", tmp_path / "o.raw")
         assert result.status == 2 and "differs from the image at 0x20000000" in result.stderr
+
+
+class TestInfoVerbose:
+    def test_verbose_shows_metadata_such_as_vmcoreinfo(self, tmp_path):
+        """--verbose prints the format's metadata, multi-line text (VMCOREINFO) indented."""
+        data = build.qemu_elf([build.Load(0, bytes(PAGE))], [REGS], vmcoreinfo="OSRELEASE=6.1.0-13-amd64\nPAGESIZE=4096\n")
+        path = _write(tmp_path, "k.elf", data)
+        out = run_cli("info", "--verbose", path).stdout
+        assert "Metadata:" in out and "    OSRELEASE=6.1.0-13-amd64" in out and "notes: CORE/1, QEMU/0, VMCOREINFO/0" in out
+        assert "Metadata:" not in run_cli("info", path).stdout

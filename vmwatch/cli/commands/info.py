@@ -92,6 +92,8 @@ def as_text(image, *, verbose: bool = False, dumped: list[str] = ()) -> str:
             lines.append(f"  {msr.upper():>14}: {value:#018x}")
     if not image.cpus:
         lines += ["", "No saved CPU registers in this image."]
+    if verbose:
+        lines += ["", "Metadata:"] + _metadata_lines(image.metadata)
     tags = getattr(image, "tags", None)
     if tags is not None:
         lines.append("")
@@ -99,6 +101,25 @@ def as_text(image, *, verbose: bool = False, dumped: list[str] = ()) -> str:
     for path in dumped:
         lines.append(f"Wrote {path}")
     return "\n".join(lines) + "\n"
+
+
+def _metadata_lines(metadata: dict) -> list[str]:
+    """Scalars on one line each; lists and multi-line text (VMCOREINFO, .vmx) indented below."""
+    lines = []
+    for key, value in metadata.items():
+        if value is None or value == [] or key == "segments":
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            hexy = any(hint in key for hint in ("magic", "version", "base", "block", "code", "machine", "size"))
+            lines.append(f"  {key}: {value:#x}" if hexy else f"  {key}: {value}")
+        elif isinstance(value, str) and "\n" in value:
+            lines.append(f"  {key}:")
+            lines += [f"    {line}" for line in value.splitlines()]
+        elif isinstance(value, list):
+            lines.append(f"  {key}: {', '.join(map(str, value))}")
+        else:
+            lines.append(f"  {key}: {value}")
+    return lines
 
 
 def _tag_table(image, tags, verbose: bool) -> list[str]:
