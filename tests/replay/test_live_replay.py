@@ -1,9 +1,10 @@
-"""A live watch of the lab guest, recorded with `watch --record`, replayed: identical JSON lines."""
+"""One live watch of the lab guest (shipped timeline pack, --db and --record), then everything after
+it: replay with identical output, timeline queries checked against the guest's own record of what
+it ran, and a trend chart of that database."""
 
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 
@@ -13,36 +14,67 @@ from vmwatch.testing.cli import run_cli
 pytestmark = pytest.mark.guest
 pytest.importorskip("vmwatch.live.qemu")  # the live QEMU backend must be there
 
-RULES = textwrap.dedent('''
-    from vmwatch.rules import rule
-
-    @rule.on_breakpoint("do_nanosleep")
-    def sleeping(event, guest):
-        cur = guest.current
-        request = guest.memory.read(guest.registers.rdi, 16) if guest.registers.rdi else b""
-        guest.alert("info", f"{cur.comm if cur else '?'} sleeps", rip=hex(guest.registers.rip),
-                    first_bytes=request.hex())
-''')
+# Each /bin/true runs in the background so the shell learns its pid ($!) and writes it down.
+SCENARIO = ("sh -c 'rm -f /tmp/true.pids; for i in $(seq 1 300); do /bin/true & echo $! >> /tmp/true.pids;"
+            " wait; sleep 0.05; done' >/dev/null 2>&1 & echo $!")
 
 
-def test_recorded_live_session_replays_identically(lab_guest, tmp_path):
-    """Alerts and events printed by the live watch and by its replay are the same lines."""
-    rules = tmp_path / "sleepers.py"
-    rules.write_text(RULES)
-    record = tmp_path / "live.vmwr"
-    pid = int(lab_guest.shell("sh -c 'while :; do sleep 0.2; done' >/dev/null 2>&1 & echo $!").split()[-1])
+@pytest.fixture(scope="module")
+def watched(lab_guest, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("livewatch")
+    db, record = tmp / "timeline.db", tmp / "live.vmwr"
+    loop = int(lab_guest.shell(SCENARIO).split()[-1])
     try:
-        live = run_cli("watch", lab_guest.target, "--rules", rules, "--json", "--duration", "6",
-                       "--record", record)
+        live = run_cli("watch", lab_guest.target, "--rules", "timeline", "--json", "--duration", "8",
+                       "--db", db, "--record", record)
     finally:
-        lab_guest.shell(f"kill {pid}")
+        lab_guest.shell(f"kill {loop}")
     assert live.status == 0, live.stderr
-    alerts = [json.loads(line) for line in live.stdout.splitlines() if '"event": "alert"' in line]
-    assert len(alerts) >= 3 and any(a["message"] == "sleep sleeps" for a in alerts)
+    pids = {int(p) for p in lab_guest.shell("cat /tmp/true.pids").split() if p.isdigit()}
+    return live.stdout, db, record, pids, tmp
+
+
+def test_replay_prints_the_same_lines(watched):
+    """`vmwatch replay` with the same pack prints exactly what the live watch printed."""
+    live_out, _, record, _, _ = watched
+    alerts = [line for line in live_out.splitlines() if '"event": "alert"' in line]
+    assert len(alerts) >= 3
     with Recording.open(record) as recording:
-        assert len(recording.events) >= len(alerts)
-    replay = run_cli("replay", record, "--rules", rules, "--json")
+        assert "breakpoints" in recording.meta["capabilities"]
+        assert len(recording.events) >= 3
+    replay = run_cli("replay", record, "--rules", "timeline", "--json")
     assert replay.status == 0, replay.stderr
-    live_alerts = [line for line in live.stdout.splitlines() if '"event": "alert"' in line]
-    replay_alerts = [line for line in replay.stdout.splitlines() if '"event": "alert"' in line]
-    assert replay_alerts == live_alerts
+    assert replay.stdout == live_out
+
+
+def test_timeline_matches_what_the_guest_ran(watched):
+    """Exec events of /bin/true in the database are processes the guest itself recorded starting."""
+    _, db, _, pids, _ = watched
+    result = run_cli("timeline", db, "--kind", "Exec", "--json")
+    assert result.status == 0, result.stderr
+    execs = [json.loads(line) for line in result.stdout.splitlines()]
+    trues = [e for e in execs if e["details"].get("filename") == "/bin/true"]
+    assert trues, "the watch must see at least one of the /bin/true runs"
+    assert {e["pid"] for e in trues} <= pids
+    one = trues[0]["pid"]
+    rows = [json.loads(line) for line in run_cli("timeline", db, "--pid", str(one), "--json").stdout.splitlines()]
+    assert {r["pid"] for r in rows} == {one}
+    assert {"Exec", "alert"} <= {r["kind"] for r in rows}
+    times = sorted(r["time_ns"] for r in rows)
+    bounded = run_cli("timeline", db, "--since", str(times[0] + 1), "--pid", str(one), "--json").stdout
+    assert len(bounded.splitlines()) == sum(t > times[0] for t in times)
+
+
+def test_trend_chart_of_the_live_database(watched):
+    """The trend PNG of the live database decodes, has the asked size, and is not blank."""
+    from PIL import Image
+
+    _, db, _, _, tmp = watched
+    out = tmp / "trend.png"
+    result = run_cli("trend", db, "--bucket", "1s", "-o", out, "--size", "900x500")
+    assert result.status == 0, result.stderr
+    assert "Exec" in result.stdout and "alert:info" in result.stdout
+    with Image.open(out) as image:
+        assert image.size == (900, 500)
+        colours = image.convert("RGB").getcolors(1 << 16)
+        assert colours is not None and len(colours) > 20
