@@ -148,6 +148,14 @@ class TestVBox:
             _check_regs(img.cpus[0])
             assert img.cpus[0].idtr_base == REGS["idtr_base"] and img.cpus[1].rip == 5
 
+    def test_older_note_name_sizes_with_nul(self, tmp_path):
+        """Older VirtualBox counted the NUL in n_namesz ("@todo fix this later"): read both."""
+        loads = [build.Load(0, os.urandom(PAGE))]
+        data = build.vbox_core(loads, [REGS], fmt=0x00010005, namesz_has_nul=True)
+        with open_image(_write(tmp_path, "old-names.core", data)) as img:
+            assert img.format == "vbox-elf" and img.metadata["cpu_count"] == 1
+            _check_regs(img.cpus[0])
+
     def test_format_0x10000_exposes_memory_only(self, tmp_path):
         """The oldest format stored internal CPUMCTX: memory yes, registers no."""
         _, data = self._build(fmt=0x00010000)

@@ -164,13 +164,16 @@ def vbox_cpu(regs: Mapping[str, int], size: int = 0x2248) -> bytes:
 
 def vbox_core(loads: Sequence[Load], cpus: Sequence[Mapping[str, int]] = ({},), *, fmt: int = 0x00010006,
               version: tuple[int, int, int] = (6, 1, 50), revision: int = 161033, n_cpus: int | None = None,
-              magic: int = 0xC01AC0DE) -> bytes:
-    """A VBoxManage dumpvmcore file: VBCORE descriptor + one VBCPU per CPU, 8-aligned notes."""
+              magic: int = 0xC01AC0DE, namesz_has_nul: bool = False) -> bytes:
+    """A VBoxManage dumpvmcore file: VBCORE descriptor + one VBCPU per CPU, 8-aligned notes.
+
+    ``namesz_has_nul=True`` writes n_namesz as older VirtualBox releases did (counting the NUL).
+    """
     vbox_version = version[0] << 24 | version[1] << 16 | version[2]
     desc = struct.pack("<6I", magic, fmt, 24, vbox_version, revision, len(cpus) if n_cpus is None else n_cpus)
     cpu_size = VBOX_CPU_SIZE.get(fmt, 0x2248)
     notes = [("VBCORE", 0xB00, desc)] + [("VBCPU", 0xB01, vbox_cpu(c, cpu_size)) for c in cpus]
-    return elf_core(loads, notes, machine=62, ident_version=0, note_align=8, namesz_has_nul=False)
+    return elf_core(loads, notes, machine=62, ident_version=0, note_align=8, namesz_has_nul=namesz_has_nul)
 
 
 # -- VMware -----------------------------------------------------------------------------------
