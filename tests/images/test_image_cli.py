@@ -206,3 +206,22 @@ class TestInfoVerbose:
         out = run_cli("info", "--verbose", path).stdout
         assert "Metadata:" in out and "    OSRELEASE=6.1.0-13-amd64" in out and "notes: CORE/1, QEMU/0, VMCOREINFO/0" in out
         assert "Metadata:" not in run_cli("info", path).stdout
+
+
+class TestConvertProgress:
+    def test_progress_bar_on_a_terminal(self, tmp_path):
+        """With a terminal stderr the rich progress bar runs and the conversion still verifies."""
+        import io
+
+        from vmwatch.cli.app import Environment, run
+
+        class Tty(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        src = _write(tmp_path, "p.lime", build.lime([(0, os.urandom(4 * PAGE)), (1 << 30, os.urandom(PAGE))]))
+        out, err = io.StringIO(), Tty()
+        status = run(["convert", str(src), "-o", str(tmp_path / "p.raw")], Environment(stdout=out, stderr=err))
+        assert status == 0 and "verified" in out.getvalue()
+        with open_image(tmp_path / "p.raw") as raw:
+            assert raw.read(1 << 30, PAGE) == src.read_bytes()[-PAGE:]
