@@ -50,7 +50,7 @@ def test_printk_does_not_break_the_markers(lab_guest):
 def test_qmp_status_and_runtime_permissions(lab_guest):
     assert lab_guest.status() == "running"
     assert stat.S_IMODE(lab_guest.runtime_dir.stat().st_mode) == 0o700
-    for sock in (lab_guest.qmp_path, lab_guest.serial_path):
+    for sock in (lab_guest.qmp_path, lab_guest.lab_qmp_path, lab_guest.serial_path):
         assert stat.S_ISSOCK(sock.stat().st_mode)
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
 

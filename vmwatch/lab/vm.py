@@ -103,6 +103,10 @@ def qemu_command(config: LabConfig, kernel: KernelPackage, initrd: Path, runtime
              "-chardev", f"socket,id=serial0,path={runtime / 'serial.sock'},server=on,wait=off",
              "-serial", "chardev:serial0",
              "-qmp", f"unix:{runtime / 'qmp.sock'},server=on,wait=off",
+             # A second monitor for LabGuest itself: a QMP socket serves one client at a time, and
+             # qmp.sock must stay free for vmwatch's backends (and users).
+             "-chardev", f"socket,id=labqmp,path={runtime / 'lab-qmp.sock'},server=on,wait=off",
+             "-mon", "chardev=labqmp,mode=control",
              "-pidfile", str(runtime / "qemu.pid")]
     return argv
 
@@ -111,23 +115,27 @@ class LabGuest:
     """A running lab guest. ``LabGuest.start(config)`` boots one; ``stop()`` ends it."""
 
     def __init__(self, config: LabConfig, runtime_dir: Path, pid: int, *, kernel: KernelPackage,
-                 process: subprocess.Popen[bytes] | None = None, accel: str = "tcg") -> None:
+                 accel: str = "tcg") -> None:
         self.config = config
         self.runtime_dir = runtime_dir
         self.pid = pid
         self.kernel = kernel
         self.accel = accel
         self.boot_seconds: float | None = None
-        self._process = process
         self._qmp: SyncQmp | None = None
         self._serial: _Serial | None = None
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _kill, pid, runtime_dir, process)
+        self._finalizer = weakref.finalize(self, _kill, pid, runtime_dir)
 
     # -- paths -------------------------------------------------------------------------------
     @property
     def qmp_path(self) -> Path:
         return self.runtime_dir / "qmp.sock"
+
+    @property
+    def lab_qmp_path(self) -> Path:
+        """The lab's own monitor (``qmp()`` uses it), so ``qmp_path`` is never taken."""
+        return self.runtime_dir / "lab-qmp.sock"
 
     @property
     def serial_path(self) -> Path:
@@ -174,10 +182,21 @@ class LabGuest:
             raise LabError(f"runtime directory {runtime} is too long for unix socket paths")
         argv = qemu_command(config, kernel, initrd, runtime, accel)
         log.info("lab.start", argv=" ".join(argv))
+        # -daemonize: QEMU detaches once its sockets are up, so it is nobody's child to reap and a
+        # guest started by `vmwatch lab start` outlives the command.
         with open(runtime / "qemu.log", "wb") as qemu_log:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        guest = cls(config, runtime, process.pid, kernel=kernel, process=process, accel=accel)
+            launcher = subprocess.run([*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=qemu_log,
+                                      stderr=subprocess.STDOUT, timeout=timeout)
+        if launcher.returncode != 0:
+            log_text = (runtime / "qemu.log").read_text(errors="replace").strip()
+            shutil.rmtree(runtime, ignore_errors=True)
+            raise LabError(f"QEMU failed to start (status {launcher.returncode}): {log_text[-600:]}")
+        try:
+            pid = int((runtime / "qemu.pid").read_text())
+        except (OSError, ValueError) as exc:
+            shutil.rmtree(runtime, ignore_errors=True)
+            raise LabError(f"QEMU started but wrote no pid file: {exc}") from exc
+        guest = cls(config, runtime, pid, kernel=kernel, accel=accel)
         try:
             guest._wait_ready(t0 + timeout)
             if accel == "kvm" and not guest.qmp().execute("query-kvm").get("enabled"):
@@ -191,7 +210,7 @@ class LabGuest:
         return guest
 
     def _wait_ready(self, deadline: float) -> None:
-        wanted = [self.serial_path, self.qmp_path] + ([self.ram_path] if self.ram_path else [])
+        wanted = [self.serial_path, self.qmp_path, self.lab_qmp_path] + ([self.ram_path] if self.ram_path else [])
         while not all(path.exists() for path in wanted):
             self._check_alive()
             if time.monotonic() > deadline:
@@ -204,11 +223,8 @@ class LabGuest:
             raise LabError(f"the guest did not reach its shell in time{self._diagnostics()}")
 
     def _check_alive(self) -> None:
-        if self._process is not None:
-            if self._process.poll() is not None:
-                raise LabError(f"QEMU exited with status {self._process.returncode}{self._diagnostics()}")
-        elif not _pid_alive(self.pid):
-            raise LabError(f"QEMU (pid {self.pid}) is not running")
+        if not self.alive:
+            raise LabError(f"QEMU (pid {self.pid}) is no longer running{self._diagnostics()}")
 
     def _diagnostics(self) -> str:
         parts = []
@@ -228,17 +244,17 @@ class LabGuest:
                 self.qmp().execute("quit", timeout=3)
             except LinkError:
                 pass  # _kill below makes sure
-        if self._qmp is not None:
-            self._qmp.close()
-            self._qmp = None
-        if self._serial is not None:
-            self._serial.close()
-            self._serial = None
-        self._finalizer()
+        self.close()
+        self._finalizer.detach()
+        _kill(self.pid, self.runtime_dir)
 
     def detach(self) -> None:
         """Leave QEMU running after this object goes away (``vmwatch lab start``)."""
         self._finalizer.detach()
+        self.close()
+
+    def close(self) -> None:
+        """Drop our serial and QMP connections, leaving QEMU as it is (QEMU serves one serial client at a time)."""
         if self._serial is not None:
             self._serial.close()
             self._serial = None
@@ -254,20 +270,15 @@ class LabGuest:
 
     # -- talking to it -----------------------------------------------------------------------
     def qmp(self) -> SyncQmp:
-        """The guest's QMP connection (opened once)."""
+        """The lab's own QMP connection (opened once, on its private monitor socket)."""
         if self._qmp is None:
-            self._qmp = SyncQmp.connect(str(self.qmp_path))
+            self._qmp = SyncQmp.connect(str(self.lab_qmp_path))
         return self._qmp
 
     def status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ...)."""
         return str(self.qmp().execute("query-status")["status"])
 
-    def status_or_none(self) -> str | None:
-        try:
-            return self.status()
-        except LinkError:
-            return None
 
     def shell(self, command: str, timeout: float = 30.0, *, check: bool = False) -> str:
         """Run ``command`` in the guest's root shell and return what it printed.
@@ -284,7 +295,8 @@ class LabGuest:
         """``(exit status, output)`` of ``command`` in the guest's root shell."""
         tag = f"VMW{secrets.token_hex(6)}"
         # Quotes split each marker in the text we send, so even an echoing terminal cannot fake it.
-        script = f'echo "{tag[:3]}""{tag[3:]}B"\n{{\n{command}\n}} </dev/null\necho "{tag[:3]}""{tag[3:]}E$?"\n'
+        # A subshell: `exit`, `cd` or a stray `exec` cannot take the console's shell down.
+        script = f'echo "{tag[:3]}""{tag[3:]}B"\n(\n{command}\n) </dev/null\necho "{tag[:3]}""{tag[3:]}E$?"\n'
         begin, end = f"{tag}B\n".encode(), re.compile(rb"%sE(\d+)\n" % tag.encode())
         with self._lock, _FileLock(self.runtime_dir / "serial.lock"):
             serial = self._serial_link()
@@ -341,8 +353,6 @@ class LabGuest:
 
     @property
     def alive(self) -> bool:
-        if self._process is not None:
-            return self._process.poll() is None
         return _pid_alive(self.pid) and _is_our_qemu(self.pid, self.runtime_dir)
 
 
@@ -379,22 +389,16 @@ def _is_our_qemu(pid: int, runtime: Path) -> bool:
         return False
 
 
-def _kill(pid: int, runtime: Path, process: subprocess.Popen[bytes] | None) -> None:
-    """Make sure QEMU is gone and its runtime directory (with the RAM file) removed."""
-    if process is not None:
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    elif _is_our_qemu(pid, runtime):
-        deadline = time.monotonic() + 5
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _is_our_qemu(pid, runtime):
-            os.kill(pid, signal.SIGKILL)
-            while _pid_alive(pid) and time.monotonic() < deadline + 5:
-                time.sleep(0.05)
+def _kill(pid: int, runtime: Path) -> None:
+    """Make sure QEMU is gone (SIGTERM, then SIGKILL) and its runtime directory (with the RAM file) removed."""
+    deadline = time.monotonic() + 5
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _is_our_qemu(pid, runtime):
+            break
+        os.kill(pid, sig)
+        while _is_our_qemu(pid, runtime) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        deadline += 5
     shutil.rmtree(runtime, ignore_errors=True)
 
 
