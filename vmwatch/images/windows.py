@@ -11,6 +11,7 @@ Kernel (2) and triage (4) dumps keep only some pages and are rejected.
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 import attrs
@@ -23,6 +24,8 @@ FULL = 1
 BITMAP = 5
 _DUMP_TYPES = {1: "full", 2: "kernel", 4: "triage", 5: "bitmap", 6: "bitmap (kernel)"}
 MAX_RUNS = 4096
+MAX_BITMAP_RUNS = 1 << 21
+_BITMAP_STRETCHES = re.compile(rb"\x00+|\xff+|[\x01-\xfe]")
 
 
 @attrs.frozen
@@ -128,25 +131,32 @@ def bitmap_runs(r: Reader, at: int) -> list[Run]:
     bits = r.u64(at + 0x30)
     r.need(at + 0x38, (bits + 7) // 8, "page bitmap")
     bitmap = r.buf[at + 0x38:at + 0x38 + (bits + 7) // 8]
+    if bits % 8:  # clear the bits past the end so they cannot count as pages
+        bitmap = bitmap[:-1] + bytes([bitmap[-1] & ((1 << (bits % 8)) - 1)])
     runs: list[Run] = []
-    offset, run_start, page = first_page, None, 0
-    for byte in bitmap:  # whole 0x00 / 0xFF bytes are the common case: decide them at once
-        if byte in (0, 0xFF) and page + 8 <= bits:
-            present = (byte == 0xFF,) * 8
+    offset, run_start = first_page, None
+
+    def edge(page: int, on: bool) -> None:
+        nonlocal offset, run_start
+        if on and run_start is None:
+            run_start = page
+        elif not on and run_start is not None:
+            if len(runs) >= MAX_BITMAP_RUNS:
+                raise r.error(f"more than {MAX_BITMAP_RUNS} runs in the page bitmap: absurd", at + 0x38)
+            runs.append(Run(run_start * PAGE, (page - run_start) * PAGE, offset))
+            offset += (page - run_start) * PAGE
+            run_start = None
+
+    # Whole stretches of 0x00 / 0xFF bytes (the common case) are one regex match each.
+    for match in _BITMAP_STRETCHES.finditer(bitmap):
+        page = match.start() * 8
+        first = match.group()[0]
+        if first in (0, 0xFF):
+            edge(page, first == 0xFF)
         else:
-            present = tuple(bool(byte >> b & 1) and page + b < bits for b in range(8))
-        for b, on in enumerate(present):
-            if on and run_start is None:
-                run_start = page + b
-            elif not on and run_start is not None:
-                length = page + b - run_start
-                runs.append(Run(run_start * PAGE, length * PAGE, offset))
-                offset += length * PAGE
-                run_start = None
-        page += 8
-    if run_start is not None:
-        length = min(page, bits) - run_start
-        runs.append(Run(run_start * PAGE, length * PAGE, offset))
+            for b in range(8):
+                edge(page + b, bool(first >> b & 1))
+    edge(len(bitmap) * 8, False)
     return runs
 
 
