@@ -82,6 +82,10 @@ class VmwareImage(Image):
             self.magic, self.version, groups = parse_header(r)
             self.groups = groups
             self.tags = parse_tags(r, groups, wide=(self.magic & 0xF) != 0)
+            self._index: dict[tuple, Tag] = {}
+            for tag in self.tags:  # first occurrence wins, as in a linear search
+                self._index.setdefault((tag.group, tag.name, tag.indices), tag)
+                self._index.setdefault((tag.group, tag.name, None), tag)
             self._meta = meta_map
             memory = self._find("memory", "Memory")
             if memory is not None and memory.compressed:
@@ -113,10 +117,8 @@ class VmwareImage(Image):
     # -- tag access ---------------------------------------------------------------------------
 
     def _find(self, group: str, name: str, indices: tuple[int, ...] | None = None) -> Tag | None:
-        for tag in self.tags:
-            if tag.group == group and tag.name == name and (indices is None or tag.indices == indices):
-                return tag
-        return None
+        """The first tag ``group/name`` (with exactly these indices, if given)."""
+        return self._index.get((group, name, indices))
 
     def tag_bytes(self, tag: Tag, limit: int | None = None) -> bytes:
         """The stored bytes of a tag (the first ``limit`` only, if given)."""
