@@ -15,9 +15,14 @@ CODE = bytes.fromhex(
     "0f22e7"                  # 4  mov cr4, rdi
     "48b80f22c00f30000000"    # 7  movabs rax, imm64 holding 0f 22 c0 and 0f 30 (not instructions)
     "440f22c0"                # 17 mov cr8, rax
-    "0f30"                    # 21 wrmsr
-    "5d"                      # 23 pop rbp
-    "c3"                      # 24 ret
+    "0f30"                    # 21 wrmsr            (ECX unknown: rax/rdi above are not ECX)
+    "b948000000"              # 23 mov ecx, 0x48
+    "31c0"                    # 28 xor eax, eax
+    "0f30"                    # 30 wrmsr            (SPEC_CTRL, known statically)
+    "e800000000"              # 32 call .+5
+    "0f30"                    # 37 wrmsr            (after a call: unknown again)
+    "5d"                      # 39 pop rbp
+    "c3"                      # 40 ret
     "cccc"
 )
 
@@ -30,6 +35,8 @@ class TestWriteSites:
             WriteSite(TEXT + 4, TEXT + 7, "cr4", "rdi"),
             WriteSite(TEXT + 17, TEXT + 21, "cr8", "rax"),
             WriteSite(TEXT + 21, TEXT + 23, "msr"),
+            WriteSite(TEXT + 30, TEXT + 32, "msr", msr=0x48),
+            WriteSite(TEXT + 37, TEXT + 39, "msr"),
         ]
 
     def test_unknown_function_start_is_skipped(self):

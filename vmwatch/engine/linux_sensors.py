@@ -178,4 +178,4 @@ async def plan(engine: Engine, wanted: dict[str, list]) -> None:
         run = engine.sensor_run(f"sensor.{kind}")
         run.func = func
         await engine.add_trap(Trap("breakpoint", linux.symbols[name], 1, name), Handler(run, None))
-        log.info("linux sensor armed", event=kind, function=name)
+        log.info("linux sensor armed", kind=kind, function=name)

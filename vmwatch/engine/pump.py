@@ -49,6 +49,10 @@ from vmwatch.rules import ListenerKind, RuleSet, Severity
 log = structlog.get_logger()
 
 TRAP_EVENTS = (Breakpoint, MemoryAccess, RegisterWrite, Interrupt)
+WAKEUP_SYMBOLS = ("clocksource_watchdog", "delayed_work_timer_fn", "run_timer_softirq")
+"""Periodic kernel work (measured on the idle lab guest: 2/s, 3/s, 10/s): the first one found is
+the wake-up breakpoint, so a live guest is lent to borrowers within about half a second. Every
+stop costs a live guest far more than the handling (TCG re-warms), so one, and a slow one."""
 RECORDED_EVENTS = frozenset({ProcessStart, ProcessExit, Exec, ModuleLoad, RegisterWrite, Demotion, SourceEnded})
 """Event classes stored in sinks by default (traps are too many; their rules' alerts say what matters)."""
 
@@ -143,6 +147,9 @@ class Engine:
             current_resolver = current_task
         self.guest = Guest(vm=self.vm, phys=getattr(source, "memory", None), capabilities=self.capabilities,
                            linux_factory=linux_factory, current_resolver=current_resolver)
+        hooks = getattr(source, "on_resume", None)
+        if hooks is not None:  # the source tells us when the guest ran: caches may be stale
+            hooks.append(self.guest.on_resume)
         self.summary = WatchSummary(vm=self.vm)
         self.runs: dict[str, RuleRun] = {}
         self._sinks = [_SinkLink(s, None) for s in sinks]  # type: ignore[arg-type]
@@ -154,8 +161,16 @@ class Engine:
         self._last_seq = 0
         self._rule_failures: list[tuple[RuleRun, Event, BaseException]] = []
         self._stop_requested = False
+        self._consuming = False
+        """A live source's event stream is being read: other tasks borrow the stopped guest."""
+        self._borrowers: collections.deque[tuple[trio.Event, trio.Event]] = collections.deque()
+        self._wakeups: list[int] = []
+        """Breakpoints on periodic kernel work: the consumer gets the stopped guest a few times a
+        second even when no rule's trap fires, and lends it to waiting borrowers."""
         self._ended = False
         self._clock: Callable[[], int] = getattr(source, "clock_ns", None) or time.time_ns
+        self._trap_overhead: float = getattr(source, "trap_overhead", 0.0)
+        """Seconds a stop and resume cost the guest beyond our handling (live sources declare it)."""
         """Timestamps of the engine's own events: the source's clock if it has one (replays)."""
 
     # -- public ----------------------------------------------------------------------------
@@ -231,6 +246,8 @@ class Engine:
                     await self._bind_trap(h)
         if self.options.sensors and wanted:
             await self._plan_sensors(wanted)
+        if self.pausable and caps.BREAKPOINTS in self.capabilities:
+            await self._arm_wakeups()
         self.summary.traps = len(self._armed)
         log.info("watch armed", vm=self.vm, rules=len(self.runs), traps=len(self._armed),
                  inactive=len(self.summary.inactive))
@@ -338,6 +355,7 @@ class Engine:
 
     async def _consume(self) -> None:
         src = self.source
+        self._consuming = self.pausable and bool(self._wakeups)
         try:
             if getattr(src, "realtime", False):
                 await self._consume_realtime()
@@ -360,6 +378,11 @@ class Engine:
             await self._handle_batch((SourceEnded(seq=self._last_seq, time_ns=self._clock(),
                                                   reason=f"source failed: {exc}"),))
             return
+        finally:
+            self._consuming = False
+            for lent, _done in self._borrowers:  # nobody will lend the guest any more
+                lent.set()
+            self._borrowers.clear()
         if not self._ended:
             self.summary.end_reason = self.summary.end_reason or "source ended"
 
@@ -420,30 +443,31 @@ class Engine:
                     now = trio.current_time()
                     if not governor.admit(trap, now):
                         handlers = None
-            if self.pausable:
-                self._held = True
+            self._held = True
             if handlers is not None:
+                t0 = time.perf_counter() if trap is not None else 0.0
                 regs = None
                 if self.has_registers and field is not None:
                     regs = await self.source.registers(event.vcpu)
                 guest.begin(event, regs)
-                if trap is not None:
-                    t0 = time.perf_counter()
-                    self._run(event, handlers)
-                    decision = governor.charge(trap, time.perf_counter() - t0, now)
-                    if decision is not None:
-                        self._decisions.append(decision)
-                else:
-                    self._run(event, handlers)
+                self._run(event, handlers)
                 if guest._emitted:
                     self._dispatch_derived(guest.take_emitted())
+                if trap is not None:
+                    # what the guest paid: our handling (register reads included) plus the
+                    # source's own cost of a stop and a resume
+                    cost = time.perf_counter() - t0 + self._trap_overhead
+                    decision = governor.charge(trap, cost, now)
+                    if decision is not None:
+                        self._decisions.append(decision)
             if cls in recorded:
                 self._record(EventRecord.from_event(event, self.vm))
             self._last_seq = event.seq
             if guest._alerts or self._decisions or self._rule_failures:
                 await self._after_rules()
-            if self._held:
-                await self._release()
+            if self._borrowers:
+                await self._lend()
+            self._held = False  # a live source lets the guest run when asked for the next event
             if cls is SourceEnded:
                 self.summary.end_reason = event.reason  # type: ignore[attr-defined]
                 self._ended = True
@@ -578,13 +602,6 @@ class Engine:
                 await self._arm(trap)
                 log.info("trap re-armed", trap=trap.name)
 
-    async def _release(self) -> None:
-        """Let a held guest run again."""
-        self._held = False
-        if self.pausable:
-            await self.source.resume()
-            self.guest.on_resume()
-
     # -- ticks -----------------------------------------------------------------------------
 
     async def _ticker(self) -> None:
@@ -616,32 +633,77 @@ class Engine:
                 self._dispatch_derived(guest.take_emitted())
             await self._after_rules()
 
+    async def _arm_wakeups(self) -> None:
+        try:
+            symbols = self.guest.linux.symbols
+        except VmwatchError as exc:
+            self.inactive("periodic rules and tampers during the watch", f"no wake-up point: {exc}")
+            return
+        taken = {key[1] for key in self.dispatcher.traps if key[0] is Breakpoint}
+        for name in WAKEUP_SYMBOLS:
+            address = symbols.get(name)
+            if address is not None and address not in taken and not self._wakeups:
+                await self.source.add_breakpoint(address)
+                self._wakeups.append(address)
+
     def guest_stopped(self) -> Any:
-        """``async with engine.guest_stopped():`` the guest is paused (if live) and no rule runs.
+        """``async with engine.guest_stopped():`` the guest is stopped and no rule runs meanwhile.
 
         For anything that must see or change the guest consistently while a watch runs: ticks,
-        trap changes, a debugger, a test's tamper.
+        trap changes, a debugger, a test's tamper. On a live source whose events are being read,
+        the guest is *borrowed* from the consumer: whenever the consumer holds the stopped guest
+        for an event (a rule's trap, or a wake-up breakpoint on periodic kernel work that fires a
+        few times a second) it lends it until the block ends. No second task ever talks to the
+        hypervisor while the event stream is waiting. Otherwise (images, synthetic streams, before
+        and after the stream is read) it takes the engine lock and pauses the guest.
         """
         engine = self
 
         class _Stopped:
             async def __aenter__(self) -> None:
+                self.borrowed = self.paused = False
+                if engine._consuming:
+                    self.borrowed = True
+                    self.lent, self.done = trio.Event(), trio.Event()
+                    engine._borrowers.append((self.lent, self.done))
+                    try:
+                        await self.lent.wait()
+                    except BaseException:
+                        self.done.set()
+                        with contextlib.suppress(ValueError):
+                            engine._borrowers.remove((self.lent, self.done))
+                        raise
+                    return
                 await engine._lock.acquire()
-                self.paused = False
                 if engine.pausable and not engine._held:
-                    await engine.source.pause()
+                    try:
+                        await engine.source.pause()
+                    except BaseException:
+                        engine._lock.release()
+                        raise
                     self.paused = True
 
             async def __aexit__(self, *exc: object) -> None:
+                if self.borrowed:
+                    self.done.set()
+                    return
                 try:
                     if self.paused:
                         with trio.CancelScope(shield=True):
                             await engine.source.resume()
-                        engine.guest.on_resume()
+                        if not hasattr(engine.source, "on_resume"):
+                            engine.guest.on_resume()
                 finally:
                     engine._lock.release()
 
         return _Stopped()
+
+    async def _lend(self) -> None:
+        """The consumer holds the stopped guest: let each waiting borrower use it in turn."""
+        while self._borrowers:
+            lent, done = self._borrowers.popleft()
+            lent.set()
+            await done.wait()
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -652,15 +714,19 @@ class Engine:
         self.publish(self.guest.take_alerts())
         with trio.move_on_after(self.options.shutdown_grace):
             # the guest must not stay frozen: remove traps, then let it run
+            for address in self._wakeups:
+                with contextlib.suppress(VmwatchError):
+                    await self.source.remove_breakpoint(address)
+            self._wakeups.clear()
             for trap in list(self._armed):
                 try:
                     await self._disarm(trap)
                 except VmwatchError as exc:
                     log.warning("cannot remove trap", trap=trap.name, error=str(exc))
                     break
-            if self._held:
+            if self.pausable:
                 try:
-                    await self._release()
+                    await self.source.resume()
                 except VmwatchError as exc:
                     log.warning("cannot resume guest", error=str(exc))
         for link in self._sinks:

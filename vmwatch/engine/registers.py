@@ -77,6 +77,9 @@ class WriteSite:
     """``cr0``..``cr8`` or ``msr`` (the MSR is known only at run time, from ECX)."""
     source: str = ""
     """For ``mov crN, reg``: the general register holding the new value."""
+    msr: int | None = None
+    """For ``wrmsr``: the MSR index when the code loads ECX with a constant right before (the
+    entry code's SPEC_CTRL writes), None when it is only known at run time (``native_write_msr``)."""
 
 
 _MOV_CR = re.compile(rb"\x0f\x22", re.DOTALL)
@@ -102,20 +105,42 @@ def find_write_sites(text: bytes, text_start: int, function_start: Any) -> Itera
         if start is None or not 0 <= opcode_va - start < _MAX_FUNCTION or start < text_start:
             continue
         end = min(offset + 3, len(text))
+        ecx: int | None = None  # constant loaded into ECX by the instructions before, if any
         for address, size, mnemonic, operands in md.disasm_lite(text[start - text_start:end], start):
             if address > opcode_va:
                 break
             if address + size <= opcode_va or address in seen:
+                ecx = _track_ecx(ecx, mnemonic, operands)
                 continue
             # the opcode bytes start this instruction (maybe after a REX prefix)
             if mnemonic == "wrmsr":
                 seen.add(address)
-                yield WriteSite(address, address + size, "msr")
+                yield WriteSite(address, address + size, "msr", msr=ecx)
             elif mnemonic == "mov" and operands.startswith("cr"):
                 seen.add(address)
                 dest, _, src = operands.partition(",")
                 yield WriteSite(address, address + size, dest.strip(), src.strip())
             break
+
+
+def _track_ecx(ecx: int | None, mnemonic: str, operands: str) -> int | None:
+    """ECX after one instruction of a linear sweep: a constant if just loaded, else unknown.
+
+    Control flow resets it (a jump target may arrive with any ECX); so does any instruction
+    naming ECX/RCX/CX/CL as destination. A branch *into* the gap between the load and the wrmsr
+    would escape this; kernel entry code does not do that.
+    """
+    dest = operands.split(",", 1)[0].strip()
+    if mnemonic == "mov" and dest in ("ecx", "rcx"):
+        value = operands.split(",", 1)[1].strip()
+        try:
+            return int(value, 0) & 0xFFFFFFFF
+        except ValueError:
+            return None
+    if dest in ("ecx", "rcx", "cx", "cl", "ch") or mnemonic.startswith(("j", "call", "ret", "loop", "xchg")) \
+            or mnemonic in ("cpuid", "rdmsr", "rdtsc", "rdtscp", "rep movsb", "rep stosb", "syscall", "sysret"):
+        return None
+    return ecx
 
 
 def kernel_text(guest: Guest) -> tuple[int, bytes]:
@@ -193,7 +218,8 @@ async def plan(engine: Engine, wanted: dict[str, list]) -> None:
             return None if hit is None else vaddr - hit[1]
 
         sites = [s for s in find_write_sites(text, text_start, function_start)
-                 if s.register in registers or (s.register == "msr" and want_msr)]
+                 if s.register in registers
+                 or (s.register == "msr" and want_msr and (s.msr is None or msr_register(s.msr) in registers))]
     except VmwatchError as exc:
         engine.inactive(f"register sensor ({', '.join(sorted(registers))})", str(exc))
         return

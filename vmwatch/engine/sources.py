@@ -10,6 +10,7 @@ support breakpoints (DESIGN.md "Capabilities")::
     realtime: bool                  # events arrive at their own pace (the engine may drop them)
     replays_traps: bool             # optional: the stream carries recorded trap events (a replay):
                                     # trap listeners are indexed without arming anything
+    trap_overhead: float            # optional: seconds a stop + resume costs the guest (governance)
     events() -> AsyncIterator[Event]
     event_batches() -> AsyncIterator[list[Event]]    # optional, faster for synthetic/replay streams
 
@@ -17,7 +18,9 @@ support breakpoints (DESIGN.md "Capabilities")::
     "breakpoints": async add_breakpoint(vaddr); async remove_breakpoint(vaddr)
     "watchpoints": async add_watchpoint(vaddr, size, access); async remove_watchpoint(vaddr, size, access)
     "pause":       async pause(); async resume()  -- every event the stream yields holds the guest
-                   paused; the pump calls resume() once the rules for it ran
+                   paused until the pump asks for the next one; pause() holds it (ticks, tampers)
+                   until resume(). Optional ``on_resume``: a list of callbacks the source calls
+                   whenever the guest runs again (the engine drops its caches there).
     "write":       the memory is writable (tamper tests, the debugger)
 
 The live QEMU adapter is in :mod:`vmwatch.engine.live`; the replay source (issue 7) implements
@@ -189,17 +192,21 @@ class ImageSource:
 class LiveSource:
     """A live hypervisor (``vmwatch.live.qemu``) as an engine source.
 
-    Each event ``vm.events()`` yields leaves the guest paused; the pump calls :meth:`resume`
-    once the rules for it ran. Ticks and trap changes pause the guest through :meth:`pause`.
+    Each event ``vm.events()`` yields leaves the guest paused until the pump asks for the next
+    one. Ticks and trap changes pause the guest through :meth:`pause` / :meth:`resume`.
     """
 
     realtime = False
+    trap_overhead = 0.005
+    """Seconds a stop + resume costs the guest beyond the engine's handling (TCG, gdbstub; a
+    hop measured 0.3 ms on an idle host, far more on a loaded one): governance charges it."""
 
     def __init__(self, vm: object, *, name: str) -> None:
         self.vm = vm
         self.name = name
         self.memory = vm.memory  # type: ignore[attr-defined]
         self.vcpu_count = getattr(vm, "vcpu_count", None)
+        self.on_resume = vm.on_resume  # type: ignore[attr-defined]
         caps = {BREAKPOINTS, WATCHPOINTS, REGISTERS, PAUSE}
         if getattr(self.memory, "writable", False):
             caps.add(WRITE)
