@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -9,6 +10,7 @@ import pytest
 
 from vmwatch.errors import PhysicalReadError
 from vmwatch.images import open_image
+from vmwatch.testing.cli import run_cli
 
 
 def _blob(tmp_path, name: str, size: int) -> tuple[str, bytes]:
@@ -50,6 +52,14 @@ class TestQemuX86_64:
             cpu = img.cpus[0]
             assert cpu.rip == 0xFFF0 and cpu.cs.selector == 0xF000 and cpu.cs.base == 0xFFFF0000
             assert len(img.cpus) == 1
+            runs = [{"start": r.start, "size": r.size, "file_offset": r.file_offset} for r in img.runs]
+        doc = json.loads(run_cli("info", "--json", dump).stdout)
+        assert doc["format"] == "qemu-elf" and doc["runs"] == runs and doc["cpus"] == 1
+        assert doc["registers"][0]["rip"] == 0xFFF0
+        out = tmp_path / "d.raw"
+        assert run_cli("convert", dump, "-o", out).status == 0
+        with open_image(out) as raw:
+            assert raw.read(0x2345000, len(blob)) == blob and raw.size == 1 << 32
 
     def test_5g_puts_ram_above_4g(self, qemu, tmp_path):
         """-m 5G: low RAM ends at 3 GiB, the rest starts at 4 GiB; bytes loaded above 4 GiB read back.
