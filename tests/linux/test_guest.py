@@ -15,15 +15,6 @@ from .guesttruth import comm_matches, snapshot
 pytestmark = pytest.mark.guest
 
 
-@pytest.fixture(scope="module")
-def la57_snap(lab_guest_factory, tmp_path_factory):
-    guest = lab_guest_factory(cpu_model="qemu64,+la57", cpus=2)
-    try:
-        return snapshot(guest, tmp_path_factory.mktemp("linux") / "la57.elf"), guest
-    finally:
-        guest.stop()
-
-
 def check_ps(snap) -> None:
     result = run_cli("ps", snap.dump, "--json")
     assert result.status == 0, result.stderr
@@ -90,16 +81,6 @@ class TestDefaultGuest:
         assert "divide_error" in gates[0]["symbol"]
 
 
-class TestLa57TwoCpus:
-    def test_ps_and_modules(self, la57_snap):
-        """5-level paging and two vCPUs: same checks against /proc."""
-        snap, _guest = la57_snap
-        check_ps(snap)
-        check_modules(snap)
-        with open_image(snap.dump) as image:
-            assert Linux.from_memory(image, image.cpus).kernel.mode.value == "5-level"
-
-
 def test_isf_export_round_trip(default_snap, tmp_path):
     """ps through the exported ISF (--symbols) lists the same processes as zero-config ps."""
     isf = tmp_path / "kernel.json.xz"
@@ -141,3 +122,44 @@ def test_live_guest(lab_guest):
     proc_modules = {line.split()[0] for line in lab_guest.shell("cat /proc/modules").strip().splitlines()}
     assert {m.name for m in modules} == proc_modules
     assert lab_guest.status() == "running"
+
+
+def test_la57_two_cpus_above_4g(lab_guest_factory):
+    """5-level paging, 2 vCPUs, 5 GiB read live: tasks sit above 4 GiB and match /proc, modules too."""
+    import trio
+
+    from vmwatch.target import open_target
+
+    from .guesttruth import LISTING, parse_listing
+
+    guest = lab_guest_factory(memory="5G", cpus=2, cpu_model="qemu64,+la57")
+    try:
+        guest.shell("scenario module; scenario sleeper 900", timeout=60)
+
+        async def walk():
+            async with open_target(f"qemu:{guest.qmp_path}") as target:
+                await target.live.pause()
+                try:
+                    registers = await target.cpu_state()
+                    linux = Linux.from_memory(target.memory, registers)
+                    tasks = linux.tasks()
+                    paddrs = [linux.memory.translate(t.address) for t in tasks]
+                    return len(registers), linux.kernel.mode.value, tasks, paddrs, linux.modules()
+                finally:
+                    await target.live.resume()
+
+        before = parse_listing(guest.shell(LISTING, timeout=120))
+        cpus, mode, tasks, paddrs, modules = trio.run(walk)
+        after = parse_listing(guest.shell(LISTING, timeout=120))
+        proc_modules = {line.split()[0]: int(line.split()[1]) for line in guest.shell("cat /proc/modules").splitlines()
+                        if line.strip()}
+    finally:
+        guest.stop()
+    assert (cpus, mode) == (2, "5-level")
+    assert max(paddrs) >= 4 << 30, f"highest task_struct at {max(paddrs):#x}"
+    ours = {t.pid: t for t in tasks}
+    stable = {pid: p for pid, p in before.items() if after.get(pid) == p}
+    assert len(stable) > 20 and set(stable) <= set(ours) and set(ours) <= set(before) | set(after)
+    for pid, proc in stable.items():
+        assert comm_matches(ours[pid].comm, proc.comm) and ours[pid].ppid == proc.ppid
+    assert {m.name: m.size for m in modules} == proc_modules
