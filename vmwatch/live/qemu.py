@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import secrets
 import socket
 import tempfile
 import time
@@ -155,7 +156,10 @@ class QemuVM:
             self._stopped = trio.Event()
             await self.gdb.interrupt()
             await self._stopped.wait()
+            self._stop_wanted = False
             self._check_open()
+            if self.gdb.state is p.State.RUNNING:  # the waiter was cancelled before the stop reply
+                await self._on_stop(await self.gdb.wait_stop())
             return
         await self.gdb.interrupt()
         await self._on_stop(await self.gdb.wait_stop())
@@ -188,6 +192,7 @@ class QemuVM:
                 await self._resume_locked()
 
     async def _resume_locked(self) -> None:
+        _drain_qmp_events(self.qmp)
         for callback in self.on_resume:
             callback()
         start = self._resume_from
@@ -319,42 +324,40 @@ class QemuVM:
         info = self._layout["rip"]
         return int.from_bytes(p.decode_hex(await self.gdb.request(p.read_register(info.regnum))), "little")
 
-    async def events(self) -> AsyncIterator[Event]:
+    def events(self) -> EventStream:
         """Breakpoint / MemoryAccess / SingleStep events, one at a time, guest stopped meanwhile.
 
         The guest stays stopped while the consumer handles an event. Asking for the next event
         lets it run again, unless the consumer called :meth:`pause` (then only :meth:`resume`
         does); an explicit :meth:`resume` inside the loop body is fine too. The stream ends with
-        one :class:`SourceEnded` when QEMU exits or the link drops.
+        one :class:`SourceEnded` when QEMU exits or the link drops. Breaking out of the loop
+        leaves the guest stopped at the last event (``resume()`` or detaching lets it go).
         """
+        return EventStream(self)
+
+    async def _next_event(self) -> Event:
         while True:
             while self._raw_stops and not self._pending:
                 async with self._lock:
                     await self._on_stop(self._raw_stops.popleft())
             if self._pending:
-                event = self._pending.popleft()
-                yield event
-                if isinstance(event, SourceEnded):
-                    return
-                continue
+                return self._pending.popleft()
             if self._closed is not None:
-                return
+                raise StopAsyncIteration
             try:
                 async with self._lock:
-                    if self.gdb.state is p.State.STOPPED and not self._pending:
-                        if self._held:
-                            # wait outside the lock for resume() to let the guest go
-                            pass
-                        else:
-                            await self._resume_locked()
+                    if self.gdb.state is p.State.STOPPED and not self._pending and not self._held:
+                        await self._resume_locked()
                     self._waiting = self.gdb.state is p.State.RUNNING
                 if not self._waiting:
-                    await trio.sleep(0.01)
+                    await trio.sleep(0.01)  # held by pause(), or events queued meanwhile
                     continue
                 try:
                     stop = await self.gdb.wait_stop()
                 finally:
                     self._waiting = False
+                    if self._stop_wanted and self.gdb.state is p.State.RUNNING:
+                        self._stopped.set()  # cancelled: the requester reads the stop itself
                 if self._stop_wanted:
                     self._stop_wanted = False
                     await self._on_stop(stop)
@@ -365,8 +368,7 @@ class QemuVM:
             except (LinkClosedError, ProtocolError) as exc:
                 self._closed = str(exc)
                 self._stopped.set()
-                yield SourceEnded(reason=self._closed, **self._event_fields(0))
-                return
+                return SourceEnded(reason=self._closed, **self._event_fields(0))
 
     # ------------------------------------------------------------------ registers
 
@@ -469,6 +471,34 @@ class QemuVM:
             self.stats["steps"] += 1
             return SingleStep(rip=rip, **self._event_fields(vcpu))
 
+    # ------------------------------------------------------------------ memory through QEMU
+
+    async def read_memory(self, addr: int, size: int, *, physical: bool = False, vcpu: int = 0) -> bytes:
+        """Read guest memory through the gdbstub (QEMU's own MMU for virtual addresses).
+
+        Slow (one ``m`` round trip per 0x800 bytes) but independent of vmwatch's page walker
+        and of the RAM file: a reference for checks, and the only way for MMIO-free reads of a
+        guest without shared RAM. Stops the guest for the read if it runs.
+
+        Raises:
+            PhysicalReadError: physical bytes not readable. TranslationError: a virtual one.
+        """
+        from vmwatch.errors import PhysicalReadError, TranslationError
+
+        out = bytearray()
+        async with self._stopped_link():
+            if not physical:
+                await self._select(vcpu)
+            await self._set_phys(physical)
+            for chunk_addr, chunk_size in p.memory_chunks(addr, size):
+                try:
+                    out += p.decode_hex(await self.gdb.request(p.read_memory(chunk_addr, chunk_size)))
+                except RemoteError:
+                    if physical:
+                        raise PhysicalReadError(chunk_addr, chunk_size) from None
+                    raise TranslationError(chunk_addr, 0, f"QEMU cannot read virtual address {chunk_addr:#x}") from None
+        return bytes(out)
+
     # ------------------------------------------------------------------ lifetime
 
     async def _detach(self) -> None:
@@ -486,6 +516,26 @@ class QemuVM:
                     await self.gdb.request(p.remove_point(_WATCH_KIND[access], addr, size), check=False)
                 await self._set_phys(False)
                 await self.gdb.request(p.detach())
+
+
+class EventStream:
+    """Async iterator over a :class:`QemuVM`'s events (a class, not an async generator, so
+    leaving the loop early needs no ``aclosing``)."""
+
+    def __init__(self, vm: QemuVM) -> None:
+        self._vm = vm
+        self._ended = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._ended:
+            raise StopAsyncIteration
+        event = await self._vm._next_event()
+        if isinstance(event, SourceEnded):
+            self._ended = True
+        return event
 
 
 def registers_from_g(data: bytes, layout: dict[str, p.RegisterInfo], vcpu: int) -> Registers:
@@ -554,18 +604,48 @@ async def _find_ram(qmp: object) -> list[tuple[str, str]]:
     return found
 
 
-async def _gdb_socket(qmp: object, private_dir: str) -> str:
+def _private_dir() -> str:
+    """``$TMPDIR/vmwatch-<uid>``, mode 0700 and ours, for gdbstub sockets we ask QEMU to open.
+
+    The sockets outlive an attach: QEMU 7.2 cannot start a second gdbstub ("duplicate yank
+    instance"), so the next attach finds and reuses the first one. Sockets of QEMUs that are
+    gone are removed here.
+    """
+    path = os.path.join(tempfile.gettempdir(), f"vmwatch-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(path) or os.path.islink(path):
+        raise LinkError(f"{path} is not a private directory of ours (mode {st.st_mode & 0o777:o})")
+    for name in os.listdir(path):
+        if name.startswith("gdb-") and name.endswith(".sock"):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(os.path.join(path, name))
+            except ConnectionRefusedError:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(path, name))
+            except OSError:
+                pass
+            finally:
+                probe.close()
+    return path
+
+
+async def _gdb_socket(qmp: object) -> str:
     """Path of a gdbstub unix socket: QEMU's existing one or a new one we start."""
     for chardev in await qmp.execute("query-chardev"):
         name = chardev.get("filename", "")
         if chardev.get("label") == "gdb":
             name = name.removeprefix("disconnected:")
-            if name.startswith("unix:"):
-                return name[len("unix:"):].split(",")[0]
-    path = os.path.join(private_dir, "gdb.sock")
-    await qmp.execute("human-monitor-command", command_line=f"gdbserver unix:{path},server=on,wait=off")
+            path = name[len("unix:"):].split(",")[0] if name.startswith("unix:") else ""
+            if path and os.path.exists(path):
+                return path
+            raise LinkError(f"QEMU's gdbstub listens on {name!r}, which vmwatch cannot reach "
+                            "(and QEMU cannot start a second one)")
+    path = os.path.join(await trio.to_thread.run_sync(_private_dir), f"gdb-{secrets.token_hex(6)}.sock")
+    reply = await qmp.execute("human-monitor-command", command_line=f"gdbserver unix:{path},server=on,wait=off")
     if not os.path.exists(path):
-        raise LinkError(f"QEMU did not start a gdbstub at {path}")
+        raise LinkError(f"QEMU did not start a gdbstub at {path}: {str(reply).strip()}")
     return path
 
 
@@ -615,50 +695,34 @@ async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator
     Raises:
         LinkError: QMP or the gdbstub cannot be reached or misbehave.
     """
-    private_dir = tempfile.mkdtemp(prefix="vmwatch-gdb-")
-    os.chmod(private_dir, 0o700)
-    try:
-        async with open_qmp(qmp_path) as qmp:
-            was_running = (await qmp.execute("query-status"))["running"]
-            ram = await _find_ram(qmp)
-            mtree = await qmp.execute("human-monitor-command", command_line="info mtree -f")
-            gdb_path = await _gdb_socket(qmp, private_dir)
+    async with open_qmp(qmp_path) as qmp:
+        was_running = (await qmp.execute("query-status"))["running"]
+        ram = await _find_ram(qmp)
+        mtree = await qmp.execute("human-monitor-command", command_line="info mtree -f")
+        gdb_path = await _gdb_socket(qmp)
+        with trio.fail_after(10):
+            gdb = await _connect_gdb(gdb_path)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(gdb.aclose)
             with trio.fail_after(10):
-                gdb = await _connect_gdb(gdb_path)
-            async with contextlib.AsyncExitStack() as stack:
-                stack.push_async_callback(gdb.aclose)
-                with trio.fail_after(10):
-                    await gdb.request(p.query_supported())
-                    await gdb.query_stop()
-                    layout = await _fetch_layout(gdb)
-                    threads = await _thread_list(gdb)
-                    await gdb.request(p.set_physical_mode(False))
-                vm = QemuVM(qmp, gdb, layout=layout, threads=threads, gdb_path=gdb_path)
-                vm.memory = _open_memory(vm, ram, mtree, writable)
-                stack.callback(_close_memory, vm)
-                if was_running:
-                    await vm.gdb.resume(p.cont())
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_drain_qmp_events, qmp)
-                        try:
-                            yield vm
-                        finally:
-                            with trio.CancelScope(shield=True):
-                                await vm._detach()
-                                if not was_running and vm._closed is None:
-                                    with contextlib.suppress(LinkError):
-                                        await qmp.execute("stop")
-                            nursery.cancel_scope.cancel()
-                except BaseExceptionGroup as group:
-                    if len(group.exceptions) == 1:
-                        raise group.exceptions[0] from None
-                    raise
-    finally:
-        with contextlib.suppress(OSError):
-            for name in os.listdir(private_dir):
-                os.unlink(os.path.join(private_dir, name))
-            os.rmdir(private_dir)
+                await gdb.request(p.query_supported())
+                await gdb.query_stop()
+                layout = await _fetch_layout(gdb)
+                threads = await _thread_list(gdb)
+                await gdb.request(p.set_physical_mode(False))
+            vm = QemuVM(qmp, gdb, layout=layout, threads=threads, gdb_path=gdb_path)
+            vm.memory = _open_memory(vm, ram, mtree, writable)
+            stack.callback(_close_memory, vm)
+            if was_running:
+                await vm.gdb.resume(p.cont())
+            try:
+                yield vm
+            finally:
+                with trio.CancelScope(shield=True):
+                    await vm._detach()
+                    if not was_running and vm._closed is None:
+                        with contextlib.suppress(LinkError):
+                            await qmp.execute("stop")
 
 
 _WARNED: list[bool] = []
@@ -702,8 +766,8 @@ def _close_memory(vm: QemuVM) -> None:
         vm.memory.close()
 
 
-async def _drain_qmp_events(qmp: object) -> None:
-    """Read QMP's STOP/RESUME events so its buffer never fills (we own run state through gdb)."""
-    async for event in qmp.events:
-        if event.name in ("SHUTDOWN",):
-            log.info("qemu.shutdown", data=getattr(event, "data", None))
+def _drain_qmp_events(qmp: object) -> None:
+    """Drop queued QMP STOP/RESUME events (every gdb stop makes some) so the buffer never fills."""
+    with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+        while True:
+            qmp.events.receive_nowait()
