@@ -208,10 +208,7 @@ class TestCaches:
         mem = GuestMemory(BufferMemory(fake.buffer, volatile=True), registers=fake.registers)
         assert mem.translate(0x1000) == 0x5000
         # The guest "runs" and remaps the page: find the PTE and point it elsewhere.
-        ea = fake.cr3
-        for shift in (39, 30, 21):
-            ea = fake._get(ea + ((0x1000 >> shift) & 0x1FF) * 8) & 0x000F_FFFF_FFFF_F000
-        fake._put(ea + 8, 0x6000 | 3)
+        fake.set_entry(fake.entry_address(0x1000, depth=3), 0x6000 | 3)
         assert mem.translate(0x1000) == 0x5000  # still paused from our point of view: cached
         mem.on_resume()
         assert mem.translate(0x1000) == 0x6000

@@ -175,8 +175,7 @@ class TestHostileTables:
         fake = FakeGuest(PagingMode.LEVEL4, seed=4)
         fake.map(0x7000_0000, 0x3000, 0x1000)
         # Point the PML4 entry for that address far outside the 8 MiB of memory.
-        ea = fake.cr3 + ((0x7000_0000 >> 39) & 0x1FF) * 8
-        fake._put(ea, 0x7_0000_0000 | 7)
+        fake.set_entry(fake.entry_address(0x7000_0000, depth=0), 0x7_0000_0000 | 7)
         mem = fake.guest_memory()
         with pytest.raises(TranslationError) as info:
             mem.translate(0x7000_0010)
@@ -190,11 +189,8 @@ class TestHostileTables:
         fake.map(0x4000_0000, 0x20_0000, 0x20_0000)
         mem = fake.guest_memory()
         assert mem.translate(0x4000_0000) == 0x20_0000
-        ea = fake.cr3
-        for shift in (39, 30):
-            ea = (fake._get(ea + ((0x4000_0000 >> shift) & 0x1FF) * 8) & ~0xFFF) & ((1 << 52) - 1)
-        pde_addr = ea + ((0x4000_0000 >> 21) & 0x1FF) * 8
-        fake._put(pde_addr, fake._get(pde_addr) | 1 << 15)
+        pde_addr = fake.entry_address(0x4000_0000, depth=2)
+        fake.set_entry(pde_addr, fake.get_entry(pde_addr) | 1 << 15)
         mem.flush()
         with pytest.raises(TranslationError) as info:
             mem.translate(0x4000_0000)
@@ -205,7 +201,7 @@ class TestHostileTables:
         """A PAE PDPTE with RW set (a reserved bit there) is refused."""
         fake = FakeGuest(PagingMode.PAE, seed=5)
         fake.map(0x1000, 0x2000, 0x1000)
-        fake._put(fake.cr3, fake._get(fake.cr3) | 2)
+        fake.set_entry(fake.cr3, fake.get_entry(fake.cr3) | 2)
         with pytest.raises(TranslationError, match="reserved"):
             fake.guest_memory().translate(0x1000)
 
@@ -217,7 +213,7 @@ class TestHostileTables:
         count = 1 << spec.levels[0].bits
         rights = 1 if mode is PagingMode.PAE else 7
         for i in range(count):
-            fake._put(fake.cr3 + i * spec.entry_size, (fake.cr3 & ~0xFFF) | rights)
+            fake.set_entry(fake.cr3 + i * spec.entry_size, (fake.cr3 & ~0xFFF) | rights)
         mem = fake.guest_memory()
         try:
             mem.translate(0x1234)
@@ -234,11 +230,11 @@ class TestHostileTables:
     def test_aliased_tables_hit_the_cap(self):
         """512 PML4 entries sharing one PDPT whose entries share one PD: GuestDataError, no blow-up."""
         fake = FakeGuest(PagingMode.LEVEL4, seed=8)
-        pdpt, pd = fake._alloc_table(), fake._alloc_table()
+        pdpt, pd = fake.alloc_table(), fake.alloc_table()
         for i in range(512):
-            fake._put(fake.cr3 + i * 8, pdpt | 7)
-            fake._put(pdpt + i * 8, pd | 7)
-        fake._put(pd, 0x20_0000 | 0x87)
+            fake.set_entry(fake.cr3 + i * 8, pdpt | 7)
+            fake.set_entry(pdpt + i * 8, pd | 7)
+        fake.set_entry(pd, 0x20_0000 | 0x87)
         mem = fake.guest_memory()
         assert mem.translate(0x4000_0123) == 0x20_0123
         with pytest.raises(GuestDataError):
@@ -249,15 +245,12 @@ class TestHostileTables:
         """A PD entry pointing back to the PML4 is skipped by enumeration; translate ends as a CPU would."""
         fake = FakeGuest(PagingMode.LEVEL4, seed=9)
         fake.map(0x20_0000, 0x4000, 0x1000)
-        ea = fake.cr3
-        for shift in (39, 30):
-            ea = fake._get(ea + ((0x20_0000 >> shift) & 0x1FF) * 8) & 0x000F_FFFF_FFFF_F000
-        fake._put(ea + 5 * 8, fake.cr3 | 7)  # PD[5] -> PML4 (a loop)
+        fake.set_entry(fake.entry_address(5 << 21, depth=2), fake.cr3 | 7)  # PD[5] -> PML4 (a loop)
         mem = fake.guest_memory()
         assert [(m.vaddr, m.paddr) for m in mem.mappings()] == [(0x20_0000, 0x4000)]
         # The CPU would take PML4[0] as the PTE: the walk ends at its frame.
         assert mem.translate(5 << 21) == reference.walk4(bytes(fake.buffer), fake.cr3, 5 << 21)
-        assert mem.translate(5 << 21) == fake._get(fake.cr3) & 0x000F_FFFF_FFFF_F000
+        assert mem.translate(5 << 21) == fake.get_entry(fake.cr3) & 0x000F_FFFF_FFFF_F000
 
 
 class TestModeFromDumpRegisters:

@@ -51,7 +51,7 @@ class FakeGuest:
         self.memory = BufferMemory(self.buffer, writable=writable)
         self.expected: list[Mapping] = []
         self._next_table = memory_size
-        root = self._alloc_table()
+        root = self.alloc_table()
         if mode is PagingMode.PAE:
             root += 0x20 * self.rng.randrange(128)  # a PDPT only needs 32-byte alignment
             self.buffer[root : root + 32] = bytes(32)
@@ -59,18 +59,31 @@ class FakeGuest:
 
     # -- building ---------------------------------------------------------------------------------
 
-    def _alloc_table(self) -> int:
+    def alloc_table(self) -> int:
+        """A zeroed 4 KiB page for a paging structure; returns its physical address."""
         self._next_table -= 0x1000
         if self._next_table < len(self.buffer) // 2:
             raise MemoryError("FakeGuest ran out of page-table pages")
         self.buffer[self._next_table : self._next_table + 0x1000] = bytes(0x1000)
         return self._next_table
 
-    def _get(self, addr: int) -> int:
-        return int.from_bytes(self.buffer[addr : addr + self.spec.entry_size], "little")
+    def get_entry(self, paddr: int) -> int:
+        """The paging entry stored at physical ``paddr``."""
+        return int.from_bytes(self.buffer[paddr : paddr + self.spec.entry_size], "little")
 
-    def _put(self, addr: int, value: int) -> None:
-        self.buffer[addr : addr + self.spec.entry_size] = value.to_bytes(self.spec.entry_size, "little")
+    def set_entry(self, paddr: int, value: int) -> None:
+        """Overwrite the paging entry at physical ``paddr`` (to build hostile tables)."""
+        self.buffer[paddr : paddr + self.spec.entry_size] = value.to_bytes(self.spec.entry_size, "little")
+
+    def entry_address(self, vaddr: int, depth: int) -> int:
+        """Physical address of the entry for ``vaddr`` in the table at ``depth`` (0 = top level),
+        following the tables as they are now."""
+        spec = self.spec
+        base = self.cr3
+        for level in spec.levels[: depth + 1]:
+            ea = base + ((vaddr >> level.shift) & ((1 << level.bits) - 1)) * spec.entry_size
+            base = self.get_entry(ea) & spec.addr_mask
+        return ea
 
     def page_sizes(self) -> list[int]:
         """Page sizes this mode can map."""
@@ -91,7 +104,7 @@ class FakeGuest:
         eff_w, eff_u, eff_nx = writable, user, nx
         for depth, level in enumerate(spec.levels):
             ea = base + ((lin >> level.shift) & ((1 << level.bits) - 1)) * esize
-            entry = self._get(ea)
+            entry = self.get_entry(ea)
             pdpte = spec.mode is PagingMode.PAE and depth == 0
             if 1 << level.shift == size:
                 if entry & _P:
@@ -102,7 +115,7 @@ class FakeGuest:
                     if spec.mode is PagingMode.BITS32:
                         value |= ((paddr >> 32) & 0xFF) << 13
                 value |= (_RW if writable else 0) | (_US if user else 0) | (_NX if nx and esize == 8 else 0)
-                self._put(ea, value)
+                self.set_entry(ea, value)
                 mapping = Mapping(vaddr, paddr, size, eff_w, eff_u, eff_nx if esize == 8 else False)
                 self.expected.append(mapping)
                 return mapping
@@ -112,8 +125,8 @@ class FakeGuest:
             else:
                 rights = 0 if pdpte else _RW * (self.rng.random() < 0.8) | _US * (self.rng.random() < 0.8)
                 nxbit = _NX if esize == 8 and not pdpte and self.rng.random() < 0.2 else 0
-                entry = self._alloc_table() | _P | rights | nxbit
-                self._put(ea, entry)
+                entry = self.alloc_table() | _P | rights | nxbit
+                self.set_entry(ea, entry)
             if not pdpte:
                 eff_w = eff_w and bool(entry & _RW)
                 eff_u = eff_u and bool(entry & _US)
