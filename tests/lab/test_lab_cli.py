@@ -44,7 +44,7 @@ def test_corrupt_state_file(runtime):
 @pytest.mark.guest
 @pytest.mark.slow
 def test_start_status_shell_stop(runtime):
-    started = run_cli("lab", "start", "--memory", "192M")
+    started = run_cli("lab", "start", "--memory", "192M", "--no-kaslr")
     assert started.status == 0, started.stderr
     target = started.stdout.strip()
     assert target.startswith("qemu:") and target.endswith("/qmp.sock")

@@ -129,3 +129,19 @@ def test_smp_and_five_level_paging_guest(lab_guest_factory):
     finally:
         guest.stop()
     assert not guest.runtime_dir.exists()
+
+
+@pytest.mark.slow
+def test_32_bit_pae_guest_without_kaslr(lab_guest_factory):
+    guest = lab_guest_factory(arch="686-pae", kaslr=False)
+    try:
+        assert guest.kernel_release.endswith("-686-pae")
+        assert guest.shell("uname -r").strip() == guest.kernel_release
+        assert guest.shell("uname -m") == "i686\n"
+        assert "pae" in guest.shell("grep -m1 '^flags' /proc/cpuinfo").split()
+        # The uncompressed kernel booted through PVH sits at its link address: no KASLR.
+        guest.shell("echo 0 > /proc/sys/kernel/kptr_restrict")
+        assert guest.shell("grep -w _text /proc/kallsyms").split()[0] == "c1000000"
+        assert guest.shell("scenario module", check=True) == "scenario module tcp_yeah\n"
+    finally:
+        guest.stop()

@@ -57,6 +57,20 @@ class KernelPackage:
     def vmlinuz(self) -> Path:
         return self.root / "boot" / f"vmlinuz-{self.release}"
 
+    def vmlinux(self) -> Path:
+        """The uncompressed kernel ELF inside vmlinuz (extracted once, kept beside it).
+
+        QEMU boots it directly through its PVH entry note: no decompression under TCG (seconds
+        faster), but also no KASLR, which the decompressor does.
+        """
+        path = self.root / "boot" / f"vmlinux-{self.release}"
+        if not path.exists():
+            elf = extract_vmlinux(self.vmlinuz.read_bytes())
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(elf)
+            os.replace(tmp, path)
+        return path
+
     @property
     def system_map(self) -> Path:
         """Debian ships a stub here (the real map is in the -dbg package); kept for completeness."""
@@ -106,6 +120,40 @@ class KernelPackage:
         return found
 
 
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """The ELF kernel from a bzImage's compressed payload (boot protocol 2.08+ header fields)."""
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        raise LabError("vmlinuz is not a bzImage (no HdrS boot header)")
+    protocol, = struct.unpack_from("<H", bzimage, 0x206)
+    if protocol < 0x208:
+        raise LabError(f"bzImage boot protocol {protocol:#x} predates payload fields (2.08)")
+    setup_sects = bzimage[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = bzimage[start:start + payload_length]
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        decompressor = lzma.LZMADecompressor()
+    elif payload.startswith(b"\x28\xb5\x2f\xfd"):
+        import zstandard
+
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+    elif payload.startswith(b"\x1f\x8b"):
+        import zlib
+
+        decompressor = zlib.decompressobj(wbits=31)
+    else:
+        raise LabError(f"bzImage payload compression {payload[:4].hex()} is not supported (xz, zstd, gzip)")
+    try:
+        elf = decompressor.decompress(payload)
+    except Exception as exc:  # lzma.LZMAError, zlib.error, zstandard.ZstdError: all mean corrupt input
+        raise LabError(f"bzImage payload does not decompress: {exc}") from exc
+    if not decompressor.eof:
+        raise LabError("bzImage payload is truncated")
+    if not elf.startswith(b"\x7fELF"):
+        raise LabError("bzImage payload is not an ELF kernel")
+    return elf
+
+
 def read_module(path: Path) -> bytes:
     """A module file's ELF bytes, decompressing ``.ko.xz`` / ``.ko.zst`` / ``.ko.gz`` on the host."""
     data = path.read_bytes()
@@ -134,24 +182,24 @@ def modinfo(elf: bytes) -> dict[str, str]:
 
 
 def _elf_section(elf: bytes, wanted: str) -> bytes:
-    if elf[:4] != b"\x7fELF" or elf[4] not in (1, 2) or elf[5] != 1:
+    if len(elf) < 0x34 or elf[:4] != b"\x7fELF" or elf[4] not in (1, 2) or elf[5] != 1:
         raise LabError("kernel module is not a little-endian ELF file")
-    if elf[4] == 2:
-        shoff, = struct.unpack_from("<Q", elf, 0x28)
-        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
-        fmt, name_at, off_at, size_at = "<IIQQQQ", 0, 4, 5
-    else:
-        shoff, = struct.unpack_from("<I", elf, 0x20)
-        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x2E)
-        fmt, name_at, off_at, size_at = "<IIIIII", 0, 4, 5
     try:
+        if elf[4] == 2:
+            shoff, = struct.unpack_from("<Q", elf, 0x28)
+            shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+            fmt = "<IIQQQQ"
+        else:
+            shoff, = struct.unpack_from("<I", elf, 0x20)
+            shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x2E)
+            fmt = "<IIIIII"
+        # Fields used: sh_name [0], sh_offset [4], sh_size [5].
         headers = [struct.unpack_from(fmt, elf, shoff + i * shentsize) for i in range(shnum)]
         strtab = headers[shstrndx]
         for header in headers:
-            start = strtab[off_at] + header[name_at]
-            name = elf[start:elf.index(b"\0", start)].decode()
-            if name == wanted:
-                return elf[header[off_at]:header[off_at] + header[size_at]]
+            start = strtab[4] + header[0]
+            if elf[start:elf.index(b"\0", start)] == wanted.encode():
+                return elf[header[4]:header[4] + header[5]]
     except (struct.error, IndexError, ValueError) as exc:
         raise LabError(f"kernel module ELF is malformed: {exc}") from exc
     raise LabError(f"kernel module has no {wanted} section")
@@ -186,6 +234,28 @@ def ensure_kernel(arch: str = "amd64", *, cache: Path | None = None) -> KernelPa
         _download_and_unpack(apt, package, version, root)
     resolved.write_text(json.dumps({"dir": root.name}))
     return _load(arch, root)
+
+
+def ensure_foreign_busybox(debian_arch: str, cache: Path) -> Path:
+    """A static busybox for a guest whose architecture differs from the host's (i386 on amd64)."""
+    base = cache / "busybox" / debian_arch
+    done = sorted(base.glob("*/bin/busybox"), key=lambda p: p.stat().st_mtime)
+    if done:
+        return done[-1]
+    apt = Apt.for_arch(debian_arch, cache)
+    apt._ensure_lists("busybox-static")
+    version = _field(apt._cache("show", "--no-all-versions", "busybox-static"), "Version")
+    if not version:
+        raise LabError(f"apt knows no busybox-static for {debian_arch}")
+    base.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=base, prefix=".dl-") as tmp:
+        deb = apt.download("busybox-static", version, Path(tmp))
+        unpacked = Path(tmp) / "root"
+        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking busybox-static")
+        if not (unpacked / "bin" / "busybox").is_file():
+            raise LabError(f"busybox-static {version} ({debian_arch}) has no bin/busybox")
+        os.replace(unpacked, base / version.replace(":", "_"))
+    return base / version.replace(":", "_") / "bin" / "busybox"
 
 
 def _load(arch: str, root: Path) -> KernelPackage:

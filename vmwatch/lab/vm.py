@@ -58,6 +58,9 @@ class LabConfig:
     """``tcg`` or ``kvm`` (falls back to TCG, with a warning, where KVM does not work)."""
     shared_ram: bool = True
     """Guest RAM in a ``memory-backend-file`` (share=on) that the host can mmap."""
+    kaslr: bool = True
+    """Boot vmlinuz as Debian does (KASLR on). False boots the uncompressed vmlinux through its PVH
+    entry: several seconds faster under TCG, kernel at its link address (no KASLR)."""
     machine: str = "pc"
     append: str = ""
     """Extra kernel command-line words."""
@@ -99,7 +102,8 @@ def qemu_command(config: LabConfig, kernel: KernelPackage, initrd: Path, runtime
         argv += ["-object", f"memory-backend-file,id=ram,size={config.memory},"
                             f"mem-path={runtime / 'ram'},share=on"]
     append = f"console=ttyS0 quiet loglevel=1 panic=-1 {config.append}".strip()
-    argv += ["-kernel", str(kernel.vmlinuz), "-initrd", str(initrd), "-append", append,
+    image = kernel.vmlinuz if config.kaslr else kernel.vmlinux()
+    argv += ["-kernel", str(image), "-initrd", str(initrd), "-append", append,
              "-chardev", f"socket,id=serial0,path={runtime / 'serial.sock'},server=on,wait=off",
              "-serial", "chardev:serial0",
              "-qmp", f"unix:{runtime / 'qmp.sock'},server=on,wait=off",
@@ -361,7 +365,7 @@ def default_state_file() -> Path:
 
 
 def _busybox(arch: str) -> Path:
-    if ARCHES[arch][1] == "amd64" or arch == "amd64":
+    if arch == "amd64":
         path = Path("/bin/busybox")
         if not path.exists():
             raise LabError("/bin/busybox is missing (install the Debian package busybox-static)")

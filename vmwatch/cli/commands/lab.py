@@ -25,6 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="tcg (default) or kvm (falls back to tcg where KVM does not work)")
     start.add_argument("--no-shared-ram", action="store_true",
                        help="plain guest RAM (vmwatch then reads memory through the gdbstub, slowly)")
+    start.add_argument("--no-kaslr", action="store_true",
+                       help="boot the uncompressed kernel (PVH): faster under TCG, no KASLR")
     start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the boot")
     actions.add_parser("stop", help="stop the lab guest")
     status = actions.add_parser("status", help="show the running lab guest")
@@ -81,7 +83,7 @@ def _start(args: argparse.Namespace, env, state_file) -> int:
                            "stop it with: vmwatch lab stop")
         state_file.unlink(missing_ok=True)
     config = LabConfig(arch=args.arch, memory=args.memory, cpus=args.cpus, cpu_model=args.cpu_model,
-                       accel=args.accel, shared_ram=not args.no_shared_ram)
+                       accel=args.accel, shared_ram=not args.no_shared_ram, kaslr=not args.no_kaslr)
     if args.accel == "kvm" and (why := kvm_usable()):
         print(f"warning: KVM is not usable ({why}); falling back to TCG (slower)", file=env.stderr)
     guest = LabGuest.start(config, timeout=args.timeout)
