@@ -86,6 +86,19 @@ class TestReads:
             mem.read(BASE, -1)
         assert mem.read(BASE + 0x3000, 0) == b""
 
+    def test_read_many(self, fake):
+        """Batched virtual reads give each range's bytes, None for unmapped or unbacked ones."""
+        fake.map(BASE + 0x8000, 0x4000_0000, 0x1000)
+        mem = fake.guest_memory()
+        got = mem.read_many([(BASE + 0x10, 8), (BASE + 0xFFC, 8), (BASE + 0x3000, 4), (BASE + 0x8000, 4), (BASE, 0)])
+        assert got == [
+            _phys(fake, 0x5010, 8),
+            _phys(fake, 0x5FFC, 4) + _phys(fake, 0x2000, 4),
+            None,
+            None,
+            b"",
+        ]
+
     def test_read_phys(self, fake):
         """read_phys bypasses translation."""
         assert fake.guest_memory().read_phys(0x2000, 16) == _phys(fake, 0x2000, 16)

@@ -208,6 +208,39 @@ class GuestMemory:
             pos += step
         return bytes(out)
 
+    def read_many(self, requests: Iterable[tuple[int, int]], cr3: int | None = None) -> list[bytes | None]:
+        """Batched virtual reads: one result per (vaddr, size), ``None`` where any byte is not
+        mapped or not backed. All physical pieces go to the source in one ``read_many`` (one
+        round trip for a gdbstub source).
+        """
+        results: list[bytes | None] = []
+        pieces: list[tuple[int, int]] = []
+        spans: list[tuple[int, int] | None] = []  # per request: its slice of ``pieces``
+        for vaddr, size in requests:
+            if not 0 <= size <= MAX_READ:
+                raise GuestDataError(f"refusing to read {size:#x} bytes at {vaddr:#x}")
+            first = len(pieces)
+            pos = 0
+            try:
+                while pos < size:
+                    addr = (vaddr + pos) & _U64_MASK
+                    step = min(size - pos, PAGE_SIZE - (addr & PAGE_MASK))
+                    pieces.append((self.translate(addr, cr3), step))
+                    pos += step
+            except TranslationError:
+                del pieces[first:]
+                spans.append(None)
+                continue
+            spans.append((first, len(pieces)))
+        data = self.phys.read_many(pieces) if pieces else []
+        for span in spans:
+            if span is None:
+                results.append(None)
+                continue
+            parts = data[span[0] : span[1]]
+            results.append(None if any(p is None for p in parts) else b"".join(parts))
+        return results
+
     def _read_partial_page(self, vaddr: int, paddr: int, size: int, cr3: int | None) -> bytes:
         try:
             return self.phys.inner.read(paddr, size)
