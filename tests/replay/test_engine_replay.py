@@ -61,7 +61,7 @@ OTHER_RULES = textwrap.dedent('''
 
     @rule.on_breakpoint(0xFFFFFFFF81000003)
     def elsewhere(event, guest):
-        guest.alert("info", "reads a page nobody recorded", pid=1, data=guest.phys.read(0x3F000, 8).hex())
+        guest.alert("info", "reads a page nobody recorded", pid=1, data=guest.phys.read(0x80000, 8).hex())
 ''')
 
 
@@ -122,7 +122,7 @@ class TestEngineReplay:
         result = run_cli("replay", path, "--rules", other, "--json")
         assert result.status == 2
         last = result.stderr.splitlines()[-1]
-        assert last == "vmwatch: error: physical address 0x3f000 is not in the recording (at event 3)"
+        assert last == "vmwatch: error: physical address 0x80000 is not in the recording (at event 3)"
         assert "Traceback" not in result.stderr
 
     def test_cache_flushes_replayed(self, tmp_path):
