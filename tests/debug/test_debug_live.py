@@ -11,7 +11,7 @@ import re
 import pytest
 
 from vmwatch.debug import Debugger
-from vmwatch.events import Breakpoint
+from vmwatch.events import Access, Breakpoint, MemoryAccess
 from vmwatch.testing.cli import run_cli
 
 pytestmark = pytest.mark.guest
@@ -87,6 +87,19 @@ class TestLiveSession:
             frames = dbg.backtrace()
             assert any(f.symbol and f.symbol.startswith("hrtimer_nanosleep") for f in frames[1:])
         assert lab_guest.shell("echo alive").strip() == "alive"  # detached: the guest runs again
+
+    def test_watch_memory(self, lab_guest, sleeper):
+        """A write watchpoint on jiffies_64 stops the guest when the timer tick updates it."""
+        address = int(lab_guest.shell(r"grep -E ' [DdBb] jiffies_64$' /proc/kallsyms").split()[0], 16)
+        with Debugger.open(lab_guest.target) as dbg:
+            before = int.from_bytes(dbg.read("jiffies_64", 8), "little")
+            wp = dbg.add_watchpoint("jiffies_64", 8, Access.WRITE)
+            assert wp.address == address
+            event = dbg.cont(timeout=60)
+            assert isinstance(event, MemoryAccess) and event.address == address
+            dbg.delete(wp.number)
+            dbg.step()  # finish the writing instruction if the stop came before it retired
+            assert int.from_bytes(dbg.read("jiffies_64", 8), "little") > before
 
     def test_next_steps_over_a_call(self, lab_guest, sleeper):
         """Step over from the breakpoint until a call: RIP lands right after the call instruction."""
