@@ -360,14 +360,14 @@ class Engine:
             if getattr(src, "realtime", False):
                 await self._consume_realtime()
             elif hasattr(src, "event_batches") and not self.pausable:
-                async with contextlib.aclosing(src.event_batches()) as batches:
+                async with _closing(src.event_batches()) as batches:
                     async for batch in batches:
                         await self._handle_batch(batch)
                         if self._ended:
                             return
                         await trio.lowlevel.checkpoint()
             else:
-                async with contextlib.aclosing(src.events()) as events:
+                async with _closing(src.events()) as events:
                     async for event in events:
                         async with self._lock:
                             await self._handle_batch((event,))
@@ -391,7 +391,7 @@ class Engine:
 
         async def produce() -> None:
             last_report = trio.current_time()
-            async with send, contextlib.aclosing(self.source.event_batches()) as batches:
+            async with send, _closing(self.source.event_batches()) as batches:
                 async for batch in batches:
                     if batch and type(batch[-1]) is SourceEnded:
                         await send.send(batch)  # the end is never dropped
@@ -770,6 +770,13 @@ class Engine:
             await sink.aclose()
         except Exception as exc:
             log.error("sink close failed", sink=sink.name, error=f"{type(exc).__name__}: {exc}")
+
+
+def _closing(stream: Any) -> Any:
+    """Close an async generator when done with it (early exits included); other iterators as is."""
+    if hasattr(stream, "aclose"):
+        return contextlib.aclosing(stream)
+    return contextlib.nullcontext(stream)
 
 
 def _key(event: Event) -> object:
