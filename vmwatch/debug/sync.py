@@ -12,22 +12,29 @@ here runs one session call in it and waits. Notebook use::
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from typing import Any, Awaitable, Callable
 
+import structlog
 import trio
 
 from vmwatch.debug.session import BreakpointInfo, DebugSession, Frame, Instruction, TaskInfo, WatchpointInfo
 from vmwatch.cpu import Registers
+from vmwatch.errors import VmwatchError
 from vmwatch.events import Access, Event
+
+log = structlog.get_logger()
 
 
 class Debugger:
     """Blocking facade of :class:`DebugSession`; use :meth:`open` (a context manager)."""
 
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
+    def __init__(self, spec: str | Any, *, linux: bool = True) -> None:
+        self.spec = spec if isinstance(spec, str) else getattr(spec, "spec", "target")
+        self._target = None if isinstance(spec, str) else spec
+        self._linux = linux
         self.session: DebugSession | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._done: trio.Event | None = None
@@ -35,13 +42,15 @@ class Debugger:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def open(cls, spec: str) -> Debugger:
-        """Attach to ``spec`` (``qemu:/path/qmp.sock`` or a memory image path).
+    def open(cls, spec: str | Any, *, linux: bool = True) -> Debugger:
+        """Attach to ``spec``: ``qemu:/path/qmp.sock``, a memory image path, or an opened Target.
+
+        ``linux=False`` skips looking for a Linux kernel (other guests: no symbols or task).
 
         Raises:
             VmwatchError: the target cannot be opened.
         """
-        debugger = cls(spec)
+        debugger = cls(spec, linux=linux)
         started: queue.Queue[BaseException | None] = queue.Queue()
         debugger._thread = threading.Thread(target=trio.run, args=(debugger._main, started), daemon=True,
                                             name="vmwatch-debug")
@@ -56,8 +65,9 @@ class Debugger:
         from vmwatch.target import open_target
 
         try:
-            async with open_target(self.spec) as target:
-                self.session = DebugSession(target)
+            async with contextlib.AsyncExitStack() as stack:
+                target = self._target or await stack.enter_async_context(open_target(self.spec))
+                self.session = DebugSession(target, linux=self._linux)
                 await self.session.attach()
                 self._token = trio.lowlevel.current_trio_token()
                 self._done = trio.Event()
@@ -66,7 +76,10 @@ class Debugger:
                     await self._done.wait()
                 finally:
                     with trio.CancelScope(shield=True):
-                        await self.session.detach()
+                        try:
+                            await self.session.detach()
+                        except VmwatchError as exc:  # the guest is gone: nothing left to release
+                            log.warning("debugger detach failed", error=str(exc))
         except BaseException as exc:
             if self._token is None:
                 started.put(exc)
