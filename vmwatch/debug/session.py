@@ -8,7 +8,9 @@ state. Controlling execution (step, next, continue, breakpoints, watchpoints) ne
 :class:`vmwatch.debug.sync.Debugger` wraps it for notebooks and the shell.
 
 Step over decodes the instruction at RIP with capstone: a ``call`` gets a temporary breakpoint
-right after it (RIP + instruction length) and a continue; anything else is a single step.
+right after it (RIP + instruction length) and a continue until that breakpoint is hit with the
+stack pointer of the call site (so another task passing there does not count); anything else
+is a single step.
 
 Kernel backtraces: Debian kernels use the ORC unwinder and no frame pointers, so the stack is
 scanned from RSP to the top of the 16 KiB task stack for words that point into kernel text just
@@ -371,16 +373,21 @@ class DebugSession:
         if insn.mnemonic != "call":
             return await self.step()
         after = insn.address + insn.size
+        frame = (await self.registers()).rsp  # back to this value once the call has returned
+        vcpu = self.vcpu
         temporary = after not in {b.address for b in self.breakpoints.values()}
         if temporary:
             await live.add_breakpoint(after)
         try:
             while True:
                 event = await self.cont()
-                if isinstance(event, Breakpoint) and event.address == after and event.vcpu == self.vcpu:
-                    break
-                if isinstance(event, Breakpoint) and event.address in {b.address for b in self.breakpoints.values()}:
-                    break  # a user breakpoint inside the call: stop there, as gdb does
+                if not isinstance(event, Breakpoint):
+                    break  # a watchpoint fired inside the call: stop there, as gdb does
+                if event.address in {b.address for b in self.breakpoints.values()}:
+                    break  # a user breakpoint inside the call
+                if event.address == after and event.vcpu == vcpu and (await self.registers()).rsp == frame:
+                    break  # our return, not another task (or a recursion) passing the same address
+                self.vcpu = vcpu
         finally:
             if temporary:
                 await live.remove_breakpoint(after)
