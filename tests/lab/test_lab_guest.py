@@ -90,6 +90,9 @@ def test_scenario_actions_are_visible_inside(lab_guest):
     lab_guest.shell(f"kill {pid}")
     count, cs = lab_guest.shell("scenario writes 2000").split()[2::2]
     assert count == "2000" and int(cs) >= 0
+    # The guest is shared by the session: start from the hardened baseline, put back what we found.
+    found = lab_guest.shell("cat /proc/sys/kernel/kptr_restrict /proc/sys/kernel/modprobe").split()
+    lab_guest.shell("echo 1 > /proc/sys/kernel/kptr_restrict")
     try:
         assert lab_guest.shell("scenario module", check=True) == "scenario module tcp_yeah\n"
         lsmod = lab_guest.shell("cat /proc/modules")
@@ -100,8 +103,9 @@ def test_scenario_actions_are_visible_inside(lab_guest):
         assert lab_guest.shell("scenario dropper; ls /tmp/.x") == "scenario dropper /tmp/.x/sh\nsh\n"
     finally:
         lab_guest.shell("scenario unmodule; scenario unsysctl")
+        assert lab_guest.shell("cat /proc/sys/kernel/kptr_restrict") == "1\n"
+        lab_guest.shell(f"echo {found[0]} > /proc/sys/kernel/kptr_restrict; echo {found[1]} > /proc/sys/kernel/modprobe")
     assert "tcp_yeah" not in lab_guest.shell("cat /proc/modules")
-    assert lab_guest.shell("cat /proc/sys/kernel/kptr_restrict") == "1\n"
 
 
 def test_second_provisioning_is_a_cache_hit(lab_guest, monkeypatch):

@@ -49,7 +49,7 @@ stty -echo -onlcr 2>/dev/null
 PS1='' PS2=''
 if [ ! -e /run/lab-ready ]; then
     : > /run/lab-ready
-    echo "{READY} $(uname -r)"
+    echo "{READY} $(uname -r) $(cut -d' ' -f1 /proc/uptime)"
 fi
 """
 

@@ -232,7 +232,9 @@ def ensure_kernel(arch: str = "amd64", *, cache: Path | None = None) -> KernelPa
     root = base / f"{package}_{version}_{ARCHES[arch][1]}"
     if not (root / ".complete").exists():
         _download_and_unpack(apt, package, version, root)
-    resolved.write_text(json.dumps({"dir": root.name}))
+    tmp = resolved.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"dir": root.name}))
+    os.replace(tmp, resolved)
     return _load(arch, root)
 
 
@@ -254,7 +256,7 @@ def ensure_foreign_busybox(debian_arch: str, cache: Path) -> Path:
         _run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking busybox-static")
         if not (unpacked / "bin" / "busybox").is_file():
             raise LabError(f"busybox-static {version} ({debian_arch}) has no bin/busybox")
-        os.replace(unpacked, base / version.replace(":", "_"))
+        _install_dir(unpacked, base / version.replace(":", "_"))
     return base / version.replace(":", "_") / "bin" / "busybox"
 
 
@@ -277,9 +279,18 @@ def _download_and_unpack(apt: "Apt", package: str, version: str, root: Path) -> 
         _run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking the kernel package")
         shutil.rmtree(unpacked / "usr" / "share" / "doc", ignore_errors=True)
         (unpacked / ".complete").write_text(f"{package} {version}\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(unpacked, root)
+        _install_dir(unpacked, root)
+
+
+def _install_dir(unpacked: Path, final: Path) -> None:
+    """Move a finished directory into place; another process that got there first wins."""
+    if final.exists() and not (final / ".complete").exists() and not (final / "bin").exists():
+        shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt
+    try:
+        os.replace(unpacked, final)
+    except OSError:
+        if not final.exists():
+            raise
 
 
 @attrs.frozen

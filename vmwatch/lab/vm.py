@@ -126,6 +126,10 @@ class LabGuest:
         self.kernel = kernel
         self.accel = accel
         self.boot_seconds: float | None = None
+        """Host seconds from ``start()`` to the shell (provisioning included)."""
+        self.guest_seconds_to_shell: float | None = None
+        """The guest's own uptime when its shell came up (the rest of boot_seconds is firmware,
+        kernel decompression and provisioning)."""
         self._qmp: SyncQmp | None = None
         self._serial: _Serial | None = None
         self._lock = threading.Lock()
@@ -223,8 +227,11 @@ class LabGuest:
         for path in wanted:
             os.chmod(path, 0o600)
         serial = self._serial_link()
-        if not serial.wait_for(READY.encode(), deadline, alive=self._check_alive):
+        found = serial.wait_for_pattern(re.compile(rb"%s (\S+) ([0-9.]+)\n" % READY.encode()), deadline,
+                                        start=0, alive=self._check_alive)
+        if found is None:
             raise LabError(f"the guest did not reach its shell in time{self._diagnostics()}")
+        self.guest_seconds_to_shell = float(found[1].group(2))
 
     def _check_alive(self) -> None:
         if not self.alive:
@@ -478,9 +485,6 @@ class _Serial:
             self._sock.sendall(data)
         except OSError as exc:
             raise LabError(f"serial console write failed: {exc}") from exc
-
-    def wait_for(self, needle: bytes, deadline: float, *, alive: Any) -> bool:
-        return self.wait_for_pattern(re.compile(re.escape(needle)), deadline, start=0, alive=alive) is not None
 
     def wait_for_pattern(self, pattern: re.Pattern[bytes], deadline: float, *, start: int,
                          alive: Any) -> tuple[bytes, re.Match[bytes]] | None:
