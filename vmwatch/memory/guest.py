@@ -90,6 +90,8 @@ class GuestMemory:
         self.pointer = self.u64 if wide else self.u32
         if self._walker is None:
             self.translate = self._identity  # type: ignore[method-assign]
+        else:
+            self._walk = self._walker.translate
 
     # -- translation --------------------------------------------------------------------------
 
@@ -120,11 +122,16 @@ class GuestMemory:
         return self._translate_miss(vaddr, cr3)
 
     def _translate_miss(self, vaddr: int, cr3: int | None) -> int:
-        self.tlb.misses += 1
+        tlb = self.tlb
+        tlb.misses += 1
         if cr3 is None:
             raise TranslationError(vaddr, 0, f"cannot translate {vaddr:#x}: no page-table root (pass cr3= or registers=)")
-        paddr = self._walker.translate(vaddr, cr3)
-        self.tlb.insert(cr3, vaddr >> 12, paddr & ~0xFFF)
+        paddr = self._walk(vaddr, cr3)
+        entries = self._tlb_sets.get(cr3)
+        if entries is not None and len(entries) < tlb.max_entries:
+            entries[vaddr >> 12] = paddr & ~0xFFF
+        else:
+            tlb.insert(cr3, vaddr >> 12, paddr & ~0xFFF)
         return paddr
 
     def _identity(self, vaddr: int, cr3: int | None = None) -> int:

@@ -154,6 +154,11 @@ class Mapping:
 class Walker:
     """Translates linear addresses by walking one mode's page tables.
 
+    ``walker.translate(vaddr, cr3) -> int`` is generated at construction (see :meth:`_compile`;
+    the code is kept in ``walker.source``). It raises PageNotPresent when an entry on the walk
+    is not present, and TranslationError when the address is not canonical, an entry has
+    reserved bits set, or a table lies outside physical memory.
+
     Args:
         spec: the paging mode.
         phys: the page cache tables are read through. A walk probes its page dict inline (a
@@ -196,6 +201,14 @@ class Walker:
             self._sign_shift = spec.va_bits
             self._good_tops = (0,)
         self._pse36 = spec.mode is PagingMode.BITS32
+        self.source = self._compile()
+        namespace = {
+            "check_address": self.check_address, "pages_get": self._pages_get, "entry_miss": self._entry_miss,
+            "unpack": self._entry, "PageNotPresent": PageNotPresent, "PhysicalReadError": PhysicalReadError,
+            "reserved_error": self._reserved, "outside_error": self._outside,
+        }
+        exec(compile(self.source, f"<vmwatch paging walk: {spec.mode.value}>", "exec"), namespace)
+        self.translate = namespace["translate"]
 
     def check_address(self, vaddr: int, cr3: int) -> None:
         """Raise TranslationError unless ``vaddr`` is a valid (canonical) linear address."""
@@ -206,50 +219,67 @@ class Walker:
                 raise TranslationError(vaddr, cr3, f"{vaddr:#x} is not canonical for {self.spec.mode.value} paging")
             raise TranslationError(vaddr, cr3, f"{vaddr:#x} is wider than {self.spec.va_bits} bits")
 
-    def translate(self, vaddr: int, cr3: int) -> int:
-        """The physical address of ``vaddr``.
+    def _compile(self) -> str:
+        """Generate this mode's walk as straight-line code: one block per level with every
+        shift, mask and level number a literal (no loop, no tuple unpacking per level).
 
-        Raises:
-            PageNotPresent: an entry on the walk is not present.
-            TranslationError: the address is not canonical, an entry has reserved bits set, or
-                a table lies outside physical memory.
+        Each block reads the entry through the page cache dict (one lookup when the table is
+        cached, ``entry()`` otherwise), stops on a clear present bit, returns on a large page,
+        and checks the reserved bits the SDM (and QEMU) check.
         """
-        if vaddr >> self._sign_shift not in self._good_tops:
-            self.check_address(vaddr, cr3)
-        pages_get = self._pages_get
-        unpack = self._entry
-        esize = self.spec.entry_size
-        base = cr3 & self._cr3_mask
-        level = 0
-        try:
-            for rshift, imask, level, large, reserved, shift in self._steps:
-                ea = base + ((vaddr >> rshift) & imask)
-                table = pages_get(ea >> 12)
-                if table is None:
-                    table, off = self._entry_miss(ea, esize)
-                else:
-                    off = ea & 0xFFF
-                entry = unpack(table, off)[0]
-                if not entry & 1:
-                    raise PageNotPresent(vaddr, cr3, level=level, entry=entry, invalid_bits=shift)
-                if large and entry & 0x80:
-                    if entry & reserved:
-                        raise self._reserved(vaddr, cr3, level, entry, reserved)
-                    frame = entry & large
-                    if self._pse36:
-                        frame |= ((entry >> 13) & 0xFF) << 32
-                    return frame | (vaddr & ((1 << shift) - 1))
-                if entry & reserved and not large:
-                    raise self._reserved(vaddr, cr3, level, entry, reserved)
-                base = entry & self._addr_mask
-        except PhysicalReadError:
-            raise TranslationError(
-                vaddr, cr3,
-                f"cannot translate {vaddr:#x} (cr3 {cr3:#x}): level {level} table entry at "
-                f"physical {ea:#x} is outside physical memory",
-                level=level,
-            ) from None
-        return base | (vaddr & 0xFFF)
+        spec = self.spec
+        lines = [
+            "def translate(vaddr, cr3):",
+            f"    if vaddr >> {self._sign_shift} not in {self._good_tops!r}:",
+            "        check_address(vaddr, cr3)",
+            f"    base = cr3 & {self._cr3_mask:#x}",
+            "    level = 0",
+            "    try:",
+        ]
+        last = len(self._steps) - 1
+        for depth, (rshift, imask, level, large, reserved, shift) in enumerate(self._steps):
+            lines += [
+                f"        level = {level}",
+                f"        ea = base + ((vaddr >> {rshift}) & {imask:#x})",
+                "        table = pages_get(ea >> 12)",
+                "        if table is None:",
+                f"            table, off = entry_miss(ea, {spec.entry_size})",
+                "        else:",
+                "            off = ea & 0xFFF",
+                "        entry = unpack(table, off)[0]",
+                "        if not entry & 1:",
+                f"            raise PageNotPresent(vaddr, cr3, level={level}, entry=entry, invalid_bits={shift})",
+            ]
+            if large:
+                high = " | ((entry >> 13) & 0xFF) << 32" if self._pse36 else ""
+                lines += [
+                    "        if entry & 0x80:",
+                    f"            if entry & {reserved:#x}:",
+                    f"                raise reserved_error(vaddr, cr3, {level}, entry, {reserved:#x})",
+                    f"            return (entry & {large:#x}){high} | (vaddr & {(1 << shift) - 1:#x})",
+                ]
+            elif reserved:
+                lines += [
+                    f"        if entry & {reserved:#x}:",
+                    f"            raise reserved_error(vaddr, cr3, {level}, entry, {reserved:#x})",
+                ]
+            if depth < last:
+                lines.append(f"        base = entry & {self._addr_mask:#x}")
+        lines += [
+            "    except PhysicalReadError:",
+            "        raise outside_error(vaddr, cr3, level, ea) from None",
+            f"    return (entry & {self._addr_mask:#x}) | (vaddr & 0xFFF)",
+        ]
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _outside(vaddr: int, cr3: int, level: int, ea: int) -> TranslationError:
+        return TranslationError(
+            vaddr, cr3,
+            f"cannot translate {vaddr:#x} (cr3 {cr3:#x}): level {level} table entry at "
+            f"physical {ea:#x} is outside physical memory",
+            level=level,
+        )
 
     @staticmethod
     def _reserved(vaddr: int, cr3: int, level: int, entry: int, reserved: int) -> TranslationError:
