@@ -83,7 +83,7 @@ class TestDefaultGuest:
 
 def test_isf_export_round_trip(default_snap, tmp_path):
     """ps through the exported ISF (--symbols) lists the same processes as zero-config ps."""
-    isf = tmp_path / "kernel.json.xz"
+    isf = tmp_path / "kernel.json"
     result = run_cli("symbols", "export", default_snap.dump, "-o", str(isf))
     assert result.status == 0, result.stderr
     plain = json.loads(run_cli("ps", default_snap.dump, "--json").stdout)
@@ -99,7 +99,7 @@ def test_live_guest(lab_guest):
 
     from vmwatch.target import open_target
 
-    from .guesttruth import LISTING, parse_listing
+    from .guesttruth import LISTING, PIDS, parse_listing, parse_pids, stable
 
     async def walk():
         async with open_target(f"qemu:{lab_guest.qmp_path}") as target:
@@ -112,12 +112,12 @@ def test_live_guest(lab_guest):
 
     before = parse_listing(lab_guest.shell(LISTING, timeout=120))
     tasks, modules = trio.run(walk)
-    after = parse_listing(lab_guest.shell(LISTING, timeout=120))
+    after = parse_pids(lab_guest.shell(PIDS, timeout=60))
     ours = {t.pid: t for t in tasks}
-    stable = {pid: p for pid, p in before.items() if after.get(pid) == p}
-    assert len(stable) > 20 and set(stable) <= set(ours), set(stable) - set(ours)
-    assert set(ours) <= set(before) | set(after)
-    for pid, proc in stable.items():
+    stable_procs = stable(before, after)
+    assert len(stable_procs) > 20 and set(stable_procs) <= set(ours), set(stable_procs) - set(ours)
+    assert set(ours) <= set(before) | after
+    for pid, proc in stable_procs.items():
         assert comm_matches(ours[pid].comm, proc.comm) and ours[pid].ppid == proc.ppid
     proc_modules = {line.split()[0] for line in lab_guest.shell("cat /proc/modules").strip().splitlines()}
     assert {m.name for m in modules} == proc_modules
@@ -130,7 +130,7 @@ def test_la57_two_cpus_above_4g(lab_guest_factory):
 
     from vmwatch.target import open_target
 
-    from .guesttruth import LISTING, parse_listing
+    from .guesttruth import LISTING, PIDS, parse_listing, parse_pids, stable
 
     guest = lab_guest_factory(memory="5G", cpus=2, cpu_model="qemu64,+la57")
     try:
@@ -150,7 +150,7 @@ def test_la57_two_cpus_above_4g(lab_guest_factory):
 
         before = parse_listing(guest.shell(LISTING, timeout=120))
         cpus, mode, tasks, paddrs, modules = trio.run(walk)
-        after = parse_listing(guest.shell(LISTING, timeout=120))
+        after = parse_pids(guest.shell(PIDS, timeout=60))
         proc_modules = {line.split()[0]: int(line.split()[1]) for line in guest.shell("cat /proc/modules").splitlines()
                         if line.strip()}
     finally:
@@ -158,8 +158,8 @@ def test_la57_two_cpus_above_4g(lab_guest_factory):
     assert (cpus, mode) == (2, "5-level")
     assert max(paddrs) >= 4 << 30, f"highest task_struct at {max(paddrs):#x}"
     ours = {t.pid: t for t in tasks}
-    stable = {pid: p for pid, p in before.items() if after.get(pid) == p}
-    assert len(stable) > 20 and set(stable) <= set(ours) and set(ours) <= set(before) | set(after)
-    for pid, proc in stable.items():
+    stable_procs = stable(before, after)
+    assert len(stable_procs) > 20 and set(stable_procs) <= set(ours) and set(ours) <= set(before) | after
+    for pid, proc in stable_procs.items():
         assert comm_matches(ours[pid].comm, proc.comm) and ours[pid].ppid == proc.ppid
     assert {m.name: m.size for m in modules} == proc_modules
