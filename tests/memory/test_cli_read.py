@@ -70,6 +70,8 @@ class TestReadCommand:
             (["0x1234", "--physical", "-n", "0x100000000"], "--length"),
             (["0x7fffffffffff0000", "--physical"], "not mapped"),
             (["zz", "--physical"], "kallsyms|symbol"),
+            (["0x1000", "--pid", "1", "--physical"], "--pid"),
+            (["0x1000", "-n", "0"], "--length"),
         ],
     )
     def test_bad_input(self, image, args, message):
@@ -92,3 +94,13 @@ class TestReadLive:
         out = json.loads(result.stdout)
         data = b"".join(bytes.fromhex(chunk["hex"]) for chunk in out["chunks"])
         assert data == version.encode()[:64]
+
+    def test_user_memory_of_a_process(self, lab_guest):
+        """--pid reads a process's own address space: init's first mapping starts with its ELF header."""
+        maps = lab_guest.shell("cat /proc/1/maps").split()
+        start = int(maps[0].split("-")[0], 16)
+        result = run_cli("read", lab_guest.target, hex(start), "--pid", "1", "-n", "16", "--json")
+        assert result.status == 0, result.stderr
+        out = json.loads(result.stdout)
+        assert bytes.fromhex(out["chunks"][0]["hex"])[:4] == b"\x7fELF"
+        assert out["pid"] == 1 and out["cr3"] is not None

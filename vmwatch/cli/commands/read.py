@@ -27,6 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtb", type=_number, help="page-table root (CR3) to translate with (default: vCPU 0's)")
     parser.add_argument("--mode", choices=["32-bit", "pae", "4-level", "5-level"],
                         help="paging mode (default: from vCPU 0's registers, else 4-level)")
+    parser.add_argument("--pid", type=_number, help="read process PID's user address space (Linux guests)")
     parser.add_argument("--physical", action="store_true", help="ADDRESS is a guest-physical address")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a hexdump")
 
@@ -46,19 +47,20 @@ async def _run(args: argparse.Namespace, env) -> int:
         raise GuestDataError(f"--length must be between 1 and {MAX_LENGTH:#x}, not {args.length:#x}")
     async with open_target(args.target) as target:
         cpus = tuple(await target.cpu_state())
-        memory, address = _resolve(args, target, cpus)
-        chunks = _read_pages(memory, address, args.length, args.physical)
+        memory, address, cr3 = _resolve(args, target, cpus)
+        chunks = _read_pages(memory, address, args.length, args.physical, cr3)
     if all(data is None for _, _, data, _ in chunks):
         raise chunks[0][3]
     if args.json:
-        _print_json(args, env, memory, address, chunks)
+        _print_json(args, env, memory, address, chunks, cr3)
     else:
         _print_hexdump(env, address, chunks)
     return 0
 
 
 def _resolve(args, target, cpus):
-    """The GuestMemory to read with and the start address (resolving a symbol if given)."""
+    """The GuestMemory to read with, the start address (resolving a symbol if given) and the
+    page-table root to read with (None: the memory's default)."""
     from vmwatch.cpu import PagingMode
     from vmwatch.errors import UnsupportedOperation
     from vmwatch.memory import GuestMemory
@@ -69,13 +71,20 @@ def _resolve(args, target, cpus):
         address = int(args.address, 0)
     except ValueError:
         address = None
+    if args.pid is not None:
+        if args.physical or args.dtb is not None:
+            raise UnsupportedOperation("--pid cannot be combined with --physical or --dtb")
+        linux = _linux(target, cpus)
+        if address is None:
+            address = _symbol(linux, args.address)
+        return linux.memory, address, linux.memory.pid_dtb.get(args.pid)
     if address is None:
         linux = _linux(target, cpus)
         address = _symbol(linux, args.address)
         if args.dtb is None and not args.physical and mode is None:
-            return linux.memory, address
+            return linux.memory, address, None
     if args.physical:
-        return GuestMemory(target.memory), address
+        return GuestMemory(target.memory), address, None
     cr3 = args.dtb
     if cr3 is None and (regs is None or regs.cr3 is None):
         raise UnsupportedOperation(f"{args.target} has no saved CPU registers: give the page-table root with --dtb")
@@ -83,7 +92,7 @@ def _resolve(args, target, cpus):
         mode = regs.paging_mode
     if mode is None and regs is None:
         mode = PagingMode.LEVEL4
-    return GuestMemory(target.memory, cr3=cr3, mode=mode, registers=regs), address
+    return GuestMemory(target.memory, cr3=cr3, mode=mode, registers=regs), address, None
 
 
 def _linux(target, cpus):
@@ -107,7 +116,7 @@ def _symbol(linux, name: str) -> int:
         raise SymbolError(f"unknown kernel symbol {name!r}", name=name) from None
 
 
-def _read_pages(memory, address: int, length: int, physical: bool):
+def _read_pages(memory, address: int, length: int, physical: bool, cr3: int | None):
     """(address, size, bytes or None, error) per page-sized piece; unreadable pieces are None."""
     from vmwatch.errors import PhysicalReadError, TranslationError
 
@@ -117,7 +126,7 @@ def _read_pages(memory, address: int, length: int, physical: bool):
         addr = address + pos
         step = min(length - pos, 0x1000 - (addr & 0xFFF))
         try:
-            data = memory.read_phys(addr, step) if physical else memory.read(addr, step)
+            data = memory.read_phys(addr, step) if physical else memory.read(addr, step, cr3)
             chunks.append((addr, step, data, None))
         except (TranslationError, PhysicalReadError) as exc:
             chunks.append((addr, step, None, exc))
@@ -152,18 +161,19 @@ def _print_hexdump(env, address: int, chunks) -> None:
             print(f"# {addr:#x}: {exc}", file=env.stdout)
 
 
-def _print_json(args, env, memory, address: int, chunks) -> None:
+def _print_json(args, env, memory, address: int, chunks, cr3: int | None) -> None:
     out = {
         "address": address,
         "physical": bool(args.physical),
-        "cr3": None if args.physical else memory.kernel_cr3,
+        "cr3": None if args.physical else (memory.kernel_cr3 if cr3 is None else cr3),
+        "pid": args.pid,
         "mode": memory.mode.value,
         "length": args.length,
         "chunks": [
             {
                 "address": addr,
                 "size": size,
-                "physical_address": None if data is None or args.physical else memory.translate(addr),
+                "physical_address": None if data is None or args.physical else memory.translate(addr, cr3),
                 "hex": None if data is None else data.hex(),
                 "error": None if exc is None else str(exc),
             }
