@@ -69,6 +69,15 @@ class TestDefaultGuest:
         assert linux.kernel.release == lab_guest.kernel_release
         assert linux.kernel.slide % (2 << 20) == 0
 
+    def test_current_task_from_gs(self, default_snap):
+        """current_task at the saved GS base is the same task as through __per_cpu_offset[cpu]."""
+        with open_image(default_snap.dump) as image:
+            linux = Linux.from_memory(image, image.cpus)
+            for cpu, regs in enumerate(image.cpus):
+                task = linux.current_task(regs)
+                assert task.address == linux.memory.pointer(linux.per_cpu("current_task", cpu))
+                assert task.pid == 0 or task.tgid in {t.pid for t in linux.tasks()}
+
     def test_syscalls_and_idt(self, default_snap):
         """Syscall 0 is read, 1 is write; the IDT's divide-error gate resolves to its handler."""
         result = run_cli("syscalls", default_snap.dump, "--json")

@@ -82,3 +82,17 @@ class TestHostileTaskList:
         with image:
             listing = linux.modules()
         assert len(listing) == 1 and listing.skipped
+
+
+def test_hooked_syscall_is_flagged(default_snap):
+    """A sys_call_table entry redirected outside kernel text is reported as such."""
+    def mutate(linux, overlay):
+        target = linux.modules()[0].base + 0x40 if linux.modules() else 0xFFFFFFFFC0001000
+        overlay.patch(linux.memory.translate(linux.symbols["sys_call_table"] + 8), struct.pack("<Q", target))
+
+    image, linux = corrupt(default_snap, mutate)
+    with image:
+        table = linux.syscalls()
+    assert table[0].in_text and table[0].symbol.endswith("sys_read")
+    assert not table[1].in_text and table[1].symbol is None
+    assert sum(not e.in_text for e in table) == 1

@@ -123,6 +123,23 @@ class Linux:
         offsets = self.symbols["__per_cpu_offset"]
         return self.symbols[name] + self.memory.pointer(offsets + cpu * self.memory.pointer_size)
 
+    @staticmethod
+    def gs_base(registers: Registers) -> int | None:
+        """The kernel's GS base of a vCPU: ``gs_base`` in kernel mode, ``kernel_gs_base`` (the
+        value SWAPGS brings back) when the vCPU was stopped in user mode."""
+        cpl = (registers.cs.selector & 3) if getattr(registers, "cs", None) is not None else 0
+        return registers.kernel_gs_base if cpl == 3 else registers.gs_base
+
+    def current_task(self, registers: Registers):
+        """The task a vCPU was running, through its per-CPU ``current_task`` at GS base."""
+        from vmwatch.os.linux.tasks import TaskWalker
+
+        base = self.gs_base(registers)
+        if not base:
+            raise SymbolError("this vCPU's state has no GS base")
+        address = self.memory.pointer(base + self.symbols["current_task"])
+        return TaskWalker(self).read(address, [])
+
     def _pid_cr3(self, pid: int) -> int:
         for task in self.tasks():
             if task.pid == pid or pid in task.threads:
