@@ -149,3 +149,9 @@ def test_32_bit_pae_guest_without_kaslr(lab_guest_factory):
         assert guest.shell("scenario module", check=True) == "scenario module tcp_yeah\n"
     finally:
         guest.stop()
+
+
+def test_large_output_arrives_whole(lab_guest):
+    # ~110 kB: more than a socket buffer; the emulated UART moves only some 30 kB/s under TCG.
+    out = lab_guest.shell("seq 1 20000", timeout=120)
+    assert out == "".join(f"{i}\n" for i in range(1, 20001))

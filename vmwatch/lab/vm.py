@@ -186,27 +186,15 @@ class LabGuest:
             log.warning("lab.kvm_unavailable", reason=why, fallback="tcg")
             accel = "tcg"
         runtime = new_runtime_dir()
-        if len(str(runtime / "serial.sock")) > _SUN_PATH_MAX:
-            raise LabError(f"runtime directory {runtime} is too long for unix socket paths")
-        argv = qemu_command(config, kernel, initrd, runtime, accel)
-        log.info("lab.start", argv=" ".join(argv))
-        # -daemonize: QEMU detaches once its sockets are up, so it is nobody's child to reap and a
-        # guest started by `vmwatch lab start` outlives the command.
-        with open(runtime / "qemu.log", "wb") as qemu_log:
-            launcher = subprocess.run([*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                      stderr=subprocess.STDOUT, timeout=timeout)
-        if launcher.returncode != 0:
-            log_text = (runtime / "qemu.log").read_text(errors="replace").strip()
-            shutil.rmtree(runtime, ignore_errors=True)
-            raise LabError(f"QEMU failed to start (status {launcher.returncode}): {log_text[-600:]}")
+        boot_deadline = time.monotonic() + timeout  # provisioning (maybe a download) is not counted
         try:
-            pid = int((runtime / "qemu.pid").read_text())
-        except (OSError, ValueError) as exc:
+            pid = _launch(qemu_command(config, kernel, initrd, runtime, accel), runtime, timeout)
+        except BaseException:
             shutil.rmtree(runtime, ignore_errors=True)
-            raise LabError(f"QEMU started but wrote no pid file: {exc}") from exc
+            raise
         guest = cls(config, runtime, pid, kernel=kernel, accel=accel)
         try:
-            guest._wait_ready(t0 + timeout)
+            guest._wait_ready(boot_deadline)
             if accel == "kvm" and not guest.qmp().execute("query-kvm").get("enabled"):
                 log.warning("lab.kvm_unavailable", reason="QEMU could not enable KVM", fallback="tcg")
                 guest.accel = "tcg"
@@ -225,7 +213,7 @@ class LabGuest:
                 raise LabError(f"QEMU created no sockets in {self.runtime_dir}{self._diagnostics()}")
             time.sleep(0.01)
         for path in wanted:
-            os.chmod(path, 0o600)
+            os.chmod(path, 0o600)  # the daemonized QEMU sets its own umask (027)
         serial = self._serial_link()
         found = serial.wait_for_pattern(re.compile(rb"%s (\S+) ([0-9.]+)\n" % READY.encode()), deadline,
                                         start=0, alive=self._check_alive)
@@ -367,6 +355,41 @@ class LabGuest:
         return _pid_alive(self.pid) and _is_our_qemu(self.pid, self.runtime_dir)
 
 
+def _launch(argv: list[str], runtime: Path, timeout: float) -> int:
+    """Start QEMU daemonized; returns its pid.
+
+    -daemonize: QEMU detaches once its sockets are up, so it is nobody's child to reap, and a guest
+    started by `vmwatch lab start` outlives the command. umask 077: sockets and the RAM file are
+    private from the moment they exist.
+    """
+    if len(str(runtime / "lab-qmp.sock")) > _SUN_PATH_MAX:
+        raise LabError(f"runtime directory {runtime} is too long for unix socket paths")
+    log.info("lab.start", argv=" ".join(argv))
+    try:
+        with open(runtime / "qemu.log", "wb") as qemu_log:
+            launcher = subprocess.run([*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=qemu_log,
+                                      stderr=subprocess.STDOUT, timeout=timeout, umask=0o077)
+    except subprocess.TimeoutExpired:
+        _kill_from_pidfile(runtime)
+        raise LabError(f"QEMU did not finish starting in {timeout:g} s") from None
+    except OSError as exc:
+        raise LabError(f"cannot run {argv[0]}: {exc}") from exc
+    if launcher.returncode != 0:
+        log_text = (runtime / "qemu.log").read_text(errors="replace").strip()
+        raise LabError(f"QEMU failed to start (status {launcher.returncode}): {log_text[-600:]}")
+    try:
+        return int((runtime / "qemu.pid").read_text())
+    except (OSError, ValueError) as exc:
+        raise LabError(f"QEMU started but wrote no pid file: {exc}") from exc
+
+
+def _kill_from_pidfile(runtime: Path) -> None:
+    try:
+        _kill(int((runtime / "qemu.pid").read_text()), runtime)
+    except (OSError, ValueError):
+        pass
+
+
 def default_state_file() -> Path:
     return runtime_base() / "lab.json"
 
@@ -432,11 +455,15 @@ class _Serial:
     """The serial console socket, drained by a thread so the guest never blocks on its console."""
 
     _KEEP = 1 << 20
+    """Bytes kept from before the current command (diagnostics)."""
+    _MAX = 64 << 20
+    """A command printing more than this loses its begin marker (and fails) rather than eating RAM."""
 
     def __init__(self, sock: socket.socket, log_path: Path) -> None:
         self._sock = sock
         self._buf = bytearray()
         self._dropped = 0
+        self._floor = 0
         self._cond = threading.Condition()
         self.closed = False
         self._log = open(log_path, "ab")
@@ -465,9 +492,11 @@ class _Serial:
                     self._cond.notify_all()
                     return
                 self._buf += data
-                if len(self._buf) > 2 * self._KEEP:
-                    self._dropped += len(self._buf) - self._KEEP
-                    del self._buf[:-self._KEEP]
+                # Keep everything since the current command's mark, up to _MAX.
+                droppable = max(self._floor - self._dropped - self._KEEP, len(self._buf) - self._MAX)
+                if droppable > self._KEEP:
+                    self._dropped += droppable
+                    del self._buf[:droppable]
                 self._cond.notify_all()
             try:
                 self._log.write(data)
@@ -478,7 +507,8 @@ class _Serial:
     def mark(self) -> int:
         """A position in the stream; later searches start there."""
         with self._cond:
-            return self._dropped + len(self._buf)
+            self._floor = self._dropped + len(self._buf)
+            return self._floor
 
     def send(self, data: bytes) -> None:
         try:
