@@ -1,7 +1,8 @@
 """Optional symbol files (``--symbols FILE``) for kernels that do not carry enough about themselves.
 
-Accepted, detected by content: a System.map (``address type name`` lines), a vmlinux ELF with a
-``.BTF`` section (types) and ``.symtab`` (symbols), a Volatility 3 ISF (``.json`` or
+Accepted, detected by content: a System.map (``address type name`` lines), a vmlinux ELF with
+``.symtab`` (symbols) and types from its ``.BTF`` section or else its DWARF (dwarf.py; Debian's
+``linux-image-*-dbg`` vmlinux), a Volatility 3 ISF (``.json`` or
 ``.json.xz``), and a libvmi.conf entry (hand-written offsets plus the path of its System.map).
 File addresses are link-time; they are moved by the KASLR slide measured on ``_text``.
 """
@@ -123,8 +124,10 @@ def _vmlinux(path: str) -> SymbolFile:
     except (ELFError, ValueError, KeyError) as exc:
         raise SymbolError(f"{path}: unreadable vmlinux ({exc})") from None
     if types_profile is None and has_dwarf:
-        raise SymbolError(f"{path}: vmlinux has DWARF but no .BTF section; vmwatch reads types from BTF or ISF "
-                          "(convert the DWARF with dwarf2json to an ISF and pass that)")
+        from vmwatch.os.linux.dwarf import isf_from_dwarf
+        from vmwatch.os.linux.isf import IsfProfile
+
+        types_profile = IsfProfile(isf_from_dwarf(path))
     symbols = Symbols(names, addresses, "".join(types)) if names else None
     if symbols is None and types_profile is None:
         raise SymbolError(f"{path}: vmlinux has neither .symtab nor .BTF")
