@@ -11,7 +11,7 @@ from __future__ import annotations
 import posixpath
 
 from vmwatch.cpu import CR0_WP, CR4_SMAP, CR4_SMEP
-from vmwatch.events import Exec, ModuleLoad, RegisterWrite
+from vmwatch.events import Exec, MemoryAccess, ModuleLoad, RegisterWrite
 from vmwatch.rules import rule
 
 PAGE = 4096
@@ -368,19 +368,33 @@ def _sysctl_rule(func):
 
 
 @rule.on_start
-@rule.every(5.0)
+@rule.every(2.0)
 @_sysctl_rule
 def security_sysctl(event, guest):
-    """A security sysctl was changed (kptr_restrict, modprobe path, ASLR, ptrace scope...)."""
+    """A security sysctl was weakened (kptr_restrict lowered, modprobe path redirected, ASLR off...).
+
+    Numbers: lower is weaker for every sysctl here. Strings (helper paths) are compared only on
+    the periodic check, not at each watchpoint hit: the kernel writes them byte by byte.
+    """
     values = _sysctl_values(guest.linux)
-    old = guest.state.get("values")
-    guest.state["values"] = values
+    state = guest.state
+    old = state.get("values")
     if old is None:
+        state["values"], state["baseline"] = values, dict(values)
         return
+    on_write = isinstance(event, MemoryAccess)
     for name, value in values.items():
-        if name in old and old[name] != value:
-            guest.alert("warning", f"sysctl {name} changed: {old[name]!r} -> {value!r}", sysctl=name,
-                        old=old[name], new=value, trigger=type(event).__name__)
+        before = old.get(name)
+        if before is None or before == value or (on_write and isinstance(value, str)):
+            continue
+        old[name] = value
+        if isinstance(value, str):
+            weaker = value != state["baseline"].get(name)
+        else:
+            weaker = value < before
+        verb = "weakened" if weaker else ("restored" if value == state["baseline"].get(name) else "hardened")
+        guest.alert("warning" if weaker else "info", f"sysctl {name} {verb}: {before!r} -> {value!r}",
+                    sysctl=name, old=before, new=value, trigger=type(event).__name__)
 
 
 # -- suspicious executions ----------------------------------------------------------------------
@@ -396,4 +410,3 @@ def exec_from_scratch_dir(event: Exec, guest):
     if hidden or scratch:
         why = "a hidden directory" if hidden else "a scratch directory"
         guest.alert("warning", f"pid {event.pid} executed {path} from {why}", filename=path)
-

@@ -19,6 +19,9 @@ from vmwatch.engine.sources import source_for
 from vmwatch.rules import RuleSet, Severity
 
 pytestmark = pytest.mark.guest
+SLOW = 180.0
+"""Guest commands under a full watch on a loaded 2-core host: each stop costs the TCG guest
+milliseconds, so allow what a busy CI machine needs."""
 
 
 class Watcher:
@@ -70,7 +73,7 @@ class Watcher:
     def serious_since(self, mark: int) -> list:
         return [a for a in self.sink.alerts[mark:] if a.severity >= Severity.WARNING]
 
-    def wait_for(self, rule: str, mark: int, timeout: float = 15.0, severity: Severity = Severity.WARNING):
+    def wait_for(self, rule: str, mark: int, timeout: float = 60.0, severity: Severity = Severity.WARNING):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             hits = [a for a in self.sink.alerts[mark:] if a.rule == rule and a.severity >= severity]
@@ -102,7 +105,8 @@ class Watcher:
 @pytest.fixture(scope="module")
 def watcher(lab_guest):
     # other tests share this guest: bring it back to its boot-time baseline first
-    lab_guest.shell("scenario unsysctl; scenario unmodule 2>/dev/null; scenario busy stop 2>/dev/null; true")
+    lab_guest.shell("scenario unsysctl; scenario unmodule 2>/dev/null; scenario busy stop 2>/dev/null; true",
+                    timeout=SLOW)
     w = Watcher(lab_guest)
     w.start()
     yield w
@@ -114,8 +118,8 @@ def test_clean_guest_running_its_scenario_is_quiet(watcher, lab_guest):
     """Normal activity for a while: the timeline sees it, no security alert at warning or above."""
     mark = watcher.mark()
     deadline = time.monotonic() + 12
-    while time.monotonic() < deadline:
-        lab_guest.shell("scenario benign; scenario creds")
+    lab_guest.shell("scenario benign; scenario creds", timeout=SLOW)
+    time.sleep(max(0.0, deadline - time.monotonic()))  # every periodic check has run at least once
     assert watcher.serious_since(mark) == []
     timeline = {a.rule for a in watcher.sink.alerts[mark:]}
     assert {"timeline.process_start", "timeline.process_exec", "timeline.process_exit"} <= timeline
@@ -125,7 +129,7 @@ def test_clean_guest_running_its_scenario_is_quiet(watcher, lab_guest):
 
 def test_module_load_outside_allowlist(watcher, lab_guest):
     mark = watcher.mark()
-    out = lab_guest.shell("scenario module")
+    out = lab_guest.shell("scenario module", timeout=SLOW)
     try:
         loaded = out.split()[-1]
         hits = watcher.wait_for("security.module_allowlist", mark)
@@ -133,23 +137,25 @@ def test_module_load_outside_allowlist(watcher, lab_guest):
         loads = [a for a in watcher.sink.alerts[mark:] if a.rule == "timeline.module_load"]
         assert loaded in {a.details["module"] for a in loads}
     finally:
-        lab_guest.shell("scenario unmodule")
+        lab_guest.shell("scenario unmodule", timeout=SLOW)
 
 
 def test_security_sysctl_write(watcher, lab_guest):
     mark = watcher.mark()
-    lab_guest.shell("scenario sysctl")
+    lab_guest.shell("scenario sysctl", timeout=SLOW)
     try:
-        hits = watcher.wait_for("security.security_sysctl", mark)
-        messages = " ".join(a.message for a in hits)
-        assert "kernel.kptr_restrict changed: 1 -> 0" in messages or "kernel.modprobe" in messages
+        watcher.wait_for("security.security_sysctl", mark)
+        time.sleep(2.5)  # strings are compared at the periodic check (written byte by byte)
+        messages = [a.message for a in watcher.serious_since(mark) if a.rule == "security.security_sysctl"]
+        assert sorted(messages) == ["sysctl kernel.kptr_restrict weakened: 1 -> 0",
+                                    "sysctl kernel.modprobe weakened: '/sbin/modprobe' -> '/tmp/.x/modprobe'"]
     finally:
-        lab_guest.shell("scenario unsysctl")
+        lab_guest.shell("scenario unsysctl", timeout=SLOW)
 
 
 def test_exec_from_hidden_tmp_directory(watcher, lab_guest):
     mark = watcher.mark()
-    lab_guest.shell("scenario dropper")
+    lab_guest.shell("scenario dropper", timeout=SLOW)
     hits = watcher.wait_for("security.exec_from_scratch_dir", mark)
     assert any("/tmp/.x/sh" in a.message for a in hits)
 
@@ -207,7 +213,7 @@ def test_kernel_text_patch_from_outside(watcher):
 
     paddr, original = watcher.stopped(patch)
     try:
-        hits = watcher.wait_for("security.kernel_text", mark, timeout=25, severity=Severity.CRITICAL)
+        hits = watcher.wait_for("security.kernel_text", mark, severity=Severity.CRITICAL)
         assert "__x64_sys_kexec_load+0x1" in hits[0].message
     finally:
         watcher.stopped(lambda linux, source: source.memory.write(paddr, original))
@@ -237,7 +243,7 @@ def test_cr0_wp_cleared_from_outside(watcher):
 
 def test_hidden_process_unlinked_from_task_list(watcher, lab_guest):
     """Unlink a busy process from the task list (DKOM) from outside: the scheduler still runs it."""
-    pid = int(lab_guest.shell("scenario busy start").split()[-1])
+    pid = int(lab_guest.shell("scenario busy start", timeout=SLOW).split()[-1])
     mark = watcher.mark()
 
     def unlink(linux, source):
@@ -251,7 +257,7 @@ def test_hidden_process_unlinked_from_task_list(watcher, lab_guest):
 
     link, nxt, prev = watcher.stopped(unlink)
     try:
-        assert str(pid) in lab_guest.shell(f"cat /proc/{pid}/stat")  # alive from the guest's view
+        assert str(pid) in lab_guest.shell(f"cat /proc/{pid}/stat", timeout=SLOW)  # alive from the guest's view
         hits = watcher.wait_for("security.hidden_process", mark, severity=Severity.CRITICAL)
         assert f"pid {pid}" in hits[0].message
     finally:
@@ -261,15 +267,15 @@ def test_hidden_process_unlinked_from_task_list(watcher, lab_guest):
             mem.write(nxt + 8, link.to_bytes(8, "little"))
 
         watcher.stopped(relink)
-        lab_guest.shell("scenario busy stop")
+        lab_guest.shell("scenario busy stop", timeout=SLOW)
 
 
 def test_root_without_exec(watcher, lab_guest):
     """A uid-1000 process whose credentials are overwritten with root from outside."""
-    out = lab_guest.shell("su -s /bin/sh lab -c 'exec sleep 120' </dev/null >/dev/null 2>&1 & echo $!")
+    out = lab_guest.shell("su -s /bin/sh lab -c 'exec sleep 600' </dev/null >/dev/null 2>&1 & echo $!", timeout=SLOW)
     pid = int(out.split()[-1])
     time.sleep(3)  # one periodic check sees it as uid 1000 first
-    assert lab_guest.shell(f"grep Uid /proc/{pid}/status").split()[1] == "1000"
+    assert lab_guest.shell(f"grep Uid /proc/{pid}/status", timeout=SLOW).split()[1] == "1000"
     mark = watcher.mark()
     fields = ("uid", "euid", "suid", "fsuid")
 
@@ -284,7 +290,7 @@ def test_root_without_exec(watcher, lab_guest):
 
     cred, saved = watcher.stopped(escalate)
     try:
-        assert lab_guest.shell(f"grep Uid /proc/{pid}/status").split()[1] == "0"  # the guest agrees
+        assert lab_guest.shell(f"grep Uid /proc/{pid}/status", timeout=SLOW).split()[1] == "0"  # the guest agrees
         hits = watcher.wait_for("security.root_without_exec", mark, severity=Severity.CRITICAL)
         assert f"pid {pid}" in hits[0].message
     finally:
@@ -293,4 +299,4 @@ def test_root_without_exec(watcher, lab_guest):
                 linux.memory.write(cred + linux.types.offset("cred", f), raw)
 
         watcher.stopped(restore)
-        lab_guest.shell(f"kill {pid}")
+        lab_guest.shell(f"kill {pid}", timeout=SLOW)

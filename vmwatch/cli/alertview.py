@@ -23,10 +23,9 @@ def make_console(stream: Any) -> Any:
                    highlight=False, soft_wrap=True)
 
 
-def _clock(time_ns: int) -> str:
-    if time_ns > 10**17:  # wall clock
-        return datetime.datetime.fromtimestamp(time_ns / 1e9).strftime("%H:%M:%S")
-    return f"{time_ns / 1e9:8.3f}"
+def _clock() -> str:
+    """Arrival time on screen (event times are the source's clock, stored in the timeline)."""
+    return datetime.datetime.now().strftime("%H:%M:%S")
 
 
 class ScreenSink:
@@ -50,7 +49,7 @@ class ScreenSink:
             if item.pid is not None:
                 who = f"pid {item.pid}" + (f" {item.comm}" if item.comm else "")
             line = Text()
-            line.append(f"{_clock(item.time_ns)} ")
+            line.append(f"{_clock()} ")
             line.append(f"{LABELS[item.severity]:<8}", style=STYLES[item.severity])
             line.append(f" {item.rule:<34} ", style="cyan" if item.severity >= Severity.WARNING else "dim")
             line.append(f"{who:<18} ", style="dim")
@@ -58,7 +57,7 @@ class ScreenSink:
             self.console.print(line)
         elif item.kind in ENGINE_EVENTS:
             detail = ", ".join(f"{k}={v}" for k, v in item.details.items())
-            self.console.print(Text(f"{_clock(item.time_ns)} engine   {item.kind}: {detail}", style="magenta"))
+            self.console.print(Text(f"{_clock()} engine   {item.kind}: {detail}", style="magenta"))
 
     async def aclose(self) -> None:
         pass

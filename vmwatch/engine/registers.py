@@ -228,6 +228,8 @@ async def plan(engine: Engine, wanted: dict[str, list]) -> None:
     run = engine.sensor_run("sensor.registers")
     run.func = sensor
     for site in sites:
-        label = f"after {site.register} write at {site.address:#x}"
+        hit = symbols.lookup(site.address)
+        where = f"{hit[0]}+{hit[1]:#x}" if hit else f"{site.address:#x}"
+        label = f"after {'wrmsr' if site.register == 'msr' else 'mov ' + site.register} in {where}"
         await engine.add_trap(Trap("breakpoint", site.next_address, 1, label), Handler(run, None))
     log.info("register sensor armed", registers=sorted(registers), sites=len(sites))
