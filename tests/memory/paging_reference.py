@@ -14,6 +14,8 @@ def _u(buf: bytes, addr: int, size: int) -> int | None:
 
 
 def walk32(buf: bytes, cr3: int, vaddr: int, pse: bool = True) -> int | None:
+    if vaddr >> 32:
+        return None
     pde = _u(buf, (cr3 & 0xFFFFF000) + ((vaddr >> 22) & 0x3FF) * 4, 4)
     if pde is None or not pde & 1:
         return None
@@ -32,6 +34,8 @@ ADDR = 0x000FFFFFFFFFF000
 
 
 def walk_pae(buf: bytes, cr3: int, vaddr: int) -> int | None:
+    if vaddr >> 32:
+        return None
     pdpte = _u(buf, (cr3 & 0xFFFFFFE0) + ((vaddr >> 30) & 3) * 8, 8)
     if pdpte is None or not pdpte & 1 or pdpte & 0x6:
         return None

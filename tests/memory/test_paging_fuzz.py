@@ -84,3 +84,37 @@ def test_random_tables(mode, items, vaddrs, root, pad):
         return
     for m in found[:50]:
         assert mem.lookup(m.vaddr).paddr == m.paddr
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mode=st.sampled_from(MODES), seed=st.integers(0, 1000),
+       reads=st.lists(st.tuples(st.integers(0, 200), st.integers(-0x1800, 0x1800), st.integers(0, 0x2400)),
+                      min_size=1, max_size=15))
+def test_reads_match_the_model(mode, seed, reads):
+    """Any read near mapped pages equals the bytes a page-by-page model predicts, or faults at
+    the first unmapped page the model predicts."""
+    from vmwatch.testing.fakeguest import FakeGuest
+
+    fake = FakeGuest(mode, seed=seed, memory_size=1 << 21)
+    made = fake.map_random(12)
+    small = [m for m in made if m.size == 0x1000] or made
+    mem = fake.guest_memory()
+    ref = REFERENCE[mode]
+    buf = bytes(fake.buffer)
+    for index, offset, size in reads:
+        base = small[index % len(small)].vaddr
+        vaddr = (base + offset) & ((1 << 64) - 1)
+        want = bytearray()
+        fault = None
+        for pos in range(size):
+            paddr = ref(buf, fake.cr3, (vaddr + pos) & ((1 << 64) - 1))
+            if paddr is None or paddr >= len(buf):
+                fault = (vaddr + pos) & ((1 << 64) - 1)
+                break
+            want.append(buf[paddr])
+        try:
+            got = mem.read(vaddr, size)
+        except VmwatchError as exc:
+            assert fault is not None and exc.vaddr & ~0xFFF == fault & ~0xFFF, (hex(vaddr), size, exc)
+        else:
+            assert fault is None and got == bytes(want)
