@@ -96,3 +96,24 @@ def test_hooked_syscall_is_flagged(default_snap):
     assert table[0].in_text and table[0].symbol.endswith("sys_read")
     assert not table[1].in_text and table[1].symbol is None
     assert sum(not e.in_text for e in table) == 1
+
+
+@pytest.mark.parametrize("target", ["__start_BTF", "kallsyms"])
+def test_corrupted_profile_is_a_symbol_error(default_snap, target, tmp_path, monkeypatch):
+    """A smashed BTF header or kallsyms token table is a SymbolError, never a crash or a wrong answer."""
+    from vmwatch.errors import SymbolError
+    from vmwatch.os.linux import kallsyms
+
+    monkeypatch.setenv("VMWATCH_CACHE_DIR", str(tmp_path))  # no cached profile to fall back on
+    with open_image(default_snap.dump) as image:
+        overlay = Overlay(image)
+        linux = Linux.from_memory(overlay, image.cpus)
+        if target == "__start_BTF":
+            overlay.patch(linux.memory.translate(linux.symbols["__start_BTF"]), b"\x00\x00\x00\x00")
+        else:
+            text = linux.kernel.text_paddr
+            window = image.read(text, 64 << 20, pad=True)
+            for start in kallsyms.find_token_tables(window):
+                overlay.patch(text + start, b"\x01" * 600)
+        with pytest.raises(SymbolError):
+            Linux.from_memory(overlay, image.cpus)
