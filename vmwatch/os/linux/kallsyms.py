@@ -413,6 +413,7 @@ def scan(read: Callable[[int, int], bytes], runs: Iterable[tuple[int, int]], *,
                 try:
                     symbols, tables = decode(window, pos + offset - base, pointer_size=pointer_size)
                 except SymbolError as exc:
+                    log.debug("kallsyms.candidate_rejected", paddr=hex(pos + offset), reason=str(exc))
                     errors.append(f"{pos + offset:#x}: {exc}")
                     continue
                 return symbols, tables, base

@@ -117,6 +117,7 @@ def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
             continue
         if symbols.get("_text") == text[0]:
             return symbols, (text[0], text[1], cr3, mode), base + tables.token_table
+    log.debug("linux.full_scan", reason="no CPU state maps the kernel text window")
     symbols, tables, base = kallsyms.scan(read, _runs(phys))
     return symbols, None, base + tables.token_table
 
