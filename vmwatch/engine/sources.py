@@ -197,9 +197,11 @@ class LiveSource:
     """
 
     realtime = False
-    trap_overhead = 0.005
-    """Seconds a stop + resume costs the guest beyond the engine's handling (TCG, gdbstub; a
-    hop measured 0.3 ms on an idle host, far more on a loaded one): governance charges it."""
+    trap_overhead = 0.02
+    """Seconds a stop + resume costs the guest beyond the engine's handling: governance charges
+    it. Measured on the lab guest (TCG, loaded 2-core host): 30-50 stops/s made a syscall loop
+    timed by the guest's own clock ~10x slower, i.e. ~20 ms of guest time per stop (TCG
+    re-translates after the breakpoint swaps of a step-over); the round trip itself is <1 ms."""
 
     def __init__(self, vm: object, *, name: str) -> None:
         self.vm = vm
