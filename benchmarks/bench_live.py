@@ -27,6 +27,11 @@ from vmwatch.lab import LabGuest
 from vmwatch.live.qemu import attach_qemu
 
 
+def tb_flushes(guest: LabGuest) -> str:
+    text = guest.qmp().execute("human-monitor-command", {"command-line": "info jit"})
+    return next((line.split()[-1] for line in text.splitlines() if "TB flush count" in line), "?")
+
+
 def guest_write_rate(guest: LabGuest, n: int = 20000) -> float:
     """One-byte writes per second inside the guest, unobserved (the guest's own clock)."""
     out = guest.shell(f"scenario writes {n}", timeout=120).split()
@@ -105,7 +110,7 @@ def main() -> int:
         unobserved = statistics.median(guest_write_rate(guest) for _ in range(3))
         print(f"guest one-byte writes/s, unobserved:          {unobserved:10.0f}")
         guest.shell("scenario busy start", check=True)
-        rates: dict[str, list[float]] = {"step": [], "hop": []}
+        rates: dict[str, list[float]] = {"step": [], "hop": [], "auto": []}
         stats = {}
         for _ in range(args.rounds):
             for mode in rates:
@@ -115,8 +120,11 @@ def main() -> int:
         naive = statistics.median(rates["step"])
         hop = statistics.median(rates["hop"])
         print(f"breakpoint events/s, naive (step then cont):  {naive:10.0f}  (= guest writes/s while watched)")
-        print(f"breakpoint events/s, hop (vmwatch default):   {hop:10.0f}  ratio {hop / naive:.2f}x  {stats['hop']}")
-        print(f"  all rounds: step {[round(r) for r in rates['step']]} hop {[round(r) for r in rates['hop']]}")
+        auto = statistics.median(rates["auto"])
+        print(f"breakpoint events/s, hop (next-insn bp):      {hop:10.0f}  ratio {hop / naive:.2f}x  {stats['hop']}")
+        print(f"breakpoint events/s, emulated (default):      {auto:10.0f}  ratio {auto / naive:.2f}x  {stats['auto']}")
+        print(f"  all rounds: " + " ".join(f"{m} {[round(r) for r in v]}" for m, v in rates.items()))
+        print(f"  TB flushes in QEMU (info jit): {tb_flushes(guest)}")
         ctl = trio.run(control_numbers, guest)
         print(f"pause+resume latency:                         {ctl['pause_resume_ms']:10.2f} ms")
         print(f"single steps/s (irq+timers masked):           {ctl['steps_per_s']:10.0f}")

@@ -16,6 +16,10 @@ from vmwatch.errors import LinkClosedError, RemoteProtocolError
 from vmwatch.live.gdbrsp import _proto as p
 
 
+REPLY_DEADLINE = 30.0
+"""Seconds a stub may take to answer a command before it is considered dead."""
+
+
 class RemoteError(RemoteProtocolError):
     """The stub answered a command with ``Enn`` (``code``) or an empty (unsupported) reply."""
 
@@ -39,12 +43,17 @@ class GdbConnection:
         return self.core.state
 
     async def _send(self, data: bytes) -> None:
+        """Write bytes the state machine already counts as sent: shielded, so a cancellation
+        cannot leave the core believing in a packet that never left (a few bytes to a unix
+        socket go out at once; a stub that stops reading for REPLY_DEADLINE is dead)."""
         if not data:
             return
-        try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise LinkClosedError(f"gdbstub connection lost: {exc or type(exc).__name__}") from exc
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(REPLY_DEADLINE):
+                    await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                raise LinkClosedError(f"gdbstub connection lost: {exc or type(exc).__name__}") from exc
 
     async def _next_event(self) -> p.ClientEvent:
         core = self.core
@@ -74,6 +83,16 @@ class GdbConnection:
                 raise RemoteProtocolError(f"gdbstub sent {event!r} instead of a reply")
             # an unsolicited stop reply on a fresh connection: the guest is stopped now
 
+    async def _finish(self, want: type | tuple[type, ...]) -> p.ClientEvent:
+        """Wait for an answer that is owed, shielded from cancellation: leaving halfway would
+        desynchronise the state machine. QEMU answers at once or dies (closing the socket);
+        a stub frozen for REPLY_DEADLINE seconds is treated as dead."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(REPLY_DEADLINE):
+                return await self._next_reply(want)
+            await self.stream.aclose()
+            raise LinkClosedError(f"gdbstub gave no answer in {REPLY_DEADLINE} s")
+
     async def request(self, command: p.Command, *, check: bool = True) -> bytes:
         """Send a plain command and return its reply payload.
 
@@ -82,7 +101,7 @@ class GdbConnection:
             LinkClosedError: the stub went away.
         """
         await self._send(self.core.send(command))
-        reply = await self._next_reply(p.Reply)
+        reply = await self._finish(p.Reply)
         assert isinstance(reply, p.Reply), reply
         if check and (reply.is_error or reply.unsupported):
             raise RemoteError(command, reply.payload)
@@ -98,7 +117,7 @@ class GdbConnection:
         plain = [c for c in commands if c.reply is p.ReplyKind.PLAIN]
         replies = []
         for command in plain:
-            reply = await self._next_reply(p.Reply)
+            reply = await self._finish(p.Reply)
             assert isinstance(reply, p.Reply), reply
             if reply.is_error or reply.unsupported:
                 raise RemoteError(command, reply.payload)
@@ -107,7 +126,7 @@ class GdbConnection:
 
     async def query_stop(self) -> p.StopReply | p.Exited:
         await self._send(self.core.send(p.query_halt_reason()))
-        event = await self._next_reply((p.StopReply, p.Exited))
+        event = await self._finish((p.StopReply, p.Exited))
         assert isinstance(event, (p.StopReply, p.Exited)), event
         return event
 
@@ -118,9 +137,16 @@ class GdbConnection:
     async def interrupt(self) -> None:
         await self._send(self.core.interrupt())
 
-    async def wait_stop(self) -> p.StopReply | p.Exited:
-        """Wait for the running target to stop (breakpoint, watchpoint, step, interrupt, exit)."""
-        event = await self._next_reply((p.StopReply, p.Exited))
+    async def wait_stop(self, *, soon: bool = False) -> p.StopReply | p.Exited:
+        """Wait for the running target to stop (breakpoint, watchpoint, step, interrupt, exit).
+
+        ``soon``: the stop is owed right away (after a single step or an interrupt), so the
+        wait is shielded like a reply; otherwise it is cancellable (the guest may run forever).
+        """
+        if soon:
+            event = await self._finish((p.StopReply, p.Exited))
+        else:
+            event = await self._next_reply((p.StopReply, p.Exited))
         assert isinstance(event, (p.StopReply, p.Exited)), event
         return event
 
