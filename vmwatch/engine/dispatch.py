@@ -88,18 +88,3 @@ class Dispatcher:
 
     def add(self, key: object, handler: Handler) -> None:
         self.index.setdefault(key, []).append(handler)
-
-    def add_trap(self, key: object, trap: Trap) -> Trap:
-        """Register ``trap`` for ``key`` unless one exists (same address: one trap, many handlers)."""
-        existing = self.traps.get(key)
-        if existing is not None:
-            if existing.size >= trap.size:
-                return existing
-        self.traps[key] = trap
-        return trap
-
-    def handlers(self, event: Event) -> list[Handler] | None:
-        return self.index.get(key_of(event))
-
-    def listens_to(self, cls: type) -> bool:
-        return any(k is cls or (isinstance(k, tuple) and k[0] is cls) for k in self.index)

@@ -137,9 +137,5 @@ class Governor:
                 due.append(trap)
         return due
 
-    def next_rearm(self) -> float | None:
-        times = [st.unhooked_until for st in self.states.values() if st.unhooked_until is not None]
-        return min(times) if times else None
-
     def skipped(self) -> int:
         return sum(st.skipped for st in self.states.values())

@@ -37,7 +37,7 @@ import trio
 
 from vmwatch.engine import sources as caps
 from vmwatch.engine.alerts import Alert
-from vmwatch.engine.dispatch import KEY_FIELD, Dispatcher, Handler, RuleRun, Trap
+from vmwatch.engine.dispatch import KEY_FIELD, Dispatcher, Handler, RuleRun, Trap, key_of
 from vmwatch.engine.governance import Budget, Decision, Governor
 from vmwatch.engine.guest import Current, Guest, cr3_root
 from vmwatch.engine.sinks import EventRecord, Sink
@@ -100,9 +100,6 @@ class WatchSummary:
     @property
     def total_alerts(self) -> int:
         return sum(self.alerts.values())
-
-
-SensorPlanner = Callable[["Engine", dict], list[str]]
 
 
 class _SinkLink:
@@ -510,7 +507,7 @@ class Engine:
         guest = self.guest
         parent_regs = guest.registers
         for event in events:
-            handlers = self.dispatcher.index.get(_key(event))
+            handlers = self.dispatcher.index.get(key_of(event))
             if handlers:
                 guest.begin(event, parent_regs)
                 self._run(event, handlers)
@@ -777,12 +774,6 @@ def _closing(stream: Any) -> Any:
     if hasattr(stream, "aclose"):
         return contextlib.aclosing(stream)
     return contextlib.nullcontext(stream)
-
-
-def _key(event: Event) -> object:
-    cls = type(event)
-    field = KEY_FIELD.get(cls)
-    return (cls, getattr(event, field)) if field else cls
 
 
 def resolve_symbol(linux: Any, name: str) -> int:
