@@ -11,7 +11,8 @@ import trio
 
 from vmwatch.events import Access, Breakpoint, MemoryAccess, SourceEnded
 from vmwatch.live.qemu import attach_qemu
-from vmwatch.live.qemu_ram import SharedRam
+from vmwatch.errors import PhysicalReadError
+from vmwatch.live.qemu_ram import GdbMemory, SharedRam
 
 pytestmark = pytest.mark.guest
 
@@ -145,14 +146,24 @@ async def test_pause_resume_leaves_guest_running(lab_guest) -> None:
     assert lab_guest.shell("echo still-alive").strip() == "still-alive"
 
 
-async def test_smp_vcpu_and_qemu_death(lab_guest_factory) -> None:
-    """On 2 vCPUs a write loop pinned to CPU 1 hits as vCPU 1; killing QEMU ends the stream."""
-    guest = await trio.to_thread.run_sync(lambda: lab_guest_factory(cpus=2))
+async def test_no_shared_ram_smp_and_qemu_death(lab_guest_factory) -> None:
+    """Without shared RAM memory comes through the gdbstub; on 2 vCPUs a write loop pinned to
+    CPU 1 hits as vCPU 1; killing QEMU ends the stream."""
+    guest = await trio.to_thread.run_sync(lambda: lab_guest_factory(cpus=2, shared_ram=False))
     target = kallsyms(guest, "ksys_write")
+    banner = kallsyms(guest, "linux_banner")
+    version = guest.shell("cat /proc/version", check=True).encode()
+    gpa = guest.qmp().execute("human-monitor-command", {"command-line": f"gva2gpa {banner:#x}"})
+    gpa = int(gpa.split()[-1], 16)
     guest.shell("taskset 2 dd if=/dev/zero of=/dev/null bs=1 </dev/null >/dev/null 2>&1 &", check=True)
     seen = []
     async with attach_qemu(str(guest.qmp_path)) as vm:
-        assert vm.vcpu_count == 2
+        assert isinstance(vm.memory, GdbMemory) and vm.vcpu_count == 2
+        assert vm.running
+        assert vm.memory.read(gpa, len(version)) == version  # the guest is stopped just for the read
+        assert vm.running and await vm.status() == "running"
+        with pytest.raises(PhysicalReadError):
+            vm.memory.read(vm.memory.size + 0x1000, 16)
         await vm.add_breakpoint(target)
         with trio.fail_after(60):
             async for event in vm.events():
