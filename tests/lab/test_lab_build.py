@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vmwatch.errors import LabError
@@ -67,6 +67,7 @@ def test_modinfo_reads_depends():
 
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=300), st.integers(0, 299))
+@example(b"\0" * 41 + b"\x80" + b"\0" * 13 + b"\x01\0\0", 0)  # section headers past 2**63
 def test_modinfo_hostile_bytes_raise_lab_error(data, cut):
     valid = _module({".modinfo": b"depends=\0"})
     for blob in (data, valid[:cut], b"\x7fELF\x02\x01" + data):

@@ -200,7 +200,7 @@ def _elf_section(elf: bytes, wanted: str) -> bytes:
             start = strtab[4] + header[0]
             if elf[start:elf.index(b"\0", start)] == wanted.encode():
                 return elf[header[4]:header[4] + header[5]]
-    except (struct.error, IndexError, ValueError) as exc:
+    except (struct.error, IndexError, ValueError, OverflowError) as exc:
         raise LabError(f"kernel module ELF is malformed: {exc}") from exc
     raise LabError(f"kernel module has no {wanted} section")
 
