@@ -11,6 +11,8 @@ Prints:
 * read bandwidth of the mapped RAM file versus the gdbstub (ratio).
 
 The host is shared and noisy: numbers are medians of short rounds, the load average is printed.
+Every breakpoint/step stop makes QEMU 7.2 flush all translated code (see vmwatch/live/qemu.py),
+so the events/s ceiling is set by re-translation; the flush count is printed.
 """
 
 from __future__ import annotations

@@ -10,11 +10,16 @@ Theory of operation:
   ``info registers``/``info mtree``, starting the stub); a QMP ``cont`` behind the stub's back
   would make its next packet act as an interrupt (DESIGN.md).
 * Events: the guest runs until a stop reply; it then stays stopped while the consumer handles
-  the event. Continuing past a breakpoint at X without a single step ("hop"): remove X, plant a
-  temporary breakpoint on the next instruction (decoded with capstone), continue, and on that
-  stop put X back, drop the temporary one and continue; both swaps are pipelined with the
-  resume in one write. Breakpoint changes are cheap in QEMU >= 6.2 (no TB flush). Branches and
-  SMP guests (X is global to all vCPUs, another one could pass it meanwhile) use ``vCont;s``.
+  the event. QEMU <= 10.1 flushes its WHOLE translation cache on every breakpoint or
+  single-step stop (``tb_flush`` in gdbstub's ``gdb_vm_state_change``; not on watchpoint hits
+  nor on interrupts), and the guest then re-translates its hot code for milliseconds: measured
+  here, one flush per stop (``info jit``). So continuing past a breakpoint at X must not stop
+  twice. By default ("emulate") the instruction at X is not executed by QEMU at all when it
+  is one of the NOPs that open kernel functions (ftrace ``nop5``, ``endbr64``) or a ``push``:
+  RIP (and RSP plus the stack slot) are written with ``P``/``M`` and the guest continues, all
+  in one pipelined write. Otherwise "hop" (one vCPU: lift X, break on the next instruction,
+  put X back there) or a ``vCont;s`` of just that vCPU (SMP: X is global to all vCPUs, another
+  could pass it while lifted), both of which cost a second stop.
 """
 
 from __future__ import annotations
