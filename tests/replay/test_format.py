@@ -43,6 +43,8 @@ def _check_file(tmp_path, data: bytes, name="bad.vmwr") -> RecordingError | None
         with Recording.open(path) as recording:
             for ordinal in range(recording.page_count):
                 recording.page(ordinal)
+            for context, vcpu in list(recording._registers):
+                recording.registers(context, vcpu)
     except RecordingError as exc:
         assert str(exc)
         return exc

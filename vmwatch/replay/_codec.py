@@ -50,7 +50,14 @@ def encode_value(value: Any) -> Any:
     raise TypeError(f"cannot record a value of type {type(value).__name__}: {value!r}")
 
 
+_RESOLVED: dict[str, type] = {}
+"""Class references already checked (only valid ones are kept, so hostile names cannot grow it)."""
+
+
 def _resolve(name: Any) -> type:
+    cls = _RESOLVED.get(name) if isinstance(name, str) else None
+    if cls is not None:
+        return cls
     if not isinstance(name, str) or ":" not in name:
         raise RecordingError(f"bad class reference {name!r} in recording")
     module_name, _, qualname = name.partition(":")
@@ -64,6 +71,7 @@ def _resolve(name: Any) -> type:
         raise RecordingError(f"recording names unknown class {name!r}") from None
     if not isinstance(obj, type) or not (attrs.has(obj) or issubclass(obj, enum.Enum)):
         raise RecordingError(f"recording names {name!r}, which is not a value type")
+    _RESOLVED[name] = obj
     return obj
 
 
@@ -142,6 +150,6 @@ def decode_registers(payload: bytes) -> Registers:
 
 def _loads(payload: bytes) -> Any:
     try:
-        return json.loads(payload)
+        return json.loads(payload.decode())
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise RecordingError("record payload is not valid JSON") from None

@@ -62,7 +62,8 @@ class Recording:
         self._pages: list[tuple[int, int, int]] = []  # (encoding, payload offset, payload length)
         self._digests: list[bytes] = []
         self.history: dict[int, tuple[list[int], list[int]]] = {}  # pfn -> (contexts, ordinals)
-        self.registers: dict[tuple[int, int], Registers] = {}
+        self._registers: dict[tuple[int, int], tuple[int, memoryview]] = {}
+        """(context, vCPU) -> where the record is and its JSON, decoded on first use."""
         self.clocks: dict[int, list[int]] = {}
         self._decompressor = zstandard.ZstdDecompressor()
         self._cache: dict[int, bytes] = {}
@@ -136,10 +137,7 @@ class Recording:
                 ctx, vcpu = REGISTERS_HEAD.unpack_from(payload, 0)
                 if ctx != context:
                     raise RecordingError(f"{at}: registers for event {ctx} out of order (current event {context})")
-                registers = _codec.decode_registers(bytes(payload[REGISTERS_HEAD.size:]))
-                if registers.vcpu != vcpu:
-                    raise RecordingError(f"{at}: registers record of vCPU {vcpu} holds vCPU {registers.vcpu}")
-                self.registers[(ctx, vcpu)] = registers
+                self._registers[(ctx, vcpu)] = (record.offset, payload[REGISTERS_HEAD.size:])
             elif kind == RecordType.CLOCK:
                 if len(payload) != CLOCK_ENTRY.size:
                     raise RecordingError(f"{at}: clock record has the wrong size")
@@ -160,6 +158,25 @@ class Recording:
                 f"{where}: END record says {self.end.get('events')} events and {self.end.get('pages')} pages,"
                 f" the file holds {len(self.events)} and {len(self._pages)}"
             )
+
+    def registers(self, context: int, vcpu: int) -> Registers | None:
+        """The registers of ``vcpu`` recorded in ``context``, or None.
+
+        Raises:
+            RecordingError: the record does not hold that vCPU's registers.
+        """
+        found = self._registers.get((context, vcpu))
+        if found is None:
+            return None
+        if isinstance(found, Registers):
+            return found
+        offset, payload = found
+        registers = _codec.decode_registers(bytes(payload))
+        if registers.vcpu != vcpu:
+            raise RecordingError(f"{self.path}: registers record at file offset {offset:#x} of vCPU {vcpu}"
+                                 f" holds vCPU {registers.vcpu}")
+        self._registers[(context, vcpu)] = registers  # type: ignore[assignment]
+        return registers
 
     @property
     def page_count(self) -> int:
@@ -372,7 +389,11 @@ class ReplaySource:
         Raises:
             RecordingError: the live run did not read them for this event.
         """
-        registers = self.recording.registers.get((self.context, vcpu))
+        try:
+            registers = self.recording.registers(self.context, vcpu)
+        except RecordingError as exc:
+            self.failure = self.failure or exc
+            raise
         if registers is None:
             when = "before the first event" if self.context < 0 else f"for event {self.context}"
             error = RecordingError(f"registers of vCPU {vcpu} were not recorded {when}")
