@@ -132,16 +132,26 @@ async def test_single_steps_follow_instruction_lengths(lab_guest) -> None:
 
 
 async def test_pause_resume_leaves_guest_running(lab_guest) -> None:
-    """A paused guest stands still (RIP and memory unchanged); after resume the shell answers."""
+    """A paused guest stands still (RIP unchanged); register writes read back; every resume runs
+    the on_resume hooks; after resume the shell answers."""
+    resumes = []
     async with attach_qemu(str(lab_guest.qmp_path)) as vm:
+        vm.on_resume.append(lambda: resumes.append(1))
         for _ in range(3):
             await vm.pause()
             assert await vm.status() in ("paused", "debug")
             first = await vm.registers()
             await trio.sleep(0.2)
             assert (await vm.registers()).rip == first.rip
+            await vm.set_registers(0, r15=first.r15 ^ 0x5A5A)
+            assert (await vm.registers()).r15 == first.r15 ^ 0x5A5A
+            await vm.set_registers(0, r15=first.r15)
+            assert (await vm.registers()).r15 == first.r15
+            with pytest.raises(ValueError):
+                await vm.set_registers(0, no_such_register=1)
             await vm.resume()
             assert await vm.status() == "running"
+    assert len(resumes) == 3
     assert lab_guest.status() == "running"
     assert lab_guest.shell("echo still-alive").strip() == "still-alive"
 
