@@ -359,3 +359,14 @@ class TestTrioWrapper:
             with pytest.raises(LinkClosedError):
                 await conn.resume(p.cont())
                 await conn.wait_stop()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=80))
+def test_fuzz_stop_replies_and_descriptions(data: bytes) -> None:
+    """Stop replies, thread lists and target descriptions from a hostile stub raise only ProtocolError."""
+    for parse in (p.parse_stop_reply, p.parse_thread_list, p.parse_target_xml, p.parse_xfer, p.decode_hex):
+        try:
+            parse(data)
+        except ProtocolError:
+            pass
