@@ -21,21 +21,7 @@ SLEEPER = "sh -c 'while :; do sleep 0.1; done' >/dev/null 2>&1 & echo $!"
 
 
 @pytest.fixture
-def gdbstub(lab_guest, tmp_path):
-    """A fresh gdbstub socket for this attach.
-
-    Workaround, reported to the live backend's owner (notes/live-reattach-bug.md): attach_qemu
-    deletes the socket of the gdbstub it started, so a second attach to the same QEMU fails.
-    Starting one ourselves (HMP ``gdbserver``, which replaces the old one) that outlives the
-    attach keeps every attach working; remove once attach_qemu re-attaches by itself.
-    """
-    path = tmp_path / "gdb.sock"
-    lab_guest.qmp().execute("human-monitor-command", command_line=f"gdbserver unix:{path},server=on,wait=off")
-    return path
-
-
-@pytest.fixture
-def sleeper(lab_guest, gdbstub):
+def sleeper(lab_guest):
     """A guest process that keeps calling nanosleep; killed afterwards (the guest is shared)."""
     lab_guest.shell("echo 0 > /proc/sys/kernel/kptr_restrict")
     text = lab_guest.shell(r"grep -E ' [Tt] (do_nanosleep|hrtimer_nanosleep)$' /proc/kallsyms")

@@ -22,10 +22,6 @@ SCENARIO = ("sh -c 'rm -f /tmp/true.pids; for i in $(seq 1 300); do /bin/true & 
 @pytest.fixture(scope="module")
 def watched(lab_guest, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("livewatch")
-    # Workaround (see tests/debug/test_debug_live.py `gdbstub`): a gdbstub socket that outlives
-    # the attach, so this attach works even if another test attached to the shared guest before.
-    gdb = tmp / "gdb.sock"
-    lab_guest.qmp().execute("human-monitor-command", command_line=f"gdbserver unix:{gdb},server=on,wait=off")
     db, record = tmp / "timeline.db", tmp / "live.vmwr"
     loop = int(lab_guest.shell(SCENARIO).split()[-1])
     try:
