@@ -101,6 +101,22 @@ async def test_write_watchpoint_fires_with_address(lab_guest) -> None:
     lab_guest.shell(f"echo {before} > /proc/sys/kernel/dmesg_restrict", check=True)
 
 
+async def test_read_watchpoint_over_a_range(lab_guest) -> None:
+    """Reading a sysctl trips a read watchpoint on a 64-byte range starting at its variable."""
+    variable = kallsyms(lab_guest, "dmesg_restrict")
+    async with attach_qemu(str(lab_guest.qmp_path)) as vm:
+        await vm.add_watchpoint(variable, 64, Access.READ)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shell, lab_guest, "cat /proc/sys/kernel/dmesg_restrict")
+            with trio.fail_after(60):
+                async for event in vm.events():
+                    assert isinstance(event, MemoryAccess), event
+                    assert event.address == variable and event.access is Access.READ and event.size == 64
+                    break
+            await vm.remove_watchpoint(variable, 64, Access.READ)
+            await vm.resume()
+
+
 async def test_single_steps_follow_instruction_lengths(lab_guest) -> None:
     """Each single step moves RIP by the capstone length of the instruction (when not a branch)."""
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
