@@ -16,6 +16,7 @@ from vmwatch.events import Access, Breakpoint, MemoryAccess, ProcessStart
 from vmwatch.replay import Recording, recording_source
 from vmwatch.replay import _codec
 from vmwatch.replay.format import MAGIC, RecordType, RecordWriter, iter_records
+from vmwatch.testing.cli import run_cli
 
 from .synthetic import synthetic_source
 
@@ -156,3 +157,21 @@ class TestCodec:
         with pytest.raises(RecordingError):
             _codec.decode_event(payload)
 
+
+
+class TestCliErrors:
+    @pytest.mark.parametrize(("damage", "message"), [
+        (lambda b: b[:-9], "truncated"),
+        (lambda b: _rewrite_header(b, 3, 1), "format version 3.1 is newer than this vmwatch reads (1.x)"),
+        (lambda b: b[:200] + bytes([b[200] ^ 0xFF]) + b[201:], "checksum mismatch in record at file offset 0x"),
+        (lambda b: b"PK\x03\x04" + b[4:], "not a vmwatch recording"),
+    ])
+    def test_one_line_exit_2(self, good, tmp_path, damage, message):
+        """`vmwatch replay` on a damaged recording: exit 2, one line naming the problem, no traceback."""
+        path = tmp_path / "bad.vmwr"
+        path.write_bytes(damage(good))
+        rules = tmp_path / "r.py"
+        rules.write_text("from vmwatch.rules import rule\n\n@rule.on_start\ndef r(event, guest):\n    pass\n")
+        result = run_cli("replay", path, "--rules", rules)
+        assert result.status == 2
+        assert result.stderr.count("\n") == 1 and message in result.stderr
