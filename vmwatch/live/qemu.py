@@ -33,12 +33,13 @@ import tempfile
 import time
 from typing import AsyncIterator, Callable
 
+import attrs
 import capstone
 import structlog
 import trio
 
 from vmwatch.cpu import SEGMENT_NAMES, Registers, Segment
-from vmwatch.errors import LinkClosedError, LinkError, ProtocolError, UnsupportedOperation
+from vmwatch.errors import LinkClosedError, LinkError, ProtocolError
 from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SingleStep, SourceEnded
 from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import GdbConnection, RemoteError
@@ -636,8 +637,6 @@ def parse_descriptor_tables(text: str) -> tuple[int, int, int, int]:
 
 
 def _with_descriptors(regs: Registers, desc: tuple[int, int, int, int]) -> Registers:
-    import attrs
-
     return attrs.evolve(regs, gdtr_base=desc[0], gdtr_limit=desc[1], idtr_base=desc[2], idtr_limit=desc[3])
 
 
