@@ -27,6 +27,7 @@ _EXPORTS.update({name: "vmwatch.errors" for name in (
     "VmwatchError", "ImageFormatError", "PhysicalReadError", "TranslationError", "PageNotPresent",
     "GuestDataError", "SymbolError", "LinkError", "LinkClosedError", "ProtocolError",
     "UnsupportedOperation", "LabError", "RecordingError", "RuleError",
+    "PageNotRecorded", "DebugError", "TimelineError",
 )})
 
 
