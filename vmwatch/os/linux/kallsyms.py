@@ -56,30 +56,74 @@ class KallsymsTables:
     """The runtime value of ``kallsyms_relative_base`` (KASLR applied)."""
 
 
+class RelativeAddresses:
+    """Addresses computed from ``kallsyms_offsets`` on demand (most runs need a dozen of 100,000)."""
+
+    def __init__(self, offsets: array, base: int, pointer_size: int) -> None:
+        self.offsets = offsets
+        self.base = base
+        self.mask = (1 << (8 * pointer_size)) - 1
+        step = max(1, len(offsets) // 64)
+        self.absolute_percpu = any(o < 0 for o in offsets[::step])
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> int:
+        o = self.offsets[i]
+        if self.absolute_percpu:
+            return o if o >= 0 else (self.base - 1 - o) & self.mask
+        return self.base + (o & 0xFFFFFFFF)
+
+    def materialize(self) -> array:
+        base, mask = self.base, self.mask
+        if self.absolute_percpu:
+            return array("Q", [o if o >= 0 else (base - 1 - o) & mask for o in self.offsets])
+        return array("Q", [base + (o & 0xFFFFFFFF) for o in self.offsets])
+
+
 class Symbols:
     """Kernel symbols: name -> virtual address, and address -> nearest symbol.
 
     Args:
-        names: symbol names in table order.
-        addresses: runtime addresses, same order.
+        names: symbol names in table order (or one string of them joined by newlines).
+        addresses: runtime addresses, same order (or a :class:`RelativeAddresses`).
         types: nm type letters (``T``, ``t``, ``D``, ``A``...), same order; may be empty.
         preferred: indexes of globals that must win over earlier statics of the same name
             (computed when not given; cached with decoded kallsyms).
+        by_name: a ready name -> index map (from the cache).
     """
 
-    def __init__(self, names: list[str], addresses: Iterable[int], types: str = "",
-                 preferred: list[int] | None = None) -> None:
-        self.names = names
-        self.addresses = array("Q", addresses)
+    def __init__(self, names: list[str] | str, addresses, types: str = "",
+                 preferred: list[int] | None = None, by_name: dict[str, int] | None = None) -> None:
+        self._names = names
+        count = names.count("\n") + 1 if isinstance(names, str) else len(names)
+        if isinstance(addresses, RelativeAddresses):
+            self._addresses = addresses
+        else:
+            self._addresses = array("Q", addresses)
         self.types = types
-        if len(self.addresses) != len(names) or types and len(types) != len(names):
+        if len(self._addresses) != count or types and len(types) != count:
             raise SymbolError("symbol names, addresses and types differ in length")
-        self._by_name: dict[str, int] | None = None
+        self._count = count
+        self._by_name = by_name
         self._preferred = preferred
         self._sorted: tuple[array, list[int]] | None = None
 
+    @property
+    def names(self) -> list[str]:
+        if isinstance(self._names, str):
+            self._names = self._names.split("\n")
+        return self._names
+
+    @property
+    def addresses(self) -> array:
+        if isinstance(self._addresses, RelativeAddresses):
+            self._addresses = self._addresses.materialize()
+        return self._addresses
+
     def __len__(self) -> int:
-        return len(self.names)
+        return self._count
 
     def _index(self) -> dict[str, int]:
         if self._by_name is None:
@@ -97,13 +141,13 @@ class Symbols:
 
     def get(self, name: str) -> int | None:
         i = self._index().get(name)
-        return None if i is None else self.addresses[i]
+        return None if i is None else self._addresses[i]
 
     def __getitem__(self, name: str) -> int:
         i = self._index().get(name)
         if i is None:
             raise SymbolError(f"kernel symbol {name!r} not found", name=name)
-        return self.addresses[i]
+        return self._addresses[i]
 
     def type_of(self, name: str) -> str:
         i = self._index().get(name)
@@ -211,14 +255,14 @@ def _decode(buf: bytes, token_table: int, pointer_size: int) -> tuple[Symbols, K
         markers_at, markers, count_hint = _markers(buf, token_table)
         names_at, num_syms = _names_start(buf, markers_at, markers, pointer_size, count_hint)
         _cache.store("kallsyms-layout", key, (markers_at - token_table, names_at - token_table, num_syms))
-    names, types, names_end, preferred = _decode_names(buf, names_at, num_syms, tokens, markers)
+    names, types, names_end, preferred, by_name = _decode_names(buf, names_at, num_syms, tokens, markers)
     if not markers_at - 8 <= names_end <= markers_at:
         raise SymbolError(f"kallsyms names end at {names_end:#x}, markers start at {markers_at:#x}")
     offsets_at, base, addresses = _addresses(buf, names_at, num_syms, token_index, pointer_size)
     tables = KallsymsTables(num_syms=names_at - pointer_size if pointer_size == 4 else names_at - 8,
                             names=names_at, markers=markers_at, token_table=token_table,
                             token_index=token_index, offsets=offsets_at, relative_base=base)
-    return Symbols(names, addresses, types, preferred), tables
+    return Symbols(names, addresses, types, preferred, by_name), tables
 
 
 def _layout_holds(buf: bytes, token_table: int, markers_rel: int, names_rel: int, count: int) -> bool:
@@ -323,7 +367,7 @@ def _names_start(buf: bytes, markers_at: int, markers: list[int], pointer_size: 
 
 
 def _decode_names(buf: bytes, start: int, count: int, tokens: list[str],
-                  markers: list[int]) -> tuple[list[str], str, int, list[int]]:
+                  markers: list[int]) -> tuple[list[str] | str, str, int, list[int], None]:
     if count > _MAX_SYMS:
         raise SymbolError(f"absurd kallsyms_num_syms {count}")
     key = hashlib.blake2b(buf[start:start + 16] + count.to_bytes(4, "little")
@@ -334,7 +378,8 @@ def _decode_names(buf: bytes, start: int, count: int, tokens: list[str],
     cached = _cache.load("kallsyms", key.hexdigest())
     if isinstance(cached, tuple) and len(cached) == 4:
         joined, types, end, preferred = cached
-        return joined.split("\n"), types, end, preferred
+        # Split and index in Symbols: a marshalled name dict loads slower than it builds.
+        return joined, types, end, preferred, None
     names: list[str] = []
     types: list[str] = []
     for i in range(count):
@@ -354,11 +399,11 @@ def _decode_names(buf: bytes, start: int, count: int, tokens: list[str],
     joined_types = "".join(types)
     preferred = preferred_globals(names, joined_types)
     _cache.store("kallsyms", key.hexdigest(), ("\n".join(names), joined_types, pos, preferred))
-    return names, joined_types, pos, preferred
+    return names, joined_types, pos, preferred, None
 
 
 def _addresses(buf: bytes, names_at: int, count: int, token_index: int,
-               pointer_size: int) -> tuple[int, int, list[int]]:
+               pointer_size: int) -> tuple[int, int, RelativeAddresses]:
     """Locate offsets + relative_base (before num_syms, or after token_index) and compute addresses."""
     gap = 8 if pointer_size == 8 else 4
     table_len = _align(4 * count, gap)
@@ -376,13 +421,22 @@ def _addresses(buf: bytes, names_at: int, count: int, token_index: int,
             continue
         offsets = array("i")
         offsets.frombytes(buf[offsets_at:offsets_at + 4 * count])
-        if any(o < 0 for o in offsets[:: max(1, count // 64)]):
-            mask = (1 << (8 * pointer_size)) - 1
-            addresses = [o if o >= 0 else (base - 1 - o) & mask for o in offsets]
-        else:
-            addresses = [base + (o & 0xFFFFFFFF) for o in offsets]
-        return offsets_at, base, addresses
+        return offsets_at, base, RelativeAddresses(offsets, base, pointer_size)
     raise SymbolError("kallsyms_offsets/kallsyms_relative_base not found")
+
+
+def decode_at(read: Callable[[int, int], bytes], token_table: int, start: int, end: int,
+              window_before: int = 12 << 20, window_after: int = 2 << 20,
+              pointer_size: int = 8) -> tuple[Symbols, KallsymsTables, int]:
+    """Decode the tables around a token table at physical ``token_table`` (within ``start..end``).
+
+    Returns:
+        (symbols, tables with offsets relative to the window, physical base of the window)
+    """
+    base = max(start, (token_table - window_before) & -4096)
+    window = read(base, min(end, token_table + window_after) - base)
+    symbols, tables = decode(window, token_table - base, pointer_size=pointer_size)
+    return symbols, tables, base
 
 
 def scan(read: Callable[[int, int], bytes], runs: Iterable[tuple[int, int]], *,
@@ -408,15 +462,11 @@ def scan(read: Callable[[int, int], bytes], runs: Iterable[tuple[int, int]], *,
             length = min(chunk + len(DIGITS), end - pos)
             data = read(pos, length)
             for offset in find_token_tables(data):
-                base = max(start, (pos + offset - window_before) & -4096)
-                window = read(base, min(end, pos + offset + window_after) - base)
                 try:
-                    symbols, tables = decode(window, pos + offset - base, pointer_size=pointer_size)
+                    return decode_at(read, pos + offset, start, end, window_before, window_after, pointer_size)
                 except SymbolError as exc:
                     log.debug("kallsyms.candidate_rejected", paddr=hex(pos + offset), reason=str(exc))
                     errors.append(f"{pos + offset:#x}: {exc}")
-                    continue
-                return symbols, tables, base
             pos += chunk
     detail = f" ({'; '.join(errors[:3])})" if errors else ""
     raise SymbolError(f"no kallsyms tables found in guest memory{detail}")

@@ -17,12 +17,14 @@ Theory of operation (x86_64; Documentation/arch/x86/x86_64/mm.rst):
 
 from __future__ import annotations
 
+import hashlib
+
 import attrs
 import structlog
 
 from vmwatch.cpu import PagingMode, Registers
 from vmwatch.errors import SymbolError, TranslationError, VmwatchError
-from vmwatch.os.linux import kallsyms
+from vmwatch.os.linux import _cache, kallsyms
 
 log = structlog.get_logger()
 
@@ -111,10 +113,23 @@ def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
             continue
         if text is None:
             continue
-        try:
-            symbols, tables, base = kallsyms.scan(read, [(text[1], _IMAGE_MAX)], chunk=4 << 20)
-        except SymbolError:
-            continue
+        # Where the token table sat in this image last time (keyed by the first page of text,
+        # the same for one kernel build wherever KASLR puts it): skips the search.
+        key = hashlib.blake2b(read(text[1], 4096), digest_size=16).hexdigest()
+        offset = _cache.load("kallsyms-at", key)
+        found = None
+        if isinstance(offset, int) and 0 < offset < _IMAGE_MAX:
+            try:
+                found = kallsyms.decode_at(read, text[1] + offset, text[1], text[1] + _IMAGE_MAX)
+            except SymbolError:
+                found = None
+        if found is None:
+            try:
+                found = kallsyms.scan(read, [(text[1], _IMAGE_MAX)], chunk=4 << 20)
+            except SymbolError:
+                continue
+        symbols, tables, base = found
+        _cache.store("kallsyms-at", key, base + tables.token_table - text[1])
         if symbols.get("_text") == text[0]:
             return symbols, (text[0], text[1], cr3, mode), base + tables.token_table
     log.debug("linux.full_scan", reason="no CPU state maps the kernel text window")
