@@ -134,6 +134,16 @@ class TestEngineReplay:
         assert result.status == 0, result.stderr
         assert result.stdout.splitlines() == live_lines
 
+    def test_info(self, live_session):
+        """--info describes the recording without rules: source, events by kind, pages."""
+        path, _, _ = live_session
+        result = run_cli("replay", path, "--info", "--json")
+        assert result.status == 0, result.stderr
+        facts = json.loads(result.stdout)
+        assert facts["source"] == "synthetic" and facts["events"] == 30
+        assert facts["events_by_kind"] == {"Breakpoint": 10, "MemoryAccess": 10, "Tick": 10}
+        assert 0 < facts["pages_stored"] < facts["page_reads"]
+
     def test_truncated_file_exit_2(self, tmp_path):
         """A truncated recording: one line, exit 2."""
         path = tmp_path / "cut.vmwr"

@@ -13,6 +13,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", nargs="+", action="extend", default=[], metavar="PACK",
                         help="rule packs: paths or shipped pack names")
     parser.add_argument("--json", action="store_true", help="alerts and events as JSON lines, exactly as watch --json prints them")
+    parser.add_argument("--info", action="store_true",
+                        help="describe the recording (source, events by kind, pages) instead of replaying it")
     parser.add_argument("--db", metavar="PATH", help="also write events and alerts to this SQLite timeline")
     exact = parser.add_mutually_exclusive_group()
     exact.add_argument("--base", metavar="IMAGE",
@@ -31,6 +33,8 @@ def run(args: argparse.Namespace, env) -> int:
     from vmwatch.replay.player import open_replay
     from vmwatch.rules import RuleSet
 
+    if args.info:
+        return _info(args, env)
     if not args.rules:
         raise RuleError("replay needs --rules PACK... (the rules to run over the recording)")
     with open_replay(args.recording, strict=args.strict, base=args.base) as source:
@@ -49,6 +53,32 @@ def run(args: argparse.Namespace, env) -> int:
         rate = summary.events / seconds if seconds > 0 else 0.0
         env.stderr.write(f"replayed {summary.events} events in {seconds:.2f} s ({rate:,.0f} events/s), "
                          f"{summary.total_alerts} alerts\n")
+    return 0
+
+
+def _info(args: argparse.Namespace, env) -> int:
+    import collections
+    import json
+    import os
+
+    from vmwatch.replay.player import Recording
+    from vmwatch.timeline.timespec import format_time
+
+    with Recording.open(args.recording) as recording:
+        meta, end = recording.meta, recording.end or {}
+        kinds = collections.Counter(type(e).__name__ for e in recording.events)
+        facts = {
+            "source": meta.get("source"), "recorded": format_time(int(meta.get("created_unix_ns") or 0)),
+            "vmwatch": meta.get("vmwatch_version"), "capabilities": meta.get("capabilities"),
+            "events": len(recording.events), "events_by_kind": dict(kinds.most_common()),
+            "pages_stored": recording.page_count, "page_reads": end.get("page_reads"),
+            "bytes": os.path.getsize(args.recording), "base": meta.get("base"),
+        }
+    if args.json:
+        env.stdout.write(json.dumps(facts) + "\n")
+    else:
+        for key, value in facts.items():
+            env.stdout.write(f"{key:<15} {value}\n")
     return 0
 
 
