@@ -11,7 +11,7 @@ import trio
 
 from vmwatch.events import Access, Breakpoint, MemoryAccess, SourceEnded
 from vmwatch.live.qemu import attach_qemu
-from vmwatch.errors import PhysicalReadError
+from vmwatch.errors import PhysicalReadError, UnsupportedOperation
 from vmwatch.live.qemu_ram import GdbMemory, SharedRam
 
 pytestmark = pytest.mark.guest
@@ -202,3 +202,19 @@ async def test_no_shared_ram_smp_and_qemu_death(lab_guest_factory) -> None:
                     os.kill(guest.pid, signal.SIGKILL)
     assert isinstance(seen[-1], SourceEnded)
     assert sum(e.vcpu == 1 for e in seen[:-1]) >= 20, [e.vcpu for e in seen]
+
+
+async def test_writable_ram_changes_what_the_guest_sees(lab_guest) -> None:
+    """A write through the mapped RAM file (writable attach) is what the guest's /proc shows."""
+    variable = kallsyms(lab_guest, "dmesg_restrict")
+    before = int(lab_guest.shell("cat /proc/sys/kernel/dmesg_restrict"))
+    gpa = int(lab_guest.qmp().execute("human-monitor-command", {"command-line": f"gva2gpa {variable:#x}"}).split()[-1], 16)
+    async with attach_qemu(str(lab_guest.qmp_path)) as vm:
+        with pytest.raises(UnsupportedOperation):
+            vm.memory.write(gpa, b"\0")
+    async with attach_qemu(str(lab_guest.qmp_path), writable=True) as vm:
+        assert vm.memory.writable
+        assert int.from_bytes(vm.memory.read(gpa, 4), "little") == before
+        vm.memory.write(gpa, (1 - before).to_bytes(4, "little"))
+    assert int(lab_guest.shell("cat /proc/sys/kernel/dmesg_restrict")) == 1 - before
+    lab_guest.shell(f"echo {before} > /proc/sys/kernel/dmesg_restrict", check=True)
