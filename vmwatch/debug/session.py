@@ -189,6 +189,16 @@ class DebugSession:
             cr3 = regs.cr3 & ~0xFFF & ((1 << 52) - 1) if regs.cr3 is not None else None
         return memory.read(vaddr & 0xFFFFFFFFFFFFFFFF, size, cr3=cr3)
 
+    async def read_phys(self, paddr: int, size: int) -> bytes:
+        """Guest-physical memory (works without registers, e.g. on a raw image).
+
+        Raises:
+            PhysicalReadError: the range is not backed.
+        """
+        if size < 0 or size > 1 << 24:
+            raise DebugError(f"bad length {size}")
+        return self.target.memory.read(paddr, size)
+
     # -- symbols and expressions ---------------------------------------------------------------------
 
     def symbolize(self, address: int) -> str | None:

@@ -122,7 +122,7 @@ class DebugShell(cmd.Cmd):
             return []
         return sorted(n for n in symbols.names if n.startswith(text))[:200]
 
-    complete_break = complete_b = complete_dis = complete_p = complete_x = _complete_symbol
+    complete_break = complete_b = complete_dis = complete_p = complete_x = complete_xp = _complete_symbol
 
     def _parse_int(self, text: str, default: int) -> int:
         return int(text, 0) if text else default
@@ -167,7 +167,14 @@ class DebugShell(cmd.Cmd):
         self.out(self.dbg.symbolize(value) or f"no symbol matches {value:#x}")
 
     def do_x(self, arg: str) -> None:
-        """x/NF ADDR: examine memory. F: b bytes, h 2-byte, w 4-byte, g 8-byte words, s string, i code."""
+        """x/NF ADDR: examine virtual memory. F: b bytes, h/w/g 2/4/8-byte words, s string, i code."""
+        self._examine(arg, self.dbg.read)
+
+    def do_xp(self, arg: str) -> None:
+        """xp/NF PADDR: examine physical memory (formats b h w g s; works on raw images too)."""
+        self._examine(arg, self.dbg.read_phys, code=False)
+
+    def _examine(self, arg: str, read, *, code: bool = True) -> None:
         fmt, count, unit_char = "", 1, "b"
         if arg.startswith("/"):
             fmt, _, arg = arg[1:].partition(" ")
@@ -180,20 +187,20 @@ class DebugShell(cmd.Cmd):
         if count < 1 or count > 1 << 16:
             raise DebugError(f"bad count {count}")
         address = self.dbg.evaluate(arg)
-        if unit_char == "i":
+        if unit_char == "i" and code:
             self._show_code(address, count)
         elif unit_char == "s":
             for _ in range(count):
-                data = self.dbg.read(address, 256)
+                data = read(address, 256)
                 text = data.split(b"\0", 1)[0]
                 self.out(f"{address:#018x}  {text.decode('utf-8', 'replace')!r}")
                 address += len(text) + 1
         elif unit_char in _X_FORMATS:
             unit = _X_FORMATS[unit_char]
-            for line in hexdump(address, self.dbg.read(address, count * unit), unit):
+            for line in hexdump(address, read(address, count * unit), unit):
                 self.out(line)
         else:
-            raise DebugError(f"unknown x format {unit_char!r} (b h w g s i)")
+            raise DebugError(f"unknown format {unit_char!r} (b h w g s{' i' if code else ''})")
 
     def do_dis(self, arg: str) -> None:
         """dis [ADDR] [N]: disassemble N instructions (default: 10 at $rip), with symbols."""

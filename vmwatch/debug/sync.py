@@ -150,6 +150,15 @@ class Debugger:
             address = await session.evaluate(address)  # type: ignore[union-attr]
         return await session.read(address, size)  # type: ignore[union-attr]
 
+    def read_phys(self, address: int | str, size: int) -> bytes:
+        return self._call(self._read_phys, address, size)
+
+    async def _read_phys(self, address: int | str, size: int) -> bytes:
+        session = self.session
+        if isinstance(address, str):
+            address = await session.evaluate(address)  # type: ignore[union-attr]
+        return await session.read_phys(address, size)  # type: ignore[union-attr]
+
     def disassemble(self, address: int | str = "$rip", count: int = 10) -> list[Instruction]:
         return self._call(self._disassemble, address, count)
 
