@@ -7,8 +7,9 @@ Theory of operation (x86_64; Documentation/arch/x86/x86_64/mm.rst):
    clears every 2 MiB entry of that window outside the image, so the first mapped 2 MiB page is
    ``_text``: that gives the virtual and physical base at once, and kallsyms is searched only
    inside the image.
-2. Without CPU state, all of physical memory is searched for the kallsyms token table (the
-   image is physically contiguous, so its tables need no translation).
+2. Without CPU state, 2 MiB-aligned pages that begin like ``startup_64`` are tried first, then
+   all of physical memory is searched for the kallsyms token table (the image is physically
+   contiguous, so its tables need no translation).
 3. kallsyms gives runtime (slid) addresses. The physical base is the 2 MiB-aligned address
    below the tables where ``linux_banner`` reads "Linux version"; the kernel page-table root is
    the physical address of ``init_top_pgt``, and the paging depth (4 or 5 levels) is whichever
@@ -99,6 +100,41 @@ def _runs(phys) -> list[tuple[int, int]]:
     return [(0, size)]
 
 
+def _kallsyms_from_text(read, text_paddr: int):
+    """kallsyms searched from a (likely) kernel image base; reuses where it was found last time.
+
+    The cache key is the first page of text, the same for one kernel build wherever KASLR puts it.
+    """
+    key = hashlib.blake2b(read(text_paddr, 4096), digest_size=16).hexdigest()
+    offset = _cache.load("kallsyms-at", key)
+    found = None
+    if isinstance(offset, int) and 0 < offset < _IMAGE_MAX:
+        try:
+            found = kallsyms.decode_at(read, text_paddr + offset, text_paddr, text_paddr + _IMAGE_MAX)
+        except SymbolError:
+            found = None
+    if found is None:
+        found = kallsyms.scan(read, [(text_paddr, _IMAGE_MAX)], chunk=4 << 20)
+    symbols, tables, base = found
+    _cache.store("kallsyms-at", key, base + tables.token_table - text_paddr)
+    return symbols, base + tables.token_table
+
+
+def _image_candidates(phys, read, limit: int = 8) -> list[int]:
+    """2 MiB-aligned physical pages that start like x86_64 ``startup_64`` (a REX.W ``lea``).
+
+    Only an ordering hint for the blind search: each is checked by decoding kallsyms after it.
+    """
+    found = []
+    for start, size in _runs(phys):
+        paddr = (start + _2M - 1) & ~(_2M - 1)
+        while paddr < start + size and len(found) < limit:
+            if read(paddr, 3) == b"\x48\x8d\x25":
+                found.append(paddr)
+            paddr += _2M
+    return found
+
+
 def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
     """Locate and decode kallsyms; use CPU state to narrow the search when there is some.
 
@@ -113,26 +149,19 @@ def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
             continue
         if text is None:
             continue
-        # Where the token table sat in this image last time (keyed by the first page of text,
-        # the same for one kernel build wherever KASLR puts it): skips the search.
-        key = hashlib.blake2b(read(text[1], 4096), digest_size=16).hexdigest()
-        offset = _cache.load("kallsyms-at", key)
-        found = None
-        if isinstance(offset, int) and 0 < offset < _IMAGE_MAX:
-            try:
-                found = kallsyms.decode_at(read, text[1] + offset, text[1], text[1] + _IMAGE_MAX)
-            except SymbolError:
-                found = None
-        if found is None:
-            try:
-                found = kallsyms.scan(read, [(text[1], _IMAGE_MAX)], chunk=4 << 20)
-            except SymbolError:
-                continue
-        symbols, tables, base = found
-        _cache.store("kallsyms-at", key, base + tables.token_table - text[1])
+        try:
+            symbols, token_table = _kallsyms_from_text(read, text[1])
+        except SymbolError:
+            continue
         if symbols.get("_text") == text[0]:
-            return symbols, (text[0], text[1], cr3, mode), base + tables.token_table
-    log.debug("linux.full_scan", reason="no CPU state maps the kernel text window")
+            return symbols, (text[0], text[1], cr3, mode), token_table
+    log.debug("linux.blind_search", reason="no CPU state maps the kernel text window")
+    for paddr in _image_candidates(phys, read):
+        try:
+            symbols, token_table = _kallsyms_from_text(read, paddr)
+        except SymbolError:
+            continue
+        return symbols, None, token_table
     symbols, tables, base = kallsyms.scan(read, _runs(phys))
     return symbols, None, base + tables.token_table
 
