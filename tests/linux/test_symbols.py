@@ -131,6 +131,15 @@ class TestCli:
         assert result.status == 2
         assert "kallsyms" in result.stderr and "Traceback" not in result.stderr
 
+    def test_real_lime_slice_without_kernel(self):
+        """A real LiME capture slice (low memory only) has no kernel: one line, status 2."""
+        sample = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "samples", "lime",
+                              "deb-x86_64-slice.lime")
+        if not os.path.exists(sample):
+            pytest.skip("shared samples not present")
+        result = run_cli("ps", sample)
+        assert result.status == 2 and "no kallsyms" in result.stderr and result.stderr.count("\n") == 1
+
     def test_bad_symbols_file(self, tmp_path):
         """A bad --symbols file is reported before anything else goes wrong."""
         bad = tmp_path / "bad.map"
