@@ -36,8 +36,6 @@ def read_syscalls(linux, name: str = "sys_call_table") -> list[Syscall]:
         raise SymbolError(f"kernel has no {name} symbol", name=name)
     size = memory.pointer_size
     count = table_length(symbols, name, size)
-    if linux.types is not None and linux.types.has_type("__NR_syscalls"):
-        count = min(count, linux.types.enum("__NR_syscalls")["__NR_syscalls"])
     raw = memory.read(symbols[name], count * size)
     while count > 1 and not any(raw[(count - 1) * size:count * size]):
         count -= 1  # alignment padding up to the next symbol, not table entries
