@@ -172,3 +172,20 @@ def test_la57_two_cpus_above_4g(lab_guest_factory):
     for pid, proc in stable_procs.items():
         assert comm_matches(ours[pid].comm, proc.comm) and ours[pid].ppid == proc.ppid
     assert {m.name: m.size for m in modules} == proc_modules
+
+
+def test_live_cli(lab_guest):
+    """`vmwatch ps/modules qemu:<qmp>` print JSON that matches /proc, and leave the guest running."""
+    from .guesttruth import LISTING, PIDS, parse_listing, parse_pids, stable
+
+    before = parse_listing(lab_guest.shell(LISTING, timeout=120))
+    ps = run_cli("ps", f"qemu:{lab_guest.qmp_path}", "--json")
+    after = parse_pids(lab_guest.shell(PIDS, timeout=60))
+    assert ps.status == 0, ps.stderr
+    ours = {p["pid"]: p for p in json.loads(ps.stdout)}
+    assert set(stable(before, after)) <= set(ours) and set(ours) <= set(before) | after
+    modules = run_cli("modules", f"qemu:{lab_guest.qmp_path}", "--json")
+    assert modules.status == 0, modules.stderr
+    proc_modules = {line.split()[0] for line in lab_guest.shell("cat /proc/modules").strip().splitlines()}
+    assert {m["name"] for m in json.loads(modules.stdout)} == proc_modules
+    assert lab_guest.status() == "running"
