@@ -155,3 +155,17 @@ def test_large_output_arrives_whole(lab_guest):
     # ~110 kB: more than a socket buffer; the emulated UART moves only some 30 kB/s under TCG.
     out = lab_guest.shell("seq 1 20000", timeout=120)
     assert out == "".join(f"{i}\n" for i in range(1, 20001))
+
+
+@pytest.mark.slow
+def test_kvm_request_falls_back_to_tcg_where_kvm_does_not_work(lab_guest_factory, monkeypatch):
+    from vmwatch.lab import vm
+
+    monkeypatch.setattr(vm, "KVM_GRACE", 8.0)
+    guest = lab_guest_factory(accel="kvm", kaslr=False)
+    try:
+        kvm_on = guest.qmp().execute("query-kvm")["enabled"]
+        assert guest.accel == ("kvm" if kvm_on else "tcg")
+        assert guest.shell("echo up") == "up\n"
+    finally:
+        guest.stop()

@@ -35,6 +35,8 @@ log = structlog.get_logger()
 
 _SIZE = re.compile(r"^[1-9][0-9]*[KMGT]?$")
 _SUN_PATH_MAX = 107
+KVM_GRACE = 30.0
+"""Seconds a KVM guest gets to reach its shell before the lab falls back to TCG."""
 
 
 def _check_memory(_: Any, __: Any, value: str) -> None:
@@ -185,8 +187,26 @@ class LabGuest:
         if accel == "kvm" and (why := kvm_usable()):
             log.warning("lab.kvm_unavailable", reason=why, fallback="tcg")
             accel = "tcg"
+        if accel == "kvm":
+            # /dev/kvm can open and still not run a guest (nested hypervisors): a KVM boot takes a
+            # second or two, so a guest without a shell after KVM_GRACE seconds means TCG instead.
+            try:
+                guest = cls._boot(config, kernel, initrd, "kvm", min(timeout, KVM_GRACE))
+            except LabError as exc:
+                log.warning("lab.kvm_unavailable", reason=f"KVM guest did not boot: {str(exc)[:200]}",
+                            fallback="tcg")
+                accel = "tcg"
+        if accel == "tcg":
+            guest = cls._boot(config, kernel, initrd, "tcg", timeout)
+        guest.boot_seconds = time.monotonic() - t0
+        log.info("lab.ready", seconds=round(guest.boot_seconds, 2), release=kernel.release)
+        return guest
+
+    @classmethod
+    def _boot(cls, config: LabConfig, kernel: KernelPackage, initrd: Path, accel: str,
+              timeout: float) -> "LabGuest":
         runtime = new_runtime_dir()
-        boot_deadline = time.monotonic() + timeout  # provisioning (maybe a download) is not counted
+        deadline = time.monotonic() + timeout
         try:
             pid = _launch(qemu_command(config, kernel, initrd, runtime, accel), runtime, timeout)
         except BaseException:
@@ -194,15 +214,13 @@ class LabGuest:
             raise
         guest = cls(config, runtime, pid, kernel=kernel, accel=accel)
         try:
-            guest._wait_ready(boot_deadline)
+            guest._wait_ready(deadline)
             if accel == "kvm" and not guest.qmp().execute("query-kvm").get("enabled"):
                 log.warning("lab.kvm_unavailable", reason="QEMU could not enable KVM", fallback="tcg")
                 guest.accel = "tcg"
         except BaseException:
             guest.stop()
             raise
-        guest.boot_seconds = time.monotonic() - t0
-        log.info("lab.ready", seconds=round(guest.boot_seconds, 2), release=kernel.release)
         return guest
 
     def _wait_ready(self, deadline: float) -> None:

@@ -88,7 +88,7 @@ def _start(args: argparse.Namespace, env, state_file) -> int:
         print(f"warning: KVM is not usable ({why}); falling back to TCG (slower)", file=env.stderr)
     guest = LabGuest.start(config, timeout=args.timeout)
     if args.accel == "kvm" and guest.accel != "kvm" and not kvm_usable():
-        print("warning: QEMU could not enable KVM; the guest runs under TCG", file=env.stderr)
+        print("warning: KVM did not run the guest here; it runs under TCG (slower)", file=env.stderr)
     guest.save_state(state_file)
     guest.detach()
     print(f"lab guest up in {guest.boot_seconds:.1f} s: kernel {guest.kernel_release}, pid {guest.pid}",
