@@ -12,6 +12,7 @@ them), and :class:`IsfProfile` flattens them again for vmwatch's own lookups.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import lzma
 
@@ -206,17 +207,34 @@ def read_isf(path: str) -> dict:
     return doc
 
 
+def _table(value) -> dict:
+    """A name -> entry table; anything else in the file counts as empty."""
+    return value if isinstance(value, dict) else {}
+
+
+def _hostile(method):
+    """ISF files are input: a wrong JSON shape anywhere becomes a SymbolError, not a TypeError."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
+            raise SymbolError(f"malformed ISF data ({type(exc).__name__}: {exc})") from None
+    return guarded
+
+
 class IsfProfile:
     """The subset of :class:`~vmwatch.os.linux.btf.BtfProfile` that kernel objects use, over ISF.
 
     Type ids are indexes into a table of ISF type descriptors made on demand.
     """
 
+    @_hostile
     def __init__(self, doc: dict) -> None:
         self.doc = doc
-        self.base_types = doc.get("base_types") or {}
-        self.user_types = doc["user_types"]
-        self.enums = doc.get("enums") or {}
+        self.base_types = _table(doc.get("base_types"))
+        self.user_types = _table(doc["user_types"])
+        self.enums = _table(doc.get("enums"))
         self._descs: list[dict] = [{"kind": "base", "name": "void"}]
         self._structs: dict[str, Struct] = {}
         pointer = self.base_types.get("pointer") or {}
@@ -231,18 +249,22 @@ class IsfProfile:
             raise SymbolError(f"ISF type id {type_id} out of range")
         return self._descs[type_id]
 
+    @_hostile
     def resolve(self, type_id: int) -> int:
         return type_id
 
+    @_hostile
     def kind(self, type_id: int) -> int:
         desc = self._desc(type_id)
         if desc.get("kind") == "base" and desc.get("name") == "void":
             return 0
         return _KINDS.get(desc.get("kind"), 0)
 
+    @_hostile
     def name(self, type_id: int) -> str:
         return str(self._desc(type_id).get("name", ""))
 
+    @_hostile
     def size_of(self, type_id: int, _depth: int = 0) -> int:
         desc = self._desc(type_id)
         return self._size(desc, 0)
@@ -264,6 +286,7 @@ class IsfProfile:
             raise SymbolError(f"ISF type {desc!r} has no size")
         return int(entry["size"])
 
+    @_hostile
     def int_encoding(self, type_id: int) -> tuple[int, int, int]:
         desc = self._desc(type_id)
         if desc.get("kind") == "bitfield":
@@ -271,15 +294,18 @@ class IsfProfile:
         entry = self.base_types.get(desc.get("name")) or {}
         return (1 if entry.get("signed") else 0), 0, 8 * int(entry.get("size", 0))
 
+    @_hostile
     def array(self, type_id: int) -> tuple[int, int, int]:
         desc = self._desc(type_id)
         if desc.get("kind") != "array":
             raise SymbolError(f"ISF type {desc!r} is not an array")
         return self._id(desc.get("subtype") or {}), 0, int(desc.get("count", 0))
 
+    @_hostile
     def has_type(self, name: str) -> bool:
         return name.removeprefix("struct ") in self.user_types or name in self.enums
 
+    @_hostile
     def type_id(self, name: str) -> int:
         bare = name.removeprefix("struct ")
         if bare in self.user_types:
@@ -288,12 +314,14 @@ class IsfProfile:
             return self._id({"kind": "enum", "name": name})
         raise SymbolError(f"type {name!r} not in the symbol file", name=name)
 
+    @_hostile
     def enum(self, name: str) -> dict[str, int]:
         entry = self.enums.get(name)
         if not isinstance(entry, dict):
             raise SymbolError(f"enum {name!r} not in the symbol file", name=name)
         return {str(k): int(v) for k, v in (entry.get("constants") or {}).items()}
 
+    @_hostile
     def struct(self, name: str | int) -> Struct:
         if isinstance(name, int):
             name = self._desc(name).get("name", "")
@@ -327,6 +355,7 @@ class IsfProfile:
             else:
                 out.setdefault(field_name, Member(field_name, offset, offset * 8, 0, self._id(desc)))
 
+    @_hostile
     def member(self, struct_name: str, path: str) -> Member:
         current = self.struct(struct_name)
         bits = 0
@@ -341,5 +370,6 @@ class IsfProfile:
                 current = self.struct(self._desc(member.type_id).get("name", ""))
         return Member(parts[-1], bits // 8, bits, member.bit_size, member.type_id)
 
+    @_hostile
     def offset(self, struct_name: str, path: str) -> int:
         return self.member(struct_name, path).offset

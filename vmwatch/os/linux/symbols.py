@@ -89,7 +89,8 @@ def _isf(path: str) -> SymbolFile:
 
     doc = read_isf(path)
     names, addresses = [], []
-    for name, entry in (doc.get("symbols") or {}).items():
+    symbols = doc.get("symbols")
+    for name, entry in (symbols.items() if isinstance(symbols, dict) else ()):
         if isinstance(entry, dict) and isinstance(entry.get("address"), int):
             names.append(name)
             addresses.append(entry["address"] & ((1 << 64) - 1))
@@ -161,7 +162,10 @@ def _libvmi(path: str, head: str) -> SymbolFile:
     for key, (struct_name, field, desc) in _LIBVMI_FIELDS.items():
         if key in values:
             entry_type = user_types.setdefault(struct_name, {"kind": "struct", "size": 0, "fields": {}})
-            offset = int(values[key], 0)
+            try:
+                offset = int(values[key], 0)
+            except ValueError:
+                raise SymbolError(f"{path}: {key} = {values[key]!r} is not a number") from None
             entry_type["fields"][field] = {"offset": offset, "type": desc}
             entry_type["size"] = max(entry_type["size"], offset + 16)
     if "task_struct" not in user_types:
