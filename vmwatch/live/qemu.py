@@ -316,9 +316,13 @@ class QemuVM:
 
     # ------------------------------------------------------------------ stops -> events
 
-    async def _on_stop(self, stop: p.StopReply | p.Exited) -> bool:
+    async def _on_stop(self, stop: p.StopReply | p.Exited, *, may_continue: bool = False) -> bool:
         """Digest a stop reply (lock held, or the sole reader). Returns True when there is
-        nothing for the consumer (our own interrupt, or the internal stop of a hop)."""
+        nothing for the consumer (our own interrupt, or the internal stop of a hop).
+
+        ``may_continue``: the caller is the event loop, which may let the guest go on at once
+        after a hop's internal stop; anyone who wanted the guest stopped passes False.
+        """
         if isinstance(stop, p.Exited):
             self._closed = f"guest exited with status {stop.status}"
             self._pending.append(SourceEnded(reason=self._closed, **self._event_fields(0)))
@@ -328,7 +332,7 @@ class QemuVM:
         if hop is not None:
             self._hop = None
             restore = [p.insert_point(_BP, hop.addr), p.remove_point(_BP, hop.next_addr)]
-            if stop.signal == SIGTRAP and stop.watch is None and not self._stop_wanted:
+            if stop.signal == SIGTRAP and stop.watch is None and may_continue:
                 # Optimistic: put the breakpoint back, read RIP and continue in one write. If
                 # RIP is not the hop target but a user breakpoint B, the guest re-stops at B at
                 # once (a plain continue at a breakpoint does), and B is reported then.
@@ -413,13 +417,16 @@ class QemuVM:
                     self._waiting = False
                     if self._stop_wanted and self.gdb.state is p.State.RUNNING:
                         self._stopped.set()  # cancelled: the requester reads the stop itself
-                if self._stop_wanted:
-                    self._stop_wanted = False
-                    await self._on_stop(stop)
-                    self._stopped.set()
-                    continue
-                async with self._lock:
-                    await self._on_stop(stop)
+                # From here the stop reply is consumed: digest it whatever cancellation says,
+                # or a lifted breakpoint (hop) or an event would be lost.
+                with trio.CancelScope(shield=True):
+                    if self._stop_wanted:
+                        self._stop_wanted = False
+                        await self._on_stop(stop)
+                        self._stopped.set()
+                        continue
+                    async with self._lock:
+                        await self._on_stop(stop, may_continue=True)
             except (LinkClosedError, ProtocolError) as exc:
                 self._closed = str(exc)
                 self._stopped.set()
