@@ -6,7 +6,10 @@ import shutil
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from vmwatch.errors import SymbolError
 from vmwatch.os.linux.symbols import load_symbols_file
 
 SOURCE = r"""
@@ -87,3 +90,23 @@ def test_symbols_from_symtab(compiled, tmp_path, monkeypatch):
     monkeypatch.setenv("VMWATCH_CACHE_DIR", str(tmp_path))
     path, _ = compiled
     assert load_symbols_file(str(path)).symbols["init_task"] > 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_binary(compiled, tmp_path_factory, monkeypatch, data):
+    """A compiled program with bytes smashed anywhere reads back or raises SymbolError."""
+    monkeypatch.setenv("VMWATCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    path, _ = compiled
+    blob = bytearray(path.read_bytes())
+    for _ in range(data.draw(st.integers(1, 20))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    target = tmp_path_factory.mktemp("bad") / "k"
+    target.write_bytes(bytes(blob))
+    try:
+        found = load_symbols_file(str(target))
+        if found.types is not None:
+            found.types.struct("task_struct")
+    except SymbolError as exc:
+        assert str(exc)

@@ -154,7 +154,6 @@ def isf_from_dwarf(path: str) -> dict:
     cached = _cache.load("dwarf", key)
     if isinstance(cached, dict):
         return cached
-    from elftools.common.exceptions import DWARFError, ELFError
     from elftools.elf.elffile import ELFFile
 
     try:
@@ -171,8 +170,10 @@ def isf_from_dwarf(path: str) -> dict:
                         converter.enum(die)
                     elif die.tag == "DW_TAG_variable" and _name(die) and "DW_AT_type" in die.attributes:
                         converter.variables.setdefault(_name(die), converter.descriptor(_target(die)))
-    except (ELFError, DWARFError, KeyError, ValueError, AttributeError) as exc:
-        raise SymbolError(f"{path}: unreadable DWARF ({exc})") from None
+    except SymbolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyelftools raises anything on corrupt DWARF
+        raise SymbolError(f"{path}: unreadable DWARF ({type(exc).__name__}: {exc})") from None
     doc = {"base_types": converter.base_types, "user_types": converter.user_types,
            "enums": converter.enums, "symbols": {}, "variables": converter.variables}
     _cache.store("dwarf", key, doc)

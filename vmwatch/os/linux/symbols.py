@@ -99,7 +99,6 @@ def _isf(path: str) -> SymbolFile:
 
 def _vmlinux(path: str) -> SymbolFile:
     try:
-        from elftools.common.exceptions import ELFError
         from elftools.elf.elffile import ELFFile
     except ImportError:  # pragma: no cover - pyelftools is a dependency
         raise SymbolError("reading a vmlinux needs pyelftools") from None
@@ -122,8 +121,10 @@ def _vmlinux(path: str) -> SymbolFile:
             btf_section = elf.get_section_by_name(".BTF")
             types_profile = load_profile(btf_section.data()) if btf_section is not None else None
             has_dwarf = elf.get_section_by_name(".debug_info") is not None
-    except (ELFError, ValueError, KeyError) as exc:
-        raise SymbolError(f"{path}: unreadable vmlinux ({exc})") from None
+    except SymbolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyelftools raises anything on a corrupt file
+        raise SymbolError(f"{path}: unreadable vmlinux ({type(exc).__name__}: {exc})") from None
     if types_profile is None and has_dwarf:
         from vmwatch.os.linux.dwarf import isf_from_dwarf
         from vmwatch.os.linux.isf import IsfProfile
