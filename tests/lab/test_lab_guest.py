@@ -169,3 +169,27 @@ def test_kvm_request_falls_back_to_tcg_where_kvm_does_not_work(lab_guest_factory
         assert guest.shell("echo up") == "up\n"
     finally:
         guest.stop()
+
+
+@pytest.mark.slow
+def test_a_killed_owner_leaves_no_guest_running(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vmwatch.lab import vm
+
+    code = ("import os, signal\nfrom vmwatch.lab import LabConfig, LabGuest\n"
+            "g = LabGuest.start(LabConfig(kaslr=False))\n"
+            "print(g.pid, g.runtime_dir, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    owner = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert owner.returncode == -signal.SIGKILL, owner.stderr
+    pid, runtime = owner.stdout.splitlines()[-1].split()  # after structlog lines
+    deadline = time.monotonic() + 10
+    while vm._is_our_qemu(int(pid), Path(runtime)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not vm._is_our_qemu(int(pid), Path(runtime)), "QEMU outlived the process that started it"
+    assert (Path(runtime) / "ram").exists()  # nobody cleaned up: the next start does
+    vm._remove_stale_runtime_dirs(min_age=0)
+    assert not Path(runtime).exists()

@@ -7,6 +7,7 @@ listens on TCP.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -35,6 +36,7 @@ log = structlog.get_logger()
 
 _SIZE = re.compile(r"^[1-9][0-9]*[KMGT]?$")
 _SUN_PATH_MAX = 107
+_PR_SET_PDEATHSIG = 1
 KVM_GRACE = 30.0
 """Seconds a KVM guest gets to reach its shell before the lab falls back to TCG."""
 
@@ -121,7 +123,7 @@ class LabGuest:
     """A running lab guest. ``LabGuest.start(config)`` boots one; ``stop()`` ends it."""
 
     def __init__(self, config: LabConfig, runtime_dir: Path, pid: int, *, kernel: KernelPackage,
-                 accel: str = "tcg") -> None:
+                 accel: str = "tcg", process: subprocess.Popen[bytes] | None = None) -> None:
         self.config = config
         self.runtime_dir = runtime_dir
         self.pid = pid
@@ -135,7 +137,8 @@ class LabGuest:
         self._qmp: SyncQmp | None = None
         self._serial: _Serial | None = None
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _kill, pid, runtime_dir)
+        self._process = process
+        self._finalizer = weakref.finalize(self, _kill, pid, runtime_dir, process)
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -170,8 +173,12 @@ class LabGuest:
 
     # -- life cycle --------------------------------------------------------------------------
     @classmethod
-    def start(cls, config: LabConfig | None = None, *, timeout: float = 120.0) -> "LabGuest":
+    def start(cls, config: LabConfig | None = None, *, timeout: float = 120.0,
+              detached: bool = False) -> "LabGuest":
         """Provision (cached), boot, and wait for the root shell.
+
+        QEMU dies with the thread that started it (so a killed test run leaks no guest) unless
+        ``detached``: then it is daemonized and may outlive this process (see ``detach()``).
 
         Raises:
             LabError: a package is missing, the kernel cannot be fetched, or the guest did not boot.
@@ -191,28 +198,30 @@ class LabGuest:
             # /dev/kvm can open and still not run a guest (nested hypervisors): a KVM boot takes a
             # second or two, so a guest without a shell after KVM_GRACE seconds means TCG instead.
             try:
-                guest = cls._boot(config, kernel, initrd, "kvm", min(timeout, KVM_GRACE))
+                guest = cls._boot(config, kernel, initrd, "kvm", min(timeout, KVM_GRACE), detached)
             except LabError as exc:
                 log.warning("lab.kvm_unavailable", reason=f"KVM guest did not boot: {str(exc)[:200]}",
                             fallback="tcg")
                 accel = "tcg"
         if accel == "tcg":
-            guest = cls._boot(config, kernel, initrd, "tcg", timeout)
+            guest = cls._boot(config, kernel, initrd, "tcg", timeout, detached)
         guest.boot_seconds = time.monotonic() - t0
         log.info("lab.ready", seconds=round(guest.boot_seconds, 2), release=kernel.release)
         return guest
 
     @classmethod
     def _boot(cls, config: LabConfig, kernel: KernelPackage, initrd: Path, accel: str,
-              timeout: float) -> "LabGuest":
+              timeout: float, detached: bool) -> "LabGuest":
+        _remove_stale_runtime_dirs()
         runtime = new_runtime_dir()
         deadline = time.monotonic() + timeout
         try:
-            pid = _launch(qemu_command(config, kernel, initrd, runtime, accel), runtime, timeout)
+            pid, process = _launch(qemu_command(config, kernel, initrd, runtime, accel), runtime, timeout,
+                                   detached=detached)
         except BaseException:
             shutil.rmtree(runtime, ignore_errors=True)
             raise
-        guest = cls(config, runtime, pid, kernel=kernel, accel=accel)
+        guest = cls(config, runtime, pid, kernel=kernel, accel=accel, process=process)
         try:
             guest._wait_ready(deadline)
             if accel == "kvm" and not guest.qmp().execute("query-kvm").get("enabled"):
@@ -263,10 +272,12 @@ class LabGuest:
                 pass  # _kill below makes sure
         self.close()
         self._finalizer.detach()
-        _kill(self.pid, self.runtime_dir)
+        _kill(self.pid, self.runtime_dir, self._process)
 
     def detach(self) -> None:
         """Leave QEMU running after this object goes away (``vmwatch lab start``)."""
+        if self._process is not None:
+            raise LabError("only a guest started with detached=True can outlive this process")
         self._finalizer.detach()
         self.close()
 
@@ -370,19 +381,32 @@ class LabGuest:
 
     @property
     def alive(self) -> bool:
+        if self._process is not None:
+            return self._process.poll() is None
         return _pid_alive(self.pid) and _is_our_qemu(self.pid, self.runtime_dir)
 
 
-def _launch(argv: list[str], runtime: Path, timeout: float) -> int:
-    """Start QEMU daemonized; returns its pid.
+def _launch(argv: list[str], runtime: Path, timeout: float, *,
+            detached: bool) -> tuple[int, subprocess.Popen[bytes] | None]:
+    """Start QEMU; returns its pid and, unless detached, its Popen.
 
-    -daemonize: QEMU detaches once its sockets are up, so it is nobody's child to reap, and a guest
-    started by `vmwatch lab start` outlives the command. umask 077: sockets and the RAM file are
-    private from the moment they exist.
+    Attached: a child that gets SIGTERM when the starting thread dies (PR_SET_PDEATHSIG), so a
+    killed test run leaves no guest behind. Detached: -daemonize, QEMU detaches once its sockets
+    are up and outlives `vmwatch lab start`. umask 077: sockets and RAM file private from birth.
     """
     if len(str(runtime / "lab-qmp.sock")) > _SUN_PATH_MAX:
         raise LabError(f"runtime directory {runtime} is too long for unix socket paths")
     log.info("lab.start", argv=" ".join(argv))
+    if not detached:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: nothing to load after
+        try:
+            with open(runtime / "qemu.log", "wb") as qemu_log:
+                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
+                                           stderr=subprocess.STDOUT, umask=0o077, start_new_session=True,
+                                           preexec_fn=lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM))
+        except OSError as exc:
+            raise LabError(f"cannot run {argv[0]}: {exc}") from exc
+        return process.pid, process
     try:
         with open(runtime / "qemu.log", "wb") as qemu_log:
             launcher = subprocess.run([*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=qemu_log,
@@ -396,7 +420,7 @@ def _launch(argv: list[str], runtime: Path, timeout: float) -> int:
         log_text = (runtime / "qemu.log").read_text(errors="replace").strip()
         raise LabError(f"QEMU failed to start (status {launcher.returncode}): {log_text[-600:]}")
     try:
-        return int((runtime / "qemu.pid").read_text())
+        return int((runtime / "qemu.pid").read_text()), None
     except (OSError, ValueError) as exc:
         raise LabError(f"QEMU started but wrote no pid file: {exc}") from exc
 
@@ -441,8 +465,31 @@ def _is_our_qemu(pid: int, runtime: Path) -> bool:
         return False
 
 
-def _kill(pid: int, runtime: Path) -> None:
+def _remove_stale_runtime_dirs(min_age: float = 120.0) -> None:
+    """Runtime directories (with their RAM files) left by runs that were killed before cleaning up."""
+    for path in runtime_base().glob("lab-*"):
+        try:
+            if time.time() - path.stat().st_mtime < min_age:
+                continue  # maybe a guest being launched right now
+            pid = int((path / "qemu.pid").read_text())
+        except (OSError, ValueError):
+            pid = 0
+        if pid and _is_our_qemu(pid, path):
+            continue
+        log.info("lab.stale_runtime_removed", path=str(path))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _kill(pid: int, runtime: Path, process: subprocess.Popen[bytes] | None = None) -> None:
     """Make sure QEMU is gone (SIGTERM, then SIGKILL) and its runtime directory (with the RAM file) removed."""
+    if process is not None:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
     deadline = time.monotonic() + 5
     for sig in (signal.SIGTERM, signal.SIGKILL):
         if not _is_our_qemu(pid, runtime):

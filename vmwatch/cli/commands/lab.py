@@ -86,7 +86,7 @@ def _start(args: argparse.Namespace, env, state_file) -> int:
                        accel=args.accel, shared_ram=not args.no_shared_ram, kaslr=not args.no_kaslr)
     if args.accel == "kvm" and (why := kvm_usable()):
         print(f"warning: KVM is not usable ({why}); falling back to TCG (slower)", file=env.stderr)
-    guest = LabGuest.start(config, timeout=args.timeout)
+    guest = LabGuest.start(config, timeout=args.timeout, detached=True)
     if args.accel == "kvm" and guest.accel != "kvm" and not kvm_usable():
         print("warning: KVM did not run the guest here; it runs under TCG (slower)", file=env.stderr)
     guest.save_state(state_file)
