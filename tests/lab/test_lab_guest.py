@@ -193,3 +193,18 @@ def test_a_killed_owner_leaves_no_guest_running(tmp_path):
     assert (Path(runtime) / "ram").exists()  # nobody cleaned up: the next start does
     vm._remove_stale_runtime_dirs(min_age=0)
     assert not Path(runtime).exists()
+
+
+@pytest.mark.slow
+def test_guest_started_from_a_short_lived_thread_survives_it(lab_guest_factory):
+    import threading
+
+    box = []
+    thread = threading.Thread(target=lambda: box.append(lab_guest_factory(kaslr=False)))
+    thread.start()
+    thread.join()
+    guest = box[0]
+    try:
+        assert guest.alive and guest.shell("echo still") == "still\n"
+    finally:
+        guest.stop()

@@ -7,6 +7,7 @@ listens on TCP.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import fcntl
 import json
@@ -399,11 +400,15 @@ def _launch(argv: list[str], runtime: Path, timeout: float, *,
     log.info("lab.start", argv=" ".join(argv))
     if not detached:
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: nothing to load after
-        try:
+
+        def spawn() -> subprocess.Popen[bytes]:
             with open(runtime / "qemu.log", "wb") as qemu_log:
-                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                           stderr=subprocess.STDOUT, umask=0o077, start_new_session=True,
-                                           preexec_fn=lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM))
+                return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
+                                        stderr=subprocess.STDOUT, umask=0o077, start_new_session=True,
+                                        preexec_fn=lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM))
+
+        try:
+            process = _forker().submit(spawn).result()
         except OSError as exc:
             raise LabError(f"cannot run {argv[0]}: {exc}") from exc
         return process.pid, process
@@ -463,6 +468,21 @@ def _is_our_qemu(pid: int, runtime: Path) -> bool:
         return str(runtime).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+_FORKER: concurrent.futures.ThreadPoolExecutor | None = None
+_FORKER_LOCK = threading.Lock()
+
+
+def _forker() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that forks attached QEMUs. PR_SET_PDEATHSIG fires when the *thread* that
+    forked exits, so it must not be a short-lived worker (e.g. trio.to_thread); this one lives
+    until the interpreter shuts down."""
+    global _FORKER
+    with _FORKER_LOCK:
+        if _FORKER is None:
+            _FORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lab-qemu-parent")
+        return _FORKER
 
 
 def _remove_stale_runtime_dirs(min_age: float = 120.0) -> None:
