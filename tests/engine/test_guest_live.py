@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -19,6 +20,7 @@ from vmwatch.engine.sources import source_for
 from vmwatch.rules import RuleSet, Severity
 
 pytestmark = pytest.mark.guest
+NARROW_PACK = Path(__file__).parent / "packs" / "narrow.py"
 SLOW = 180.0
 """Guest commands under a full watch on a loaded 2-core host: each stop costs the TCG guest
 milliseconds, so allow what a busy CI machine needs."""
@@ -54,7 +56,8 @@ class Watcher:
         self.token = trio.lowlevel.current_trio_token()
         async with open_target(self.guest.target, writable=True) as target:
             self.target = target
-            self.engine = Engine(source_for(target), RuleSet.load(["security", "timeline"]), [self.sink])
+            packs = ["security", "timeline", NARROW_PACK]
+            self.engine = Engine(source_for(target), RuleSet.load(packs), [self.sink])
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.engine.run)
                 while self.engine.summary.traps == 0:
@@ -125,6 +128,23 @@ def test_clean_guest_running_its_scenario_is_quiet(watcher, lab_guest):
     assert {"timeline.process_start", "timeline.process_exec", "timeline.process_exit"} <= timeline
     execs = [a.details["filename"] for a in watcher.sink.alerts[mark:] if a.rule == "timeline.process_exec"]
     assert "/bin/true" in execs or "/bin/su" in execs
+
+
+def test_listener_narrowed_to_a_process_name(watcher, lab_guest):
+    """A breakpoint listener with comm= sees only that process; the current task is read from the guest."""
+    mark = watcher.mark()
+    named = int(lab_guest.shell("sh -c 'echo $$; exec uname -r'", timeout=SLOW).split()[0])
+    other = int(lab_guest.shell("sh -c 'echo $$; exec busybox uname -r'", timeout=SLOW).split()[0])
+    watcher.wait_for("narrow.uname_by_anyone", mark, severity=Severity.INFO)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        anyone = {a.pid for a in watcher.sink.alerts[mark:] if a.rule == "narrow.uname_by_anyone"}
+        if {named, other} <= anyone:
+            break
+        time.sleep(0.2)
+    narrowed = [a for a in watcher.sink.alerts[mark:] if a.rule == "narrow.uname_by_uname"]
+    assert {named, other} <= anyone
+    assert [(a.pid, a.comm) for a in narrowed] == [(named, "uname")]
 
 
 def test_module_load_outside_allowlist(watcher, lab_guest):

@@ -29,12 +29,16 @@ the same protocol.
 
 from __future__ import annotations
 
+import time
 from typing import AsyncIterator, Callable, Iterable, Protocol
 
+import attrs
 import trio
 
 from vmwatch.cpu import Registers
 from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SourceEnded, Tick
+
+_WALL_CLOCK_FLOOR = 10**18  # 2001-09-09 in ns since the epoch: anything lower is another clock
 
 BREAKPOINTS = "breakpoints"
 WATCHPOINTS = "watchpoints"
@@ -214,8 +218,17 @@ class LiveSource:
             caps.add(WRITE)
         self.capabilities = frozenset(caps)
 
-    def events(self) -> AsyncIterator[Event]:
-        return self.vm.events()  # type: ignore[attr-defined]
+    async def events(self) -> AsyncIterator[Event]:
+        """The backend's events with ``time_ns`` on the wall clock (it stamps them with the
+        monotonic clock; the timeline, ``--since 15m ago`` and trends need wall-clock time)."""
+        offset = time.time_ns() - time.monotonic_ns()
+        async for event in self.vm.events():  # type: ignore[attr-defined]
+            if event.time_ns < _WALL_CLOCK_FLOOR:
+                event = attrs.evolve(event, time_ns=event.time_ns + offset)
+            yield event
+
+    def clock_ns(self) -> int:
+        return time.time_ns()
 
     async def pause(self) -> None:
         await self.vm.pause()  # type: ignore[attr-defined]
