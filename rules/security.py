@@ -381,7 +381,8 @@ def security_sysctl(event, guest):
     """A security sysctl was weakened (kptr_restrict lowered, modprobe path redirected, ASLR off...).
 
     Numbers: lower is weaker for every sysctl here. Strings (helper paths) are compared only on
-    the periodic check, not at each watchpoint hit: the kernel writes them byte by byte.
+    the periodic check, and must read the same on two checks: the kernel writes them byte by
+    byte, and a check may stop the guest halfway.
     """
     values = _sysctl_values(guest.linux)
     state = guest.state
@@ -390,10 +391,19 @@ def security_sysctl(event, guest):
         state["values"], state["baseline"] = values, dict(values)
         return
     on_write = isinstance(event, MemoryAccess)
+    settling = state.setdefault("settling", {})
     for name, value in values.items():
         before = old.get(name)
-        if before is None or before == value or (on_write and isinstance(value, str)):
+        if before is None or before == value:
+            settling.pop(name, None)
             continue
+        if isinstance(value, str):
+            # a string counts once two periodic checks agree: one may land mid-write
+            if on_write or settling.get(name) != value:
+                if not on_write:
+                    settling[name] = value
+                continue
+            settling.pop(name, None)
         old[name] = value
         if isinstance(value, str):
             weaker = value != state["baseline"].get(name)
