@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-HELP = "show a memory image's format, physical runs, saved registers and metadata"
+HELP = "show a memory image's (or a live QEMU's) format, physical runs, registers and metadata"
 
 _REG_ORDER = ("rip", "rsp", "rflags", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9",
               "r10", "r11", "r12", "r13", "r14", "r15", "cr0", "cr2", "cr3", "cr4", "cr8", "efer",
@@ -16,7 +16,7 @@ HEXDUMP_LIMIT = 256
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", help="memory image (format detected by content)")
+    parser.add_argument("image", help="memory image (format detected by content) or qemu:/path/to/qmp.sock")
     parser.add_argument("--verbose", "-v", action="store_true", help="hexdump tags longer than 8 bytes")
     parser.add_argument("--dump-dir", metavar="DIR", help="write the screenshot (PNG) and saved config here")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -24,16 +24,57 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, env) -> int:
+    from vmwatch.target import QEMU_PREFIX
+
+    if args.image.startswith(QEMU_PREFIX):
+        import trio
+
+        return trio.run(_run_live, args, env)
     from vmwatch.images import open_image
 
     with open_image(args.image, vmem=args.vmem) as image:
-        dumped = dump_files(image, args.dump_dir) if args.dump_dir else []
-        if args.json:
-            json.dump(as_json(image, verbose=args.verbose, dumped=dumped), env.stdout, indent=2)
-            env.stdout.write("\n")
-        else:
-            env.stdout.write(as_text(image, verbose=args.verbose, dumped=dumped))
+        _print(image, args, env)
     return 0
+
+
+def _print(image, args: argparse.Namespace, env) -> None:
+    dumped = dump_files(image, args.dump_dir) if args.dump_dir else []
+    if args.json:
+        json.dump(as_json(image, verbose=args.verbose, dumped=dumped), env.stdout, indent=2)
+        env.stdout.write("\n")
+    else:
+        env.stdout.write(as_text(image, verbose=args.verbose, dumped=dumped))
+
+
+async def _run_live(args: argparse.Namespace, env) -> int:
+    """A live QEMU: its RAM map and the registers of every vCPU, read while briefly paused."""
+    from vmwatch.target import open_target
+
+    async with open_target(args.image) as target:
+        vm = target.live
+        status = await vm.status()
+        cpus = await target.cpu_state()
+        _print(_LiveView(target.spec, target.memory, cpus, status), args, env)
+    return 0
+
+
+class _LiveView:
+    """What ``info`` prints, for a live guest: same shape as an Image."""
+
+    format = "qemu-live"
+
+    def __init__(self, spec: str, memory, cpus, status: str) -> None:
+        self.path = spec
+        self.runs = tuple(memory.runs)
+        self.size = max((r.start + r.size for r in self.runs), default=0)
+        self.cpus = tuple(cpus)
+        backing = getattr(memory, "path", None)
+        self.metadata = {"status": status, "ram_file": backing,
+                         "reads": "shared RAM file (mmap)" if backing else "gdbstub"}
+
+    def summary(self) -> list[tuple[str, str]]:
+        return [("Status", self.metadata["status"]), ("vCPUs", str(len(self.cpus))),
+                ("RAM", self.metadata["ram_file"] or "read through the gdbstub")]
 
 
 def as_json(image, *, verbose: bool = False, dumped: list[str] = ()) -> dict:
