@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from vmwatch.cpu import Registers
 from vmwatch.engine.dispatch import RuleRun
 from vmwatch.engine.guest import Guest
@@ -63,3 +66,17 @@ class TestRegisterSensor:
             RegisterWrite(seq=1, register="cr4", old=0x2006F0, new=0x3006F0, rip=TEXT + 4),
             RegisterWrite(seq=2, register="msr:sysenter_eip", old=None, new=0xFFFFFFFF81000000, rip=TEXT + 21),
         ]
+
+
+class TestHostileText:
+    @given(st.binary(max_size=512), st.integers(min_value=0, max_value=64))
+    @settings(max_examples=150, deadline=None)
+    def test_random_bytes_never_raise(self, noise, func_offset):
+        """Any bytes: sites found are real writer instructions inside the text, never an exception."""
+        text = noise + bytes.fromhex("0f22e00f30") + noise
+        start = lambda vaddr: TEXT + min(func_offset, vaddr - TEXT)  # noqa: E731
+        for site in find_write_sites(text, TEXT, start):
+            offset = site.address - TEXT
+            assert 0 <= offset < len(text) and site.next_address > site.address
+            opcode = text[offset:site.next_address - TEXT]
+            assert b"\x0f\x22" in opcode or b"\x0f\x30" in opcode
