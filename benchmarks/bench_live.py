@@ -125,7 +125,7 @@ def main() -> int:
         auto = statistics.median(rates["auto"])
         print(f"breakpoint events/s, hop (next-insn bp):      {hop:10.0f}  ratio {hop / naive:.2f}x  {stats['hop']}")
         print(f"breakpoint events/s, emulated (default):      {auto:10.0f}  ratio {auto / naive:.2f}x  {stats['auto']}")
-        print(f"  all rounds: " + " ".join(f"{m} {[round(r) for r in v]}" for m, v in rates.items()))
+        print("  all rounds: " + " ".join(f"{m} {[round(r) for r in v]}" for m, v in rates.items()))
         print(f"  TB flushes in QEMU (info jit): {tb_flushes(guest)}")
         ctl = trio.run(control_numbers, guest)
         print(f"pause+resume latency:                         {ctl['pause_resume_ms']:10.2f} ms")

@@ -10,7 +10,7 @@ from vmwatch.images import open_image
 from vmwatch.os.linux.kernel import Linux
 from vmwatch.testing.cli import run_cli
 
-from .guesttruth import comm_matches, snapshot
+from .guesttruth import comm_matches
 
 pytestmark = pytest.mark.guest
 

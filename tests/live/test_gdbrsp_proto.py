@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from vmwatch.errors import LinkClosedError, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -328,6 +328,9 @@ def test_fuzz_receive_path(chunks: list[bytes]) -> None:
 @given(st.binary(max_size=300))
 def test_fuzz_round_trip(payload: bytes) -> None:
     """Any payload escaped and framed by us decodes back to itself, split anywhere."""
+    # The first packet of a fresh connection starting with T/S is QEMU's unasked stop reply
+    # (tested on its own); a real reply to `m` is hex and never starts so.
+    assume(payload[:1] not in (b"T", b"S"))
     wire = p.frame(p.escape(payload))
     client = p.Client()
     client.send(p.read_memory(0, 1))

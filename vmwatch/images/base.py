@@ -116,7 +116,32 @@ def validate_runs(runs: Iterable[Run], data_size: int, path: str) -> tuple[Run, 
     return tuple(out)
 
 
-class Image:
+class PhysicalReads:
+    """``read`` and ``read_many`` of a physical memory, in terms of its ``read_into``.
+
+    Every physical memory (images, live RAM, recordings) offers the same three reads; a class
+    that only knows how to fill a buffer gets the other two from here.
+    """
+
+    def read(self, paddr: int, size: int, *, pad: bool = False) -> bytes:
+        if size < 0:
+            raise ValueError(f"size must be >= 0, not {size!r}")
+        buf = bytearray(size)
+        self.read_into(paddr, buf, pad=pad)
+        return bytes(buf)
+
+    def read_many(self, requests: Iterable[tuple[int, int]]) -> list[bytes | None]:
+        """Batched reads: one result per (paddr, size); ``None`` where any byte is unmapped."""
+        out: list[bytes | None] = []
+        for paddr, size in requests:
+            try:
+                out.append(self.read(paddr, size))
+            except PhysicalReadError:
+                out.append(None)
+        return out
+
+
+class Image(PhysicalReads):
     """A memory image: physical memory (read-only, mmap-backed) plus saved CPUs and metadata.
 
     Formats subclass this and call ``super().__init__`` with the runs they found; everything
@@ -242,16 +267,6 @@ class Image:
             raise PhysicalReadError(paddr, size)
         off = self._offsets[i] + paddr - self._starts[i]
         return self._view[off:off + size]
-
-    def read_many(self, requests: Iterable[tuple[int, int]]) -> list[bytes | None]:
-        """Batched reads: one result per (paddr, size); ``None`` where any byte is unmapped."""
-        out: list[bytes | None] = []
-        for paddr, size in requests:
-            try:
-                out.append(self.read(paddr, size))
-            except PhysicalReadError:
-                out.append(None)
-        return out
 
     def _read_slow(self, paddr: int, view: memoryview, pad: bool, size: int) -> None:
         """A read that crosses runs or touches holes: walk the runs piece by piece."""

@@ -16,7 +16,7 @@ import socket
 from typing import Callable, Iterable
 
 from vmwatch.errors import LinkClosedError, PhysicalReadError, RemoteProtocolError, UnsupportedOperation
-from vmwatch.images.base import Image, Run
+from vmwatch.images.base import Image, PhysicalReads, Run
 from vmwatch.live.gdbrsp import _proto as p
 
 RAM_TYPES = ("ram", "rom", "nv-ram", "nv-rom", "romd")
@@ -122,7 +122,7 @@ class SharedRam(Image):
         return None
 
 
-class GdbMemory:
+class GdbMemory(PhysicalReads):
     """Guest-physical memory read through the gdbstub (``m`` in physical mode): the slow fallback.
 
     Synchronous like every physical memory (the memory layer is synchronous on purpose), so it
@@ -239,22 +239,6 @@ class GdbMemory:
 
         if len(out):
             self._with_link(work)
-
-    def read(self, paddr: int, size: int, *, pad: bool = False) -> bytes:
-        if size < 0:
-            raise ValueError(f"size must be >= 0, not {size!r}")
-        buf = bytearray(size)
-        self.read_into(paddr, buf, pad=pad)
-        return bytes(buf)
-
-    def read_many(self, requests: Iterable[tuple[int, int]]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for paddr, size in requests:
-            try:
-                out.append(self.read(paddr, size))
-            except PhysicalReadError:
-                out.append(None)
-        return out
 
     def write(self, paddr: int, data: bytes) -> None:
         if not self.writable:

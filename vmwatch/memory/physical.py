@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import Iterable, Protocol, runtime_checkable
 
 from vmwatch.errors import PhysicalReadError, UnsupportedOperation
-from vmwatch.images.base import Run
+from vmwatch.images.base import PhysicalReads, Run
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -41,7 +41,7 @@ class PhysicalMemory(Protocol):
     def write(self, paddr: int, data: bytes) -> None: ...
 
 
-class BufferMemory:
+class BufferMemory(PhysicalReads):
     """Physical memory backed by a bytes-like buffer (tests, FakeGuest, small raw dumps).
 
     Args:
@@ -123,15 +123,6 @@ class BufferMemory:
         buf = bytearray(size)
         self.read_into(paddr, buf, pad=pad)
         return bytes(buf)
-
-    def read_many(self, requests: Iterable[tuple[int, int]]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for paddr, size in requests:
-            try:
-                out.append(self.read(paddr, size))
-            except PhysicalReadError:
-                out.append(None)
-        return out
 
     def write(self, paddr: int, data: bytes) -> None:
         if not self.writable:

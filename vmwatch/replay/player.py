@@ -16,7 +16,7 @@ import bisect
 import contextlib
 import json
 import os
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import structlog
 import zstandard
@@ -24,7 +24,7 @@ import zstandard
 from vmwatch.cpu import Registers
 from vmwatch.errors import PageNotRecorded, PhysicalReadError, RecordingError, UnsupportedOperation
 from vmwatch.events import Event
-from vmwatch.images.base import Run
+from vmwatch.images.base import PhysicalReads, Run
 from vmwatch.replay import _codec
 from vmwatch.replay.format import (
     CLOCK_ENTRY,
@@ -246,7 +246,7 @@ def _runs(recording: Recording) -> tuple[Run, ...]:
         raise RecordingError(f"{recording.path}: META runs are not [start, size] pairs") from None
 
 
-class ReplayPhysicalMemory:
+class ReplayPhysicalMemory(PhysicalReads):
     """PhysicalMemory serving the pages a recording holds for the event being replayed."""
 
     writable = False
@@ -298,20 +298,6 @@ class ReplayPhysicalMemory:
                 out[lo - paddr:hi - paddr] = bytes(hi - lo)
                 continue
             out[lo - paddr:hi - paddr] = recording.page(ordinal)[lo - page_start:hi - page_start]
-
-    def read(self, paddr: int, size: int, *, pad: bool = False) -> bytes:
-        buf = bytearray(size)
-        self.read_into(paddr, buf, pad=pad)
-        return bytes(buf)
-
-    def read_many(self, requests: Iterable[tuple[int, int]]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for paddr, size in requests:
-            try:
-                out.append(self.read(paddr, size))
-            except PhysicalReadError:
-                out.append(None)
-        return out
 
     def write(self, paddr: int, data: bytes) -> None:
         raise UnsupportedOperation(f"a recording is read-only (write at {paddr:#x})")

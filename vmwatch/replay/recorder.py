@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import structlog
 import zstandard
@@ -28,6 +28,7 @@ import vmwatch
 from vmwatch.cpu import Registers
 from vmwatch.errors import PhysicalReadError, UnsupportedOperation
 from vmwatch.events import Event
+from vmwatch.images.base import PhysicalReads
 from vmwatch.replay import _codec
 from vmwatch.replay.format import (
     CLOCK_ENTRY,
@@ -156,7 +157,7 @@ class Recorder:
             self.closed = True
 
 
-class RecordingPhysicalMemory:
+class RecordingPhysicalMemory(PhysicalReads):
     """A PhysicalMemory that records what it serves into a :class:`Recorder`."""
 
     def __init__(self, inner: Any, recorder: Recorder) -> None:
@@ -203,20 +204,6 @@ class RecordingPhysicalMemory:
         if not pad:
             raise PhysicalReadError(paddr, size)
         part[:] = bytes(len(part))
-
-    def read(self, paddr: int, size: int, *, pad: bool = False) -> bytes:
-        buf = bytearray(size)
-        self.read_into(paddr, buf, pad=pad)
-        return bytes(buf)
-
-    def read_many(self, requests: Iterable[tuple[int, int]]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for paddr, size in requests:
-            try:
-                out.append(self.read(paddr, size))
-            except PhysicalReadError:
-                out.append(None)
-        return out
 
     def write(self, paddr: int, data: bytes) -> None:
         """Writes are not replayable: refuse them while recording."""
