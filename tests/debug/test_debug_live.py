@@ -15,7 +15,6 @@ from vmwatch.events import Access, Breakpoint, MemoryAccess
 from vmwatch.testing.cli import run_cli
 
 pytestmark = pytest.mark.guest
-pytest.importorskip("vmwatch.live.qemu")  # the live QEMU backend (issue of its own) must be there
 
 SLEEPER = "sh -c 'while :; do sleep 0.1; done' >/dev/null 2>&1 & echo $!"
 
