@@ -78,6 +78,11 @@ class SingleStep(Event):
 class Tick(Event):
     """A periodic timer tick of the engine, not from the guest."""
 
+    periodic: tuple[tuple[str, float], ...] | None = None
+    """For the engine's own ticks: the ``(rule, period)`` of the periodic listeners that ran
+    (a recording keeps them, so a replay runs the same ones). None: a source's tick, for every
+    periodic rule."""
+
 
 @attrs.frozen(kw_only=True)
 class ProcessStart(Event):

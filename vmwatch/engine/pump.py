@@ -10,6 +10,8 @@ Theory of operation:
 * A live (``pause``-capable) source holds the guest paused for every event it yields; the pump
   resumes it after the rules ran. The ticker (periodic rules) and trap re-arming pause the guest
   themselves and take the guest lock so they never interleave with an event being handled.
+  Each engine tick is a ``Tick`` naming the listeners it ran: a recording source sees it begin
+  (``on_tick``), and a replay (``replays_ticks``) yields it back in place of the timer.
 * Each sink has its own task and bounded channel. Event records are sent with ``send_nowait``
   and counted as dropped when a sink lags; alerts go through a per-sink outbox drained with
   ``await send`` (backpressure: a slow sink slows the pump, it never loses alerts). At shutdown
@@ -165,6 +167,14 @@ class Engine:
         """Breakpoints on periodic kernel work: the consumer gets the stopped guest a few times a
         second even when no rule's trap fires, and lends it to waiting borrowers."""
         self._ended = False
+        self._replays_ticks = bool(getattr(source, "replays_ticks", False))
+        """The stream carries the recorded engine ticks: no timer, periodic rules run at them."""
+        self._note_tick: Callable[[Tick], Any] | None = getattr(source, "on_tick", None)
+        """A recorder: each engine tick runs inside ``on_tick(tick)``, a context of its own."""
+        self._pending_pull = False
+        """An event was handed out and waits for the lock (a recorder opened its context)."""
+        self._deferred_ticks: list[list[tuple[float, Handler]]] = []
+        """Ticks due while an event waited: the consumer runs them right after it, in recording order."""
         self._clock: Callable[[], int] = getattr(source, "clock_ns", None) or time.time_ns
         self._trap_overhead: float = getattr(source, "trap_overhead", 0.0)
         """Seconds a stop and resume cost the guest beyond our handling (live sources declare it)."""
@@ -199,7 +209,7 @@ class Engine:
                         task_status.started(self)
                         await self._setup()
                         await self._run_start_rules()
-                        if self.dispatcher.periodic:
+                        if self.dispatcher.periodic and not self._replays_ticks:
                             work.start_soon(self._ticker)
                         await self._consume()
                     if not self.summary.end_reason:
@@ -348,7 +358,8 @@ class Engine:
     async def _run_start_rules(self) -> None:
         if not self.dispatcher.start:
             return
-        await self._tick(self.dispatcher.start, seq=0)
+        async with self.guest_stopped():
+            await self._run_tick(Tick(seq=0, time_ns=self._clock()), self.dispatcher.start)
 
     async def _consume(self) -> None:
         src = self.source
@@ -366,8 +377,12 @@ class Engine:
             else:
                 async with _closing(src.events()) as events:
                     async for event in events:
+                        self._pending_pull = self._note_tick is not None
                         async with self._lock:
+                            self._pending_pull = False
                             await self._handle_batch((event,))
+                            while self._deferred_ticks:
+                                await self._periodic_tick(self._deferred_ticks.pop(0))
                         if self._ended:
                             return
         except VmwatchError as exc:  # the source died (QEMU gone, recording truncated)
@@ -427,8 +442,11 @@ class Engine:
         guest = self.guest
         summary = self.summary
         for event in batch:
-            summary.events += 1
             cls = type(event)
+            if cls is Tick and self._replays_ticks and event.periodic is not None:  # type: ignore[attr-defined]
+                await self._replayed_tick(event)  # type: ignore[arg-type]
+                continue
+            summary.events += 1
             field = KEY_FIELD.get(cls)
             key = (cls, getattr(event, field)) if field else cls
             handlers = index.get(key)
@@ -612,23 +630,44 @@ class Engine:
             ready = []
             for i, (period, h) in enumerate(periodic):
                 if due[i] <= now + 1e-9:
-                    ready.append(h)
+                    ready.append((period, h))
                     # skip missed periods instead of bursting to catch up
                     due[i] += period * max(1, math.floor((now - due[i]) / period) + 1)
-            await self._tick(ready, seq=self._last_seq)
+            async with self.guest_stopped():
+                if self._pending_pull:  # the event handed out first is handled first (a recording's order)
+                    self._deferred_ticks.append(ready)
+                else:
+                    await self._periodic_tick(ready)
 
-    async def _tick(self, handlers: list[Handler], *, seq: int) -> None:
-        async with self.guest_stopped():
-            cpus: tuple = ()
-            if self.has_registers:
-                cpus = tuple(await self.source.all_registers())
-            guest = self.guest
-            guest.cpus = cpus
-            guest.begin(Tick(seq=seq, time_ns=self._clock()), cpus[0] if cpus else None)
-            self._run(guest.event, handlers)  # type: ignore[arg-type]
-            if guest._emitted:
-                self._dispatch_derived(guest.take_emitted())
-            await self._after_rules()
+    async def _periodic_tick(self, ready: list[tuple[float, Handler]]) -> None:
+        """Run due periodic listeners (the guest is stopped); a recorder sees the tick begin."""
+        tick = Tick(seq=self._last_seq, time_ns=self._clock(),
+                    periodic=tuple((h.rule.name, period) for period, h in ready))
+        note = self._note_tick
+        with note(tick) if note is not None else contextlib.nullcontext():
+            await self._run_tick(tick, [h for _, h in ready])
+
+    async def _replayed_tick(self, tick: Tick) -> None:
+        """A recorded engine tick: the periodic listeners that ran at it live run now."""
+        ran = set(tick.periodic or ())
+        handlers = [h for period, h in self.dispatcher.periodic if (h.rule.name, period) in ran]
+        self._held = True
+        await self._run_tick(tick, handlers)
+        if self._borrowers:
+            await self._lend()
+        self._held = False
+
+    async def _run_tick(self, tick: Tick, handlers: list[Handler]) -> None:
+        cpus: tuple = ()
+        if self.has_registers:
+            cpus = tuple(await self.source.all_registers())
+        guest = self.guest
+        guest.cpus = cpus
+        guest.begin(tick, cpus[0] if cpus else None)
+        self._run(tick, handlers)
+        if guest._emitted:
+            self._dispatch_derived(guest.take_emitted())
+        await self._after_rules()
 
     async def _arm_wakeups(self) -> None:
         try:

@@ -11,6 +11,10 @@ support breakpoints (DESIGN.md "Capabilities")::
     replays_traps: bool             # optional: the stream carries recorded trap events (a replay):
                                     # trap listeners are indexed without arming anything
     trap_overhead: float            # optional: seconds a stop + resume costs the guest (governance)
+    on_tick(tick) -> ContextManager # optional: the engine's timer runs periodic rules inside it (a
+                                    # recorder makes the tick a context of its own)
+    replays_ticks: bool             # optional: the stream carries the engine ticks of a recording
+                                    # (Tick with ``periodic``): no timer, those rules run at them
     events() -> AsyncIterator[Event]
     event_batches() -> AsyncIterator[list[Event]]    # optional, faster for synthetic/replay streams
 

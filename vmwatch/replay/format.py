@@ -29,7 +29,8 @@ from vmwatch.errors import RecordingError
 
 MAGIC = b"VMWREC\r\n"  # \r\n catches text-mode mangling, as PNG's signature does
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1
+"""1.1: the engine's periodic ticks are recorded as Tick events with ``periodic`` (1.0 files read as is)."""
 HEADER = struct.Struct("<8sHHI")  # magic, major, minor, crc32 of the first 12 bytes
 RECORD_HEAD = struct.Struct("<BI")
 CRC = struct.Struct("<I")

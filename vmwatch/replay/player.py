@@ -310,10 +310,12 @@ class ReplaySource:
     particular "pause": the engine resumes after each event and flushes its caches, exactly as
     it did while recording). Breakpoints and watchpoints are accepted and ignored: the recording
     already holds every event the live run trapped, and nothing else can happen. Stepping and
-    writing are refused.
+    writing are refused. The engine's recorded periodic ticks come back as Tick events in the
+    stream (``replays_ticks``): the engine runs the rules that ran at them, not its timer.
     """
 
     realtime = False
+    replays_ticks = True
 
     def __init__(self, recording: Recording, *, strict: bool = False, base: Any = None) -> None:
         meta = recording.meta

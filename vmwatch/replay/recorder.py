@@ -22,12 +22,13 @@ import time
 from typing import Any, Iterator
 
 import structlog
+import trio
 import zstandard
 
 import vmwatch
 from vmwatch.cpu import Registers
 from vmwatch.errors import PhysicalReadError, UnsupportedOperation
-from vmwatch.events import Event
+from vmwatch.events import Event, Tick
 from vmwatch.images.base import PhysicalReads
 from vmwatch.replay import _codec
 from vmwatch.replay.format import (
@@ -213,16 +214,18 @@ class RecordingPhysicalMemory(PhysicalReads):
 class _RecordingEvents:
     """Async iterator over the inner source's events that opens a context per event."""
 
-    def __init__(self, inner: Any, recorder: Recorder) -> None:
+    def __init__(self, inner: Any, source: RecordingSource) -> None:
         self._inner = inner
-        self._recorder = recorder
+        self._source = source
 
     def __aiter__(self) -> _RecordingEvents:
         return self
 
     async def __anext__(self) -> Event:
         event = await self._inner.__anext__()
-        self._recorder.begin_event(event)
+        while self._source._ticking is not None:  # the tick's reads stay in the tick's context
+            await self._source._ticking.wait()
+        self._source.recorder.begin_event(event)
         return event
 
     async def aclose(self) -> None:
@@ -237,6 +240,9 @@ class RecordingSource:
     Everything not overridden is the inner source's. It offers ``events()`` only, never
     ``event_batches()``: each event must be its own context, and a batch would mix the reads of
     several events. For the same reason it is never ``realtime``.
+
+    The engine's periodic ticks run inside :meth:`on_tick`: each is recorded as a Tick event (a
+    context of its own, naming the rules that ran) where it fell between the events.
     """
 
     realtime = False
@@ -248,6 +254,7 @@ class RecordingSource:
         memory = getattr(inner, "memory", None)
         self.memory = RecordingPhysicalMemory(memory, recorder) if memory is not None else None
         self.capabilities = frozenset(getattr(inner, "capabilities", ())) - {"write"}
+        self._ticking: trio.Event | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name == "event_batches":
@@ -255,7 +262,21 @@ class RecordingSource:
         return getattr(self._inner, name)
 
     def events(self) -> _RecordingEvents:
-        return _RecordingEvents(aiter(self._inner.events()), self.recorder)
+        return _RecordingEvents(aiter(self._inner.events()), self)
+
+    @contextlib.contextmanager
+    def on_tick(self, tick: Tick) -> Iterator[None]:
+        """The engine runs periodic rules at ``tick``: what they read is recorded for it.
+
+        An event the inner source hands out meanwhile opens its context only when the tick ends.
+        """
+        done = self._ticking = trio.Event()
+        self.recorder.begin_event(tick)
+        try:
+            yield
+        finally:
+            self._ticking = None
+            done.set()
 
     async def registers(self, vcpu: int = 0) -> Registers:
         registers = await self._inner.registers(vcpu)
@@ -321,8 +342,6 @@ def recording_source(source: Any, path: str | os.PathLike[str], *,
 
 
 def _is_stop(exc: BaseException) -> bool:
-    import trio
-
     if isinstance(exc, (KeyboardInterrupt, trio.Cancelled)):
         return True
     if isinstance(exc, BaseExceptionGroup):
