@@ -175,6 +175,8 @@ class Engine:
         """An event was handed out and waits for the lock (a recorder opened its context)."""
         self._deferred_ticks: list[list[tuple[float, Handler]]] = []
         """Ticks due while an event waited: the consumer runs them right after it, in recording order."""
+        self._stream_done = False
+        """The consumer stopped: a tick begun now would be cut short by the shutdown."""
         self._clock: Callable[[], int] = getattr(source, "clock_ns", None) or time.time_ns
         self._trap_overhead: float = getattr(source, "trap_overhead", 0.0)
         """Seconds a stop and resume cost the guest beyond our handling (live sources declare it)."""
@@ -392,6 +394,7 @@ class Engine:
             return
         finally:
             self._consuming = False
+            self._stream_done = True
             for lent, _done in self._borrowers:  # nobody will lend the guest any more
                 lent.set()
             self._borrowers.clear()
@@ -641,11 +644,18 @@ class Engine:
 
     async def _periodic_tick(self, ready: list[tuple[float, Handler]]) -> None:
         """Run due periodic listeners (the guest is stopped); a recorder sees the tick begin."""
+        if self._stream_done:
+            return
         tick = Tick(seq=self._last_seq, time_ns=self._clock(),
                     periodic=tuple((h.rule.name, period) for period, h in ready))
+        handlers = [h for _, h in ready]
         note = self._note_tick
-        with note(tick) if note is not None else contextlib.nullcontext():
-            await self._run_tick(tick, [h for _, h in ready])
+        if note is None:
+            await self._run_tick(tick, handlers)
+            return
+        # a recorded tick is replayed whole, so it must run whole (bounded: a dead source still ends the watch)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.options.shutdown_grace), note(tick):
+            await self._run_tick(tick, handlers)
 
     async def _replayed_tick(self, tick: Tick) -> None:
         """A recorded engine tick: the periodic listeners that ran at it live run now."""
