@@ -8,6 +8,7 @@ guest (pids, uids) comes from the guest's shell, not from vmwatch.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -185,63 +186,60 @@ def test_exec_from_hidden_tmp_directory(watcher, lab_guest):
     assert any("/tmp/.x/sh" in a.message for a in hits)
 
 
+@contextlib.contextmanager
+def tampered(watcher, locate, size, mutate):
+    """Overwrite ``size`` guest-physical bytes at ``locate(linux, source)`` with
+    ``mutate(linux, original)`` while the guest is stopped; put the original back on exit."""
+
+    def patch(linux, source):
+        paddr = locate(linux, source)
+        original = linux.memory.read_phys(paddr, size)
+        source.memory.write(paddr, mutate(linux, original))
+        return paddr, original
+
+    paddr, original = watcher.stopped(patch)
+    try:
+        yield
+    finally:
+        watcher.stopped(lambda linux, source: source.memory.write(paddr, original))
+
+
 def test_syscall_table_hook_from_outside(watcher):
     """Overwrite sys_call_table[getpid] through vmwatch's write API, detect, restore."""
     mark = watcher.mark()
-
-    def hook(linux, source):
-        slot = linux.symbols["sys_call_table"] + 8 * 39
-        original = linux.memory.read(slot, 8)
-        linux.memory.write(slot, linux.symbols["__x64_sys_getppid"].to_bytes(8, "little"))
-        return slot, original
-
-    slot, original = watcher.stopped(hook)
-    try:
+    slot = lambda linux, source: linux.memory.translate(linux.symbols["sys_call_table"] + 8 * 39)  # noqa: E731
+    hook = lambda linux, original: linux.symbols["__x64_sys_getppid"].to_bytes(8, "little")  # noqa: E731
+    with tampered(watcher, slot, 8, hook):
         hits = watcher.wait_for("security.syscall_table", mark, severity=Severity.CRITICAL)
         assert "sys_call_table[39] changed" in hits[0].message and "__x64_sys_getppid" in hits[0].message
-    finally:
-        watcher.stopped(lambda linux, source: linux.memory.write(slot, original))
 
 
 def test_idt_gate_changed_from_outside(watcher):
     """Point the IDT gate of vector 0x80 elsewhere in physical memory, detect, restore."""
     mark = watcher.mark()
 
-    def patch(linux, source):
+    def gate_0x80(linux, source):
         regs = watcher.engine.guest.cpus[0] if watcher.engine.guest.cpus else None
-        base = (regs.idtr_base if regs and regs.idtr_base else linux.symbols["idt_table"]) + 16 * 0x80
-        paddr = linux.memory.translate(base)
-        original = linux.memory.read_phys(paddr, 16)
+        base = regs.idtr_base if regs and regs.idtr_base else linux.symbols["idt_table"]
+        return linux.memory.translate(base + 16 * 0x80)
+
+    def flip_offset_bit(linux, original):
         gate = bytearray(original)
         gate[0] ^= 0x10  # offset bits 0-7 of the handler
-        source.memory.write(paddr, bytes(gate))
-        return paddr, original
+        return bytes(gate)
 
-    paddr, original = watcher.stopped(patch)
-    try:
+    with tampered(watcher, gate_0x80, 16, flip_offset_bit):
         hits = watcher.wait_for("security.idt", mark, severity=Severity.CRITICAL)
         assert "IDT vector 128 handler changed" in hits[0].message
-    finally:
-        watcher.stopped(lambda linux, source: source.memory.write(paddr, original))
 
 
 def test_kernel_text_patch_from_outside(watcher):
     """Change one byte inside a never-called syscall's code, detect, restore."""
     mark = watcher.mark()
-
-    def patch(linux, source):
-        address = linux.symbols["__x64_sys_kexec_load"] + 1
-        paddr = linux.memory.translate(address)
-        original = linux.memory.read_phys(paddr, 1)
-        source.memory.write(paddr, bytes([original[0] ^ 0xFF]))
-        return paddr, original
-
-    paddr, original = watcher.stopped(patch)
-    try:
+    byte = lambda linux, source: linux.memory.translate(linux.symbols["__x64_sys_kexec_load"] + 1)  # noqa: E731
+    with tampered(watcher, byte, 1, lambda linux, original: bytes([original[0] ^ 0xFF])):
         hits = watcher.wait_for("security.kernel_text", mark, severity=Severity.CRITICAL)
         assert "__x64_sys_kexec_load+0x1" in hits[0].message
-    finally:
-        watcher.stopped(lambda linux, source: source.memory.write(paddr, original))
 
 
 def test_cr0_wp_cleared_from_outside(watcher):
