@@ -77,15 +77,21 @@ PACK = textwrap.dedent('''
 ''')
 
 
+def _evil_image_and_pack(tmp_path, paddr):
+    """A raw image with b"EVIL" at ``paddr`` and the pack above, written under ``tmp_path``."""
+    fake = FakeGuest(seed=1, memory_size=1 << 20)
+    fake.buffer[paddr:paddr + 4] = b"EVIL"
+    image = tmp_path / "mem.raw"
+    image.write_bytes(bytes(fake.buffer))
+    pack = tmp_path / "mine.py"
+    pack.write_text(PACK)
+    return image, pack
+
+
 class TestWatchCommand:
     def test_image_json_and_db(self, tmp_path):
         """watch on an image runs start and periodic rules once, prints JSON lines, fills the timeline."""
-        fake = FakeGuest(seed=1, memory_size=1 << 20)
-        fake.buffer[0x3000:0x3004] = b"EVIL"
-        image = tmp_path / "mem.raw"
-        image.write_bytes(bytes(fake.buffer))
-        pack = tmp_path / "mine.py"
-        pack.write_text(PACK)
+        image, pack = _evil_image_and_pack(tmp_path, 0x3000)
         db = tmp_path / "t.db"
         result = run_cli("watch", image, "--rules", pack, "--json", "--db", db, "--set", "mine.magic.paddr=12288")
         assert result.status == 0, result.stderr
@@ -96,12 +102,7 @@ class TestWatchCommand:
 
     def test_screen_summary(self, tmp_path):
         """Without --json the screen shows each alert and a summary a user can read."""
-        fake = FakeGuest(seed=1, memory_size=1 << 20)
-        fake.buffer[0x1000:0x1004] = b"EVIL"
-        image = tmp_path / "mem.raw"
-        image.write_bytes(bytes(fake.buffer))
-        pack = tmp_path / "mine.py"
-        pack.write_text(PACK)
+        image, pack = _evil_image_and_pack(tmp_path, 0x1000)
         result = run_cli("watch", image, "--rules", pack)
         assert result.status == 0, result.stderr
         assert "CRITICAL" in result.stdout and "EVIL at 0x1000" in result.stdout
