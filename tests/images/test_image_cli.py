@@ -139,20 +139,26 @@ class TestConvert:
 
     def test_verification_catches_a_bad_write(self, tmp_path, monkeypatch):
         """If the written file differs from the API read, convert fails with one line."""
-        from vmwatch.cli.commands import convert
-
         src = _write(tmp_path, "l.lime", build.lime([(0, os.urandom(PAGE))]))
-        original = convert.convert
-
-        def corrupting(image, output, advance=lambda n: None):
-            written = original(image, output, advance)
-            with open(output, "r+b") as f:
-                f.write(b"\0\1\2\3")
-            return written
-
-        monkeypatch.setattr(convert, "convert", corrupting)
+        _scribble_after_convert(monkeypatch, 0, b"\0\1\2\3")
         result = run_cli("convert", src, "-o", tmp_path / "o.raw")
         assert result.status == 2 and "verification failed" in result.stderr
+
+
+def _scribble_after_convert(monkeypatch, offset, data):
+    """Make ``convert`` write ``data`` at ``offset`` of its output after copying, as a bad disk would."""
+    from vmwatch.cli.commands import convert
+
+    original = convert.convert
+
+    def scribbling(image, output, advance=lambda n: None):
+        written = original(image, output, advance)
+        with open(output, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        return written
+
+    monkeypatch.setattr(convert, "convert", scribbling)
 
 
 class TestConvertSparseSource:
@@ -181,19 +187,8 @@ class TestConvertSparseSource:
 
     def test_verification_checks_holes_too(self, sparse, tmp_path, monkeypatch):
         """Stray data written where the source has a hole is caught by the verification."""
-        from vmwatch.cli.commands import convert
-
         path, _, _ = sparse
-        original = convert.convert
-
-        def stray(image, output, advance=lambda n: None):
-            written = original(image, output, advance)
-            with open(output, "r+b") as f:
-                f.seek(0x20000000)
-                f.write(b"junk")
-            return written
-
-        monkeypatch.setattr(convert, "convert", stray)
+        _scribble_after_convert(monkeypatch, 0x20000000, b"junk")
         result = run_cli("convert", path, "-o", tmp_path / "o.raw")
         assert result.status == 2 and "differs from the image at 0x20000000" in result.stderr
 
