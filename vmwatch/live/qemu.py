@@ -50,6 +50,8 @@ log = structlog.get_logger()
 
 SIGINT = 2
 SIGTRAP = 5
+STEP_RETRIES = 3
+"""Tries for one single step whose report left RIP on an instruction that always moves it."""
 _BP = p.WatchKind.SOFTWARE
 _WATCH_KIND = {Access.WRITE: p.WatchKind.WRITE, Access.READ: p.WatchKind.READ, Access.READ_WRITE: p.WatchKind.ACCESS}
 _WATCH_ACCESS = {"watch": Access.WRITE, "rwatch": Access.READ, "awatch": Access.READ_WRITE}
@@ -524,10 +526,19 @@ class QemuVM:
             for callback in self.on_resume:
                 callback()
             self._resume_from = None
-            await self.gdb.resume(p.vcont(("s", str(self._thread(vcpu)))))
-            stop = await self.gdb.wait_stop(soon=True)
-            if isinstance(stop, p.Exited) or stop.watch is not None:
-                await self._on_stop(stop)
+            before = await self._rip(vcpu)
+            for _ in range(STEP_RETRIES):
+                await self.gdb.resume(p.vcont(("s", str(self._thread(vcpu)))))
+                stop = await self.gdb.wait_stop(soon=True)
+                if isinstance(stop, p.Exited) or stop.watch is not None:
+                    await self._on_stop(stop)
+                    break
+                rip = await self._rip(vcpu)
+                # Seen once under load (QEMU 7.2, TCG): a step reported with RIP still on an
+                # instruction that always moves it (not rep, not a branch): nothing ran; step again.
+                if rip != before or await self._next_instruction(vcpu, before) is None:
+                    break
+                log.debug("single step did not execute; stepping again", rip=hex(rip), stop=str(stop))
             rip = await self._rip(vcpu)
             if rip in self._breakpoints:
                 self._resume_from = (vcpu, rip)
