@@ -122,7 +122,7 @@ class TestReader:
         _check_file(tmp_path, bytes(blob))
 
     @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(records=st.lists(st.tuples(st.sampled_from([1, 2, 3, 4, 5, 6, 0x40, 0x85]), st.binary(max_size=64)),
+    @given(records=st.lists(st.tuples(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 0x40, 0x80, 0x85]), st.binary(max_size=64)),
                             max_size=8))
     def test_fuzz_well_framed_garbage(self, tmp_path, records):
         """Valid framing with hostile payloads (CRCs correct) never escapes as another exception."""

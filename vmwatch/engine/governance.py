@@ -12,11 +12,19 @@ budget is demoted:
 
 Every demotion becomes a :class:`~vmwatch.events.Demotion` event; nothing is dropped silently.
 Times come from the caller (``trio.current_time()``) so tests run on a fake clock.
+
+Replays: the live verdicts depend on timing (hit rates, handling cost) that a replay cannot
+reproduce, so they are recorded instead. A source with ``on_governed(decision)`` (a recorder) is
+told every verdict other than "dispatch": ``None`` for a hit sampled out, else the demotion. A
+source with ``governed()`` (a replay) answers, for the event it is replaying, with the recorded
+verdict as ``(action, hits, seconds, sample_every)`` -- action ``"skip"``, ``"unhook"`` or
+``"sample"`` -- or ``None``; :class:`ReplayedGovernor` then decides exactly as the live run did.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import attrs
 
@@ -72,10 +80,13 @@ class Decision:
 class Governor:
     """Budget bookkeeping for every trap of a run."""
 
-    def __init__(self, budget: Budget, *, can_unhook: bool) -> None:
+    def __init__(self, budget: Budget, *, can_unhook: bool,
+                 on_governed: Callable[[Decision | None], Any] | None = None) -> None:
         self.budget = budget
         self.can_unhook = can_unhook
         self.states: dict[Trap, TrapState] = {}
+        self.on_governed = on_governed
+        """Told each hit sampled out (``None``) and each demotion (a recorder stores them)."""
 
     def state(self, trap: Trap) -> TrapState:
         st = self.states.get(trap)
@@ -99,6 +110,8 @@ class Governor:
             st.sample_count += 1
             if st.sample_count % st.sample_every:
                 st.skipped += 1
+                if self.on_governed is not None:
+                    self.on_governed(None)
                 return False
         return True
 
@@ -119,11 +132,15 @@ class Governor:
         if self.can_unhook:
             cooldown = min(b.cooldown * 2 ** (st.demotions - 1), b.max_cooldown)
             st.unhooked_until = now + cooldown
-            return Decision(trap, "unhook", hits, cooldown, 1)
-        # sample so that the dispatched hits and their cost fit the budget, with a 2x margin
-        ratio = max(dispatched / b.max_hits, cost / budget_cost, 1.0)
-        st.sample_every *= max(2, math.ceil(2 * ratio))
-        return Decision(trap, "sample", hits, 0.0, st.sample_every)
+            decision = Decision(trap, "unhook", hits, cooldown, 1)
+        else:
+            # sample so that the dispatched hits and their cost fit the budget, with a 2x margin
+            ratio = max(dispatched / b.max_hits, cost / budget_cost, 1.0)
+            st.sample_every *= max(2, math.ceil(2 * ratio))
+            decision = Decision(trap, "sample", hits, 0.0, st.sample_every)
+        if self.on_governed is not None:
+            self.on_governed(decision)
+        return decision
 
     def due_rearm(self, now: float) -> list[Trap]:
         """Unhooked traps whose cooldown has passed (they are marked armed again)."""
@@ -139,3 +156,53 @@ class Governor:
 
     def skipped(self) -> int:
         return sum(st.skipped for st in self.states.values())
+
+
+class ReplayedGovernor(Governor):
+    """The verdicts of a recorded live run, handed back event by event: no clock, no cost.
+
+    ``recorded()`` gives the verdict recorded for the event being handled (see the module
+    docstring); a recording without verdicts (format 1.1 and older) dispatches every hit.
+    """
+
+    def __init__(self, budget: Budget, *, can_unhook: bool,
+                 recorded: Callable[[], tuple[str, int, float, int] | None],
+                 on_governed: Callable[[Decision | None], Any] | None = None) -> None:
+        super().__init__(budget, can_unhook=can_unhook, on_governed=on_governed)
+        self._recorded = recorded
+
+    def admit(self, trap: Trap, now: float) -> bool:
+        st = self.states.get(trap) or self.state(trap)
+        st.total_hits += 1
+        verdict = self._recorded()
+        if verdict is not None and verdict[0] == "skip":
+            st.skipped += 1
+            if self.on_governed is not None:
+                self.on_governed(None)
+            return False
+        return True
+
+    def charge(self, trap: Trap, seconds: float, now: float) -> Decision | None:
+        verdict = self._recorded()
+        if verdict is None or verdict[0] == "skip":
+            return None
+        action, hits, cooldown, sample_every = verdict
+        st = self.states[trap]
+        st.demotions += 1
+        if action == "unhook":
+            st.unhooked_until = now + cooldown
+        else:
+            st.sample_every = sample_every
+        decision = Decision(trap, action, hits, cooldown, sample_every)
+        if self.on_governed is not None:
+            self.on_governed(decision)
+        return decision
+
+
+def governor_for(source: Any, budget: Budget, *, can_unhook: bool) -> Governor:
+    """The governor of a watch of ``source``: replayed for a replay, told to a recorder."""
+    recorded = getattr(source, "governed", None)
+    on_governed = getattr(source, "on_governed", None)
+    if recorded is not None:
+        return ReplayedGovernor(budget, can_unhook=can_unhook, recorded=recorded, on_governed=on_governed)
+    return Governor(budget, can_unhook=can_unhook, on_governed=on_governed)

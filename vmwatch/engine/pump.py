@@ -40,7 +40,7 @@ import trio
 from vmwatch.engine import sources as caps
 from vmwatch.engine.alerts import Alert
 from vmwatch.engine.dispatch import KEY_FIELD, Dispatcher, Handler, RuleRun, Trap, key_of
-from vmwatch.engine.governance import Budget, Decision, Governor
+from vmwatch.engine.governance import Budget, Decision, governor_for
 from vmwatch.engine.guest import Current, Guest, cr3_root
 from vmwatch.engine.sinks import EventRecord, Sink
 from vmwatch.errors import VmwatchError
@@ -136,7 +136,7 @@ class Engine:
         self.pausable = caps.PAUSE in self.capabilities
         self.has_registers = caps.REGISTERS in self.capabilities
         can_unhook = caps.BREAKPOINTS in self.capabilities or caps.WATCHPOINTS in self.capabilities
-        self.governor = Governor(options.budget, can_unhook=can_unhook)
+        self.governor = governor_for(source, options.budget, can_unhook=can_unhook)
         self.dispatcher = Dispatcher()
         if linux_factory is None and getattr(source, "memory", None) is not None:
             linux_factory = default_linux_factory

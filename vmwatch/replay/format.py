@@ -29,8 +29,9 @@ from vmwatch.errors import RecordingError
 
 MAGIC = b"VMWREC\r\n"  # \r\n catches text-mode mangling, as PNG's signature does
 VERSION_MAJOR = 1
-VERSION_MINOR = 1
-"""1.1: the engine's periodic ticks are recorded as Tick events with ``periodic`` (1.0 files read as is)."""
+VERSION_MINOR = 2
+"""1.1: the engine's periodic ticks are recorded as Tick events with ``periodic`` (1.0 files read as is).
+1.2: the overhead governor's verdicts (GOVERN records, optional: 1.1 readers skip them)."""
 HEADER = struct.Struct("<8sHHI")  # magic, major, minor, crc32 of the first 12 bytes
 RECORD_HEAD = struct.Struct("<BI")
 CRC = struct.Struct("<I")
@@ -48,6 +49,9 @@ READS_HEAD = struct.Struct("<qI")
 REGISTERS_HEAD = struct.Struct("<qI")
 CLOCK_ENTRY = struct.Struct("<qq")
 PAGE_HEAD = struct.Struct("<B32s")
+GOVERN = struct.Struct("<qBQdQ")  # context, verdict, hits, cooldown seconds, sample 1 in N
+VERDICTS = ("skip", "unhook", "sample")
+"""GOVERN verdict codes: a hit sampled out, a trap unhooked, a trap sampled."""
 MAX_READS_PER_RECORD = 65536
 
 
@@ -59,6 +63,8 @@ class RecordType(enum.IntEnum):
     REGISTERS = 0x05
     END = 0x06
     CLOCK = 0x07
+    GOVERN = 0x80
+    """Optional (>= 0x80): a reader that predates it replays without the live verdicts."""
 
 
 class PageEncoding(enum.IntEnum):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import math
 import os
 from typing import Any, Callable, Iterator
 
@@ -28,6 +29,7 @@ from vmwatch.images.base import PhysicalReads, Run
 from vmwatch.replay import _codec
 from vmwatch.replay.format import (
     CLOCK_ENTRY,
+    GOVERN,
     PAGE_HEAD,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -37,6 +39,7 @@ from vmwatch.replay.format import (
     REGISTERS_HEAD,
     SETUP,
     UNMAPPED,
+    VERDICTS,
     RecordType,
     decompress_page,
     iter_records,
@@ -65,6 +68,8 @@ class Recording:
         self._registers: dict[tuple[int, int], tuple[int, memoryview]] = {}
         """(context, vCPU) -> where the record is and its JSON, decoded on first use."""
         self.clocks: dict[int, list[int]] = {}
+        self.verdicts: dict[int, tuple[str, int, float, int]] = {}
+        """Event ordinal -> the live overhead governor's verdict on its hit (action, hits, seconds, 1 in N)."""
         self._decompressor = zstandard.ZstdDecompressor()
         self._cache: dict[int, bytes] = {}
 
@@ -145,6 +150,8 @@ class Recording:
                 if ctx != context:
                     raise RecordingError(f"{at}: clock for event {ctx} out of order (current event {context})")
                 self.clocks.setdefault(ctx, []).append(value)
+            elif kind == RecordType.GOVERN:
+                self.verdicts[context] = _verdict(payload, context, self.verdicts, at)
             elif kind == RecordType.END:
                 self.end = _json_object(payload, at)
             elif kind < 0x80:
@@ -239,6 +246,19 @@ def _json_object(payload: memoryview, where: str) -> dict[str, Any]:
     return value
 
 
+def _verdict(payload: memoryview, context: int, seen: dict[int, Any], at: str) -> tuple[str, int, float, int]:
+    if len(payload) != GOVERN.size:
+        raise RecordingError(f"{at}: governor record has the wrong size")
+    ctx, code, hits, seconds, sample_every = GOVERN.unpack_from(payload, 0)
+    if ctx != context or ctx < 0:
+        raise RecordingError(f"{at}: governor verdict for event {ctx} out of place (current event {context})")
+    if ctx in seen:
+        raise RecordingError(f"{at}: two governor verdicts for event {ctx}")
+    if code >= len(VERDICTS) or not (math.isfinite(seconds) and seconds >= 0) or (code and sample_every < 1):
+        raise RecordingError(f"{at}: bad governor verdict {code} ({hits} hits, {seconds}s, 1/{sample_every})")
+    return VERDICTS[code], hits, seconds, sample_every
+
+
 def _runs(recording: Recording) -> tuple[Run, ...]:
     try:
         return tuple(Run(start=int(a), size=int(b), file_offset=None) for a, b in recording.meta.get("runs", ()))
@@ -311,11 +331,14 @@ class ReplaySource:
     it did while recording). Breakpoints and watchpoints are accepted and ignored: the recording
     already holds every event the live run trapped, and nothing else can happen. Stepping and
     writing are refused. The engine's recorded periodic ticks come back as Tick events in the
-    stream (``replays_ticks``): the engine runs the rules that ran at them, not its timer.
+    stream (``replays_ticks``): the engine runs the rules that ran at them, not its timer. The
+    overhead governor's recorded verdicts come back through :meth:`governed`, so the hits the live
+    run sampled out are skipped and its demotions happen at the same events.
     """
 
     realtime = False
     replays_ticks = True
+    replays_traps = True
 
     def __init__(self, recording: Recording, *, strict: bool = False, base: Any = None) -> None:
         meta = recording.meta
@@ -401,6 +424,10 @@ class ReplaySource:
         if self.context >= 0:
             return self.recording.events[self.context].time_ns
         return 0
+
+    def governed(self) -> tuple[str, int, float, int] | None:
+        """The live governor's verdict on the current event's hit (engine/governance.py), or None."""
+        return self.recording.verdicts.get(self.context)
 
     async def pause(self) -> None:
         pass

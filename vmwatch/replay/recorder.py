@@ -33,6 +33,7 @@ from vmwatch.images.base import PhysicalReads
 from vmwatch.replay import _codec
 from vmwatch.replay.format import (
     CLOCK_ENTRY,
+    GOVERN,
     MAX_READS_PER_RECORD,
     PAGE_HEAD,
     PAGE_SHIFT,
@@ -42,6 +43,7 @@ from vmwatch.replay.format import (
     REGISTERS_HEAD,
     SETUP,
     UNMAPPED,
+    VERDICTS,
     PageEncoding,
     RecordType,
     RecordWriter,
@@ -112,6 +114,11 @@ class Recorder:
     def add_clock(self, value: int) -> None:
         """Record a clock reading taken in the current context."""
         self._writer.write(RecordType.CLOCK, CLOCK_ENTRY.pack(self._context, value))
+
+    def add_verdict(self, verdict: str, hits: int = 0, seconds: float = 0.0, sample_every: int = 0) -> None:
+        """Record the overhead governor's verdict on the current event's trap hit (see VERDICTS)."""
+        self._writer.write(RecordType.GOVERN, GOVERN.pack(self._context, VERDICTS.index(verdict), hits, seconds,
+                                                          sample_every))
 
     def add_registers(self, registers: Registers) -> None:
         """Record a vCPU's registers as read in the current context (the first read wins)."""
@@ -242,7 +249,9 @@ class RecordingSource:
     several events. For the same reason it is never ``realtime``.
 
     The engine's periodic ticks run inside :meth:`on_tick`: each is recorded as a Tick event (a
-    context of its own, naming the rules that ran) where it fell between the events.
+    context of its own, naming the rules that ran) where it fell between the events. The overhead
+    governor's verdicts (hits sampled out, traps demoted) come through :meth:`on_governed` and are
+    recorded with the event they concern, so a replay handles exactly the hits the live run did.
     """
 
     realtime = False
@@ -277,6 +286,13 @@ class RecordingSource:
         finally:
             self._ticking = None
             done.set()
+
+    def on_governed(self, decision: Any) -> None:
+        """The engine's governor sampled out this event's hit (``None``) or demoted its trap."""
+        if decision is None:
+            self.recorder.add_verdict("skip")
+        else:
+            self.recorder.add_verdict(decision.action, decision.hits, decision.seconds, decision.sample_every)
 
     async def registers(self, vcpu: int = 0) -> Registers:
         registers = await self._inner.registers(vcpu)

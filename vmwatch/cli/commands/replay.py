@@ -26,8 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, env) -> int:
     import trio
 
-    from vmwatch.engine.governance import Budget
-    from vmwatch.engine.pump import WatchOptions, watch
+    from vmwatch.engine.pump import watch
     from vmwatch.engine.sinks import JsonLinesSink, SqliteSink
     from vmwatch.errors import RuleError
     from vmwatch.replay.player import open_replay
@@ -42,10 +41,9 @@ def run(args: argparse.Namespace, env) -> int:
         sinks: list = [JsonLinesSink(env.stdout) if args.json else _TextAlerts(env.stdout)]
         if args.db:
             sinks.append(SqliteSink(args.db))
-        # Timing-driven governance would demote differently than live: replay every recorded event.
-        options = WatchOptions(budget=Budget(max_hits=1 << 62, max_cost=float("inf")))
+        # the overhead governor replays the live verdicts (ReplaySource.governed): no budget here
         started = time.perf_counter()
-        summary = trio.run(lambda: watch(source, ruleset, sinks, options=options))
+        summary = trio.run(lambda: watch(source, ruleset, sinks))
         seconds = time.perf_counter() - started
         failure = source.first_failure()
         if failure is not None:
