@@ -109,3 +109,50 @@ def test_periodic_rules_replay_at_the_recorded_ticks(lab_guest, tmp_path):
     replay = run_cli("replay", record, "--rules", "security", pack, "--json")
     assert replay.status == 0, replay.stderr
     assert replay.stdout == live.stdout
+
+
+HOT_PACK = """
+from vmwatch.events import Demotion
+from vmwatch.rules import rule
+
+@rule.on_breakpoint("run_timer_softirq")
+def timers(event, guest):
+    guest.alert("info", "timer softirq", pid=0, jiffies=guest.linux.memory.u64_symbol("jiffies_64"))
+
+@rule.on(Demotion)
+def demoted(event, guest):
+    guest.alert("warning", "demoted", pid=0, trap=event.trap, action=event.action, hits=event.hits)
+"""
+
+
+def test_demotions_replay_identically(lab_guest, tmp_path):
+    """A trap over a tiny budget on the live guest is unhooked and re-armed over and over: the replay
+    reports the same demotions at the same events and prints the same lines."""
+    import io
+
+    import trio
+
+    from vmwatch.engine.governance import Budget
+    from vmwatch.engine.pump import WatchOptions, watch
+    from vmwatch.engine.sinks import JsonLinesSink
+    from vmwatch.engine.sources import source_for
+    from vmwatch.replay import recording_source
+    from vmwatch.rules import RuleSet
+    from vmwatch.target import open_target
+
+    pack, record, out = tmp_path / "hot.py", tmp_path / "hot.vmwr", io.StringIO()
+    pack.write_text(HOT_PACK)
+
+    async def session():
+        async with open_target(lab_guest.target) as target:
+            with recording_source(source_for(target), record) as source:
+                return await watch(source, RuleSet.load([pack]), [JsonLinesSink(out)], duration=4,
+                                   options=WatchOptions(budget=Budget(max_hits=4, cooldown=0.5)))
+
+    summary = trio.run(session)
+    live = out.getvalue()
+    assert len(summary.demotions) >= 2, summary
+    assert live.count('"message": "demoted"') == len(summary.demotions) and live.count("timer softirq") >= 8
+    replay = run_cli("replay", record, "--rules", pack, "--json")
+    assert replay.status == 0, replay.stderr
+    assert replay.stdout == live
