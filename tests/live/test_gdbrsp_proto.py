@@ -94,13 +94,17 @@ RECV_TABLE = [
 class TestReceiving:
     @pytest.mark.parametrize(("command", "wire", "event", "answer"), RECV_TABLE)
     def test_receive_table(self, command: p.Command, wire: bytes, event: object, answer: bytes) -> None:
-        """Replies fed one byte at a time give exactly one event and the expected ack."""
+        """Replies fed one byte at a time give exactly one event; the ack leads our next packet."""
         client = p.Client()
         client.send(command)
         events = feed_bytewise(client, wire)
         assert events == [event]
-        assert client.data_to_send() == answer
+        assert client.data_to_send() == b""
+        assert client.ack_owed is (answer == b"+")
         assert client.trailing_data == b""
+        if client.state is p.State.STOPPED:
+            assert client.send(p.read_registers()) == answer + b"$g#67"
+            assert not client.ack_owed
 
     def test_rle(self) -> None:
         """X*n repeats X n-29 more times, applied after the checksum check over raw bytes."""
@@ -219,11 +223,12 @@ class TestStateMachine:
             client.send(p.read_registers())
 
     def test_run_stop_cycle(self) -> None:
-        """c -> RUNNING -> stop reply -> STOPPED, with the stop reply acked."""
+        """c -> RUNNING -> stop reply -> STOPPED, the stop reply acked by the next packet."""
         client = p.Client()
         client.send(p.cont())
         assert feed_bytewise(client, b"+$T05thread:p01.01;#06")[0].signal == 5
-        assert client.state is p.State.STOPPED and client.data_to_send() == b"+"
+        assert client.state is p.State.STOPPED and client.data_to_send() == b"" and client.ack_owed
+        assert client.send(p.cont()) == b"+$c#63"
 
     def test_exit_closes(self) -> None:
         """W/X replies close the session; nothing may be sent afterwards."""
@@ -340,15 +345,15 @@ def test_fuzz_round_trip(payload: bytes) -> None:
 
 class TestTrioWrapper:
     async def test_request_and_close(self) -> None:
-        """The wrapper acks replies, raises RemoteError on Enn and LinkClosedError on EOF."""
+        """The wrapper acks replies (leading the next packet), raises RemoteError on Enn and
+        LinkClosedError on EOF."""
         ours, theirs = trio.testing.memory_stream_pair()
         conn = GdbConnection(ours)
 
         async def stub() -> None:
             assert await theirs.receive_some() == b"$g#67"
             await theirs.send_all(b"+$0011#c2")
-            assert await theirs.receive_some() == b"+"
-            assert await theirs.receive_some() == p.frame(b"m0,4")
+            assert await theirs.receive_some() == b"+" + p.frame(b"m0,4")
             await theirs.send_all(b"+$E14#aa")
             await theirs.receive_some()
             await theirs.aclose()
