@@ -1,4 +1,9 @@
-"""Entry point: parse, dispatch to a command module, map errors to exit statuses in one place."""
+"""Entry point: parse, dispatch to a command module, map errors to exit statuses in one place.
+
+Start-up time is paid by every command, so this module imports only the standard library: a
+command line naming a command imports that command's module alone (``--help`` imports them all),
+and structlog is loaded through :func:`vmwatch.logs.load_structlog` before any command runs.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,6 @@ import os
 import pkgutil
 import sys
 from typing import IO, Sequence
-
-import attrs
 
 from vmwatch.cli import commands
 from vmwatch.errors import VmwatchError
@@ -23,13 +26,14 @@ class ExitStatus(enum.IntEnum):
     INTERRUPTED = 130
 
 
-@attrs.define
 class Environment:
-    """The streams a command writes to; tests replace them."""
+    """The streams a command writes to; tests replace them (the process's streams by default)."""
 
-    stdout: IO[str] = attrs.field(factory=lambda: sys.stdout)
-    stderr: IO[str] = attrs.field(factory=lambda: sys.stderr)
-    stdin: IO[str] = attrs.field(factory=lambda: sys.stdin)
+    def __init__(self, stdout: IO[str] | None = None, stderr: IO[str] | None = None,
+                 stdin: IO[str] | None = None) -> None:
+        self.stdout: IO[str] = sys.stdout if stdout is None else stdout
+        self.stderr: IO[str] = sys.stderr if stderr is None else stderr
+        self.stdin: IO[str] = sys.stdin if stdin is None else stdin
 
     @property
     def stdout_isatty(self) -> bool:
@@ -51,23 +55,35 @@ class _UsageError(Exception):
     pass
 
 
-def command_modules() -> dict[str, object]:
-    """Every command module by its command name (``symbols_export`` -> ``symbols-export``)."""
-    found = {}
-    for info in pkgutil.iter_modules(commands.__path__):
-        if info.name.startswith("_"):
-            continue
-        found[info.name.replace("_", "-")] = importlib.import_module(f"{commands.__name__}.{info.name}")
-    return dict(sorted(found.items()))
+def command_modules(only: str | None = None) -> dict[str, object]:
+    """Command modules by command name (``symbols_export`` -> ``symbols-export``): every one, or
+    just ``only`` if that names a command."""
+    names = sorted(info.name for info in pkgutil.iter_modules(commands.__path__) if not info.name.startswith("_"))
+    by_command = {name.replace("_", "-"): name for name in names}
+    if only in by_command:
+        by_command = {only: by_command[only]}  # type: ignore[index]
+    return {command: importlib.import_module(f"{commands.__name__}.{name}") for command, name in by_command.items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_named(argv: Sequence[str]) -> str | None:
+    """The command word of a command line (the first argument that is no global option)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--log-level":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or only of ``command`` (enough to parse a line naming it)."""
     parser = _Parser(prog="vmwatch", description="Virtual machine introspection from the outside.")
     parser.add_argument("--log-level", default=os.environ.get("VMWATCH_LOG", "warning"),
                         help="structlog level for diagnostics on stderr (default: warning)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, module in command_modules().items():
+    for name, module in command_modules(command).items():
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.configure(cmd)
         cmd.set_defaults(_run=module.run)
@@ -78,7 +94,7 @@ def run(argv: Sequence[str], env: Environment | None = None) -> int:
     """Run one command line and return its exit status (what tests call)."""
     env = env or Environment()
     try:
-        args = build_parser().parse_args(list(argv))
+        args = build_parser(_command_named(argv)).parse_args(list(argv))
     except _UsageError as exc:
         print(str(exc), file=env.stderr)
         return ExitStatus.BAD_INPUT
