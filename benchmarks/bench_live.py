@@ -4,15 +4,17 @@ Run: .venv/bin/python benchmarks/bench_live.py [--seconds N]
 
 Prints:
 * breakpoint round trips per second (hit -> registers read -> resume) on a guest busy with
-  one-byte write syscalls, for the naive step-over (single step then continue) and for the
-  "hop" (lift the breakpoint, break on the next instruction, put it back), with the guest's own
-  write rate unobserved beside it;
+  one-byte write syscalls, for the naive step-over (single step then continue), the "hop"
+  (lift the breakpoint, break on the next instruction, put it back), the default emulated
+  step-over, and the inline hook (no translation flush at all), with the guest's own write
+  rate unobserved beside it;
 * single steps per second, pause+resume latency;
 * read bandwidth of the mapped RAM file versus the gdbstub (ratio).
 
 The host is shared and noisy: numbers are medians of short rounds, the load average is printed.
 Every breakpoint/step stop makes QEMU 7.2 flush all translated code (see vmwatch/live/qemu.py),
-so the events/s ceiling is set by re-translation; the flush count is printed.
+so the events/s ceiling of gdbstub breakpoints is set by re-translation; inline hooks stop on
+a watchpoint instead and flush nothing. The flush count is printed.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def guest_write_rate(guest: LabGuest, n: int = 20000) -> float:
 
 async def breakpoint_rate(guest: LabGuest, address: int, mode: str, seconds: float) -> tuple[float, dict]:
     async with attach_qemu(str(guest.qmp_path)) as vm:
-        vm.step_over = mode
-        await vm.add_breakpoint(address)
+        vm.step_over = "auto" if mode == "inline" else mode
+        assert await vm.add_breakpoint(address, inline=mode == "inline") is (mode == "inline")
         hits = 0
         start = time.perf_counter()
         with trio.move_on_after(seconds):
@@ -112,7 +114,7 @@ def main() -> int:
         unobserved = statistics.median(guest_write_rate(guest) for _ in range(3))
         print(f"guest one-byte writes/s, unobserved:          {unobserved:10.0f}")
         guest.shell("scenario busy start", check=True)
-        rates: dict[str, list[float]] = {"step": [], "hop": [], "auto": []}
+        rates: dict[str, list[float]] = {"step": [], "hop": [], "auto": [], "inline": []}
         stats = {}
         for _ in range(args.rounds):
             for mode in rates:
@@ -124,7 +126,9 @@ def main() -> int:
         print(f"breakpoint events/s, naive (step then cont):  {naive:10.0f}  (= guest writes/s while watched)")
         auto = statistics.median(rates["auto"])
         print(f"breakpoint events/s, hop (next-insn bp):      {hop:10.0f}  ratio {hop / naive:.2f}x  {stats['hop']}")
-        print(f"breakpoint events/s, emulated (default):      {auto:10.0f}  ratio {auto / naive:.2f}x  {stats['auto']}")
+        print(f"breakpoint events/s, emulated step-over:      {auto:10.0f}  ratio {auto / naive:.2f}x  {stats['auto']}")
+        inline = statistics.median(rates["inline"])
+        print(f"breakpoint events/s, inline hook:             {inline:10.0f}  ratio {inline / naive:.2f}x  {stats['inline']}")
         print("  all rounds: " + " ".join(f"{m} {[round(r) for r in v]}" for m, v in rates.items()))
         print(f"  TB flushes in QEMU (info jit): {tb_flushes(guest)}")
         ctl = trio.run(control_numbers, guest)

@@ -79,7 +79,57 @@ def ram_runs(text: str, region_names: Iterable[str] | None) -> tuple[Run, ...]:
     return tuple(runs)
 
 
-class SharedRam(Image):
+def overlay(out: bytearray | memoryview, addr: int, pieces: Iterable[tuple[int, bytes]]) -> None:
+    """Copy each ``(start, bytes)`` piece over ``out`` (which holds what is at ``addr``) where they meet."""
+    end = addr + len(out)
+    for start, original in pieces:
+        lo, hi = max(start, addr), min(start + len(original), end)
+        if lo < hi:
+            out[lo - addr : hi - addr] = original[lo - start : hi - start]
+
+
+class MaskedReads:
+    """Reads that show the original bytes where the backend patched guest code (inline hooks):
+    vmwatch's own checks (kernel text hashes, disassembly) see the guest as it was.
+
+    Masks cost nothing until set; then a read pays one page-set lookup (reads of several pages
+    also a scan of the masks, which are few).
+    """
+
+    def set_masks(self, masks: dict[int, bytes]) -> None:
+        """Show ``masks`` (guest-physical address -> original bytes) over the live bytes."""
+        plain = self.__dict__.get("_unmasked")
+        if plain is None:
+            plain = self._unmasked = (self.read, self.read_into)
+        plain_read, plain_into = plain
+        if not masks:
+            self.read, self.read_into = plain_read, plain_into
+            return
+        items = tuple(sorted(masks.items()))
+        pages = frozenset(page for start, original in items
+                          for page in range(start >> 12, ((start + len(original) - 1) >> 12) + 1))
+
+        def touches(paddr: int, size: int) -> bool:
+            return size > 4096 or (paddr >> 12) in pages or ((paddr + size - 1) >> 12) in pages
+
+        def read(paddr: int, size: int, *, pad: bool = False) -> bytes:
+            data = plain_read(paddr, size, pad=pad)
+            if size > 0 and touches(paddr, size):
+                buf = bytearray(data)
+                overlay(memoryview(buf), paddr, items)
+                return bytes(buf)
+            return data
+
+        def read_into(paddr: int, buf: bytearray | memoryview, *, pad: bool = False) -> None:
+            plain_into(paddr, buf, pad=pad)
+            out = memoryview(buf).cast("B")
+            if len(out) and touches(paddr, len(out)):
+                overlay(out, paddr, items)
+
+        self.read, self.read_into = read, read_into
+
+
+class SharedRam(MaskedReads, Image):
     """The guest RAM file mapped into our address space: reads see the guest as it runs.
 
     Writable only when asked (the map is then ``MAP_SHARED`` read-write and writes land in the
@@ -122,7 +172,7 @@ class SharedRam(Image):
         return None
 
 
-class GdbMemory(PhysicalReads):
+class GdbMemory(MaskedReads, PhysicalReads):
     """Guest-physical memory read through the gdbstub (``m`` in physical mode): the slow fallback.
 
     Synchronous like every physical memory (the memory layer is synchronous on purpose), so it

@@ -1,0 +1,210 @@
+"""Inline hooks: the pure pieces on built code, then the real thing on the lab guest.
+
+On the guest, truth comes from QEMU itself (HMP ``x`` shows the bytes the guest executes, ``info
+jit`` counts translation-cache flushes) and from the guest's /proc/kallsyms.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import capstone
+import pytest
+import trio
+from hypothesis import given, settings, strategies as st
+
+from vmwatch.events import Breakpoint
+from vmwatch.live import inline_hooks as ih
+from vmwatch.live.qemu import attach_qemu
+from vmwatch.live.qemu_ram import SharedRam
+
+NOP5 = bytes.fromhex("0f1f440000")
+ENDBR64 = bytes.fromhex("f30f1efa")
+RET, JMP8, INT3, NOP1 = b"\xc3", b"\xeb\x10", b"\xcc", b"\x90"
+MD = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+BASE = 0xFFFFFFFF81000000
+
+
+def decode(code: bytes, address: int) -> list[str]:
+    return [f"{i.mnemonic} {i.op_str}".strip() for i in MD.disasm(code, address)]
+
+
+class TestPieces:
+    def test_trampoline_reads_itself_and_returns(self) -> None:
+        slot = BASE + 0x1234
+        code = ih.trampoline(slot)
+        assert len(code) == ih.TRAMPOLINE_SIZE
+        assert decode(code, slot) == ["push qword ptr [rip - 6]", "lea rsp, [rsp + 8]", "ret"]
+        assert ih.RIP_AFTER_PUSH == len(next(MD.disasm(code, slot)).bytes)
+
+    def test_call_reaches_the_slot(self) -> None:
+        site, slot = BASE + 0x100, BASE + 0x40
+        call = ih.call_to(site, slot)
+        assert len(call) == ih.SITE_SIZE and decode(call, site) == [f"call {slot:#x}"]
+        with pytest.raises(ValueError, match="out of call range"):
+            ih.call_to(site, site + (1 << 32))
+
+    @pytest.mark.parametrize(("code", "site"), [
+        (NOP5 + RET, 0),                                     # ftrace NOP
+        (bytes.fromhex("66 0f 1f 44 00 00") + RET, None),    # a 6-byte NOP is not the site
+        (ENDBR64 + NOP5 + RET, 4),                           # IBT kernel: after endbr64
+        (ENDBR64 + b"\x55" + RET, None),                     # endbr64; push rbp
+        (b"\x55\x48\x89\xe5", None),                         # push rbp; mov rbp, rsp
+        (b"", None),
+    ])
+    def test_patch_site(self, code: bytes, site: int | None) -> None:
+        assert ih.patch_site(BASE, code) == (None if site is None else BASE + site)
+
+    def test_slots_only_after_the_sls_int3(self) -> None:
+        pad = INT3 + NOP1 * 15
+        code = (b"\x48\x89\xc3"      # mov rbx, rax: a c3 byte that is no ret
+                + INT3 + NOP1 * 15   # ... so this run is not dead padding
+                + RET + NOP1 * 16    # a ret, but no int3: nops may be a loop's alignment
+                + RET + pad          # the real thing
+                + JMP8 + pad)        # a jmp too
+        first = BASE + 3 + 16 + 17 + 1
+        second = first + len(pad) + 2
+        assert ih.free_slots(code, BASE, []) == [first]
+        assert ih.free_slots(code, BASE, [], count=5) == [first, second]
+        assert ih.free_slots(code, BASE, [(first + 4, 2)], count=5) == [second]
+        short = RET + INT3 + NOP1 * 10
+        assert ih.free_slots(short, BASE, []) == []
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.binary(max_size=600), st.integers(0, 3))
+    def test_fuzz_slots_are_dead_padding(self, code: bytes, taken: int) -> None:
+        """Any bytes: slots lie inside the code, start with int3, follow ret/jmp, never overlap."""
+        busy = [(BASE + 40 * i, 12) for i in range(taken)]
+        slots = ih.free_slots(code, BASE, busy, count=4)
+        spans = busy + [(s, ih.TRAMPOLINE_SIZE) for s in slots]
+        for slot in slots:
+            off = slot - BASE
+            assert 0 < off and off + ih.TRAMPOLINE_SIZE <= len(code) and code[off] == 0xCC
+        for i, (a, n) in enumerate(spans):
+            assert all(not (a < b + m and b < a + n) for b, m in spans[i + 1:])
+        ih.patch_site(BASE, code)
+
+
+def test_masks_show_original_bytes(tmp_path) -> None:
+    """SharedRam with masks shows the original bytes, across a page boundary, and only there."""
+    from vmwatch.images.base import Run
+
+    ram = tmp_path / "ram"
+    data = bytearray(range(256)) * 64  # 16 KiB
+    ram.write_bytes(bytes(data))
+    mem = SharedRam(str(ram), (Run(start=0, size=len(data), file_offset=0),))
+    try:
+        plain = mem.read(0xFF0, 0x40)
+        mem.set_masks({0xFFE: b"ABCD", 0x2000: b"Z"})
+        assert mem.read(0xFFE, 4) == b"ABCD"
+        got = mem.read(0xFF0, 0x40)
+        assert got[:14] == plain[:14] and got[14:18] == b"ABCD" and got[18:] == plain[18:]
+        buf = bytearray(0x3000)
+        mem.read_into(0, buf)
+        assert buf[0xFFE:0x1002] == b"ABCD" and buf[0x2000] == ord("Z") and buf[0x2001] == data[0x2001]
+        assert mem.read(0x3000, 8) == bytes(data[0x3000:0x3008])
+        mem.set_masks({})
+        assert mem.read(0xFF0, 0x40) == plain
+    finally:
+        mem.close()
+
+
+# ---------------------------------------------------------------------- on the lab guest
+
+def kallsyms(guest, name: str) -> int:
+    guest.shell("echo 0 > /proc/sys/kernel/kptr_restrict", check=True)
+    out = guest.shell(f"grep ' {name}$' /proc/kallsyms", check=True).split()
+    assert len(out) == 3 and out[2] == name, out
+    return int(out[0], 16)
+
+
+async def hmp(vm, command: str) -> str:
+    return str(await vm.qmp.execute("human-monitor-command", command_line=command))
+
+
+async def executed_bytes(vm, address: int, n: int) -> bytes:
+    """What QEMU itself sees at ``address`` (HMP ``x``): the patched bytes, not vmwatch's view."""
+    text = await hmp(vm, f"x /{n}xb {address:#x}")
+    return bytes(int(tok, 16) for line in text.splitlines() for tok in line.split(":", 1)[1].split())
+
+
+async def tb_flushes(vm) -> int:
+    text = await hmp(vm, "info jit")
+    return int(next(line.split()[-1] for line in text.splitlines() if "TB flush count" in line))
+
+
+@pytest.mark.guest
+async def test_inline_hook_fires_like_a_breakpoint(lab_guest) -> None:
+    """An inline hook on the write syscall fires per write with the registers of the function
+    entry, costs QEMU no translation flush, and shows vmwatch the original bytes."""
+    target = kallsyms(lab_guest, "__x64_sys_write")
+    writes = 25
+    hits = 0
+    async with attach_qemu(str(lab_guest.qmp_path)) as vm:
+        assert await vm.add_breakpoint(target, inline=True) is True
+        assert (await executed_bytes(vm, target, 5))[0] == ih.CALL_REL32  # the guest runs the call
+        assert await vm.read_memory(target, 5) == NOP5                    # vmwatch sees the NOP
+        gpa = int((await hmp(vm, f"gva2gpa {target:#x}")).split("gpa:")[1].split()[0], 16)
+        assert vm.memory.read(gpa, 5) == NOP5
+        flushes = await tb_flushes(vm)
+        async with trio.open_nursery() as nursery:
+            watching = trio.CancelScope()
+
+            async def trigger() -> None:
+                out = await trio.to_thread.run_sync(lambda: lab_guest.shell(f"scenario writes {writes}", timeout=60))
+                assert f"scenario writes {writes}" in out
+                watching.cancel()
+
+            nursery.start_soon(trigger)
+            with trio.fail_after(120), watching:
+                async for event in vm.events():
+                    assert isinstance(event, Breakpoint) and event.address == target and event.vcpu == 0
+                    regs = await vm.registers(event.vcpu)
+                    assert regs.rip == target
+                    # RSP as at the entry: it holds the return address, right after a call
+                    ret = int.from_bytes(await vm.read_memory(regs.rsp, 8), "little")
+                    call = decode(await vm.read_memory(ret - 5, 5), ret - 5)
+                    assert call and call[0].startswith("call"), (hex(ret), call)
+                    hits += 1
+        assert hits >= writes
+        assert await tb_flushes(vm) == flushes
+        await vm.remove_breakpoint(target)
+        assert await executed_bytes(vm, target, 5) == NOP5
+        await vm.resume()
+    assert lab_guest.shell("echo alive", check=True).strip().endswith("alive")
+
+
+@pytest.mark.guest
+async def test_inline_hook_step_and_detach_inside(lab_guest) -> None:
+    """From a hook stop a step moves past the NOP, a register write takes, and detaching while
+    a vCPU sits in the trampoline leaves the guest running with its NOP back."""
+    target = kallsyms(lab_guest, "__x64_sys_write")
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            async with attach_qemu(str(lab_guest.qmp_path)) as vm:
+                await vm.add_breakpoint(target, inline=True)
+                nursery.start_soon(trio.to_thread.run_sync, lambda: lab_guest.shell("scenario writes 3", timeout=60))
+                async for event in vm.events():
+                    break
+                assert (await vm.registers(event.vcpu)).rip == target
+                step = await vm.step(event.vcpu)
+                assert step.rip == target + 5
+                regs = await vm.registers(event.vcpu)
+                assert regs.rip == target + 5
+                await vm.set_registers(event.vcpu, rax=regs.rax)  # a write at a plain stop
+                await vm.resume()
+                async for event in vm.events():  # stopped in the trampoline again
+                    break
+                shown = await vm.registers(event.vcpu)
+                assert shown.rip == target
+                await vm.set_registers(event.vcpu, rbx=shown.rbx)  # out of the trampoline for real
+                assert (await vm.registers(event.vcpu)).rsp == shown.rsp
+                await vm.resume()  # the NOP is skipped by hand
+                async for event in vm.events():
+                    break
+                assert (await vm.registers(event.vcpu)).rip == target
+                # leaving now: the vCPU finishes the trampoline after the detach
+    async with attach_qemu(str(lab_guest.qmp_path)) as vm:
+        assert await executed_bytes(vm, target, 5) == NOP5
+    out = await trio.to_thread.run_sync(lambda: lab_guest.shell("scenario writes 5; echo done", timeout=60))
+    assert "done" in out

@@ -1,0 +1,114 @@
+"""Inline hooks: execution breakpoints that cost a TCG guest no translation-cache flush.
+
+Theory of operation: QEMU (through 10.1) flushes its whole translation cache at every gdbstub
+breakpoint or single-step stop (``tb_flush`` in ``gdb_vm_state_change``), and a busy guest then
+spends milliseconds re-translating: about 120 breakpoint events/s at best. Watchpoint stops skip
+that flush. So a hook turns "execution reached X" into "a data read of Y happened":
+
+* X is a 5-byte NOP (the ftrace ``nop5`` that opens every kernel function). It becomes
+  ``call T``, so the return address on the stack is X + 5, as it would be for ftrace.
+* T is a 12-byte trampoline in dead padding of kernel text: ``push qword [T]`` (a data read of
+  the trampoline's own first bytes), ``lea rsp, [rsp + 8]``, ``ret``. No register and no flag
+  changes; the guest goes on at X + 5 exactly as if the NOP ran.
+* A gdbstub read watchpoint on T's first 8 bytes stops the guest right after the ``push``, with
+  RIP = T + 6 and two extra stack slots; the stop names T, so T names the hook.
+
+Dead padding is recognised without symbols: after an unconditional ``ret``/``jmp`` comes the
+``int3`` that straight-line-speculation hardening puts there (``-mharden-sls``), then alignment
+NOPs up to the next function. Nothing ever executes them. Code reached only through a jump
+label that the kernel may flip into a NOP is never followed by that ``int3``.
+
+Trampolines stay in place after their hook is removed (a vCPU may be inside one, or interrupted
+in one); they are unreachable once the call site holds its NOP again.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable
+
+import attrs
+import capstone
+
+TRAMPOLINE_SIZE = 12
+RIP_AFTER_PUSH = 6
+"""A stop on the trampoline's read watchpoint leaves RIP this far into it."""
+STACK_DEPTH = 16
+"""Bytes the call and the push put on the stack by the time of that stop."""
+SITE_SIZE = 5
+CALL_REL32 = 0xE8
+
+_md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_sweep = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_sweep.skipdata = True  # bytes capstone cannot decode (".byte") break a pattern, not the sweep
+
+
+@attrs.frozen
+class Hook:
+    """One inline hook: breakpoint ``address`` (what the user asked for), patched ``site``
+    (``address``, or just after an ``endbr64`` there), trampoline ``slot``, original bytes."""
+
+    address: int
+    site: int
+    slot: int
+    site_original: bytes
+    slot_original: bytes
+
+
+def trampoline(slot: int) -> bytes:
+    """The trampoline placed at ``slot``: push qword [slot]; lea rsp, [rsp+8]; ret."""
+    return b"\xff\x35" + struct.pack("<i", slot - (slot + 6)) + b"\x48\x8d\x64\x24\x08" + b"\xc3"
+
+
+def call_to(site: int, slot: int) -> bytes:
+    """``call slot`` encoded at ``site`` (rel32: both must lie within 2 GiB of each other)."""
+    delta = slot - (site + SITE_SIZE)
+    if not -(1 << 31) <= delta < 1 << 31:
+        raise ValueError(f"trampoline {slot:#x} is out of call range of {site:#x}")
+    return bytes([CALL_REL32]) + struct.pack("<i", delta)
+
+
+def patch_site(address: int, code: bytes) -> int | None:
+    """Where a hook for a breakpoint at ``address`` goes, given the code bytes found there:
+    ``address`` itself when it holds a 5-byte NOP, the next instruction when an ``endbr64``
+    comes first (an IBT kernel), None when neither (the caller uses a plain breakpoint)."""
+    insns = list(_md.disasm_lite(code[:16], address, 2))
+    if not insns:
+        return None
+    first = insns[0]
+    if first[2] == "nop" and first[1] == SITE_SIZE:
+        return address
+    if first[2] == "endbr64" and len(insns) > 1 and insns[1][2] == "nop" and insns[1][1] == SITE_SIZE:
+        return insns[1][0]
+    return None
+
+
+def free_slots(code: bytes, base: int, taken: Iterable[tuple[int, int]], count: int = 1) -> list[int]:
+    """Up to ``count`` trampoline slots in dead padding of ``code`` (which is at ``base``, an
+    instruction boundary), none overlapping the ``taken`` (start, size) ranges.
+
+    A slot is a run of ``int3``/NOP instructions, starting with an ``int3``, right after an
+    unconditional ``ret`` or ``jmp``, at least :data:`TRAMPOLINE_SIZE` bytes long.
+    """
+    busy = sorted(taken)
+    found: list[int] = []
+    previous = ""
+    run_start = None
+    run_len = 0
+    for address, size, mnemonic, _ in _sweep.disasm_lite(code, base):
+        if run_start is not None and mnemonic in ("int3", "nop"):
+            run_len += size
+        elif mnemonic == "int3" and previous in ("ret", "jmp"):
+            run_start, run_len = address, size
+        else:
+            run_start, run_len = None, 0
+        if run_start is not None and run_len >= TRAMPOLINE_SIZE:
+            end = run_start + TRAMPOLINE_SIZE
+            if not any(s < end and run_start < s + n for s, n in busy):
+                found.append(run_start)
+                busy.append((run_start, TRAMPOLINE_SIZE))
+                if len(found) == count:
+                    break
+            run_start, run_len = None, 0
+        previous = mnemonic
+    return found
