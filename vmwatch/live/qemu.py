@@ -33,6 +33,7 @@ import contextlib
 import os
 import secrets
 import socket
+import struct
 import tempfile
 import time
 from typing import AsyncIterator, Callable
@@ -96,6 +97,7 @@ class QemuVM:
         step), ``"hop"``, ``"step"``, or ``"auto"`` (emulate, else hop on one vCPU, else step)."""
         self._layout = {r.name: r for r in layout}
         self._g_size = sum(r.size for r in layout)
+        self._decode_g = g_decoder(self._layout)
         self._threads = threads
         self._lock = trio.Lock()
         self._pending: collections.deque[Event] = collections.deque()
@@ -406,7 +408,7 @@ class QemuVM:
             data = p.decode_hex(await self.gdb.request(p.read_registers()))
             if len(data) < self._g_size:
                 raise ProtocolError(f"g packet of {len(data)} bytes, expected {self._g_size}")
-            regs = registers_from_g(data, self._layout, vcpu)
+            regs = self._decode_g(data, vcpu)
             stopped = self._hook_stops.get(vcpu)
             if stopped is not None:  # as at the hooked address: before the call and the push
                 regs = attrs.evolve(regs, rip=stopped[0].address, rsp=stopped[1] + ih.STACK_DEPTH)
@@ -770,26 +772,48 @@ class EventStream:
         return event
 
 
+_G_FIELDS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
+             "r14", "r15", "rip", "fs_base", "gs_base", "cr0", "cr2", "cr3", "cr4", "cr8", "efer")
+_G_RENAMED = {"eflags": "rflags", "k_gs_base": "kernel_gs_base"}
+_INT_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def g_decoder(layout: dict[str, p.RegisterInfo]) -> Callable[[bytes, int], Registers]:
+    """A decoder of ``g`` packets of this layout into :class:`Registers`: one ``struct`` unpack
+    of the registers vmwatch knows (a decode per event is on the breakpoint hot path)."""
+    wanted = sorted((info.offset, info.size, name) for name, info in layout.items()
+                    if (name in _G_FIELDS or name in _G_RENAMED or name in SEGMENT_NAMES) and info.size in _INT_FORMATS)
+    fmt, pos, names = "<", 0, []
+    for offset, size, name in wanted:
+        if offset < pos:
+            continue  # overlapping layout entries: keep the first
+        fmt += (f"{offset - pos}x" if offset > pos else "") + _INT_FORMATS[size]
+        pos = offset + size
+        names.append(_G_RENAMED.get(name, name))
+    unpacker = struct.Struct(fmt)
+    segments = [n for n in names if n in SEGMENT_NAMES]
+
+    def decode(data: bytes, vcpu: int) -> Registers:
+        if len(data) >= unpacker.size:
+            values: dict[str, object] = dict(zip(names, unpacker.unpack_from(data)))
+        else:  # a short packet: what it holds
+            values = {}
+            for offset, size, name in wanted:
+                if offset + size <= len(data):
+                    values[_G_RENAMED.get(name, name)] = int.from_bytes(data[offset : offset + size], "little")
+        for seg in segments:
+            selector = values.get(seg)
+            if selector is not None:
+                base = values.get("fs_base") if seg == "fs" else values.get("gs_base") if seg == "gs" else 0
+                values[seg] = Segment(selector=selector, base=base or 0)
+        return Registers(vcpu=vcpu, **values)
+
+    return decode
+
+
 def registers_from_g(data: bytes, layout: dict[str, p.RegisterInfo], vcpu: int) -> Registers:
     """Decode a ``g`` packet with the target-description layout into :class:`Registers`."""
-    def get(name: str) -> int | None:
-        info = layout.get(name)
-        if info is None or info.offset + info.size > len(data):
-            return None
-        return int.from_bytes(data[info.offset : info.offset + info.size], "little")
-
-    values: dict[str, object] = {"vcpu": vcpu}
-    for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12",
-                 "r13", "r14", "r15", "rip", "fs_base", "gs_base", "cr0", "cr2", "cr3", "cr4", "cr8", "efer"):
-        values[name] = get(name)
-    values["rflags"] = get("eflags")
-    values["kernel_gs_base"] = get("k_gs_base")
-    for seg in SEGMENT_NAMES:
-        selector = get(seg)
-        if selector is not None:
-            base = {"fs": values["fs_base"], "gs": values["gs_base"]}.get(seg) or 0
-            values[seg] = Segment(selector=selector, base=base)
-    return Registers(**values)
+    return g_decoder(layout)(data, vcpu)
 
 
 def parse_descriptor_tables(text: str) -> tuple[int, int, int, int]:
