@@ -179,6 +179,8 @@ class TestStormReplay:
             demotions = [v for v in verdicts.values() if v[0] == "sample"]
             assert len(skips) == summary.sampled_out and len(demotions) == len(summary.demotions)
             assert all(recording.events[ctx].address == HOT for ctx in verdicts)
+        facts = json.loads(run_cli("replay", path, "--info", "--json").stdout)
+        assert facts["governor_verdicts"] == {"skip": summary.sampled_out, "sample": len(summary.demotions)}
 
 
 def _rewrite(path, change) -> bytes:

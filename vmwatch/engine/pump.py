@@ -51,10 +51,6 @@ from vmwatch.rules import ListenerKind, RuleSet, Severity
 log = structlog.get_logger()
 
 TRAP_EVENTS = (Breakpoint, MemoryAccess, RegisterWrite, Interrupt)
-WAKEUP_SYMBOLS = ("clocksource_watchdog", "delayed_work_timer_fn", "run_timer_softirq")
-"""Periodic kernel work (measured on the idle lab guest: 2/s, 3/s, 10/s): the first one found is
-the wake-up breakpoint, so a live guest is lent to borrowers within about half a second. Every
-stop costs a live guest far more than the handling (TCG re-warms), so one, and a slow one."""
 RECORDED_EVENTS = frozenset({ProcessStart, ProcessExit, Exec, ModuleLoad, RegisterWrite, Demotion, SourceEnded})
 """Event classes stored in sinks by default (traps are too many; their rules' alerts say what matters)."""
 
@@ -160,12 +156,6 @@ class Engine:
         self._last_seq = 0
         self._rule_failures: list[tuple[RuleRun, Event, BaseException]] = []
         self._stop_requested = False
-        self._consuming = False
-        """A live source's event stream is being read: other tasks borrow the stopped guest."""
-        self._borrowers: collections.deque[tuple[trio.Event, trio.Event]] = collections.deque()
-        self._wakeups: list[int] = []
-        """Breakpoints on periodic kernel work: the consumer gets the stopped guest a few times a
-        second even when no rule's trap fires, and lends it to waiting borrowers."""
         self._ended = False
         self._replays_ticks = bool(getattr(source, "replays_ticks", False))
         """The stream carries the recorded engine ticks: no timer, periodic rules run at them."""
@@ -255,8 +245,6 @@ class Engine:
                     await self._bind_trap(h)
         if self.options.sensors and wanted:
             await self._plan_sensors(wanted)
-        if self.pausable and caps.BREAKPOINTS in self.capabilities:
-            await self._arm_wakeups()
         self.summary.traps = len(self._armed)
         log.info("watch armed", vm=self.vm, rules=len(self.runs), traps=len(self._armed),
                  inactive=len(self.summary.inactive))
@@ -365,7 +353,6 @@ class Engine:
 
     async def _consume(self) -> None:
         src = self.source
-        self._consuming = self.pausable and bool(self._wakeups)
         try:
             if getattr(src, "realtime", False):
                 await self._consume_realtime()
@@ -393,11 +380,7 @@ class Engine:
                                                   reason=f"source failed: {exc}"),))
             return
         finally:
-            self._consuming = False
             self._stream_done = True
-            for lent, _done in self._borrowers:  # nobody will lend the guest any more
-                lent.set()
-            self._borrowers.clear()
         if not self._ended:
             self.summary.end_reason = self.summary.end_reason or "source ended"
 
@@ -483,8 +466,6 @@ class Engine:
             self._last_seq = event.seq
             if guest._alerts or self._decisions or self._rule_failures:
                 await self._after_rules()
-            if self._borrowers:
-                await self._lend()
             self._held = False  # a live source lets the guest run when asked for the next event
             if cls is SourceEnded:
                 self.summary.end_reason = event.reason  # type: ignore[attr-defined]
@@ -663,8 +644,6 @@ class Engine:
         handlers = [h for period, h in self.dispatcher.periodic if (h.rule.name, period) in ran]
         self._held = True
         await self._run_tick(tick, handlers)
-        if self._borrowers:
-            await self._lend()
         self._held = False
 
     async def _run_tick(self, tick: Tick, handlers: list[Handler]) -> None:
@@ -679,47 +658,22 @@ class Engine:
             self._dispatch_derived(guest.take_emitted())
         await self._after_rules()
 
-    async def _arm_wakeups(self) -> None:
-        try:
-            symbols = self.guest.linux.symbols
-        except VmwatchError as exc:
-            self.inactive("periodic rules and tampers during the watch", f"no wake-up point: {exc}")
-            return
-        taken = {key[1] for key in self.dispatcher.traps if key[0] is Breakpoint}
-        for name in WAKEUP_SYMBOLS:
-            address = symbols.get(name)
-            if address is not None and address not in taken and not self._wakeups:
-                await self.source.add_breakpoint(address)
-                self._wakeups.append(address)
-
     def guest_stopped(self) -> Any:
         """``async with engine.guest_stopped():`` the guest is stopped and no rule runs meanwhile.
 
         For anything that must see or change the guest consistently while a watch runs: ticks,
-        trap changes, a debugger, a test's tamper. On a live source whose events are being read,
-        the guest is *borrowed* from the consumer: whenever the consumer holds the stopped guest
-        for an event (a rule's trap, or a wake-up breakpoint on periodic kernel work that fires a
-        few times a second) it lends it until the block ends. No second task ever talks to the
-        hypervisor while the event stream is waiting. Otherwise (images, synthetic streams, before
-        and after the stream is read) it takes the engine lock and pauses the guest.
+        trap changes, a debugger, a test's tamper. It takes the engine lock (so it waits for the
+        event being handled) and pauses the guest unless an event holds it stopped already; a
+        live source interrupts the guest even while the consumer waits in ``events()`` (the stop
+        goes to the waiter, which keeps it as the event it hands out next if it was a trap).
+        Leaving the block resumes the guest, but never past an event the source has handed out
+        and the consumer not yet handled (the source's ``resume()`` contract).
         """
         engine = self
 
         class _Stopped:
             async def __aenter__(self) -> None:
-                self.borrowed = self.paused = False
-                if engine._consuming:
-                    self.borrowed = True
-                    self.lent, self.done = trio.Event(), trio.Event()
-                    engine._borrowers.append((self.lent, self.done))
-                    try:
-                        await self.lent.wait()
-                    except BaseException:
-                        self.done.set()
-                        with contextlib.suppress(ValueError):
-                            engine._borrowers.remove((self.lent, self.done))
-                        raise
-                    return
+                self.paused = False
                 await engine._lock.acquire()
                 if engine.pausable and not engine._held:
                     try:
@@ -730,9 +684,6 @@ class Engine:
                     self.paused = True
 
             async def __aexit__(self, *exc: object) -> None:
-                if self.borrowed:
-                    self.done.set()
-                    return
                 try:
                     if self.paused:
                         with trio.CancelScope(shield=True):
@@ -744,13 +695,6 @@ class Engine:
 
         return _Stopped()
 
-    async def _lend(self) -> None:
-        """The consumer holds the stopped guest: let each waiting borrower use it in turn."""
-        while self._borrowers:
-            lent, done = self._borrowers.popleft()
-            lent.set()
-            await done.wait()
-
     # -- shutdown --------------------------------------------------------------------------
 
     async def _teardown(self) -> None:
@@ -760,10 +704,6 @@ class Engine:
         self.publish(self.guest.take_alerts())
         with trio.move_on_after(self.options.shutdown_grace):
             # the guest must not stay frozen: remove traps, then let it run
-            for address in self._wakeups:
-                with contextlib.suppress(VmwatchError):
-                    await self.source.remove_breakpoint(address)
-            self._wakeups.clear()
             for trap in list(self._armed):
                 try:
                     await self._disarm(trap)

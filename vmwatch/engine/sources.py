@@ -201,7 +201,10 @@ class LiveSource:
     """A live hypervisor (``vmwatch.live.qemu``) as an engine source.
 
     Each event ``vm.events()`` yields leaves the guest paused until the pump asks for the next
-    one. Ticks and trap changes pause the guest through :meth:`pause` / :meth:`resume`.
+    one. Ticks and trap changes pause the guest through :meth:`pause` / :meth:`resume`, from
+    another task, also while the pump waits for an event; if that stop turned out to be an event
+    (a trap hit racing the interrupt), :meth:`resume` leaves the guest stopped for it and the
+    pump's request for the next event lets it run.
     """
 
     realtime = False
@@ -221,15 +224,26 @@ class LiveSource:
         if getattr(self.memory, "writable", False):
             caps.add(WRITE)
         self.capabilities = frozenset(caps)
+        self._handed_out = False
+        """An event was yielded and the next one not yet asked for: the guest must stay stopped."""
+        self._resume_owed = False
 
     async def events(self) -> AsyncIterator[Event]:
         """The backend's events with ``time_ns`` on the wall clock (it stamps them with the
         monotonic clock; the timeline, ``--since 15m ago`` and trends need wall-clock time)."""
         offset = time.time_ns() - time.monotonic_ns()
-        async for event in self.vm.events():  # type: ignore[attr-defined]
-            if event.time_ns < _WALL_CLOCK_FLOOR:
-                event = attrs.evolve(event, time_ns=event.time_ns + offset)
-            yield event
+        try:
+            async for event in self.vm.events():  # type: ignore[attr-defined]
+                if event.time_ns < _WALL_CLOCK_FLOOR:
+                    event = attrs.evolve(event, time_ns=event.time_ns + offset)
+                self._handed_out = True
+                yield event
+                self._handed_out = False
+                if self._resume_owed:  # a pause() taken meanwhile still holds the backend
+                    self._resume_owed = False
+                    await self.vm.resume()  # type: ignore[attr-defined]
+        finally:
+            self._handed_out = self._resume_owed = False
 
     def clock_ns(self) -> int:
         return time.time_ns()
@@ -238,6 +252,9 @@ class LiveSource:
         await self.vm.pause()  # type: ignore[attr-defined]
 
     async def resume(self) -> None:
+        if self._handed_out:
+            self._resume_owed = True
+            return
         await self.vm.resume()  # type: ignore[attr-defined]
 
     async def registers(self, vcpu: int) -> Registers:

@@ -70,6 +70,7 @@ def _info(args: argparse.Namespace, env) -> int:
             "vmwatch": meta.get("vmwatch_version"), "capabilities": meta.get("capabilities"),
             "events": len(recording.events), "events_by_kind": dict(kinds.most_common()),
             "pages_stored": recording.page_count, "page_reads": end.get("page_reads"),
+            "governor_verdicts": dict(collections.Counter(v[0] for v in recording.verdicts.values())),
             "bytes": os.path.getsize(args.recording), "base": meta.get("base"),
         }
     if args.json:
