@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import random
+
+import trio
 
 from vmwatch.cpu import Registers
 from vmwatch.events import Access, Breakpoint, MemoryAccess, Tick
@@ -106,3 +109,23 @@ def handler_reads(seq: int) -> list[tuple[int, int]]:
         reads.append((rng.randrange(0, HOLE[0] - 0x200), rng.randrange(1, 0x200)))
     reads.append((0x30000 + 0x1000 * (seq % 8), 32))
     return reads
+
+
+def replay_json(path, rules, **run_options):
+    """Replay the recording ``path`` with the pack file ``rules``: (JSON lines printed, summary)."""
+    from vmwatch.engine.pump import watch
+    from vmwatch.engine.sinks import JsonLinesSink
+    from vmwatch.replay import open_replay
+    from vmwatch.rules import RuleSet
+
+    out = io.StringIO()
+
+    async def session():
+        with open_replay(path) as source:
+            summary = await watch(source, RuleSet.load([rules]), [JsonLinesSink(out)])
+            assert source.first_failure() is None
+            return summary
+
+    summary = trio.run(session, **run_options)
+    assert not summary.rule_errors, summary.rule_errors
+    return out.getvalue().splitlines(), summary

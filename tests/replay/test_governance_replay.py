@@ -16,12 +16,12 @@ from vmwatch.engine.pump import WatchOptions, watch
 from vmwatch.engine.sinks import JsonLinesSink
 from vmwatch.errors import RecordingError
 from vmwatch.events import Breakpoint
-from vmwatch.replay import Recording, open_replay, recording_source
+from vmwatch.replay import Recording, recording_source
 from vmwatch.replay.format import GOVERN, RecordType, RecordWriter, iter_records
 from vmwatch.rules import RuleSet
 from vmwatch.testing.cli import run_cli
 
-from .synthetic import synthetic_source
+from .synthetic import replay_json, synthetic_source
 from .test_format import _rewrite_header
 
 HOT, COLD = 0xFFFFFFFF81000100, 0xFFFFFFFF81000200
@@ -104,18 +104,6 @@ def _live(tmp_path, source, budget: Budget, **run_options):
     return path, rules, out.getvalue().splitlines(), summary
 
 
-def _replay(path, rules):
-    out = io.StringIO()
-
-    async def session():
-        with open_replay(path) as source:
-            summary = await watch(source, RuleSet.load([rules]), [JsonLinesSink(out)])
-            assert source.first_failure() is None
-            return summary
-
-    return out.getvalue, trio.run(session)
-
-
 def _messages(lines):
     """Alert messages, and the kind of event records (``Demotion``)."""
     items = [json.loads(line) for line in lines]
@@ -147,8 +135,8 @@ class TestStormReplay:
         assert len(summary.demotions) >= 2 and summary.demotions[0].action == "unhooked for 0.5s"
         assert _messages(live).count("demoted") == len(summary.demotions)
         assert _messages(live).count("Demotion") == len(summary.demotions)
-        text, replayed = _replay(path, rules)
-        assert text().splitlines() == live
+        lines, replayed = replay_json(path, rules)
+        assert lines == live
         assert replayed.demotions == summary.demotions and replayed.events == summary.events
 
     def test_sampling_replays_identical(self, sampled):
@@ -159,8 +147,8 @@ class TestStormReplay:
         hot = [json.loads(line)["details"]["seq"] for line in live if '"message": "hot"' in line]
         assert len(hot) < 4000 // 7 // 2  # most hot alerts were sampled out with their hits
         assert _messages(live).count("cold") == 80  # the calm trap was never demoted
-        text, replayed = _replay(path, rules)
-        assert text().splitlines() == live
+        lines, replayed = replay_json(path, rules)
+        assert lines == live
         assert replayed.sampled_out == summary.sampled_out and replayed.demotions == summary.demotions
 
     def test_cli_replay_identical(self, sampled):
@@ -199,9 +187,9 @@ class TestOlderAndHostile:
         path, rules, live, _ = sampled
         old = tmp_path / "old.vmwr"
         old.write_bytes(_rewrite_header(_rewrite(path, lambda k, p: [] if k == RecordType.GOVERN else [(k, p)]), 1, 1))
-        text, replayed = _replay(old, rules)
+        lines, replayed = replay_json(old, rules)
         assert replayed.sampled_out == 0 and not replayed.demotions
-        assert _messages(text().splitlines()).count("hot") == len(range(0, 4000, 7)) - len(range(0, 4000, 350))
+        assert _messages(lines).count("hot") == len(range(0, 4000, 7)) - len(range(0, 4000, 350))
 
     @pytest.mark.parametrize(("damage", "message"), [
         (lambda p: p + b"\0", "wrong size"),

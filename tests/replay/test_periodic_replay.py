@@ -12,10 +12,10 @@ import trio.testing
 from vmwatch.engine.pump import watch
 from vmwatch.engine.sinks import JsonLinesSink
 from vmwatch.events import Tick
-from vmwatch.replay import Recording, open_replay, recording_source
+from vmwatch.replay import Recording, recording_source
 from vmwatch.rules import RuleSet
 
-from .synthetic import synthetic_source
+from .synthetic import replay_json, synthetic_source
 
 RULES = textwrap.dedent('''
     import hashlib
@@ -79,20 +79,6 @@ def _record(tmp_path):
     return path, rules, out.getvalue().splitlines()
 
 
-def _replay(path, rules, **run_options):
-    out = io.StringIO()
-
-    async def session():
-        with open_replay(path) as source:
-            summary = await watch(source, RuleSet.load([rules]), [JsonLinesSink(out)])
-            assert source.first_failure() is None
-            return summary
-
-    summary = trio.run(session, **run_options)
-    assert not summary.rule_errors, summary.rule_errors
-    return out.getvalue().splitlines()
-
-
 def test_periodic_rules_replay_identical_lines(tmp_path):
     """Alerts of periodic rules reading memory that changes: the replay prints the live lines, in order."""
     path, rules, live = _record(tmp_path)
@@ -100,7 +86,7 @@ def test_periodic_rules_replay_identical_lines(tmp_path):
     assert messages.count("low memory changed") >= 3 and messages.count("census") >= 3
     assert any(m.startswith("breakpoint") for m in messages)
     # the replay runs at once (real clock): the ticks come from the recording, not a timer
-    assert _replay(path, rules) == live
+    assert replay_json(path, rules)[0] == live
 
 
 def test_ticks_recorded_between_events(tmp_path):
@@ -128,5 +114,5 @@ def test_replay_runs_only_the_recorded_rules(tmp_path):
     only_census = tmp_path / "fewer" / "pack.py"  # same pack name: rules are matched by name
     only_census.write_text(RULES.split("@rule.every(2.0)")[0].split("@rule.every(0.7)")[0]
                            + "@rule.every(2.0)" + RULES.split("@rule.every(2.0)")[1].split("@rule.on_breakpoint")[0])
-    lines = _replay(path, only_census)
+    lines = replay_json(path, only_census)[0]
     assert lines and [line for line in live if '"census"' in line] == lines

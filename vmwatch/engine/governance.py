@@ -109,11 +109,20 @@ class Governor:
         if st.sample_every > 1:
             st.sample_count += 1
             if st.sample_count % st.sample_every:
-                st.skipped += 1
-                if self.on_governed is not None:
-                    self.on_governed(None)
-                return False
+                return self._skip(st)
         return True
+
+    def _skip(self, st: TrapState) -> bool:
+        """A hit sampled out: counted, told, not dispatched."""
+        st.skipped += 1
+        if self.on_governed is not None:
+            self.on_governed(None)
+        return False
+
+    def _told(self, decision: Decision) -> Decision:
+        if self.on_governed is not None:
+            self.on_governed(decision)
+        return decision
 
     def charge(self, trap: Trap, seconds: float, now: float) -> Decision | None:
         """Add handling cost; return a demotion if the trap is now over budget."""
@@ -132,15 +141,11 @@ class Governor:
         if self.can_unhook:
             cooldown = min(b.cooldown * 2 ** (st.demotions - 1), b.max_cooldown)
             st.unhooked_until = now + cooldown
-            decision = Decision(trap, "unhook", hits, cooldown, 1)
-        else:
-            # sample so that the dispatched hits and their cost fit the budget, with a 2x margin
-            ratio = max(dispatched / b.max_hits, cost / budget_cost, 1.0)
-            st.sample_every *= max(2, math.ceil(2 * ratio))
-            decision = Decision(trap, "sample", hits, 0.0, st.sample_every)
-        if self.on_governed is not None:
-            self.on_governed(decision)
-        return decision
+            return self._told(Decision(trap, "unhook", hits, cooldown, 1))
+        # sample so that the dispatched hits and their cost fit the budget, with a 2x margin
+        ratio = max(dispatched / b.max_hits, cost / budget_cost, 1.0)
+        st.sample_every *= max(2, math.ceil(2 * ratio))
+        return self._told(Decision(trap, "sample", hits, 0.0, st.sample_every))
 
     def due_rearm(self, now: float) -> list[Trap]:
         """Unhooked traps whose cooldown has passed (they are marked armed again)."""
@@ -176,10 +181,7 @@ class ReplayedGovernor(Governor):
         st.total_hits += 1
         verdict = self._recorded()
         if verdict is not None and verdict[0] == "skip":
-            st.skipped += 1
-            if self.on_governed is not None:
-                self.on_governed(None)
-            return False
+            return self._skip(st)
         return True
 
     def charge(self, trap: Trap, seconds: float, now: float) -> Decision | None:
@@ -193,10 +195,7 @@ class ReplayedGovernor(Governor):
             st.unhooked_until = now + cooldown
         else:
             st.sample_every = sample_every
-        decision = Decision(trap, action, hits, cooldown, sample_every)
-        if self.on_governed is not None:
-            self.on_governed(decision)
-        return decision
+        return self._told(Decision(trap, action, hits, cooldown, sample_every))
 
 
 def governor_for(source: Any, budget: Budget, *, can_unhook: bool) -> Governor:
