@@ -71,6 +71,10 @@ class KernelPackage:
             os.replace(tmp, path)
         return path
 
+    def debug_vmlinux(self) -> Path:
+        """The vmlinux with DWARF and full symbols from this kernel's ``-dbg`` package (cached)."""
+        return ensure_debug_vmlinux(self)
+
     @property
     def system_map(self) -> Path:
         """Debian ships a stub here (the real map is in the -dbg package); kept for completeness."""
@@ -236,6 +240,81 @@ def ensure_kernel(arch: str = "amd64", *, cache: Path | None = None) -> KernelPa
     tmp.write_text(json.dumps({"dir": root.name}))
     os.replace(tmp, resolved)
     return _load(arch, root)
+
+
+def ensure_debug_vmlinux(kernel: KernelPackage) -> Path:
+    """``usr/lib/debug/boot/vmlinux-<release>`` of ``linux-image-<release>-dbg``, same version as ``kernel``.
+
+    The package is large (some 760 MB for i386, 3.4 GB unpacked: mostly modules' debug files), so
+    only the vmlinux is kept: the .deb, checked by apt against the signed archive, is streamed
+    through ``dpkg-deb --fsys-tarfile`` into ``tar`` for that one member and then deleted. Its
+    build id must equal the one of the kernel the lab boots. Timings go to ``fetch.json`` beside it.
+    """
+    debian_arch = ARCHES[kernel.arch][1]
+    package = f"{kernel.package}-dbg"
+    final = kernel.root.parent / f"{package}_{kernel.version}_{debian_arch}"
+    vmlinux = final / f"vmlinux-{kernel.release}"
+    if vmlinux.is_file():
+        return vmlinux
+    for tool in ("dpkg-deb", "tar"):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool} is missing (install the Debian package {'dpkg' if tool == 'dpkg-deb' else tool})")
+    apt = Apt.for_arch(debian_arch, kernel.root.parent.parent)
+    apt._ensure_lists(package)
+    log.info("lab.kernel.debug_download", package=package, version=kernel.version)
+    with tempfile.TemporaryDirectory(dir=kernel.root.parent, prefix=".dl-") as tmp:
+        started = time.monotonic()
+        deb = apt.download(package, kernel.version, Path(tmp))
+        downloaded = time.monotonic()
+        deb_size = deb.stat().st_size
+        unpacked = Path(tmp) / "root"
+        unpacked.mkdir()
+        _extract_member(deb, f"./usr/lib/debug/boot/vmlinux-{kernel.release}", unpacked)
+        deb.unlink()
+        extracted = unpacked / "usr" / "lib" / "debug" / "boot" / vmlinux.name
+        if not extracted.is_file() or extracted.open("rb").read(4) != b"\x7fELF":
+            raise LabError(f"{package} {kernel.version} has no ELF usr/lib/debug/boot/{vmlinux.name}")
+        ours, theirs = build_id(extracted), build_id(kernel.vmlinux())
+        if ours != theirs:
+            raise LabError(f"{package} {kernel.version}: build id {ours} is not the booted kernel's {theirs}")
+        os.replace(extracted, unpacked / vmlinux.name)
+        shutil.rmtree(unpacked / "usr")
+        (unpacked / "fetch.json").write_text(json.dumps({
+            "package": package, "version": kernel.version, "deb_bytes": deb_size,
+            "download_s": round(downloaded - started, 2), "extract_s": round(time.monotonic() - downloaded, 2),
+            "vmlinux_bytes": (unpacked / vmlinux.name).stat().st_size}) + "\n")
+        _install_dir(unpacked, final)
+    log.info("lab.kernel.debug_ready", path=str(vmlinux), deb_bytes=deb_size)
+    return vmlinux
+
+
+def _extract_member(deb: Path, member: str, into: Path) -> None:
+    """Stream one file out of a .deb's data archive; tar stops after it (``--occurrence``)."""
+    dpkg = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        tar = subprocess.run(["tar", "-x", "-C", str(into), "--occurrence=1", member],
+                             stdin=dpkg.stdout, capture_output=True, text=True)
+    finally:
+        dpkg.stdout.close()  # dpkg-deb gets SIGPIPE once tar has what it wanted
+        dpkg.wait()
+    if tar.returncode != 0:
+        raise LabError(f"extracting {member} from {deb.name} failed: {tar.stderr.strip()[-300:]}")
+
+
+def build_id(path: Path) -> str | None:
+    """The GNU build id (hex) from an ELF file's note segments, or None."""
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            for segment in ELFFile(f).iter_segments("PT_NOTE"):
+                for note in segment.iter_notes():
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        return note["n_desc"]
+    except Exception as exc:  # noqa: BLE001 - pyelftools raises anything on a corrupt file
+        raise LabError(f"unreadable ELF notes: {type(exc).__name__}: {exc}") from None
+    return None
 
 
 def ensure_foreign_busybox(debian_arch: str, cache: Path) -> Path:

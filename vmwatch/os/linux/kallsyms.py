@@ -251,14 +251,16 @@ def _decode(buf: bytes, token_table: int, pointer_size: int) -> tuple[Symbols, K
         markers_at, names_at, num_syms = (token_table + layout[0], token_table + layout[1], layout[2])
         nm = (num_syms + 255) >> 8
         markers = list(struct.unpack_from(f"<{nm}I", buf, markers_at))
+        layout = None
     else:
-        markers_at, markers, count_hint = _markers(buf, token_table)
+        markers_at, markers, count_hint = _markers(buf, token_table, pointer_size)
         names_at, num_syms = _names_start(buf, markers_at, markers, pointer_size, count_hint)
-        _cache.store("kallsyms-layout", key, (markers_at - token_table, names_at - token_table, num_syms))
     names, types, names_end, preferred, by_name = _decode_names(buf, names_at, num_syms, tokens, markers)
     if not markers_at - 8 <= names_end <= markers_at:
         raise SymbolError(f"kallsyms names end at {names_end:#x}, markers start at {markers_at:#x}")
     offsets_at, base, addresses = _addresses(buf, names_at, num_syms, token_index, pointer_size)
+    if layout is None:  # only a layout that decoded is worth remembering
+        _cache.store("kallsyms-layout", key, (markers_at - token_table, names_at - token_table, num_syms))
     tables = KallsymsTables(num_syms=names_at - pointer_size if pointer_size == 4 else names_at - 8,
                             names=names_at, markers=markers_at, token_table=token_table,
                             token_index=token_index, offsets=offsets_at, relative_base=base)
@@ -304,8 +306,9 @@ def _token_index(buf: bytes, tt_end: int, tokens: list[str]) -> int:
     raise SymbolError("kallsyms token index does not match the token table")
 
 
-def _markers(buf: bytes, token_table: int) -> tuple[int, list[int], int | None]:
-    """Find ``kallsyms_markers``: right before the token table, or before ``kallsyms_seqs_of_names``.
+def _markers(buf: bytes, token_table: int, pointer_size: int = 8) -> tuple[int, list[int], int | None]:
+    """Find ``kallsyms_markers``: right before the token table, or before ``kallsyms_seqs_of_names``
+    (labels are aligned to the pointer size).
 
     Returns (offset, markers, symbol count if it was implied by the seqs table, else None).
     """
@@ -316,7 +319,7 @@ def _markers(buf: bytes, token_table: int) -> tuple[int, list[int], int | None]:
     # 6.2-6.3 (and backports): markers, seqs_of_names (3 bytes per symbol), token_table.
     for count in range(1, min(_MAX_SYMS, token_table // 3)):
         nm = (count + 255) >> 8
-        markers_at = token_table - _align(3 * count, 8) - _align(4 * nm, 8)
+        markers_at = token_table - _align(3 * count, pointer_size) - _align(4 * nm, pointer_size)
         if markers_at < 0:
             break
         if buf[markers_at:markers_at + 4] != b"\0\0\0\0" or nm > 1 and not (
@@ -358,8 +361,9 @@ def _names_start(buf: bytes, markers_at: int, markers: list[int], pointer_size: 
     # The last 1..256 symbols take 2..~260 bytes each after the last marker.
     hi = markers_at - last - 2
     lo = max(8, markers_at - last - 256 * 260 - 8)
+    gaps = (8, 4) if pointer_size == 8 else (4,)  # num_syms is a .long right before the names label
     for names_at in range(hi & -4, lo, -4):
-        for gap in (8, 4):
+        for gap in gaps:
             count = _U32.unpack_from(buf, names_at - gap)[0]
             if lo_count <= count <= hi_count:
                 return names_at, count

@@ -52,19 +52,28 @@ class Linux:
 
         registers = tuple(r for r in registers if r is not None)
         symbols, hint, token_table_paddr = locate.find_kallsyms(phys, registers)
-        if hint is not None:
-            text_vaddr, text_paddr, _cr3, mode = hint
-        else:
-            text_vaddr = symbols["_text"]
-            text_paddr = locate.physical_text(phys, symbols, token_table_paddr)
-            mode = None
-        root, mode = locate.kernel_root(phys, symbols, text_paddr, mode)
-        memory = GuestMemory(phys, cr3=root, mode=mode)
         extra = None
         if symbols_file is not None:
             from vmwatch.os.linux.symbols import load_symbols_file
 
             extra = load_symbols_file(symbols_file)
+        text_vaddr = hint[0] if hint is not None else symbols["_text"]
+        if extra is not None:
+            symbols = extra.merge_symbols(symbols, text_vaddr)
+        if "linux_banner" not in symbols and extra is not None:
+            raise SymbolError(f"{symbols_file}: no linux_banner, and this kernel's kallsyms lacks it too")
+        if "linux_banner" not in symbols:
+            raise SymbolError(
+                "this kernel needs a symbol file: its kallsyms has no data symbols (CONFIG_KALLSYMS_ALL "
+                "is off, as on Debian's i386 kernels) and it carries no BTF: pass --symbols with the "
+                "vmlinux of its linux-image-*-dbg package or a Volatility 3 ISF JSON file")
+        if hint is not None:
+            _, text_paddr, _cr3, mode = hint
+        else:
+            text_paddr = locate.physical_text(phys, symbols, token_table_paddr)
+            mode = None
+        root, mode = locate.kernel_root(phys, symbols, text_paddr, mode)
+        memory = GuestMemory(phys, cr3=root, mode=mode)
         types = None
         if "__start_BTF" in symbols and "__stop_BTF" in symbols:
             start, stop = symbols["__start_BTF"], symbols["__stop_BTF"]
@@ -72,8 +81,9 @@ class Linux:
                 raise SymbolError(f"absurd BTF size {stop - start:#x}")
             types = btf.load_profile(memory.read(start, stop - start))
         if extra is not None:
-            symbols = extra.merge_symbols(symbols, text_vaddr)
             types = extra.types or types  # what the user named wins over what memory holds
+            if extra.types is not None and not extra.types.has_type("struct task_struct"):
+                raise SymbolError(f"{symbols_file}: its types have no struct task_struct (not a Linux kernel's)")
         if types is None:
             raise SymbolError(
                 "this kernel carries no BTF type information (CONFIG_DEBUG_INFO_BTF is off): "
@@ -87,10 +97,13 @@ class Linux:
                 page_offset = memory.u64(symbols["page_offset_base"])
             except VmwatchError:
                 page_offset = None
+        # i386 kernels link elsewhere than x86_64's default: the symbol file says where.
+        link_text = extra.symbols.get("_text") if extra is not None and extra.symbols is not None else None
+        link_text = locate.DEFAULT_TEXT if link_text is None else link_text
         kernel = KernelInfo(
             banner=banner, release=parts[2] if len(parts) > 2 else "?",
             text_vaddr=text_vaddr, text_paddr=text_paddr,
-            slide=text_vaddr - locate.DEFAULT_TEXT, phys_slide=text_paddr - 0x1000000,
+            slide=text_vaddr - link_text, phys_slide=text_paddr - 0x1000000,
             page_offset=page_offset, kernel_cr3=root, mode=mode)
         log.debug("linux.found", release=kernel.release, slide=hex(kernel.slide), cr3=hex(root))
         return cls(kernel, symbols, types, memory)

@@ -135,13 +135,32 @@ def _image_candidates(phys, read, limit: int = 8) -> list[int]:
     return found
 
 
+def pointer_size(registers: tuple[Registers, ...]) -> int | None:
+    """4 or 8 from the paging mode of the first vCPU with paging on; None if none has it."""
+    for regs in registers:
+        if regs.cr0 is None:
+            continue
+        if regs.paging_mode in (PagingMode.BITS32, PagingMode.PAE):
+            return 4
+        if regs.paging_mode in (PagingMode.LEVEL4, PagingMode.LEVEL5):
+            return 8
+    return None
+
+
 def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
     """Locate and decode kallsyms; use CPU state to narrow the search when there is some.
+
+    i386 kernels (32-bit or PAE paging in the CPU state) are found by the physical search only:
+    their kernel image sits in the direct map, which has no window of its own to walk.
 
     Returns:
         (symbols, text hint as (vaddr, paddr, cr3, mode) or None, physical address of the token table)
     """
     read = lambda paddr, size: phys.read(paddr, size, pad=True)  # noqa: E731
+    size = pointer_size(registers)
+    if size == 4:
+        symbols, tables, base = kallsyms.scan(read, _runs(phys), pointer_size=4)
+        return symbols, None, base + tables.token_table
     for cr3, mode in cr3_candidates(registers):
         try:
             text = text_from_page_tables(phys, cr3, mode)
@@ -162,13 +181,25 @@ def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
         except SymbolError:
             continue
         return symbols, None, token_table
-    symbols, tables, base = kallsyms.scan(read, _runs(phys))
+    try:
+        symbols, tables, base = kallsyms.scan(read, _runs(phys))
+    except SymbolError:
+        if size is not None:
+            raise
+        symbols, tables, base = kallsyms.scan(read, _runs(phys), pointer_size=4)  # an i386 kernel?
     return symbols, None, base + tables.token_table
 
 
 def physical_text(phys, symbols: kallsyms.Symbols, token_table_paddr: int) -> int:
-    """The 2 MiB-aligned physical base below the tables at which ``linux_banner`` reads right."""
+    """The 2 MiB-aligned physical base below the tables at which ``linux_banner`` reads right.
+
+    With ``kallsyms_token_table`` among the symbols (from a symbol file) it is exact, no search.
+    """
     banner = symbols["linux_banner"] - symbols["_text"]
+    if "kallsyms_token_table" in symbols:
+        paddr = token_table_paddr - (symbols["kallsyms_token_table"] - symbols["_text"])
+        if phys.read(paddr + banner, len(BANNER), pad=True) == BANNER:
+            return paddr
     start = (token_table_paddr & ~(_2M - 1))
     for paddr in range(start, max(-1, start - _IMAGE_MAX), -_2M):
         if phys.read(paddr + banner, len(BANNER), pad=True) == BANNER:
@@ -178,13 +209,18 @@ def physical_text(phys, symbols: kallsyms.Symbols, token_table_paddr: int) -> in
 
 def kernel_root(phys, symbols: kallsyms.Symbols, text_paddr: int,
                 hint: PagingMode | None = None) -> tuple[int, PagingMode]:
-    """Physical ``init_top_pgt`` and the paging depth that maps ``_text`` back to ``text_paddr``."""
+    """Physical ``init_top_pgt`` (``swapper_pg_dir`` on i386) and the paging mode that maps
+    ``_text`` back to ``text_paddr``."""
     from vmwatch.memory import GuestMemory
 
     name = "init_top_pgt" if "init_top_pgt" in symbols else "swapper_pg_dir"
+    if name not in symbols:
+        raise SymbolError("neither init_top_pgt nor swapper_pg_dir is known: the kernel page tables cannot be found")
     root = text_paddr + symbols[name] - symbols["_text"]
     modes = [hint] if hint else []
-    modes += [m for m in (PagingMode.LEVEL4, PagingMode.LEVEL5) if m not in modes]
+    wide = symbols["_text"] > 0xFFFFFFFF
+    candidates = (PagingMode.LEVEL4, PagingMode.LEVEL5) if wide else (PagingMode.PAE, PagingMode.BITS32)
+    modes += [m for m in candidates if m not in modes]
     for mode in modes:
         try:
             if GuestMemory(phys, cr3=root, mode=mode).translate(symbols["_text"]) == text_paddr:

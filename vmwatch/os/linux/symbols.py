@@ -1,7 +1,7 @@
 """Optional symbol files (``--symbols FILE``) for kernels that do not carry enough about themselves.
 
 Accepted, detected by content: a System.map (``address type name`` lines), a vmlinux ELF with
-``.symtab`` (symbols) and types from its ``.BTF`` section or else its DWARF (dwarf.py; Debian's
+``.symtab`` (symbols) and types from its ``.BTF`` section or else its DWARF (vmlinux.py; Debian's
 ``linux-image-*-dbg`` vmlinux), a Volatility 3 ISF (``.json`` or
 ``.json.xz``), and a libvmi.conf entry (hand-written offsets plus the path of its System.map).
 File addresses are link-time; they are moved by the KASLR slide measured on ``_text``.
@@ -34,6 +34,7 @@ class SymbolFile:
             return runtime
         slide = text_vaddr - self.symbols["_text"]
         mask = (1 << 64) - 1 if text_vaddr > 0xFFFFFFFF else 0xFFFFFFFF
+        self._check_matches(runtime, slide, mask)
         names, addresses, types = list(runtime.names), list(runtime.addresses), list(runtime.types or "T" * len(runtime))
         for i, (name, address) in enumerate(self.symbols.items()):
             if name in runtime:
@@ -43,6 +44,21 @@ class SymbolFile:
             addresses.append(address if kind in "aA" else (address + slide) & mask)
             types.append(kind)
         return Symbols(names, addresses, "".join(types))
+
+    def _check_matches(self, runtime: Symbols, slide: int, mask: int, sample: int = 2000) -> None:
+        """Functions named in both tables must sit at the same place once slid, or the file is
+        another kernel's (another build, or another architecture): its data symbols would be wrong."""
+        checked = moved = 0
+        for name, address in runtime.items():
+            if checked >= sample:
+                break
+            if name not in self.symbols or runtime.type_of(name) not in "Tt":
+                continue
+            checked += 1
+            moved += (self.symbols[name] + slide) & mask != address
+        if checked >= 20 and moved * 10 > checked:
+            raise SymbolError(f"{self.path} is not this kernel's symbol file: {moved} of {checked} "
+                              "functions it shares with the kernel's own kallsyms are elsewhere")
 
 
 def load_symbols_file(path: str) -> SymbolFile:
@@ -98,42 +114,10 @@ def _isf(path: str) -> SymbolFile:
 
 
 def _vmlinux(path: str) -> SymbolFile:
-    try:
-        from elftools.elf.elffile import ELFFile
-    except ImportError:  # pragma: no cover - pyelftools is a dependency
-        raise SymbolError("reading a vmlinux needs pyelftools") from None
-    from vmwatch.os.linux.btf import load_profile
+    from vmwatch.os.linux.vmlinux import read_vmlinux
 
-    try:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            names, addresses, types = [], [], []
-            symtab = elf.get_section_by_name(".symtab")
-            if symtab is not None:
-                for sym in symtab.iter_symbols():
-                    kind = sym["st_info"]["type"]
-                    if sym.name and kind in ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE") and sym["st_value"]:
-                        names.append(sym.name)
-                        addresses.append(sym["st_value"])
-                        local = sym["st_info"]["bind"] == "STB_LOCAL"
-                        letter = "T" if kind == "STT_FUNC" else "D"
-                        types.append(letter.lower() if local else letter)
-            btf_section = elf.get_section_by_name(".BTF")
-            types_profile = load_profile(btf_section.data()) if btf_section is not None else None
-            has_dwarf = elf.get_section_by_name(".debug_info") is not None
-    except SymbolError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pyelftools raises anything on a corrupt file
-        raise SymbolError(f"{path}: unreadable vmlinux ({type(exc).__name__}: {exc})") from None
-    if types_profile is None and has_dwarf:
-        from vmwatch.os.linux.dwarf import isf_from_dwarf
-        from vmwatch.os.linux.isf import IsfProfile
-
-        types_profile = IsfProfile(isf_from_dwarf(path))
-    symbols = Symbols(names, addresses, "".join(types)) if names else None
-    if symbols is None and types_profile is None:
-        raise SymbolError(f"{path}: vmlinux has neither .symtab nor .BTF")
-    return SymbolFile(path, symbols=symbols, types=types_profile)
+    symbols, types = read_vmlinux(path)
+    return SymbolFile(path, symbols=symbols, types=types)
 
 
 _LIBVMI_FIELDS = {
