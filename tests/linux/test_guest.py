@@ -15,8 +15,8 @@ from .guesttruth import comm_matches
 pytestmark = pytest.mark.guest
 
 
-def check_ps(snap) -> None:
-    result = run_cli("ps", snap.dump, "--json")
+def check_ps(snap, *extra: str) -> None:
+    result = run_cli("ps", snap.dump, "--json", *extra)
     assert result.status == 0, result.stderr
     ours = {p["pid"]: p for p in json.loads(result.stdout)}
     stable = snap.stable
@@ -33,8 +33,8 @@ def check_ps(snap) -> None:
     assert sleepers and all(p["cr3"] for p in sleepers)
 
 
-def check_modules(snap) -> None:
-    result = run_cli("modules", snap.dump, "--json")
+def check_modules(snap, *extra: str) -> None:
+    result = run_cli("modules", snap.dump, "--json", *extra)
     assert result.status == 0, result.stderr
     ours = {m["name"]: m for m in json.loads(result.stdout)}
     assert {name for name, _, _ in snap.modules} == set(ours)
@@ -174,18 +174,27 @@ def test_la57_two_cpus_above_4g(lab_guest_factory):
     assert {m.name: m.size for m in modules} == proc_modules
 
 
-def test_live_cli(lab_guest):
-    """`vmwatch ps/modules qemu:<qmp>` print JSON that matches /proc, and leave the guest running."""
+def check_live_cli(guest, *extra: str) -> None:
+    """`vmwatch ps/modules qemu:<qmp>` match /proc around the walk and leave the guest running."""
     from .guesttruth import LISTING, PIDS, parse_listing, parse_pids, stable
 
-    before = parse_listing(lab_guest.shell(LISTING, timeout=120))
-    ps = run_cli("ps", f"qemu:{lab_guest.qmp_path}", "--json")
-    after = parse_pids(lab_guest.shell(PIDS, timeout=60))
+    before = parse_listing(guest.shell(LISTING, timeout=120))
+    ps = run_cli("ps", f"qemu:{guest.qmp_path}", "--json", *extra)
+    after = parse_pids(guest.shell(PIDS, timeout=60))
     assert ps.status == 0, ps.stderr
     ours = {p["pid"]: p for p in json.loads(ps.stdout)}
-    assert set(stable(before, after)) <= set(ours) and set(ours) <= set(before) | after
-    modules = run_cli("modules", f"qemu:{lab_guest.qmp_path}", "--json")
+    stable_procs = stable(before, after)
+    assert len(stable_procs) > 20 and set(stable_procs) <= set(ours) and set(ours) <= set(before) | after
+    for pid, proc in stable_procs.items():
+        assert comm_matches(ours[pid]["comm"], proc.comm), (pid, ours[pid]["comm"], proc.comm)
+        assert (ours[pid]["ppid"], ours[pid]["uid"]) == (proc.ppid, proc.uid), (pid, ours[pid], proc)
+    modules = run_cli("modules", f"qemu:{guest.qmp_path}", "--json", *extra)
     assert modules.status == 0, modules.stderr
-    proc_modules = {line.split()[0] for line in lab_guest.shell("cat /proc/modules").strip().splitlines()}
+    proc_modules = {line.split()[0] for line in guest.shell("cat /proc/modules").strip().splitlines()}
     assert {m["name"] for m in json.loads(modules.stdout)} == proc_modules
-    assert lab_guest.status() == "running"
+    assert guest.status() == "running"
+
+
+def test_live_cli(lab_guest):
+    """`vmwatch ps/modules qemu:<qmp>` print JSON that matches /proc, and leave the guest running."""
+    check_live_cli(lab_guest)

@@ -1,0 +1,105 @@
+"""Debian's i386 kernels (686, 686-pae): no BTF, no data symbols in kallsyms, so vmwatch needs
+``--symbols`` with the vmlinux of their ``-dbg`` package (fetched once, only the vmlinux kept;
+its DWARF is turned into BTF by pahole once and cached). Truth from the guest's own /proc.
+
+The first run downloads some 760 MB per flavour (about 10 s each here) and runs pahole (about
+15 s each); later runs reuse both from ~/.cache/vmwatch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from vmwatch.errors import SymbolError
+from vmwatch.images import open_image
+from vmwatch.os.linux.kernel import Linux
+from vmwatch.testing.cli import run_cli
+
+from .guesttruth import snapshot
+from .test_guest import check_live_cli, check_modules, check_ps
+
+pytestmark = [pytest.mark.guest, pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("pahole") is None, reason="pahole (Debian package dwarves) is missing")]
+
+
+@pytest.fixture(scope="module", params=["686", "686-pae"])
+def i386(request, lab_guest_factory, tmp_path_factory):
+    """(guest, -dbg vmlinux, snapshot of a dump) of one booted i386 flavour; stopped after its tests."""
+    from vmwatch.lab.kernel import ensure_kernel
+
+    guest = lab_guest_factory(arch=request.param)
+    try:
+        kernel = ensure_kernel(request.param)
+        assert kernel.release == guest.kernel_release
+        vmlinux = str(kernel.debug_vmlinux())
+        snap = snapshot(guest, tmp_path_factory.mktemp(request.param) / "i386.elf")
+        yield request.param, guest, vmlinux, snap
+    finally:
+        guest.stop()
+
+
+def test_ps_of_dump(i386):
+    """pids, 15-char comms, ppids and uids of a dump equal /proc around it."""
+    _, _, vmlinux, snap = i386
+    check_ps(snap, "--symbols", vmlinux)
+
+
+def test_modules_of_dump(i386):
+    """Module names, sizes (and bases where /proc shows them) equal /proc/modules."""
+    _, _, vmlinux, snap = i386
+    check_modules(snap, "--symbols", vmlinux)
+
+
+def test_live(i386):
+    """The same through qemu:<qmp socket> on the running guest, which keeps running."""
+    _, guest, vmlinux, _ = i386
+    check_live_cli(guest, "--symbols", vmlinux)
+
+
+def test_kernel_found_under_kaslr(i386):
+    """Paging mode, release and KASLR slide: what the guest itself reports."""
+    flavour, guest, vmlinux, snap = i386
+    guest.shell("echo 0 > /proc/sys/kernel/kptr_restrict")
+    text = int(guest.shell("grep -w _text /proc/kallsyms").split()[0], 16)
+    with open_image(snap.dump) as image:
+        linux = Linux.from_memory(image, image.cpus, symbols_file=vmlinux)
+        assert linux.kernel.mode.value == ("pae" if flavour == "686-pae" else "32-bit")
+        assert linux.kernel.release == guest.kernel_release
+        assert linux.kernel.text_vaddr == text
+        assert linux.memory.pointer_size == 4
+
+
+def test_without_symbols_says_what_is_missing(i386):
+    """No --symbols: exit 2 and one line naming what to pass; the API raises SymbolError."""
+    _, _, _, snap = i386
+    result = run_cli("ps", snap.dump)
+    assert result.status == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "needs a symbol file" in result.stderr
+    assert "linux-image-*-dbg" in result.stderr
+    with open_image(snap.dump) as image, pytest.raises(SymbolError, match="needs a symbol file"):
+        Linux.from_memory(image, image.cpus)
+
+
+def test_truncated_vmlinux(i386, tmp_path):
+    """A -dbg vmlinux cut short: exit 2, one line."""
+    _, _, vmlinux, snap = i386
+    cut = tmp_path / "vmlinux"
+    with open(vmlinux, "rb") as src, open(cut, "wb") as out:
+        out.write(src.read(64 << 20))
+    result = run_cli("ps", snap.dump, "--symbols", str(cut))
+    assert result.status == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "truncated" in result.stderr or "past the end" in result.stderr, result.stderr
+
+
+def test_other_flavours_vmlinux_is_refused(i386):
+    """686's vmlinux for a 686-pae kernel (and the reverse): same release, other build: refused."""
+    from vmwatch.lab.kernel import ensure_kernel
+
+    flavour, _, _, snap = i386
+    other = str(ensure_kernel("686" if flavour == "686-pae" else "686-pae").debug_vmlinux())
+    result = run_cli("ps", snap.dump, "--symbols", other)
+    assert result.status == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "is not this kernel's symbol file" in result.stderr
