@@ -103,3 +103,26 @@ def test_other_flavours_vmlinux_is_refused(i386):
     result = run_cli("ps", snap.dump, "--symbols", other)
     assert result.status == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "is not this kernel's symbol file" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["no task_struct", "wrong architecture"])
+def test_foreign_elf_is_refused(i386, tmp_path, case):
+    """A program's DWARF without the kernel's structs, or an ELF for another machine: exit 2, one line."""
+    import struct
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    _, _, _, snap = i386
+    (tmp_path / "p.c").write_text("struct other { int x; } other;\nint main(void) { return other.x; }\n")
+    program = tmp_path / "p"
+    subprocess.run(["gcc", "-g", "-o", str(program), str(tmp_path / "p.c")], check=True)
+    expected = "no struct task_struct"
+    if case == "wrong architecture":
+        blob = bytearray(program.read_bytes())
+        struct.pack_into("<H", blob, 18, 40)  # e_machine = EM_ARM
+        program.write_bytes(bytes(blob))
+        expected = "EM_ARM, not an x86 kernel"
+    result = run_cli("ps", snap.dump, "--symbols", str(program))
+    assert result.status == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr, result.stderr

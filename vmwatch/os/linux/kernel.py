@@ -57,6 +57,8 @@ class Linux:
             from vmwatch.os.linux.symbols import load_symbols_file
 
             extra = load_symbols_file(symbols_file)
+            if extra.types is not None and not extra.types.has_type("struct task_struct"):
+                raise SymbolError(f"{symbols_file}: its types have no struct task_struct (not a Linux kernel's)")
         text_vaddr = hint[0] if hint is not None else symbols["_text"]
         if extra is not None:
             symbols = extra.merge_symbols(symbols, text_vaddr)
@@ -82,8 +84,6 @@ class Linux:
             types = btf.load_profile(memory.read(start, stop - start))
         if extra is not None:
             types = extra.types or types  # what the user named wins over what memory holds
-            if extra.types is not None and not extra.types.has_type("struct task_struct"):
-                raise SymbolError(f"{symbols_file}: its types have no struct task_struct (not a Linux kernel's)")
         if types is None:
             raise SymbolError(
                 "this kernel carries no BTF type information (CONFIG_DEBUG_INFO_BTF is off): "

@@ -28,7 +28,6 @@ from vmwatch.os.linux.kallsyms import Symbols
 EM_386, EM_X86_64 = 3, 62
 PYELFTOOLS_DWARF_LIMIT = 16 << 20
 """Larger ``.debug_info`` than this needs pahole: pyelftools would take minutes to hours."""
-PAHOLE_TIMEOUT = 900
 _SYM32 = struct.Struct("<IIIBBH")   # st_name, st_value, st_size, st_info, st_other, st_shndx
 _SYM64 = struct.Struct("<IBBHQQ")   # st_name, st_info, st_other, st_shndx, st_value, st_size
 _STT_LETTERS = {0: "D", 1: "D", 2: "T"}  # NOTYPE, OBJECT, FUNC
@@ -98,7 +97,7 @@ def _derive(path: str) -> tuple[str, bytes, str, bytes | str | None]:
     except Exception as exc:  # noqa: BLE001 - pyelftools raises anything on a corrupt file
         raise SymbolError(f"{path}: unreadable vmlinux ({type(exc).__name__}: {exc})") from None
     if blob is None and dwarf_size:
-        if shutil.which("pahole"):
+        if _pahole() is not None:
             blob = btf_from_dwarf(path)
         elif dwarf_size <= PYELFTOOLS_DWARF_LIMIT:
             blob = "dwarf-pyelftools"
@@ -139,19 +138,24 @@ def _symtab(elf, f) -> tuple[str, bytes, str]:
     return "\n".join(names), addresses.tobytes(), "".join(letters)
 
 
+def _pahole() -> str | None:
+    return shutil.which("pahole")
+
+
 def btf_from_dwarf(path: str) -> bytes:
-    """BTF encoded from a file's DWARF by pahole.
+    """BTF encoded from a file's DWARF by pahole (a -dbg vmlinux: some 15 s of CPU).
 
     Raises:
-        SymbolError: pahole failed, timed out, or wrote nothing.
+        SymbolError: pahole failed, timed out (corrupt input must not hang us), or wrote nothing.
     """
+    timeout = 60 + 2 * (os.path.getsize(path) >> 20)
     with tempfile.TemporaryDirectory(prefix="vmwatch-btf-") as tmp:
         out = os.path.join(tmp, "btf")
         try:
-            proc = subprocess.run(["pahole", f"--btf_encode_detached={out}", path],
-                                  capture_output=True, text=True, timeout=PAHOLE_TIMEOUT)
+            proc = subprocess.run([_pahole() or "pahole", f"--btf_encode_detached={out}", path],
+                                  capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise SymbolError(f"{path}: pahole did not turn its DWARF into BTF within {PAHOLE_TIMEOUT} s") from None
+            raise SymbolError(f"{path}: pahole did not turn its DWARF into BTF within {timeout} s") from None
         except OSError as exc:
             raise SymbolError(f"cannot run pahole: {exc}") from None
         if proc.returncode != 0 or not os.path.exists(out) or os.path.getsize(out) == 0:
