@@ -4,8 +4,9 @@ Walks every compilation unit once with pyelftools and keeps what kernel objects 
 structs and unions (members, byte and bit offsets), base types, pointers, arrays, enums, and
 the types of global variables. Typedefs, const and volatile are resolved away, as in ISF.
 Anonymous struct/union members are kept as ``unnamed_<offset>`` types marked ``anonymous`` so
-:class:`~vmwatch.os.linux.isf.IsfProfile` flattens them. This is slow on a full kernel (DWARF
-of a distribution kernel is hundreds of MB); the result is cached by the file's size and mtime.
+:class:`~vmwatch.os.linux.isf.IsfProfile` flattens them. The fallback for small DWARF when
+pahole is missing (vmlinux.py): pyelftools does not even open a -dbg vmlinux's 150 MB of
+``.debug_info`` within ten minutes. The result is cached by the file's size and mtime.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class Linux:
             except VmwatchError:
                 page_offset = None
         # i386 kernels link elsewhere than x86_64's default: the symbol file says where.
-        link_text = extra.symbols.get("_text") if extra is not None and extra.symbols is not None else None
+        link_text = extra.link_address("_text") if extra is not None else None
         link_text = locate.DEFAULT_TEXT if link_text is None else link_text
         kernel = KernelInfo(
             banner=banner, release=parts[2] if len(parts) > 2 else "?",

@@ -147,6 +147,31 @@ def pointer_size(registers: tuple[Registers, ...]) -> int | None:
     return None
 
 
+def _kallsyms_32(phys, read):
+    """kallsyms of an i386 kernel: tried first where it was found lately (the same dump read
+    again, the same boot), by a digest of its token table; else the whole physical search."""
+    runs = _runs(phys)
+    recent = _cache.load("kallsyms-tt32", "recent")
+    recent = recent if isinstance(recent, list) else []
+    for entry in recent:
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], int)):
+            continue
+        paddr, digest = entry
+        if hashlib.blake2b(read(paddr, 1024), digest_size=16).digest() != digest:
+            continue
+        start, size = next(((s, n) for s, n in runs if s <= paddr < s + n), (0, 0))
+        try:
+            symbols, tables, base = kallsyms.decode_at(read, paddr, start, start + size, pointer_size=4)
+        except SymbolError:
+            continue
+        return symbols, base + tables.token_table
+    symbols, tables, base = kallsyms.scan(read, runs, pointer_size=4)
+    paddr = base + tables.token_table
+    entry = (paddr, hashlib.blake2b(read(paddr, 1024), digest_size=16).digest())
+    _cache.store("kallsyms-tt32", "recent", [entry] + [e for e in recent if e != entry][:7])
+    return symbols, paddr
+
+
 def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
     """Locate and decode kallsyms; use CPU state to narrow the search when there is some.
 
@@ -159,8 +184,8 @@ def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
     read = lambda paddr, size: phys.read(paddr, size, pad=True)  # noqa: E731
     size = pointer_size(registers)
     if size == 4:
-        symbols, tables, base = kallsyms.scan(read, _runs(phys), pointer_size=4)
-        return symbols, None, base + tables.token_table
+        symbols, token_table = _kallsyms_32(phys, read)
+        return symbols, None, token_table
     for cr3, mode in cr3_candidates(registers):
         try:
             text = text_from_page_tables(phys, cr3, mode)

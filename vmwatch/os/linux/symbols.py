@@ -30,14 +30,16 @@ class SymbolFile:
 
     def merge_symbols(self, runtime: Symbols, text_vaddr: int) -> Symbols:
         """kallsyms from memory plus the file's symbols it lacks (data symbols on i386), slid."""
-        if self.symbols is None or "_text" not in self.symbols:
+        link_text = self.link_address("_text")
+        if link_text is None:
             return runtime
-        slide = text_vaddr - self.symbols["_text"]
+        slide = text_vaddr - link_text
         mask = (1 << 64) - 1 if text_vaddr > 0xFFFFFFFF else 0xFFFFFFFF
-        self._check_matches(runtime, slide, mask)
+        present = set(runtime.names)
+        self._check_matches(runtime, present, slide, mask)
         names, addresses, types = list(runtime.names), list(runtime.addresses), list(runtime.types or "T" * len(runtime))
         for i, (name, address) in enumerate(self.symbols.items()):
-            if name in runtime:
+            if name in present:
                 continue
             kind = self.symbols.types[i] if self.symbols.types else "D"
             names.append(name)
@@ -45,17 +47,32 @@ class SymbolFile:
             types.append(kind)
         return Symbols(names, addresses, "".join(types))
 
-    def _check_matches(self, runtime: Symbols, slide: int, mask: int, sample: int = 2000) -> None:
+    def link_address(self, name: str) -> int | None:
+        """A unique symbol's file address, without indexing every name (a -dbg vmlinux has 120,000)."""
+        if self.symbols is None:
+            return None
+        try:
+            return self.symbols.addresses[self.symbols.names.index(name)]
+        except ValueError:
+            return None
+
+    def _check_matches(self, runtime: Symbols, present: set[str], slide: int, mask: int,
+                       sample: int = 2000) -> None:
         """Functions named in both tables must sit at the same place once slid, or the file is
-        another kernel's (another build, or another architecture): its data symbols would be wrong."""
+        another kernel's (another build, or another architecture): its data symbols would be wrong.
+        Static functions may share a name, so a few may differ."""
+        ours: dict[str, int] = {}
+        for name, address in self.symbols.items():
+            if name in present:
+                ours.setdefault(name, address)
         checked = moved = 0
-        for name, address in runtime.items():
+        for name, address, kind in zip(runtime.names, runtime.addresses, runtime.types or ""):
             if checked >= sample:
                 break
-            if name not in self.symbols or runtime.type_of(name) not in "Tt":
+            if kind not in "Tt" or name not in ours:
                 continue
             checked += 1
-            moved += (self.symbols[name] + slide) & mask != address
+            moved += (ours[name] + slide) & mask != address
         if checked >= 20 and moved * 10 > checked:
             raise SymbolError(f"{self.path} is not this kernel's symbol file: {moved} of {checked} "
                               "functions it shares with the kernel's own kallsyms are elsewhere")
