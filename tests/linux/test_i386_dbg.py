@@ -126,3 +126,23 @@ def test_foreign_elf_is_refused(i386, tmp_path, case):
     result = run_cli("ps", snap.dump, "--symbols", str(program))
     assert result.status == 2 and result.stderr.count("\n") == 1, result.stderr
     assert expected in result.stderr, result.stderr
+
+
+def test_syscalls_and_idt_against_kallsyms(i386):
+    """i386 syscalls 3/4 and the 8-byte IDT gates 0, 14 and 0x80 point where /proc/kallsyms says."""
+    _, guest, vmlinux, snap = i386
+    guest.shell("echo 0 > /proc/sys/kernel/kptr_restrict")
+    names = ("__ia32_sys_read", "__ia32_sys_write", "asm_exc_divide_error", "asm_exc_page_fault", "entry_INT80_32")
+    listing = guest.shell("grep -w " + " ".join(f"-e {n}" for n in names) + " /proc/kallsyms")
+    truth = {line.split()[2]: int(line.split()[0], 16) for line in listing.splitlines() if len(line.split()) == 3}
+    assert set(truth) == set(names), listing
+    result = run_cli("syscalls", snap.dump, "--json", "--symbols", vmlinux)
+    assert result.status == 0, result.stderr
+    table = json.loads(result.stdout)
+    assert (table[3]["address"], table[4]["address"]) == (truth["__ia32_sys_read"], truth["__ia32_sys_write"])
+    result = run_cli("idt", snap.dump, "--json", "--symbols", vmlinux)
+    assert result.status == 0, result.stderr
+    gates = {g["vector"]: g for g in json.loads(result.stdout)}
+    assert gates[0]["address"] == truth["asm_exc_divide_error"]
+    assert gates[14]["address"] == truth["asm_exc_page_fault"]
+    assert (gates[0x80]["address"], gates[0x80]["dpl"]) == (truth["entry_INT80_32"], 3)

@@ -1,4 +1,4 @@
-"""The interrupt descriptor table: 256 gates of 16 bytes (Intel SDM vol. 3, 6.14.1)."""
+"""The interrupt descriptor table: 256 gates of 16 bytes, 8 on i386 (Intel SDM vol. 3, 6.11 and 6.14.1)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def decode_gate(vector: int, raw: bytes, symbols) -> IdtEntry:
     low, selector, ist_type, mid, high = (int.from_bytes(raw[0:2], "little"), int.from_bytes(raw[2:4], "little"),
                                           int.from_bytes(raw[4:6], "little"), int.from_bytes(raw[6:8], "little"),
                                           int.from_bytes(raw[8:12], "little"))
-    address = low | mid << 16 | high << 32
+    address = low | mid << 16 | (high << 32 if len(raw) == 16 else 0)
     attrs_byte = ist_type >> 8
     found = symbols.lookup(address) if address else None
     symbol = None
@@ -39,5 +39,6 @@ def read_idt(linux, registers=None) -> list[IdtEntry]:
     base = getattr(registers, "idtr_base", None) if registers is not None else None
     if not base:
         base = linux.symbols["idt_table"]
-    raw = linux.memory.read(base, 256 * GATE_SIZE)
-    return [decode_gate(v, raw[v * GATE_SIZE:(v + 1) * GATE_SIZE], linux.symbols) for v in range(256)]
+    size = GATE_SIZE if linux.memory.pointer_size == 8 else 8
+    raw = linux.memory.read(base, 256 * size)
+    return [decode_gate(v, raw[v * size:(v + 1) * size], linux.symbols) for v in range(256)]
