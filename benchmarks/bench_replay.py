@@ -96,7 +96,7 @@ class Source:
     async def resume(self) -> None:
         pass
 
-    async def add_breakpoint(self, vaddr: int) -> None:
+    async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
         pass
 
     async def remove_breakpoint(self, vaddr: int) -> None:

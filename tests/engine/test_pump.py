@@ -30,7 +30,7 @@ class StreamSource:
         self.capabilities = frozenset(capabilities)
         self._stream = stream
 
-    async def add_breakpoint(self, vaddr):
+    async def add_breakpoint(self, vaddr, *, entry=False):
         pass
 
     async def remove_breakpoint(self, vaddr):

@@ -56,19 +56,20 @@ class TestPieces:
         assert ih.patch_site(BASE, code) == (None if site is None else BASE + site)
 
     def test_slots_only_after_the_sls_int3(self) -> None:
-        pad = INT3 + NOP1 * 15
-        code = (b"\x48\x89\xc3"      # mov rbx, rax: a c3 byte that is no ret
-                + INT3 + NOP1 * 15   # ... so this run is not dead padding
-                + RET + NOP1 * 16    # a ret, but no int3: nops may be a loop's alignment
-                + RET + pad          # the real thing
-                + JMP8 + pad)        # a jmp too
-        first = BASE + 3 + 16 + 17 + 1
-        second = first + len(pad) + 2
-        assert ih.free_slots(code, BASE, []) == [first]
-        assert ih.free_slots(code, BASE, [], count=5) == [first, second]
-        assert ih.free_slots(code, BASE, [(first + 4, 2)], count=5) == [second]
-        short = RET + INT3 + NOP1 * 10
-        assert ih.free_slots(short, BASE, []) == []
+        """16-byte blocks, as functions are aligned; only the third and fourth hold a slot."""
+        blocks = [
+            b"\x48\x89\xc3" + INT3 + NOP1 * 12,  # mov rbx, rax: a c3 byte that is no ret
+            RET + NOP1 * 15,                        # a ret, but no int3: a loop's alignment?
+            RET + INT3 + NOP1 * 14,                 # the real thing
+            JMP8 + INT3 + NOP1 * 13,                # after a jmp too
+            NOP1 * 8 + RET + INT3 + NOP1 * 6,       # too short before the next block ...
+            NOP5 + b"\x55" + RET + INT3 * 9,       # ... which is a function opening with a NOP
+        ]
+        code = b"".join(blocks)
+        assert all(len(b) == 16 for b in blocks)
+        assert ih.free_slots(code, BASE, []) == [BASE + 0x21]
+        assert ih.free_slots(code, BASE, [], count=5) == [BASE + 0x21, BASE + 0x32]
+        assert ih.free_slots(code, BASE, [(BASE + 0x25, 2)], count=5) == [BASE + 0x32]
 
     @settings(max_examples=150, deadline=None)
     @given(st.binary(max_size=600), st.integers(0, 3))
@@ -80,6 +81,7 @@ class TestPieces:
         for slot in slots:
             off = slot - BASE
             assert 0 < off and off + ih.TRAMPOLINE_SIZE <= len(code) and code[off] == 0xCC
+            assert (slot & 15) + ih.TRAMPOLINE_SIZE <= 16
         for i, (a, n) in enumerate(spans):
             assert all(not (a < b + m and b < a + n) for b, m in spans[i + 1:])
         ih.patch_site(BASE, code)

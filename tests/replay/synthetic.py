@@ -75,7 +75,7 @@ class SyntheticLive:
     async def pause(self) -> None:
         pass
 
-    async def add_breakpoint(self, vaddr: int) -> None:
+    async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
         pass
 
     async def remove_breakpoint(self, vaddr: int) -> None:

@@ -75,7 +75,7 @@ class StormLive:
             self._buffer[0x1000 + (i % 16) * 0x100] = i & 0xFF
             yield Breakpoint(seq=i, time_ns=1_000_000 * i, address=address)
 
-    async def add_breakpoint(self, vaddr: int) -> None:
+    async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
         self.armed.add(vaddr)
 
     async def remove_breakpoint(self, vaddr: int) -> None:

@@ -53,6 +53,9 @@ class Trap:
     size: int = 1
     label: str = ""
     """What the user wrote (symbol) for messages."""
+    entry: bool = False
+    """The address is a kernel function's first instruction: a live source may hook it inline
+    (much cheaper per hit under TCG, see vmwatch/live/inline_hooks.py)."""
 
     @property
     def name(self) -> str:

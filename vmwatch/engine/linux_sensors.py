@@ -177,5 +177,5 @@ async def plan(engine: Engine, wanted: dict[str, list]) -> None:
             continue
         run = engine.sensor_run(f"sensor.{kind}")
         run.func = func
-        await engine.add_trap(Trap("breakpoint", linux.symbols[name], 1, name), Handler(run, None))
+        await engine.add_trap(Trap("breakpoint", linux.symbols[name], 1, name, entry=True), Handler(run, None))
         log.info("linux sensor armed", kind=kind, function=name)

@@ -261,6 +261,15 @@ class Engine:
         name, _, off = target.partition("+")
         return resolve_symbol(self.guest.linux, name.strip()) + (int(off, 0) if off else 0)
 
+    def _is_function(self, target: str) -> bool:
+        """``target`` names a kernel function itself (no offset): its address is an entry."""
+        if not target or "+" in target or ".." in target:
+            return False
+        try:
+            return self.guest.linux.symbols.type_of(target.strip()) in ("t", "T")
+        except (VmwatchError, KeyError, AttributeError):
+            return False
+
     def resolve_range(self, target: str | int, size: int) -> tuple[int, int]:
         """``(address, size)`` of a watched range: ``"a..b"``, or ``size`` 0 = up to the next symbol."""
         if isinstance(target, str) and ".." in target:
@@ -296,7 +305,8 @@ class Engine:
             self.inactive(what, f"cannot resolve: {exc}")
             return
         label = lst.target if isinstance(lst.target, str) else ""
-        trap = Trap("breakpoint" if is_bp else "watchpoint", address, size, label)
+        trap = Trap("breakpoint" if is_bp else "watchpoint", address, size, label,
+                    entry=is_bp and self._is_function(label))
         if passive:  # a replay carries the trap events it recorded: index them, arm nothing
             key = (Breakpoint if is_bp else MemoryAccess, address)
             self.dispatcher.traps.setdefault(key, trap)
@@ -319,7 +329,7 @@ class Engine:
 
     async def _arm(self, trap: Trap) -> None:
         if trap.kind == "breakpoint":
-            await self.source.add_breakpoint(trap.address)
+            await self.source.add_breakpoint(trap.address, entry=trap.entry)
         else:
             await self.source.add_watchpoint(trap.address, trap.size, Access.WRITE)
         self._armed.add(trap)

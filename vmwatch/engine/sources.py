@@ -19,7 +19,9 @@ support breakpoints (DESIGN.md "Capabilities")::
     event_batches() -> AsyncIterator[list[Event]]    # optional, faster for synthetic/replay streams
 
     "registers":   async registers(vcpu) -> Registers; async all_registers() -> tuple[Registers, ...]
-    "breakpoints": async add_breakpoint(vaddr); async remove_breakpoint(vaddr)
+    "breakpoints": async add_breakpoint(vaddr, *, entry=False); async remove_breakpoint(vaddr)
+                   (``entry``: vaddr is a kernel function's first instruction, the source may
+                   hook it inline, see vmwatch/live/inline_hooks.py)
     "watchpoints": async add_watchpoint(vaddr, size, access); async remove_watchpoint(vaddr, size, access)
     "pause":       async pause(); async resume()  -- every event the stream yields holds the guest
                    paused until the pump asks for the next one; pause() holds it (ticks, tampers)
@@ -112,7 +114,7 @@ class SyntheticSource:
         self.delivered = 0
         self.suppressed = 0
 
-    async def add_breakpoint(self, vaddr: int) -> None:
+    async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
         self.breakpoints.add(vaddr)
         self.arm_log.append(("add_breakpoint", vaddr))
 
@@ -263,8 +265,8 @@ class LiveSource:
     async def all_registers(self) -> tuple[Registers, ...]:
         return tuple(await self.vm.all_registers())  # type: ignore[attr-defined]
 
-    async def add_breakpoint(self, vaddr: int) -> None:
-        await self.vm.add_breakpoint(vaddr)  # type: ignore[attr-defined]
+    async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
+        await self.vm.add_breakpoint(vaddr, inline=entry)  # type: ignore[attr-defined]
 
     async def remove_breakpoint(self, vaddr: int) -> None:
         await self.vm.remove_breakpoint(vaddr)  # type: ignore[attr-defined]

@@ -16,7 +16,9 @@ that flush. So a hook turns "execution reached X" into "a data read of Y happene
 Dead padding is recognised without symbols: after an unconditional ``ret``/``jmp`` comes the
 ``int3`` that straight-line-speculation hardening puts there (``-mharden-sls``), then alignment
 NOPs up to the next function. Nothing ever executes them. Code reached only through a jump
-label that the kernel may flip into a NOP is never followed by that ``int3``.
+label that the kernel may flip into a NOP is never followed by that ``int3``. Functions start
+at 16-byte boundaries, and the next one may well open with a NOP (ftrace's): a slot never
+crosses a 16-byte boundary (first seen as a module load that crashed the lab guest).
 
 Trampolines stay in place after their hook is removed (a vCPU may be inside one, or interrupted
 in one); they are unreachable once the call site holds its NOP again.
@@ -36,6 +38,8 @@ RIP_AFTER_PUSH = 6
 STACK_DEPTH = 16
 """Bytes the call and the push put on the stack by the time of that stop."""
 SITE_SIZE = 5
+ALIGNMENT = 16
+"""Functions start at multiples of this: padding never runs past one."""
 CALL_REL32 = 0xE8
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -88,18 +92,19 @@ def free_slots(code: bytes, base: int, taken: Iterable[tuple[int, int]], count: 
     instruction boundary), none overlapping the ``taken`` (start, size) ranges.
 
     A slot is a run of ``int3``/NOP instructions, starting with an ``int3``, right after an
-    unconditional ``ret`` or ``jmp``, at least :data:`TRAMPOLINE_SIZE` bytes long.
+    unconditional ``ret`` or ``jmp``, at least :data:`TRAMPOLINE_SIZE` bytes long and inside
+    one 16-byte block.
     """
     busy = sorted(taken)
     found: list[int] = []
     previous = ""
     run_start = None
-    run_len = 0
+    run_len = run_limit = 0
     for address, size, mnemonic, _ in _sweep.disasm_lite(code, base):
-        if run_start is not None and mnemonic in ("int3", "nop"):
+        if run_start is not None and mnemonic in ("int3", "nop") and address + size <= run_limit:
             run_len += size
         elif mnemonic == "int3" and previous in ("ret", "jmp"):
-            run_start, run_len = address, size
+            run_start, run_len, run_limit = address, size, (address | ALIGNMENT - 1) + 1
         else:
             run_start, run_len = None, 0
         if run_start is not None and run_len >= TRAMPOLINE_SIZE:

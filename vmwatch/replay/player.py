@@ -442,7 +442,7 @@ class ReplaySource:
     async def status(self) -> str:
         return "replay"
 
-    async def add_breakpoint(self, vaddr: int) -> None:
+    async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
         pass
 
     async def remove_breakpoint(self, vaddr: int) -> None:
