@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from array import array
 
 import attrs
 
@@ -36,16 +37,16 @@ class SymbolFile:
         slide = text_vaddr - link_text
         mask = (1 << 64) - 1 if text_vaddr > 0xFFFFFFFF else 0xFFFFFFFF
         present = set(runtime.names)
-        self._check_matches(runtime, present, slide, mask)
-        names, addresses, types = list(runtime.names), list(runtime.addresses), list(runtime.types or "T" * len(runtime))
-        for i, (name, address) in enumerate(self.symbols.items()):
-            if name in present:
-                continue
-            kind = self.symbols.types[i] if self.symbols.types else "D"
-            names.append(name)
-            addresses.append(address if kind in "aA" else (address + slide) & mask)
-            types.append(kind)
-        return Symbols(names, addresses, "".join(types))
+        self._check_matches(runtime, slide, mask)
+        file_names, file_addresses = self.symbols.names, self.symbols.addresses
+        file_types = self.symbols.types or "D" * len(file_names)
+        extra = [i for i, name in enumerate(file_names) if name not in present]
+        names = runtime.names + [file_names[i] for i in extra]
+        addresses = array("Q", runtime.addresses)
+        addresses.extend(file_addresses[i] if file_types[i] in "aA" else (file_addresses[i] + slide) & mask
+                         for i in extra)
+        types = (runtime.types or "T" * len(runtime)) + "".join([file_types[i] for i in extra])
+        return Symbols(names, addresses, types)
 
     def link_address(self, name: str) -> int | None:
         """A unique symbol's file address, without indexing every name (a -dbg vmlinux has 120,000)."""
@@ -56,15 +57,11 @@ class SymbolFile:
         except ValueError:
             return None
 
-    def _check_matches(self, runtime: Symbols, present: set[str], slide: int, mask: int,
-                       sample: int = 2000) -> None:
+    def _check_matches(self, runtime: Symbols, slide: int, mask: int, sample: int = 2000) -> None:
         """Functions named in both tables must sit at the same place once slid, or the file is
         another kernel's (another build, or another architecture): its data symbols would be wrong.
         Static functions may share a name, so a few may differ."""
-        ours: dict[str, int] = {}
-        for name, address in self.symbols.items():
-            if name in present:
-                ours.setdefault(name, address)
+        ours = dict(zip(self.symbols.names, self.symbols.addresses))
         checked = moved = 0
         for name, address, kind in zip(runtime.names, runtime.addresses, runtime.types or ""):
             if checked >= sample:
