@@ -210,3 +210,26 @@ async def test_inline_hook_step_and_detach_inside(lab_guest) -> None:
         assert await executed_bytes(vm, target, 5) == NOP5
     out = await trio.to_thread.run_sync(lambda: lab_guest.shell("scenario writes 5; echo done", timeout=60))
     assert "done" in out
+
+
+@pytest.mark.guest
+async def test_inline_hook_on_two_vcpus(lab_guest_factory) -> None:
+    """On 2 vCPUs a write loop pinned to CPU 1 hits the hook as vCPU 1, with that vCPU's registers."""
+    guest = await trio.to_thread.run_sync(lambda: lab_guest_factory(cpus=2))
+    target = kallsyms(guest, "ksys_write")
+    guest.shell("taskset 2 dd if=/dev/zero of=/dev/null bs=1 </dev/null >/dev/null 2>&1 &", check=True)
+    vcpus = []
+    async with attach_qemu(str(guest.qmp_path)) as vm:
+        assert await vm.add_breakpoint(target, inline=True)
+        with trio.fail_after(60):
+            async for event in vm.events():
+                assert isinstance(event, Breakpoint) and event.address == target
+                assert (await vm.registers(event.vcpu)).rip == target
+                vcpus.append(event.vcpu)
+                if len(vcpus) == 30:
+                    break
+        await vm.remove_breakpoint(target)
+        await vm.resume()
+    assert vcpus.count(1) >= 20, vcpus
+    guest.shell("kill %1; pkill dd", check=False)
+    assert "ok" in guest.shell("echo ok", check=True)
