@@ -34,7 +34,10 @@ def i386(request, lab_guest_factory, tmp_path_factory):
     try:
         kernel = ensure_kernel(request.param)
         assert kernel.release == guest.kernel_release
-        vmlinux = str(kernel.debug_vmlinux())
+        found = run_cli("lab", "symbols", "--arch", request.param)  # what a user runs for the path
+        assert found.status == 0, found.stderr
+        vmlinux = found.stdout.strip()
+        assert vmlinux == str(kernel.debug_vmlinux()) and vmlinux.endswith(f"/vmlinux-{guest.kernel_release}")
         snap = snapshot(guest, tmp_path_factory.mktemp(request.param) / "i386.elf")
         yield request.param, guest, vmlinux, snap
     finally:

@@ -1,4 +1,4 @@
-"""``vmwatch lab start|stop|status|shell``: a small real Linux guest under QEMU to try vmwatch on.
+"""``vmwatch lab start|stop|status|shell|symbols``: a small real Linux guest under QEMU to try vmwatch on.
 
 ``start`` leaves QEMU running in the background and records it in a state file in the per-user
 runtime directory; the other actions find it there.
@@ -28,6 +28,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--no-kaslr", action="store_true",
                        help="boot the uncompressed kernel (PVH): faster under TCG, no KASLR")
     start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the boot")
+    symbols = actions.add_parser("symbols", help="print the path of the lab kernel's -dbg vmlinux, for --symbols "
+                                                "(downloaded once, ~760 MB; only the vmlinux is kept)")
+    symbols.add_argument("--arch", default="686-pae", choices=["amd64", "686", "686-pae"],
+                         help="guest kernel flavour (default 686-pae)")
     actions.add_parser("stop", help="stop the lab guest")
     status = actions.add_parser("status", help="show the running lab guest")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -42,6 +46,11 @@ def run(args: argparse.Namespace, env) -> int:
     state_file = default_state_file()
     if args.action == "start":
         return _start(args, env, state_file)
+    if args.action == "symbols":
+        from vmwatch.lab.kernel import ensure_kernel
+
+        print(ensure_kernel(args.arch).debug_vmlinux(), file=env.stdout)
+        return 0
     guest = LabGuest.attach(state_file)
     try:
         return _act(args, env, guest, state_file)
