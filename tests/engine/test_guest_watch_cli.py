@@ -14,19 +14,29 @@ from vmwatch.testing.cli import run_cli
 pytestmark = pytest.mark.guest
 
 
-def test_watch_live_json_and_timeline(lab_guest, tmp_path):
-    """A timed watch prints JSON lines for what happens in the guest and fills the SQLite timeline."""
+@pytest.mark.parametrize("stealth", [False, True], ids=["inline-hooks", "stealth"])
+def test_watch_live_json_and_timeline(lab_guest, tmp_path, stealth):
+    """A timed watch prints JSON lines for what happens in the guest and fills the SQLite timeline.
+    Its exec sensor is an inline hook (QEMU executes a call there), or with --stealth a gdbstub
+    breakpoint (QEMU sees the guest's own NOP)."""
     db = tmp_path / "timeline.db"
     truth: list[str] = []
+    lab_guest.shell("echo 0 > /proc/sys/kernel/kptr_restrict", check=True)
+    sensor = int(lab_guest.shell("grep ' begin_new_exec$' /proc/kallsyms", check=True).split()[0], 16)
+    executed: list[int] = []
 
     def act() -> None:
         time.sleep(4)
+        text = lab_guest.qmp().execute("human-monitor-command", {"command-line": f"x /1xb {sensor:#x}"})
+        executed.append(int(text.split(":")[1].split()[0], 16))
         truth.append(lab_guest.shell("sh -c 'echo $$; exec /bin/busybox true'", timeout=120).split()[0])
 
     worker = threading.Thread(target=act)
     worker.start()
-    result = run_cli("watch", lab_guest.target, "--rules", "timeline", "--duration", "12", "--json", "--db", db)
+    result = run_cli("watch", lab_guest.target, "--rules", "timeline", "--duration", "12", "--json", "--db", db,
+                     *(["--stealth"] if stealth else []))
     worker.join()
+    assert executed == [0x0F if stealth else 0xE8]
     assert result.status == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     pid = int(truth[0])

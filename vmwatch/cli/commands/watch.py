@@ -22,6 +22,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-severity", default="info", choices=["info", "warning", "error", "critical"],
                         help="lowest severity shown on screen (all go to --db and --json)")
     parser.add_argument("--record", metavar="FILE", help="also record the session for vmwatch replay")
+    parser.add_argument("--stealth", action="store_true",
+                        help="live QEMU: gdbstub breakpoints only, never inline hooks in guest code "
+                             "(invisible to the guest, but every hit costs a TCG guest a translation flush)")
 
 
 def build_ruleset(args: argparse.Namespace):
@@ -73,6 +76,8 @@ async def _watch(args: argparse.Namespace, env, ruleset):
 
     console = make_console(env.stdout)
     async with open_target(args.target) as target:
+        if args.stealth and target.live is not None:
+            target.live.inline_hooks = False
         with contextlib.ExitStack() as stack:
             source = source_for(target)
             if args.record:
