@@ -71,6 +71,15 @@ class TestPieces:
         assert ih.free_slots(code, BASE, [], count=5) == [BASE + 0x21, BASE + 0x32]
         assert ih.free_slots(code, BASE, [(BASE + 0x25, 2)], count=5) == [BASE + 0x32]
 
+    def test_probe_fits_a_smaller_slot(self) -> None:
+        """The 8-byte MSR probe takes a run too short for a trampoline, never a longer one's end."""
+        code = NOP1 * 7 + RET + INT3 + NOP1 * 7 + NOP5 + RET + INT3 * 10
+        assert ih.free_slots(code, BASE, []) == []
+        assert ih.free_slots(code, BASE, [], size=ih.PROBE_SIZE) == [BASE + 8]
+        probe = ih.msr_probe(BASE + 8)
+        assert len(probe) == ih.PROBE_SIZE == ih.RIP_AFTER_PROBE
+        assert decode(probe, BASE + 8) == ["rdmsr", "push qword ptr [rip - 8]"]
+
     @settings(max_examples=150, deadline=None)
     @given(st.binary(max_size=600), st.integers(0, 3))
     def test_fuzz_slots_are_dead_padding(self, code: bytes, taken: int) -> None:
@@ -178,9 +187,10 @@ async def test_inline_hook_fires_like_a_breakpoint(lab_guest) -> None:
 
 @pytest.mark.guest
 async def test_inline_hook_step_and_detach_inside(lab_guest) -> None:
-    """From a hook stop a step moves past the NOP, a register write takes, and detaching while
-    a vCPU sits in the trampoline leaves the guest running with its NOP back."""
+    """From a hook stop an MSR probe runs, a step moves past the NOP, a register write takes, and
+    detaching while a vCPU sits in the trampoline leaves the guest running with its NOP back."""
     target = kallsyms(lab_guest, "__x64_sys_write")
+    entry = kallsyms(lab_guest, "entry_SYSCALL_64")
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             async with attach_qemu(str(lab_guest.qmp_path)) as vm:
@@ -188,7 +198,11 @@ async def test_inline_hook_step_and_detach_inside(lab_guest) -> None:
                 nursery.start_soon(trio.to_thread.run_sync, lambda: lab_guest.shell("scenario writes 3", timeout=60))
                 async for event in vm.events():
                     break
-                assert (await vm.registers(event.vcpu)).rip == target
+                at_hook = await vm.registers(event.vcpu)
+                assert at_hook.rip == target
+                # a vCPU stopped in a trampoline runs an MSR probe and is put back inside it
+                assert (await vm.read_msrs([0xC0000082], event.vcpu))[0xC0000082] == entry
+                assert await vm.registers(event.vcpu) == at_hook
                 step = await vm.step(event.vcpu)
                 assert step.rip == target + 5
                 regs = await vm.registers(event.vcpu)
@@ -233,3 +247,32 @@ async def test_inline_hook_on_two_vcpus(lab_guest_factory) -> None:
     assert vcpus.count(1) >= 20, vcpus
     guest.shell("kill %1; pkill dd", check=False)
     assert "ok" in guest.shell("echo ok", check=True)
+
+
+@pytest.mark.guest
+async def test_read_msrs_of_a_running_guest(lab_guest) -> None:
+    """LSTAR read through the probe is the guest's entry_SYSCALL_64; the vCPU's registers are
+    put back exactly; no translation flush; an MSR outside the list is refused."""
+    entry = kallsyms(lab_guest, "entry_SYSCALL_64")
+    lab_guest.shell("scenario busy start", check=True)  # write syscalls: mostly in kernel mode
+    async with attach_qemu(str(lab_guest.qmp_path)) as vm:
+        flushes = await tb_flushes(vm)
+        values = None
+        for _ in range(100):  # the vCPU must be caught in kernel mode, and not halted
+            await vm.pause()
+            before = await vm.registers(0)
+            values = await vm.read_msrs([0xC0000082, 0xC0000081, 0xC0000080])
+            assert await vm.registers(0) == before
+            await vm.resume()
+            if values is not None:
+                break
+        assert values is not None
+        assert values[0xC0000082] == entry
+        assert values[0xC0000081] >> 32 & 0xFFFF == before.cs.selector  # STAR: the kernel's CS
+        assert values[0xC0000080] == before.efer
+        assert vm.stats["msr_reads"] == 3
+        assert await tb_flushes(vm) == flushes
+        with pytest.raises(ValueError, match="0x3a"):
+            await vm.read_msrs([0x3A])
+    lab_guest.shell("scenario busy stop", check=True)
+    assert "ok" in lab_guest.shell("echo ok", check=True)

@@ -22,6 +22,12 @@ crosses a 16-byte boundary (first seen as a module load that crashed the lab gue
 
 Trampolines stay in place after their hook is removed (a vCPU may be inside one, or interrupted
 in one); they are unreachable once the call site holds its NOP again.
+
+The same trick reads model-specific registers, which gdbstub does not expose: a vCPU stopped
+in kernel mode is pointed (RCX = the MSR, interrupts masked) at an 8-byte probe in dead padding
+of the page it stopped in, ``rdmsr; push qword [probe]``, resumed alone, and stops on the
+probe's read watchpoint with the value in EDX:EAX; then every register it touched is put back.
+No single step, so no flush either.
 """
 
 from __future__ import annotations
@@ -64,6 +70,18 @@ def trampoline(slot: int) -> bytes:
     return b"\xff\x35" + struct.pack("<i", slot - (slot + 6)) + b"\x48\x8d\x64\x24\x08" + b"\xc3"
 
 
+PROBE_SIZE = 8
+RIP_AFTER_PROBE = 8
+READABLE_MSRS = frozenset((0x10, 0x1B, 0x174, 0x175, 0x176, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
+                           0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102))
+"""MSRs every x86-64 CPU model of QEMU implements (an ``rdmsr`` of another might fault in the guest)."""
+
+
+def msr_probe(slot: int) -> bytes:
+    """The probe placed at ``slot``: rdmsr; push qword [slot]."""
+    return b"\x0f\x32" + b"\xff\x35" + struct.pack("<i", slot - (slot + PROBE_SIZE))
+
+
 def call_to(site: int, slot: int) -> bytes:
     """``call slot`` encoded at ``site`` (rel32: both must lie within 2 GiB of each other)."""
     delta = slot - (site + SITE_SIZE)
@@ -87,31 +105,31 @@ def patch_site(address: int, code: bytes) -> int | None:
     return None
 
 
-def free_slots(code: bytes, base: int, taken: Iterable[tuple[int, int]], count: int = 1) -> list[int]:
+def free_slots(code: bytes, base: int, taken: Iterable[tuple[int, int]], count: int = 1,
+               size: int = TRAMPOLINE_SIZE) -> list[int]:
     """Up to ``count`` trampoline slots in dead padding of ``code`` (which is at ``base``, an
     instruction boundary), none overlapping the ``taken`` (start, size) ranges.
 
     A slot is a run of ``int3``/NOP instructions, starting with an ``int3``, right after an
-    unconditional ``ret`` or ``jmp``, at least :data:`TRAMPOLINE_SIZE` bytes long and inside
-    one 16-byte block.
+    unconditional ``ret`` or ``jmp``, at least ``size`` bytes long and inside one 16-byte block.
     """
     busy = sorted(taken)
     found: list[int] = []
     previous = ""
     run_start = None
     run_len = run_limit = 0
-    for address, size, mnemonic, _ in _sweep.disasm_lite(code, base):
-        if run_start is not None and mnemonic in ("int3", "nop") and address + size <= run_limit:
-            run_len += size
+    for address, length, mnemonic, _ in _sweep.disasm_lite(code, base):
+        if run_start is not None and mnemonic in ("int3", "nop") and address + length <= run_limit:
+            run_len += length
         elif mnemonic == "int3" and previous in ("ret", "jmp"):
-            run_start, run_len, run_limit = address, size, (address | ALIGNMENT - 1) + 1
+            run_start, run_len, run_limit = address, length, (address | ALIGNMENT - 1) + 1
         else:
             run_start, run_len = None, 0
-        if run_start is not None and run_len >= TRAMPOLINE_SIZE:
-            end = run_start + TRAMPOLINE_SIZE
+        if run_start is not None and run_len >= size:
+            end = run_start + size
             if not any(s < end and run_start < s + n for s, n in busy):
                 found.append(run_start)
-                busy.append((run_start, TRAMPOLINE_SIZE))
+                busy.append((run_start, size))
                 if len(found) == count:
                     break
             run_start, run_len = None, 0

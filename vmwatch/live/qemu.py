@@ -36,7 +36,7 @@ import socket
 import struct
 import tempfile
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterable
 
 import attrs
 import capstone
@@ -55,6 +55,11 @@ from vmwatch.live.qmp import open_qmp
 log = structlog.get_logger()
 
 SIGINT = 2
+RFLAGS_TF = 0x100
+RFLAGS_IF = 0x200
+HLT = b"\xf4"
+PROBE_TIMEOUT = 2.0
+"""Seconds an MSR probe (two instructions) may take before it is called lost."""
 SIGTRAP = 5
 STEP_RETRIES = 3
 """Tries for one single step whose report left RIP on an instruction that always moves it."""
@@ -113,6 +118,8 @@ class QemuVM:
         self._hook_stops: dict[int, tuple[ih.Hook, int]] = {}
         """vCPUs stopped inside a trampoline: the hook and the raw RSP there."""
         self._masks: dict[int, bytes] = {}
+        self._probes: dict[int, int | None] = {}
+        """Code page -> its MSR probe (``inline_hooks.msr_probe``), None when it has no room."""
         self._watchpoints: dict[tuple[int, int, Access], None] = {}
         self._hop: _Hop | None = None
         self._held = False  # the consumer called pause(): don't auto-resume
@@ -697,6 +704,102 @@ class QemuVM:
                 self._resume_from = (vcpu, rip)
             self.stats["steps"] += 1
             return SingleStep(rip=rip, **self._event_fields(vcpu))
+
+    # ------------------------------------------------------------------ model-specific registers
+
+    async def read_msrs(self, numbers: Iterable[int], vcpu: int | None = None) -> dict[int, int] | None:
+        """Values of model-specific registers, read by the guest's own ``rdmsr`` run in dead
+        padding of the code a vCPU stopped in (see ``inline_hooks``; no flush, ~1 ms each).
+
+        Runs on ``vcpu``, else on the first vCPU stopped in kernel mode and not halted (a halted
+        vCPU runs nothing until an interrupt wakes it). Returns None when that is impossible
+        right now (user mode, ``hlt``, no padding in that code page): ask again at the next
+        stop; a vCPU stopped at a breakpoint or hook always qualifies. Stops the guest for the
+        read if it runs.
+
+        Raises:
+            ValueError: an MSR outside ``inline_hooks.READABLE_MSRS`` (an ``rdmsr`` of an MSR the
+                CPU model lacks would fault inside the guest).
+        """
+        wanted = list(numbers)
+        unknown = [f"{n:#x}" for n in wanted if n not in ih.READABLE_MSRS]
+        if unknown:
+            raise ValueError(f"MSR {', '.join(unknown)} is not one vmwatch reads (see inline_hooks.READABLE_MSRS)")
+        async with self._stopped_link():
+            for v in [vcpu] if vcpu is not None else range(self.vcpu_count):
+                self._thread(v)
+                regs = await self._read_g(v)
+                if v in self._hook_stops:  # really inside the trampoline: put back exactly that
+                    hook, rsp = self._hook_stops[v]
+                    regs = attrs.evolve(regs, rip=hook.slot + ih.RIP_AFTER_PUSH, rsp=rsp)
+                if regs.cs is None or regs.cs.selector & 3 or regs.rip is None or regs.rip < 1 << 63:
+                    continue
+                if v not in self._hook_stops:
+                    await self._set_phys(False)
+                    await self._select(v)
+                    with contextlib.suppress(RemoteError):
+                        if p.decode_hex(await self.gdb.request(p.read_memory(regs.rip - 1, 1))) == HLT:
+                            continue  # halted, most likely: it would run the probe at its next interrupt
+                probe = await self._probe_in_page(regs.rip)
+                if probe is not None:
+                    return await self._run_probe(v, regs, probe, wanted)
+        return None
+
+    async def _probe_in_page(self, rip: int) -> int | None:
+        """The MSR probe of the code page of ``rip``, placed on first use (lock held, stopped)."""
+        page = rip & ~0xFFF
+        if page not in self._probes:
+            await self._set_phys(False)
+            code = bytearray()
+            with contextlib.suppress(RemoteError):
+                for addr, n in p.memory_chunks(rip, page + 0x1000 - rip):
+                    code += p.decode_hex(await self.gdb.request(p.read_memory(addr, n)))
+            taken = [(h.slot, ih.TRAMPOLINE_SIZE) for h in self._hooks.values()] + \
+                [(h.site, ih.SITE_SIZE) for h in self._hooks.values()] + \
+                [(slot, ih.TRAMPOLINE_SIZE) for slot in self._spare_slots]
+            found = ih.free_slots(bytes(code), rip, taken, size=ih.PROBE_SIZE)
+            probe = self._probes[page] = found[0] if found else None
+            if probe is not None:
+                original = bytes(code[probe - rip : probe - rip + ih.PROBE_SIZE])
+                masks = await self._physical_masks(probe, original)
+                await self.gdb.batch([p.write_memory(probe, ih.msr_probe(probe)),
+                                      p.insert_point(p.WatchKind.READ, probe, 8)])
+                self._set_masks({**self._masks, **masks})
+        return self._probes[page]
+
+    async def _run_probe(self, vcpu: int, regs: Registers, probe: int, wanted: list[int]) -> dict[int, int]:
+        layout = self._layout
+
+        def put(name: str, value: int) -> p.Command:
+            info = layout[name]
+            return p.write_register(info.regnum, (value & (1 << info.bitsize) - 1).to_bytes(info.size, "little"))
+
+        thread = str(self._thread(vcpu))
+        masked = regs.rflags & ~(RFLAGS_IF | RFLAGS_TF)
+        values: dict[int, int] = {}
+        await self._select(vcpu)
+        try:
+            for number in wanted:
+                await self.gdb.batch([put("rcx", number), put("rip", probe), put("eflags", masked)])
+                await self.gdb.resume(p.vcont(("c", thread)))  # this vCPU alone
+                stop = None
+                with trio.move_on_after(PROBE_TIMEOUT):
+                    stop = await self.gdb.wait_stop()
+                if stop is None:
+                    await self.gdb.interrupt()
+                    stop = await self.gdb.wait_stop(soon=True)
+                if not (isinstance(stop, p.StopReply) and stop.watch is not None and stop.watch[1] == probe):
+                    raise ProtocolError(f"MSR probe on vCPU {vcpu} did not come back (stopped with {stop})")
+                rax, rdx = await self.gdb.batch([p.read_register(layout["rax"].regnum),
+                                                  p.read_register(layout["rdx"].regnum)])
+                low = int.from_bytes(p.decode_hex(rax), "little") & 0xFFFFFFFF
+                values[number] = (int.from_bytes(p.decode_hex(rdx), "little") & 0xFFFFFFFF) << 32 | low
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.gdb.batch([put("rax", regs.rax), put("rcx", regs.rcx), put("rdx", regs.rdx),
+                                      put("rsp", regs.rsp), put("eflags", regs.rflags), put("rip", regs.rip)])
+        self.stats["msr_reads"] += len(values)
+        return values
 
     # ------------------------------------------------------------------ memory through QEMU
 
