@@ -272,7 +272,7 @@ def ensure_debug_vmlinux(kernel: KernelPackage) -> Path:
         _extract_member(deb, f"./usr/lib/debug/boot/vmlinux-{kernel.release}", unpacked)
         deb.unlink()
         extracted = unpacked / "usr" / "lib" / "debug" / "boot" / vmlinux.name
-        if not extracted.is_file() or extracted.open("rb").read(4) != b"\x7fELF":
+        if not extracted.is_file() or _head(extracted, 4) != b"\x7fELF":
             raise LabError(f"{package} {kernel.version} has no ELF usr/lib/debug/boot/{vmlinux.name}")
         ours, theirs = build_id(extracted), build_id(kernel.vmlinux())
         if ours != theirs:
@@ -300,6 +300,11 @@ def _extract_member(deb: Path, member: str, into: Path) -> None:
         dpkg.wait()
     if tar.returncode != 0:
         raise LabError(f"extracting {member} from {deb.name} failed: {tar.stderr.strip()[-300:]}")
+
+
+def _head(path: Path, size: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
 
 
 def build_id(path: Path) -> str | None:
