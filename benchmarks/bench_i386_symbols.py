@@ -19,19 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_ps import BIN, summary, timed
-
-
-def make_dump(flavour: str, path: str) -> None:
-    from vmwatch.lab import LabConfig, LabGuest
-
-    guest = LabGuest.start(LabConfig(arch=flavour))
-    try:
-        guest.shell("scenario module; scenario sleeper 900")
-        guest.qmp().execute("stop")
-        guest.dump(path)
-    finally:
-        guest.stop()
+from bench_ps import BIN, make_dump, summary, timed
 
 
 def load_seconds(vmlinux: str, cache: str) -> float:
@@ -71,7 +59,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dump = args.dump or os.path.join(tmp, f"{args.flavour}.elf")
         if not args.dump:
-            make_dump(args.flavour, dump)
+            make_dump(dump, setup="scenario module; scenario sleeper 900", arch=args.flavour, memory="256M")
         argv = [os.path.join(BIN, "vmwatch"), "ps", dump, "--json", "--symbols", vmlinux]
         timed(argv)  # fills the caches
         runs = [timed(argv)[:2] for _ in range(args.runs)]

@@ -43,12 +43,13 @@ def summary(runs: list[tuple[float, float]]) -> str:
     return f"median {wall:.3f} s wall, {cpu:.3f} s CPU ({len(runs)} runs)"
 
 
-def make_dump(path: str) -> None:
+def make_dump(path: str, *, setup: str = "scenario sleeper 900; scenario sleeper 900", **config) -> None:
+    """Dump a paused lab guest (LabConfig fields in ``config``, 512M by default) after ``setup``."""
     from vmwatch.lab import LabConfig, LabGuest
 
-    guest = LabGuest.start(LabConfig(memory="512M"))
+    guest = LabGuest.start(LabConfig(**{"memory": "512M", **config}))
     try:
-        guest.shell("scenario sleeper 900; scenario sleeper 900")
+        guest.shell(setup)
         guest.qmp().execute("stop")
         guest.dump(path)
     finally:

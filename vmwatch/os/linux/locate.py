@@ -14,6 +14,9 @@ Theory of operation (x86_64; Documentation/arch/x86/x86_64/mm.rst):
    below the tables where ``linux_banner`` reads "Linux version"; the kernel page-table root is
    the physical address of ``init_top_pgt``, and the paging depth (4 or 5 levels) is whichever
    translates ``_text`` back to its physical base.
+4. i386 (32-bit or PAE paging): the image sits in the direct map, so kallsyms (4-byte pointers) is
+   found by the physical search; Debian's i386 kallsyms has no data symbols, which a symbol file
+   then supplies (``swapper_pg_dir``, ``linux_banner``, ``kallsyms_token_table``: kernel.py).
 """
 
 from __future__ import annotations
@@ -160,6 +163,8 @@ def _kallsyms_32(phys, read):
         if hashlib.blake2b(read(paddr, 1024), digest_size=16).digest() != digest:
             continue
         start, size = next(((s, n) for s, n in runs if s <= paddr < s + n), (0, 0))
+        if not size:
+            continue
         try:
             symbols, tables, base = kallsyms.decode_at(read, paddr, start, start + size, pointer_size=4)
         except SymbolError:
