@@ -2,8 +2,8 @@
 ``--symbols`` with the vmlinux of their ``-dbg`` package (fetched once, only the vmlinux kept;
 its DWARF is turned into BTF by pahole once and cached). Truth from the guest's own /proc.
 
-The first run downloads some 760 MB per flavour (about 10 s each here) and runs pahole (about
-15 s each); later runs reuse both from ~/.cache/vmwatch.
+The first run of this file took 124 s here: per flavour a 760 MB download (10-13 s), extracting
+the vmlinux (8 s) and pahole (15 s). With both cached it takes 40-60 s (two guest boots).
 """
 
 from __future__ import annotations
