@@ -204,7 +204,6 @@ def control_register_state(event, guest):
                     guest.alert("critical", f"vCPU {regs.vcpu}: {finding}", register=name, old=hex(old), new=hex(value))
 
 
-@rule.disabled
 @rule.on_register("msr:lstar")
 @rule.on_register("msr:cstar")
 @rule.on_register("msr:star")
@@ -214,10 +213,9 @@ def control_register_state(event, guest):
 def syscall_msr(event: RegisterWrite, guest):
     """A system call entry MSR written with a value other than the kernel's own.
 
-    Off by default (``--enable security.syscall_msr``): the kernel writes every MSR through one
-    generic ``wrmsr`` (``native_write_msr``, the TSC deadline timer alone ~25 times a second),
-    and every stop costs a TCG guest dearly; governance then keeps unhooking it. MSR values
-    cannot be read from outside through gdbstub, so there is no cheap periodic check either.
+    On live QEMU the engine polls these MSRs once a second (the guest's own ``rdmsr``, run from
+    outside: no breakpoint on the kernel's generic ``wrmsr``, and writes from a module's own
+    code are seen too); ``event.rip`` is then 0.
     """
     expected_symbol = _MSR_ENTRY.get(event.register)
     seen = guest.state.setdefault("values", {})

@@ -264,6 +264,41 @@ def test_cr0_wp_cleared_from_outside(watcher):
         watcher.stopped_async(restore)
 
 
+def test_syscall_msr_changed_from_outside(watcher, lab_guest):
+    """Clear the CF bit of FMASK (the RFLAGS mask of syscall entry; harmless) with the backend's
+    wrmsr probe, detect it at an MSR poll, restore."""
+    fmask = 0xC0000084
+
+    def on_awake_vcpu(work):
+        # the probes need a vCPU caught in kernel mode and awake: the write loop keeps one so
+        for _ in range(200):
+            done = watcher.stopped_async(work)
+            if done is not None:
+                return done
+            time.sleep(0.05)
+        raise AssertionError("no vCPU could run the MSR probe")
+
+    async def clear_cf(linux, source):
+        values = await source.vm.read_msrs([fmask])
+        if values is None or not await source.vm.write_msrs({fmask: values[fmask] & ~1}):
+            return None
+        return values[fmask]
+
+    mark = watcher.mark()
+    lab_guest.shell("scenario busy start", timeout=SLOW)
+    original = on_awake_vcpu(clear_cf)
+    try:
+        assert original & 1
+        hits = watcher.wait_for("security.syscall_msr", mark)
+        assert f"FMASK changed {original:#x} -> {original & ~1:#x}" in hits[0].message
+    finally:
+        async def restore(linux, source):
+            return await source.vm.write_msrs({fmask: original}) or None
+
+        on_awake_vcpu(restore)
+        lab_guest.shell("scenario busy stop", timeout=SLOW)
+
+
 def test_hidden_process_unlinked_from_task_list(watcher, lab_guest):
     """Unlink a busy process from the task list (DKOM) from outside: the scheduler still runs it."""
     pid = int(lab_guest.shell("scenario busy start", timeout=SLOW).split()[-1])

@@ -10,6 +10,13 @@ value is in the register file (CRn), or in EDX:EAX with the MSR index in ECX (``
 them intact); the old value is the last one seen on that vCPU (from the registers at start,
 then from each event). Only the sites of registers some rule listens to are armed: CR3 sites
 fire on every context switch.
+
+MSRs a live source can read (``poll_msrs``: the QEMU backend runs the guest's own ``rdmsr``,
+see vmwatch/live/inline_hooks.py) are polled instead, every :data:`MSR_POLL_SECONDS`, with the
+registers of the engine's tick: a change on a vCPU becomes a RegisterWrite (``rip`` 0: where
+is unknown). That sees writes made from anywhere, a module's own ``wrmsr`` included, and costs
+no breakpoint on the generic ``wrmsr`` every MSR write of the kernel goes through (the TSC
+deadline timer alone ~25/s, each stop a translation flush for a TCG guest).
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ MSR_NAMES = {
 }  # fmt: skip
 MSR_NUMBERS = {name: number for number, name in MSR_NAMES.items()}
 CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8")
+MSR_POLL_SECONDS = 1.0
+POLLABLE_MSRS = frozenset((0x10, 0x1B, 0x174, 0x175, 0x176, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
+                           0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102))
+"""What a live source's ``poll_msrs`` takes (vmwatch.live.inline_hooks.READABLE_MSRS)."""
 SYSCALL_MSRS = ("msr:lstar", "msr:cstar", "msr:star", "msr:fmask", "msr:sysenter_cs", "msr:sysenter_esp",
                 "msr:sysenter_eip")
 
@@ -185,6 +196,27 @@ class RegisterSensor:
                                  old=old, new=new, rip=site.address))
 
 
+class MsrPoller:
+    """Turns the MSR values of tick registers into :class:`RegisterWrite` events on change."""
+
+    def __init__(self, registers: set[str]) -> None:
+        self.registers = registers
+        self._last: dict[tuple[int, str], int] = {}
+
+    def __call__(self, event: Any, guest: Guest) -> None:
+        for regs in guest.cpus:
+            for name, new in (regs.msrs or {}).items():
+                register = "msr:" + name
+                if register not in self.registers:
+                    continue
+                key = (regs.vcpu, register)
+                old = self._last.get(key)
+                self._last[key] = new
+                if old is not None and old != new:
+                    guest.emit(RegisterWrite(seq=event.seq, time_ns=event.time_ns, vcpu=regs.vcpu, register=register,
+                                             old=old, new=new, rip=0))
+
+
 def initial_values(cpus: tuple) -> dict[str, int]:
     values: dict[str, int] = {}
     if cpus:
@@ -208,6 +240,18 @@ async def plan(engine: Engine, wanted: dict[str, list]) -> None:
         return
     if caps.BREAKPOINTS not in engine.capabilities:
         return  # the source delivers RegisterWrite itself (replay, synthetic) or not at all
+    polled = {r for r in registers if r.startswith("msr:") and MSR_NUMBERS.get(r[4:]) in POLLABLE_MSRS}
+    if polled and (hasattr(engine.source, "poll_msrs") or getattr(engine.source, "replays_ticks", False)):
+        poll = getattr(engine.source, "poll_msrs", None)
+        if poll is not None:
+            poll(sorted(MSR_NUMBERS[r[4:]] for r in polled))
+        run = engine.sensor_run("sensor.msr_poll")
+        run.func = MsrPoller(polled)
+        engine.dispatcher.periodic.append((MSR_POLL_SECONDS, Handler(run, None)))
+        registers -= polled
+        log.info("msr polling armed", registers=sorted(polled), seconds=MSR_POLL_SECONDS)
+    if not registers:
+        return
     want_msr = any(r.startswith("msr:") for r in registers)
     try:
         text_start, text = kernel_text(engine.guest)

@@ -39,10 +39,14 @@ import time
 from typing import AsyncIterator, Callable, Iterable, Protocol
 
 import attrs
+import structlog
 import trio
 
 from vmwatch.cpu import Registers
+from vmwatch.errors import ProtocolError
 from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SourceEnded, Tick
+
+log = structlog.get_logger()
 
 _WALL_CLOCK_FLOOR = 10**18  # 2001-09-09 in ns since the epoch: anything lower is another clock
 
@@ -229,6 +233,7 @@ class LiveSource:
         self._handed_out = False
         """An event was yielded and the next one not yet asked for: the guest must stay stopped."""
         self._resume_owed = False
+        self._msrs: tuple[int, ...] = ()
 
     async def events(self) -> AsyncIterator[Event]:
         """The backend's events with ``time_ns`` on the wall clock (it stamps them with the
@@ -263,7 +268,27 @@ class LiveSource:
         return await self.vm.registers(vcpu)  # type: ignore[attr-defined]
 
     async def all_registers(self) -> tuple[Registers, ...]:
-        return tuple(await self.vm.all_registers())  # type: ignore[attr-defined]
+        """Registers of every vCPU; with :meth:`poll_msrs`, the first vCPU that can run the MSR
+        probe (kernel mode, not halted) also carries those MSRs in ``msrs``."""
+        every = tuple(await self.vm.all_registers())  # type: ignore[attr-defined]
+        if self._msrs:
+            from vmwatch.engine.registers import msr_register
+
+            for i, regs in enumerate(every):
+                try:
+                    values = await self.vm.read_msrs(self._msrs, i)  # type: ignore[attr-defined]
+                except ProtocolError as exc:  # a probe that did not come back: not again
+                    log.warning("msr polling stopped", reason=str(exc))
+                    self._msrs = ()
+                    break
+                if values is not None:
+                    msrs = {**regs.msrs, **{msr_register(n)[4:]: v for n, v in values.items()}}
+                    return every[:i] + (attrs.evolve(regs, msrs=msrs),) + every[i + 1:]
+        return every
+
+    def poll_msrs(self, numbers: Iterable[int]) -> None:
+        """Read these MSRs with the registers (the live backend's ``read_msrs``: no flush)."""
+        self._msrs = tuple(numbers)
 
     async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
         await self.vm.add_breakpoint(vaddr, inline=entry)  # type: ignore[attr-defined]

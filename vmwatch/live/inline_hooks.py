@@ -27,7 +27,7 @@ The same trick reads model-specific registers, which gdbstub does not expose: a 
 in kernel mode is pointed (RCX = the MSR, interrupts masked) at an 8-byte probe in dead padding
 of the page it stopped in, ``rdmsr; push qword [probe]``, resumed alone, and stops on the
 probe's read watchpoint with the value in EDX:EAX; then every register it touched is put back.
-No single step, so no flush either.
+No single step, so no flush either. Writes (asked for) run ``wrmsr`` the same way.
 """
 
 from __future__ import annotations
@@ -77,9 +77,13 @@ READABLE_MSRS = frozenset((0x10, 0x1B, 0x174, 0x175, 0x176, 0xC0000080, 0xC00000
 """MSRs every x86-64 CPU model of QEMU implements (an ``rdmsr`` of another might fault in the guest)."""
 
 
-def msr_probe(slot: int) -> bytes:
-    """The probe placed at ``slot``: rdmsr; push qword [slot]."""
-    return b"\x0f\x32" + b"\xff\x35" + struct.pack("<i", slot - (slot + PROBE_SIZE))
+RDMSR = b"\x0f\x32"
+WRMSR = b"\x0f\x30"
+
+
+def msr_probe(slot: int, instruction: bytes = RDMSR) -> bytes:
+    """The probe placed at ``slot``: rdmsr (or wrmsr); push qword [slot]."""
+    return instruction + b"\xff\x35" + struct.pack("<i", slot - (slot + PROBE_SIZE))
 
 
 def call_to(site: int, slot: int) -> bytes:

@@ -118,8 +118,9 @@ class QemuVM:
         self._hook_stops: dict[int, tuple[ih.Hook, int]] = {}
         """vCPUs stopped inside a trampoline: the hook and the raw RSP there."""
         self._masks: dict[int, bytes] = {}
-        self._probes: dict[int, int | None] = {}
-        """Code page -> its MSR probe (``inline_hooks.msr_probe``), None when it has no room."""
+        self._probes: dict[tuple[int, bytes], int | None] = {}
+        """(code page, rdmsr or wrmsr) -> its MSR probe (``inline_hooks.msr_probe``), None when
+        the page has no room."""
         self._watchpoints: dict[tuple[int, int, Access], None] = {}
         self._hop: _Hop | None = None
         self._held = False  # the consumer called pause(): don't auto-resume
@@ -721,10 +722,28 @@ class QemuVM:
             ValueError: an MSR outside ``inline_hooks.READABLE_MSRS`` (an ``rdmsr`` of an MSR the
                 CPU model lacks would fault inside the guest).
         """
-        wanted = list(numbers)
-        unknown = [f"{n:#x}" for n in wanted if n not in ih.READABLE_MSRS]
+        return await self._msr_access({n: None for n in numbers}, vcpu)
+
+    async def write_msrs(self, values: dict[int, int], vcpu: int | None = None) -> bool:
+        """Write model-specific registers the way :meth:`read_msrs` reads them (``wrmsr``), on a
+        guest attached writable. False when no vCPU can run the probe right now.
+
+        Raises:
+            UnsupportedOperation: the guest was not attached for writing.
+        """
+        if not getattr(self.memory, "writable", False):
+            from vmwatch.errors import UnsupportedOperation
+
+            raise UnsupportedOperation("MSR writes need a guest attached for writing")
+        return await self._msr_access(dict(values), vcpu) is not None
+
+    async def _msr_access(self, access: dict[int, int | None], vcpu: int | None) -> dict[int, int] | None:
+        """Read (value None) or write each MSR of ``access`` on one suitable vCPU."""
+        unknown = [f"{n:#x}" for n in access if n not in ih.READABLE_MSRS]
         if unknown:
             raise ValueError(f"MSR {', '.join(unknown)} is not one vmwatch reads (see inline_hooks.READABLE_MSRS)")
+        if any(not 0 <= v < 1 << 64 for v in access.values() if v is not None):
+            raise ValueError("an MSR value must fit 64 bits")
         async with self._stopped_link():
             for v in [vcpu] if vcpu is not None else range(self.vcpu_count):
                 self._thread(v)
@@ -740,15 +759,17 @@ class QemuVM:
                     with contextlib.suppress(RemoteError):
                         if p.decode_hex(await self.gdb.request(p.read_memory(regs.rip - 1, 1))) == HLT:
                             continue  # halted, most likely: it would run the probe at its next interrupt
-                probe = await self._probe_in_page(regs.rip)
-                if probe is not None:
-                    return await self._run_probe(v, regs, probe, wanted)
+                probes = [await self._probe_in_page(regs.rip, kind) for kind in
+                          {ih.RDMSR if value is None else ih.WRMSR for value in access.values()}]
+                if None not in probes:
+                    return await self._run_probe(v, regs, access)
         return None
 
-    async def _probe_in_page(self, rip: int) -> int | None:
+    async def _probe_in_page(self, rip: int, instruction: bytes) -> int | None:
         """The MSR probe of the code page of ``rip``, placed on first use (lock held, stopped)."""
         page = rip & ~0xFFF
-        if page not in self._probes:
+        key = (page, instruction)
+        if key not in self._probes:
             await self._set_phys(False)
             code = bytearray()
             with contextlib.suppress(RemoteError):
@@ -756,18 +777,19 @@ class QemuVM:
                     code += p.decode_hex(await self.gdb.request(p.read_memory(addr, n)))
             taken = [(h.slot, ih.TRAMPOLINE_SIZE) for h in self._hooks.values()] + \
                 [(h.site, ih.SITE_SIZE) for h in self._hooks.values()] + \
-                [(slot, ih.TRAMPOLINE_SIZE) for slot in self._spare_slots]
+                [(slot, ih.TRAMPOLINE_SIZE) for slot in self._spare_slots] + \
+                [(slot, ih.PROBE_SIZE) for slot in self._probes.values() if slot is not None]
             found = ih.free_slots(bytes(code), rip, taken, size=ih.PROBE_SIZE)
-            probe = self._probes[page] = found[0] if found else None
+            probe = self._probes[key] = found[0] if found else None
             if probe is not None:
                 original = bytes(code[probe - rip : probe - rip + ih.PROBE_SIZE])
                 masks = await self._physical_masks(probe, original)
-                await self.gdb.batch([p.write_memory(probe, ih.msr_probe(probe)),
+                await self.gdb.batch([p.write_memory(probe, ih.msr_probe(probe, instruction)),
                                       p.insert_point(p.WatchKind.READ, probe, 8)])
                 self._set_masks({**self._masks, **masks})
-        return self._probes[page]
+        return self._probes[key]
 
-    async def _run_probe(self, vcpu: int, regs: Registers, probe: int, wanted: list[int]) -> dict[int, int]:
+    async def _run_probe(self, vcpu: int, regs: Registers, access: dict[int, int | None]) -> dict[int, int]:
         layout = self._layout
 
         def put(name: str, value: int) -> p.Command:
@@ -779,8 +801,13 @@ class QemuVM:
         values: dict[int, int] = {}
         await self._select(vcpu)
         try:
-            for number in wanted:
-                await self.gdb.batch([put("rcx", number), put("rip", probe), put("eflags", masked)])
+            for number, value in access.items():
+                kind = ih.RDMSR if value is None else ih.WRMSR
+                probe = self._probes[(regs.rip & ~0xFFF, kind)]
+                setup = [put("rcx", number), put("rip", probe), put("eflags", masked)]
+                if value is not None:
+                    setup += [put("rax", value & 0xFFFFFFFF), put("rdx", value >> 32)]
+                await self.gdb.batch(setup)
                 await self.gdb.resume(p.vcont(("c", thread)))  # this vCPU alone
                 stop = None
                 with trio.move_on_after(PROBE_TIMEOUT):
@@ -790,6 +817,9 @@ class QemuVM:
                     stop = await self.gdb.wait_stop(soon=True)
                 if not (isinstance(stop, p.StopReply) and stop.watch is not None and stop.watch[1] == probe):
                     raise ProtocolError(f"MSR probe on vCPU {vcpu} did not come back (stopped with {stop})")
+                if value is not None:
+                    values[number] = value
+                    continue
                 rax, rdx = await self.gdb.batch([p.read_register(layout["rax"].regnum),
                                                   p.read_register(layout["rdx"].regnum)])
                 low = int.from_bytes(p.decode_hex(rax), "little") & 0xFFFFFFFF
@@ -798,7 +828,8 @@ class QemuVM:
             with trio.CancelScope(shield=True):
                 await self.gdb.batch([put("rax", regs.rax), put("rcx", regs.rcx), put("rdx", regs.rdx),
                                       put("rsp", regs.rsp), put("eflags", regs.rflags), put("rip", regs.rip)])
-        self.stats["msr_reads"] += len(values)
+        self.stats["msr_reads"] += sum(v is None for v in access.values())
+        self.stats["msr_writes"] += sum(v is not None for v in access.values())
         return values
 
     # ------------------------------------------------------------------ memory through QEMU
