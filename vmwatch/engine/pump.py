@@ -170,6 +170,7 @@ class Engine:
         self._clock: Callable[[], int] = getattr(source, "clock_ns", None) or time.time_ns
         self._trap_overhead: float = getattr(source, "trap_overhead", 0.0)
         """Seconds a stop and resume cost the guest beyond our handling (live sources declare it)."""
+        self._overhead_of: Callable[[Event], float] | None = getattr(source, "overhead_of", None)
         """Timestamps of the engine's own events: the source's clock if it has one (replays)."""
 
     # -- public ----------------------------------------------------------------------------
@@ -467,7 +468,8 @@ class Engine:
                 if trap is not None:
                     # what the guest paid: our handling (register reads included) plus the
                     # source's own cost of a stop and a resume
-                    cost = time.perf_counter() - t0 + self._trap_overhead
+                    cost = time.perf_counter() - t0 + (self._overhead_of(event) if self._overhead_of
+                                                       else self._trap_overhead)
                     decision = governor.charge(trap, cost, now)
                     if decision is not None:
                         self._decisions.append(decision)

@@ -11,6 +11,7 @@ support breakpoints (DESIGN.md "Capabilities")::
     replays_traps: bool             # optional: the stream carries recorded trap events (a replay):
                                     # trap listeners are indexed without arming anything
     trap_overhead: float            # optional: seconds a stop + resume costs the guest (governance)
+    overhead_of(event) -> float     # optional: the same, per event (live: cheap hooks, costly breakpoints)
     on_tick(tick) -> ContextManager # optional: the engine's timer runs periodic rules inside it (a
                                     # recorder makes the tick a context of its own)
     replays_ticks: bool             # optional: the stream carries the engine ticks of a recording
@@ -219,6 +220,9 @@ class LiveSource:
     it. Measured on the lab guest (TCG, loaded 2-core host): 30-50 stops/s made a syscall loop
     timed by the guest's own clock ~10x slower, i.e. ~20 ms of guest time per stop (TCG
     re-translates after the breakpoint swaps of a step-over); the round trip itself is <1 ms."""
+    cheap_overhead = 0.001
+    """The same for a stop that flushes nothing (an inline hook, a watchpoint): the round trip
+    and the re-translation of one small block."""
 
     def __init__(self, vm: object, *, name: str) -> None:
         self.vm = vm
@@ -285,6 +289,12 @@ class LiveSource:
                     msrs = {**regs.msrs, **{msr_register(n)[4:]: v for n, v in values.items()}}
                     return every[:i] + (attrs.evolve(regs, msrs=msrs),) + every[i + 1:]
         return every
+
+    def overhead_of(self, event: Event) -> float:
+        """What a stop for ``event`` cost the guest: only gdbstub breakpoints flush TCG's code."""
+        if isinstance(event, Breakpoint) and not self.vm.is_inline(event.address):  # type: ignore[attr-defined]
+            return self.trap_overhead
+        return self.cheap_overhead
 
     def poll_msrs(self, numbers: Iterable[int]) -> None:
         """Read these MSRs with the registers (the live backend's ``read_msrs``: no flush)."""

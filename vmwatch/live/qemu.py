@@ -555,6 +555,10 @@ class QemuVM:
             self._breakpoints.add(vaddr)
             return False
 
+    def is_inline(self, vaddr: int) -> bool:
+        """True when the breakpoint at ``vaddr`` is an inline hook."""
+        return vaddr in self._hooks
+
     async def remove_breakpoint(self, vaddr: int) -> None:
         async with self._stopped_link():
             if vaddr in self._breakpoints:
