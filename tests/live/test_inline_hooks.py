@@ -71,6 +71,15 @@ class TestPieces:
         assert ih.free_slots(code, BASE, [], count=5) == [BASE + 0x21, BASE + 0x32]
         assert ih.free_slots(code, BASE, [(BASE + 0x25, 2)], count=5) == [BASE + 0x32]
 
+    def test_left_behind_call_is_recognised(self) -> None:
+        """A site calling a trampoline (a watch that died) names it; a NOP or a push does not."""
+        slot = BASE + 0x800
+        assert ih.left_behind(BASE, ih.call_to(BASE, slot) + RET) == (BASE, slot)
+        assert ih.left_behind(BASE, ENDBR64 + ih.call_to(BASE + 4, slot)) == (BASE + 4, slot)
+        assert ih.left_behind(BASE, NOP5 + RET) is None
+        assert ih.left_behind(BASE, b"\x55" + RET) is None
+        assert ih.FTRACE_NOP == NOP5
+
     def test_probe_fits_a_smaller_slot(self) -> None:
         """The 8-byte MSR probe takes a run too short for a trampoline, never a longer one's end."""
         code = NOP1 * 7 + RET + INT3 + NOP1 * 7 + NOP5 + RET + INT3 * 10

@@ -21,7 +21,9 @@ at 16-byte boundaries, and the next one may well open with a NOP (ftrace's): a s
 crosses a 16-byte boundary (first seen as a module load that crashed the lab guest).
 
 Trampolines stay in place after their hook is removed (a vCPU may be inside one, or interrupted
-in one); they are unreachable once the call site holds its NOP again.
+in one); they are unreachable once the call site holds its NOP again. A watch that died without
+detaching leaves its calls behind (harmless: QEMU drops the watchpoints, the trampoline just
+returns); the next hook of that function takes its trampoline over and puts the NOP back after.
 
 The same trick reads model-specific registers, which gdbstub does not expose: a vCPU stopped
 in kernel mode is pointed (RCX = the MSR, interrupts masked) at an 8-byte probe in dead padding
@@ -44,6 +46,9 @@ RIP_AFTER_PUSH = 6
 STACK_DEPTH = 16
 """Bytes the call and the push put on the stack by the time of that stop."""
 SITE_SIZE = 5
+FTRACE_NOP = bytes.fromhex("0f1f440000")
+"""The 5-byte NOP x86-64 kernels put at every function entry (a site found calling a trampoline
+held it)."""
 ALIGNMENT = 16
 """Functions start at multiples of this: padding never runs past one."""
 CALL_REL32 = 0xE8
@@ -107,6 +112,19 @@ def patch_site(address: int, code: bytes) -> int | None:
     if first[2] == "endbr64" and len(insns) > 1 and insns[1][2] == "nop" and insns[1][1] == SITE_SIZE:
         return insns[1][0]
     return None
+
+
+def left_behind(address: int, code: bytes) -> tuple[int, int] | None:
+    """``(site, slot)`` when the code at ``address`` (after an ``endbr64``) calls a trampoline
+    candidate: a ``call rel32`` where the ftrace NOP belongs. The caller checks the slot holds
+    :func:`trampoline` bytes before believing it."""
+    insns = list(_md.disasm_lite(code[:16], address, 2))
+    if insns and insns[0][2] == "endbr64":
+        insns = insns[1:]
+    if not insns or insns[0][1] != SITE_SIZE or code[insns[0][0] - address] != CALL_REL32:
+        return None
+    site = insns[0][0]
+    return site, site + SITE_SIZE + struct.unpack_from("<i", code, site - address + 1)[0]
 
 
 def free_slots(code: bytes, base: int, taken: Iterable[tuple[int, int]], count: int = 1,

@@ -581,13 +581,24 @@ class QemuVM:
         except RemoteError:
             return False
         site = ih.patch_site(vaddr, code)
+        site_original = code[site - vaddr : site - vaddr + ih.SITE_SIZE] if site is not None else ih.FTRACE_NOP
+        slot = None
+        if site is None:  # a hook left behind by a watch that died?
+            site, slot = ih.left_behind(vaddr, code) or (None, None)
+            if slot is not None:
+                slot_original = b""
+                with contextlib.suppress(RemoteError):
+                    slot_original = p.decode_hex(await self.gdb.request(p.read_memory(slot, ih.TRAMPOLINE_SIZE)))
+                if slot_original != ih.trampoline(slot):
+                    return False
+                self.stats["hooks_taken_over"] += 1
         if site is None or any(h.site == site for h in self._hooks.values()):
             return False
-        slot, slot_original = await self._trampoline_slot(site)
         if slot is None:
-            return False
-        hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=code[site - vaddr : site - vaddr + ih.SITE_SIZE],
-                       slot_original=slot_original)
+            slot, slot_original = await self._trampoline_slot(site)
+            if slot is None:
+                return False
+        hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=site_original, slot_original=slot_original)
         masks = {**await self._physical_masks(site, hook.site_original), **await self._physical_masks(slot, slot_original)}
         # trampoline and watchpoint first: the call goes live last
         await self.gdb.batch([p.write_memory(slot, ih.trampoline(slot)), p.insert_point(p.WatchKind.READ, slot, 8),
