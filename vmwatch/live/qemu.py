@@ -36,7 +36,7 @@ import socket
 import struct
 import tempfile
 import time
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Callable
 
 import attrs
 import capstone
@@ -49,17 +49,14 @@ from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SingleStep, 
 from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import GdbConnection, RemoteError
 from vmwatch.live import inline_hooks as ih
+from vmwatch.live.qemu_hooks import InlineHooking
+from vmwatch.live.qemu_msrs import MsrAccess
 from vmwatch.live.qemu_ram import GdbMemory, SharedRam, overlay, ram_runs
 from vmwatch.live.qmp import open_qmp
 
 log = structlog.get_logger()
 
 SIGINT = 2
-RFLAGS_TF = 0x100
-RFLAGS_IF = 0x200
-HLT = b"\xf4"
-PROBE_TIMEOUT = 2.0
-"""Seconds an MSR probe (two instructions) may take before it is called lost."""
 SIGTRAP = 5
 STEP_RETRIES = 3
 """Tries for one single step whose report left RIP on an instruction that always moves it."""
@@ -85,7 +82,7 @@ class _Hop:
         self.next_addr = next_addr
 
 
-class QemuVM:
+class QemuVM(InlineHooking, MsrAccess):
     """A live QEMU guest. Get one from :func:`attach_qemu`."""
 
     def __init__(self, qmp: object, gdb: GdbConnection, *, layout: list[p.RegisterInfo],
@@ -423,19 +420,6 @@ class QemuVM:
             self._regs_cache[vcpu] = regs
         return regs
 
-    async def _leave_trampoline(self, vcpu: int) -> None:
-        """Make the registers of a vCPU stopped in a trampoline really what they are shown as
-        (RIP at the hooked address, RSP before the call), before anyone changes or steps them."""
-        stopped = self._hook_stops.pop(vcpu, None)
-        if stopped is None:
-            return
-        hook, rsp = stopped
-        await self._select(vcpu)
-        await self.gdb.batch([p.write_register(self._layout["rsp"].regnum, (rsp + ih.STACK_DEPTH).to_bytes(8, "little")),
-                              p.write_register(self._layout["rip"].regnum, hook.address.to_bytes(8, "little"))])
-        self._regs_cache.pop(vcpu, None)
-        self._resume_from = (vcpu, hook.address)
-
     async def _rip(self, vcpu: int) -> int:
         await self._select(vcpu)
         info = self._layout["rip"]
@@ -555,10 +539,6 @@ class QemuVM:
             self._breakpoints.add(vaddr)
             return False
 
-    def is_inline(self, vaddr: int) -> bool:
-        """True when the breakpoint at ``vaddr`` is an inline hook."""
-        return vaddr in self._hooks
-
     async def remove_breakpoint(self, vaddr: int) -> None:
         async with self._stopped_link():
             if vaddr in self._breakpoints:
@@ -570,96 +550,6 @@ class QemuVM:
                     await self.gdb.request(p.remove_point(_BP, vaddr))
                     return
                 await self._unhook(hook)
-
-    async def _add_hook(self, vaddr: int) -> bool:
-        """Place an inline hook for a breakpoint at ``vaddr`` (lock held, guest stopped)."""
-        if vaddr < 1 << 63:  # kernel text only: user code pages are shared between processes
-            return False
-        await self._set_phys(False)
-        try:
-            code = p.decode_hex(await self.gdb.request(p.read_memory(vaddr, 16)))
-        except RemoteError:
-            return False
-        site = ih.patch_site(vaddr, code)
-        site_original = code[site - vaddr : site - vaddr + ih.SITE_SIZE] if site is not None else ih.FTRACE_NOP
-        slot = None
-        if site is None:  # a hook left behind by a watch that died?
-            site, slot = ih.left_behind(vaddr, code) or (None, None)
-            if slot is not None:
-                slot_original = b""
-                with contextlib.suppress(RemoteError):
-                    slot_original = p.decode_hex(await self.gdb.request(p.read_memory(slot, ih.TRAMPOLINE_SIZE)))
-                if slot_original != ih.trampoline(slot):
-                    return False
-                self.stats["hooks_taken_over"] += 1
-        if site is None or any(h.site == site for h in self._hooks.values()):
-            return False
-        if slot is None:
-            slot, slot_original = await self._trampoline_slot(site)
-            if slot is None:
-                return False
-        hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=site_original, slot_original=slot_original)
-        masks = {**await self._physical_masks(site, hook.site_original), **await self._physical_masks(slot, slot_original)}
-        # trampoline and watchpoint first: the call goes live last
-        await self.gdb.batch([p.write_memory(slot, ih.trampoline(slot)), p.insert_point(p.WatchKind.READ, slot, 8),
-                              p.write_memory(site, ih.call_to(site, slot))])
-        self._hooks[vaddr] = hook
-        self._hook_at_slot[slot] = hook
-        self._spare_slots.pop(slot, None)
-        self._set_masks({**self._masks, **masks})
-        self.stats["inline_hooks"] += 1
-        return True
-
-    async def _unhook(self, hook: ih.Hook) -> None:
-        """Put the NOP back and keep the trampoline as a spare (lock held, guest stopped)."""
-        await self._set_phys(False)
-        await self.gdb.batch([p.write_memory(hook.site, hook.site_original),
-                              p.remove_point(p.WatchKind.READ, hook.slot, 8)])
-        self._hook_at_slot.pop(hook.slot, None)
-        self._spare_slots[hook.slot] = hook.slot_original
-        site_masks = await self._physical_masks(hook.site, hook.site_original)
-        self._set_masks({k: v for k, v in self._masks.items() if k not in site_masks})
-
-    async def _trampoline_slot(self, site: int) -> tuple[int | None, bytes]:
-        """A spare trampoline in call range, or dead padding after ``site`` (up to 64 KiB on)."""
-        for slot, original in self._spare_slots.items():
-            if abs(slot - site) < 1 << 30:
-                return slot, original
-        taken = [(h.slot, ih.TRAMPOLINE_SIZE) for h in self._hooks.values()] + \
-                [(h.site, ih.SITE_SIZE) for h in self._hooks.values()] + \
-                [(slot, ih.TRAMPOLINE_SIZE) for slot in self._spare_slots]
-        for size in (0x1000, 0x4000, 0x10000):  # a linear sweep must start at an instruction
-            code = bytearray()
-            try:
-                for addr, n in p.memory_chunks(site, size):
-                    code += p.decode_hex(await self.gdb.request(p.read_memory(addr, n)))
-            except RemoteError:
-                pass
-            found = ih.free_slots(bytes(code), site, taken)
-            if found:
-                return found[0], bytes(code[found[0] - site : found[0] - site + ih.TRAMPOLINE_SIZE])
-        return None, b""
-
-    async def _physical_masks(self, vaddr: int, original: bytes) -> dict[int, bytes]:
-        """``{guest-physical address: original bytes}`` for a patch at ``vaddr`` (split at pages)."""
-        out = {}
-        pos = 0
-        while pos < len(original):
-            addr = vaddr + pos
-            step = min(len(original) - pos, 0x1000 - (addr & 0xFFF))
-            reply = await self.qmp.execute("human-monitor-command", command_line=f"gva2gpa {addr:#x}")
-            try:
-                gpa = int(str(reply).split("gpa:")[1].split()[0], 16)
-            except (IndexError, ValueError):
-                raise ProtocolError(f"QEMU cannot translate {addr:#x}: {str(reply).strip()}") from None
-            out[gpa] = original[pos : pos + step]
-            pos += step
-        return out
-
-    def _set_masks(self, masks: dict[int, bytes]) -> None:
-        self._masks = masks
-        if hasattr(self.memory, "set_masks"):
-            self.memory.set_masks(masks)
 
     async def add_watchpoint(self, vaddr: int, size: int, access: Access = Access.WRITE) -> None:
         """Watch ``size`` bytes at ``vaddr`` for reads, writes or both (any length).
@@ -720,132 +610,6 @@ class QemuVM:
                 self._resume_from = (vcpu, rip)
             self.stats["steps"] += 1
             return SingleStep(rip=rip, **self._event_fields(vcpu))
-
-    # ------------------------------------------------------------------ model-specific registers
-
-    async def read_msrs(self, numbers: Iterable[int], vcpu: int | None = None) -> dict[int, int] | None:
-        """Values of model-specific registers, read by the guest's own ``rdmsr`` run in dead
-        padding of the code a vCPU stopped in (see ``inline_hooks``; no flush, ~1 ms each).
-
-        Runs on ``vcpu``, else on the first vCPU stopped in kernel mode and not halted (a halted
-        vCPU runs nothing until an interrupt wakes it). Returns None when that is impossible
-        right now (user mode, ``hlt``, no padding in that code page): ask again at the next
-        stop; a vCPU stopped at a breakpoint or hook always qualifies. Stops the guest for the
-        read if it runs.
-
-        Raises:
-            ValueError: an MSR outside ``inline_hooks.READABLE_MSRS`` (an ``rdmsr`` of an MSR the
-                CPU model lacks would fault inside the guest).
-        """
-        return await self._msr_access({n: None for n in numbers}, vcpu)
-
-    async def write_msrs(self, values: dict[int, int], vcpu: int | None = None) -> bool:
-        """Write model-specific registers the way :meth:`read_msrs` reads them (``wrmsr``), on a
-        guest attached writable. False when no vCPU can run the probe right now.
-
-        Raises:
-            UnsupportedOperation: the guest was not attached for writing.
-        """
-        if not getattr(self.memory, "writable", False):
-            from vmwatch.errors import UnsupportedOperation
-
-            raise UnsupportedOperation("MSR writes need a guest attached for writing")
-        return await self._msr_access(dict(values), vcpu) is not None
-
-    async def _msr_access(self, access: dict[int, int | None], vcpu: int | None) -> dict[int, int] | None:
-        """Read (value None) or write each MSR of ``access`` on one suitable vCPU."""
-        unknown = [f"{n:#x}" for n in access if n not in ih.READABLE_MSRS]
-        if unknown:
-            raise ValueError(f"MSR {', '.join(unknown)} is not one vmwatch reads (see inline_hooks.READABLE_MSRS)")
-        if any(not 0 <= v < 1 << 64 for v in access.values() if v is not None):
-            raise ValueError("an MSR value must fit 64 bits")
-        async with self._stopped_link():
-            for v in [vcpu] if vcpu is not None else range(self.vcpu_count):
-                self._thread(v)
-                regs = await self._read_g(v)
-                if v in self._hook_stops:  # really inside the trampoline: put back exactly that
-                    hook, rsp = self._hook_stops[v]
-                    regs = attrs.evolve(regs, rip=hook.slot + ih.RIP_AFTER_PUSH, rsp=rsp)
-                if regs.cs is None or regs.cs.selector & 3 or regs.rip is None or regs.rip < 1 << 63:
-                    continue
-                if v not in self._hook_stops:
-                    await self._set_phys(False)
-                    await self._select(v)
-                    with contextlib.suppress(RemoteError):
-                        if p.decode_hex(await self.gdb.request(p.read_memory(regs.rip - 1, 1))) == HLT:
-                            continue  # halted, most likely: it would run the probe at its next interrupt
-                probes = [await self._probe_in_page(regs.rip, kind) for kind in
-                          {ih.RDMSR if value is None else ih.WRMSR for value in access.values()}]
-                if None not in probes:
-                    return await self._run_probe(v, regs, access)
-        return None
-
-    async def _probe_in_page(self, rip: int, instruction: bytes) -> int | None:
-        """The MSR probe of the code page of ``rip``, placed on first use (lock held, stopped)."""
-        page = rip & ~0xFFF
-        key = (page, instruction)
-        if key not in self._probes:
-            await self._set_phys(False)
-            code = bytearray()
-            with contextlib.suppress(RemoteError):
-                for addr, n in p.memory_chunks(rip, page + 0x1000 - rip):
-                    code += p.decode_hex(await self.gdb.request(p.read_memory(addr, n)))
-            taken = [(h.slot, ih.TRAMPOLINE_SIZE) for h in self._hooks.values()] + \
-                [(h.site, ih.SITE_SIZE) for h in self._hooks.values()] + \
-                [(slot, ih.TRAMPOLINE_SIZE) for slot in self._spare_slots] + \
-                [(slot, ih.PROBE_SIZE) for slot in self._probes.values() if slot is not None]
-            found = ih.free_slots(bytes(code), rip, taken, size=ih.PROBE_SIZE)
-            probe = self._probes[key] = found[0] if found else None
-            if probe is not None:
-                original = bytes(code[probe - rip : probe - rip + ih.PROBE_SIZE])
-                masks = await self._physical_masks(probe, original)
-                await self.gdb.batch([p.write_memory(probe, ih.msr_probe(probe, instruction)),
-                                      p.insert_point(p.WatchKind.READ, probe, 8)])
-                self._set_masks({**self._masks, **masks})
-        return self._probes[key]
-
-    async def _run_probe(self, vcpu: int, regs: Registers, access: dict[int, int | None]) -> dict[int, int]:
-        layout = self._layout
-
-        def put(name: str, value: int) -> p.Command:
-            info = layout[name]
-            return p.write_register(info.regnum, (value & (1 << info.bitsize) - 1).to_bytes(info.size, "little"))
-
-        thread = str(self._thread(vcpu))
-        masked = regs.rflags & ~(RFLAGS_IF | RFLAGS_TF)
-        values: dict[int, int] = {}
-        await self._select(vcpu)
-        try:
-            for number, value in access.items():
-                kind = ih.RDMSR if value is None else ih.WRMSR
-                probe = self._probes[(regs.rip & ~0xFFF, kind)]
-                setup = [put("rcx", number), put("rip", probe), put("eflags", masked)]
-                if value is not None:
-                    setup += [put("rax", value & 0xFFFFFFFF), put("rdx", value >> 32)]
-                await self.gdb.batch(setup)
-                await self.gdb.resume(p.vcont(("c", thread)))  # this vCPU alone
-                stop = None
-                with trio.move_on_after(PROBE_TIMEOUT):
-                    stop = await self.gdb.wait_stop()
-                if stop is None:
-                    await self.gdb.interrupt()
-                    stop = await self.gdb.wait_stop(soon=True)
-                if not (isinstance(stop, p.StopReply) and stop.watch is not None and stop.watch[1] == probe):
-                    raise ProtocolError(f"MSR probe on vCPU {vcpu} did not come back (stopped with {stop})")
-                if value is not None:
-                    values[number] = value
-                    continue
-                rax, rdx = await self.gdb.batch([p.read_register(layout["rax"].regnum),
-                                                  p.read_register(layout["rdx"].regnum)])
-                low = int.from_bytes(p.decode_hex(rax), "little") & 0xFFFFFFFF
-                values[number] = (int.from_bytes(p.decode_hex(rdx), "little") & 0xFFFFFFFF) << 32 | low
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.gdb.batch([put("rax", regs.rax), put("rcx", regs.rcx), put("rdx", regs.rdx),
-                                      put("rsp", regs.rsp), put("eflags", regs.rflags), put("rip", regs.rip)])
-        self.stats["msr_reads"] += sum(v is None for v in access.values())
-        self.stats["msr_writes"] += sum(v is not None for v in access.values())
-        return values
 
     # ------------------------------------------------------------------ memory through QEMU
 
