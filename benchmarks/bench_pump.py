@@ -7,10 +7,10 @@
 2. Guest slowdown with the shipped packs on the live lab guest: a timed loop inside the guest
    (``scenario writes N``: N one-byte write() calls, timed by the guest's own clock, which does
    not run while the guest is stopped), without and with ``vmwatch watch`` attached (goal: under
-   2x). Skipped with ``--no-guest``. The ratio depends on the host: every stop costs the TCG
-   guest re-translation time (measured ~5 ms on an idle host per DESIGN.md, ~100-200 ms on the
-   shared 2-core CI host), and the packs stop it about three times a second (wake-up point for
-   periodic checks, process sensors).
+   2x). Skipped with ``--no-guest``. The ratio depends on the host: a gdbstub breakpoint stop
+   costs the TCG guest re-translation time (~5 ms on an idle host per DESIGN.md, ~100-200 ms on
+   the shared 2-core CI host); the packs' sensors are inline hooks whose stops flush nothing, and
+   their periodic checks pause the guest (no flush either).
 
 Run: ``.venv/bin/python benchmarks/bench_pump.py [--events N] [--no-guest]``
 """
