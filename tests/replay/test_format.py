@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -175,3 +176,50 @@ class TestCliErrors:
         result = run_cli("replay", path, "--rules", rules)
         assert result.status == 2
         assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+class TestHandled:
+    """END's ``handled``: a replay stops where the live run stopped handling events."""
+
+    def _recorded(self, path, handled_after: int | None) -> None:
+        """Four events; the consumer says it handled those before ``handled_after`` (None: says nothing)."""
+        async def session():
+            with recording_source(synthetic_source(count=4), path) as target:
+                async for event in target.events():
+                    await target.registers(event.vcpu)
+                    if handled_after is not None and event.seq < handled_after:
+                        target.on_handled()
+
+        trio.run(session)
+
+    @pytest.mark.parametrize("handled_after", [None, 3, 1])
+    def test_replay_stops_after_the_handled_events(self, tmp_path, handled_after):
+        path = tmp_path / "cut.vmwr"
+        self._recorded(path, handled_after)
+        with Recording.open(path) as recording:
+            assert len(recording.events) == 4
+            assert recording.handled == (4 if handled_after is None else handled_after)
+            assert ("handled" in recording.end) is (handled_after is not None)
+
+            async def replay() -> int:
+                from vmwatch.replay.player import ReplaySource
+
+                return len([e async for e in ReplaySource(recording).events()])
+
+            assert trio.run(replay) == recording.handled
+
+    @pytest.mark.parametrize("value", [-1, 5, "2", 2.0, None])
+    def test_absurd_handled_is_refused(self, tmp_path, value):
+        path = tmp_path / "rec.vmwr"
+        self._recorded(path, None)
+        data = path.read_bytes()
+        out = io.BytesIO()
+        writer = RecordWriter(out)
+        for record in iter_records(data):
+            payload = bytes(record.payload)
+            if record.kind == RecordType.END:
+                writer.write_json(RecordType.END, {**json.loads(payload), "handled": value})
+            else:
+                writer.write(record.kind, payload)
+        error = _check_file(tmp_path, data[:16] + out.getvalue())
+        assert error is not None and "handled" in str(error)

@@ -160,6 +160,8 @@ class Engine:
         self._replays_ticks = bool(getattr(source, "replays_ticks", False))
         """The stream carries the recorded engine ticks: no timer, periodic rules run at them."""
         self._note_tick: Callable[[Tick], Any] | None = getattr(source, "on_tick", None)
+        self._note_handled: Callable[[], None] | None = getattr(source, "on_handled", None)
+        """A recorder learns which events had their rules run (the last one may be cut by the end)."""
         """A recorder: each engine tick runs inside ``on_tick(tick)``, a context of its own."""
         self._pending_pull = False
         """An event was handed out and waits for the lock (a recorder opened its context)."""
@@ -473,6 +475,8 @@ class Engine:
                     decision = governor.charge(trap, cost, now)
                     if decision is not None:
                         self._decisions.append(decision)
+            if self._note_handled is not None:
+                self._note_handled()
             if cls in recorded:
                 self._record(EventRecord.from_event(event, self.vm))
             self._last_seq = event.seq

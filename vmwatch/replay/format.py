@@ -31,7 +31,8 @@ MAGIC = b"VMWREC\r\n"  # \r\n catches text-mode mangling, as PNG's signature doe
 VERSION_MAJOR = 1
 VERSION_MINOR = 2
 """1.1: the engine's periodic ticks are recorded as Tick events with ``periodic`` (1.0 files read as is).
-1.2: the overhead governor's verdicts (GOVERN records, optional: 1.1 readers skip them)."""
+1.2: the overhead governor's verdicts (GOVERN records, optional: 1.1 readers skip them), and
+``handled`` in END: the events a watch cut short at its end did not handle are not replayed."""
 HEADER = struct.Struct("<8sHHI")  # magic, major, minor, crc32 of the first 12 bytes
 RECORD_HEAD = struct.Struct("<BI")
 CRC = struct.Struct("<I")

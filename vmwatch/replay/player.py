@@ -160,6 +160,11 @@ class Recording:
             raise RecordingError(f"{where}: recording holds no META record")
         if self.end is None:
             raise RecordingError(f"{where}: recording is truncated (no END record)")
+        handled = self.end.get("handled", len(self.events))
+        if not isinstance(handled, int) or not 0 <= handled <= len(self.events):
+            raise RecordingError(f"{where}: END record says {handled!r} events were handled, of {len(self.events)}")
+        self.handled: int = handled
+        """Events the live run handled: the ones after it were cut by the end of the watch."""
         if self.end.get("events") != len(self.events) or self.end.get("pages") != len(self._pages):
             raise RecordingError(
                 f"{where}: END record says {self.end.get('events')} events and {self.end.get('pages')} pages,"
@@ -381,7 +386,7 @@ class ReplaySource:
 
     async def __anext__(self) -> Event:
         index = self.position
-        if index >= len(self.recording.events) or self.first_failure() is not None:
+        if index >= self.recording.handled or self.first_failure() is not None:
             raise StopAsyncIteration  # a replay that cannot be faithful stops at once
         self._ran()
         self.context = index

@@ -72,6 +72,9 @@ class Recorder:
         self._reads: dict[int, int] = {}
         self._registers: set[int] = set()
         self.events = 0
+        self.handled: int | None = None
+        """Events (from the first) whose rules ran, when the consumer says (the engine does): the
+        last one may have been cut by the end of the watch. None: all of them."""
         self.page_reads = 0
         self.closed = False
         self._writer.write_json(RecordType.META, {
@@ -152,6 +155,7 @@ class Recorder:
         self._flush_reads()
         self._writer.write_json(RecordType.END, {
             "events": self.events, "pages": self.pages, "page_reads": self.page_reads,
+            **({} if self.handled is None else {"handled": self.handled}),
         })
         self._file.close()
         self.closed = True
@@ -283,9 +287,14 @@ class RecordingSource:
         self.recorder.begin_event(tick)
         try:
             yield
+            self.recorder.handled = self.recorder.events
         finally:
             self._ticking = None
             done.set()
+
+    def on_handled(self) -> None:
+        """The engine ran the rules of the event handed out last (or decided none run)."""
+        self.recorder.handled = self.recorder.events
 
     def on_governed(self, decision: Any) -> None:
         """The engine's governor sampled out this event's hit (``None``) or demoted its trap."""
