@@ -98,7 +98,7 @@ def test_periodic_rules_replay_at_the_recorded_ticks(lab_guest, tmp_path):
     pack = tmp_path / "clock.py"
     pack.write_text(CLOCK_PACK)
     record = tmp_path / "periodic.vmwr"
-    live = run_cli("watch", lab_guest.target, "--rules", "security", pack, "--json", "--duration", "5",
+    live = run_cli("watch", lab_guest.target, "--rules", "security", pack, "--json", "--duration", "8",
                    "--record", record)
     assert live.status == 0, live.stderr
     jiffies = [json.loads(line)["details"]["jiffies"] for line in live.stdout.splitlines() if "jiffies" in line]
