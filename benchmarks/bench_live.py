@@ -8,7 +8,7 @@ Prints:
   (lift the breakpoint, break on the next instruction, put it back), the default emulated
   step-over, and the inline hook (no translation flush at all), with the guest's own write
   rate unobserved beside it;
-* single steps per second, pause+resume latency;
+* single steps per second, pause+resume latency, one MSR read through the rdmsr probe;
 * read bandwidth of the mapped RAM file versus the gdbstub (ratio).
 
 The host is shared and noisy: numbers are medians of short rounds, the load average is printed.
@@ -58,6 +58,22 @@ async def breakpoint_rate(guest: LabGuest, address: int, mode: str, seconds: flo
         await vm.remove_breakpoint(address)
         await vm.resume()
         return hits / elapsed, dict(vm.stats)
+
+
+async def msr_read_ms(guest: LabGuest, address: int, reads: int = 100) -> float:
+    """Median time of one LSTAR read through the rdmsr probe, at inline-hook stops."""
+    times = []
+    async with attach_qemu(str(guest.qmp_path)) as vm:
+        await vm.add_breakpoint(address, inline=True)
+        async for event in vm.events():
+            t = time.perf_counter()
+            assert await vm.read_msrs([0xC0000082], event.vcpu)
+            times.append(time.perf_counter() - t)
+            if len(times) == reads:
+                break
+        await vm.remove_breakpoint(address)
+        await vm.resume()
+    return statistics.median(times) * 1e3
 
 
 async def control_numbers(guest: LabGuest) -> dict[str, float]:
@@ -120,6 +136,7 @@ def main() -> int:
             for mode in rates:
                 rate, stats[mode] = trio.run(breakpoint_rate, guest, address, mode, args.seconds)
                 rates[mode].append(rate)
+        msr_ms = trio.run(msr_read_ms, guest, address)
         guest.shell("scenario busy stop", check=True)
         naive = statistics.median(rates["step"])
         hop = statistics.median(rates["hop"])
@@ -131,6 +148,7 @@ def main() -> int:
         print(f"breakpoint events/s, inline hook:             {inline:10.0f}  ratio {inline / naive:.2f}x  {stats['inline']}")
         print("  all rounds: " + " ".join(f"{m} {[round(r) for r in v]}" for m, v in rates.items()))
         print(f"  TB flushes in QEMU (info jit): {tb_flushes(guest)}")
+        print(f"one MSR read through the rdmsr probe:         {msr_ms:10.2f} ms (no flush)")
         ctl = trio.run(control_numbers, guest)
         print(f"pause+resume latency:                         {ctl['pause_resume_ms']:10.2f} ms")
         print(f"single steps/s (irq+timers masked):           {ctl['steps_per_s']:10.0f}")
