@@ -136,7 +136,7 @@ async def _timed_under_watch(guest, timed) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=300_000)
-    parser.add_argument("--writes", type=int, default=20_000)
+    parser.add_argument("--writes", type=int, default=200_000)
     parser.add_argument("--no-guest", action="store_true")
     args = parser.parse_args()
     bench_pump(args.events)

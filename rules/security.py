@@ -175,10 +175,19 @@ def _cr_findings(name: str, old: int, new: int) -> list[str]:
     return found
 
 
+@rule.disabled
 @rule.on_register("cr0")
 @rule.on_register("cr4")
 def control_register_write(event: RegisterWrite, guest):
-    """An instruction cleared CR0.WP, CR4.SMEP or CR4.SMAP."""
+    """An instruction cleared CR0.WP, CR4.SMEP or CR4.SMAP.
+
+    Off by default (``--enable security.control_register_write``): it needs a gdbstub breakpoint
+    after each of the ~20 ``mov cr0/cr4`` of kernel text, and under TCG breakpoints alone slow
+    the guest (QEMU checks them at every indirect branch; measured: this rule 1.75-1.9x on a
+    write loop, the rest of the security and timeline packs 0.94-0.98x). Those kernel writers
+    pin WP, SMEP and SMAP since Linux 5.3 anyway, and ``control_register_state`` sees a change
+    that stays within 2 s.
+    """
     if event.old is None:
         return
     for finding in _cr_findings(event.register, event.old, event.new):

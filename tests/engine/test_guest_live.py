@@ -286,6 +286,10 @@ def test_syscall_msr_changed_from_outside(watcher, lab_guest):
 
     mark = watcher.mark()
     lab_guest.shell("scenario busy start", timeout=SLOW)
+    deadline = time.monotonic() + 60  # the first poll that catches a vCPU awake: the baseline
+    while not any("fmask" in regs.msrs for regs in watcher.engine.guest.cpus):
+        assert time.monotonic() < deadline, "no MSR poll succeeded"
+        time.sleep(0.2)
     original = on_awake_vcpu(clear_cf)
     try:
         assert original & 1

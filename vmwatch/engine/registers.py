@@ -197,7 +197,9 @@ class RegisterSensor:
 
 
 class MsrPoller:
-    """Turns the MSR values of tick registers into :class:`RegisterWrite` events on change."""
+    """Turns the MSR values of tick registers into :class:`RegisterWrite` events: on change, and
+    once for the first value seen on each vCPU (``old`` None), so a rule can judge a value that
+    was already wrong when the watch began."""
 
     def __init__(self, registers: set[str]) -> None:
         self.registers = registers
@@ -212,7 +214,7 @@ class MsrPoller:
                 key = (regs.vcpu, register)
                 old = self._last.get(key)
                 self._last[key] = new
-                if old is not None and old != new:
+                if old != new:
                     guest.emit(RegisterWrite(seq=event.seq, time_ns=event.time_ns, vcpu=regs.vcpu, register=register,
                                              old=old, new=new, rip=0))
 
