@@ -246,7 +246,7 @@ async def plan(engine: Engine, wanted: dict[str, list]) -> None:
     if polled and (hasattr(engine.source, "poll_msrs") or getattr(engine.source, "replays_ticks", False)):
         poll = getattr(engine.source, "poll_msrs", None)
         if poll is not None:
-            poll(sorted(MSR_NUMBERS[r[4:]] for r in polled))
+            poll(sorted(MSR_NUMBERS[r[4:]] for r in polled), MSR_POLL_SECONDS)
         run = engine.sensor_run("sensor.msr_poll")
         run.func = MsrPoller(polled)
         engine.dispatcher.periodic.append((MSR_POLL_SECONDS, Handler(run, None)))

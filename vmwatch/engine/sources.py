@@ -238,6 +238,10 @@ class LiveSource:
         """An event was yielded and the next one not yet asked for: the guest must stay stopped."""
         self._resume_owed = False
         self._msrs: tuple[int, ...] = ()
+        self._msrs_period = 1.0
+        self._msrs_due = 0.0
+        self._msrs_seen: tuple[int, dict[int, int]] | None = None
+        """MSRs a trap stop read since the last tick: (vcpu, values)."""
 
     async def events(self) -> AsyncIterator[Event]:
         """The backend's events with ``time_ns`` on the wall clock (it stamps them with the
@@ -269,26 +273,47 @@ class LiveSource:
         await self.vm.resume()  # type: ignore[attr-defined]
 
     async def registers(self, vcpu: int) -> Registers:
-        return await self.vm.registers(vcpu)  # type: ignore[attr-defined]
+        """Registers of ``vcpu`` at an event. With :meth:`poll_msrs`, a trap stop (kernel mode,
+        awake: the probe always runs there) also takes the MSRs when a poll is due; they ride
+        with the next tick's registers."""
+        regs = await self.vm.registers(vcpu)  # type: ignore[attr-defined]
+        if self._msrs and time.monotonic() >= self._msrs_due:
+            values = await self._read_msrs(vcpu)
+            if values is not None:
+                self._msrs_seen = (vcpu, values)
+        return regs
 
     async def all_registers(self) -> tuple[Registers, ...]:
         """Registers of every vCPU; with :meth:`poll_msrs`, the first vCPU that can run the MSR
-        probe (kernel mode, not halted) also carries those MSRs in ``msrs``."""
+        probe (kernel mode, not halted) also carries those MSRs in ``msrs`` (else the vCPU whose
+        trap stop read them since the last tick)."""
         every = tuple(await self.vm.all_registers())  # type: ignore[attr-defined]
-        if self._msrs:
-            from vmwatch.engine.registers import msr_register
+        if not self._msrs:
+            return every
+        seen, self._msrs_seen = self._msrs_seen, None
+        for i in range(len(every)) if seen is None and time.monotonic() >= self._msrs_due else ():
+            values = await self._read_msrs(i)
+            if values is not None:
+                seen = (i, values)
+                break
+        if seen is None:
+            return every
+        from vmwatch.engine.registers import msr_register
 
-            for i, regs in enumerate(every):
-                try:
-                    values = await self.vm.read_msrs(self._msrs, i)  # type: ignore[attr-defined]
-                except ProtocolError as exc:  # a probe that did not come back: not again
-                    log.warning("msr polling stopped", reason=str(exc))
-                    self._msrs = ()
-                    break
-                if values is not None:
-                    msrs = {**regs.msrs, **{msr_register(n)[4:]: v for n, v in values.items()}}
-                    return every[:i] + (attrs.evolve(regs, msrs=msrs),) + every[i + 1:]
-        return every
+        i, values = seen
+        msrs = {**every[i].msrs, **{msr_register(n)[4:]: v for n, v in values.items()}}
+        return every[:i] + (attrs.evolve(every[i], msrs=msrs),) + every[i + 1:]
+
+    async def _read_msrs(self, vcpu: int) -> dict[int, int] | None:
+        try:
+            values = await self.vm.read_msrs(self._msrs, vcpu)  # type: ignore[attr-defined]
+        except ProtocolError as exc:  # a probe that did not come back: not again
+            log.warning("msr polling stopped", reason=str(exc))
+            self._msrs = ()
+            return None
+        if values is not None:
+            self._msrs_due = time.monotonic() + self._msrs_period
+        return values
 
     def overhead_of(self, event: Event) -> float:
         """What a stop for ``event`` cost the guest: only gdbstub breakpoints flush TCG's code."""
@@ -296,9 +321,11 @@ class LiveSource:
             return self.trap_overhead
         return self.cheap_overhead
 
-    def poll_msrs(self, numbers: Iterable[int]) -> None:
-        """Read these MSRs with the registers (the live backend's ``read_msrs``: no flush)."""
+    def poll_msrs(self, numbers: Iterable[int], period: float) -> None:
+        """Read these MSRs with the registers, about every ``period`` seconds (the live backend's
+        ``read_msrs``: no flush)."""
         self._msrs = tuple(numbers)
+        self._msrs_period = period
 
     async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
         await self.vm.add_breakpoint(vaddr, inline=entry)  # type: ignore[attr-defined]
