@@ -218,11 +218,16 @@ class QemuVM(InlineHooking, MsrAccess):
             await self._stop_locked()
 
     async def resume(self) -> None:
-        """Let the guest run (stepping over a breakpoint it is stopped at, without losing it)."""
+        """Let the guest run (stepping over a breakpoint it is stopped at, without losing it).
+
+        Not while events are queued: a stop that :meth:`pause` took for an interrupt may have
+        been a trap hit; the guest then stays stopped for it until ``events()`` hands it out
+        and is asked for the next one (as ``_stopped_link`` already does).
+        """
         self._check_open()
         async with self._lock:
             self._held = False
-            if self.gdb.state is p.State.STOPPED:
+            if self.gdb.state is p.State.STOPPED and not self._pending:
                 await self._resume_locked()
 
     async def _resume_locked(self) -> None:
