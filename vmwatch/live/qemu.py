@@ -110,11 +110,14 @@ class QemuVM(InlineHooking, MsrAccess):
         """Allow inline hooks (attach turns them off under KVM, whose breakpoints are cheap)."""
         self._hooks: dict[int, ih.Hook] = {}
         self._hook_at_slot: dict[int, ih.Hook] = {}
-        self._spare_slots: dict[int, bytes] = {}
-        """Trampolines of removed hooks (left in place, see inline_hooks): slot -> original bytes."""
+        self._spare_slots: set[int] = set()
+        """Trampolines of removed hooks (left in place, see inline_hooks)."""
         self._hook_stops: dict[int, tuple[ih.Hook, int]] = {}
         """vCPUs stopped inside a trampoline: the hook and the raw RSP there."""
+        self._hidden: dict[int, bytes] = {}
+        """Guest code vmwatch patched (call sites, trampolines, MSR probes): address -> original."""
         self._masks: dict[int, bytes] = {}
+        """The same by guest-physical address: what ``memory`` shows over the patches."""
         self._probes: dict[tuple[int, bytes], int | None] = {}
         """(code page, rdmsr or wrmsr) -> its MSR probe (``inline_hooks.msr_probe``), None when
         the page has no room."""
@@ -642,9 +645,7 @@ class QemuVM(InlineHooking, MsrAccess):
                     if physical:
                         raise PhysicalReadError(chunk_addr, chunk_size) from None
                     raise TranslationError(chunk_addr, 0, f"QEMU cannot read virtual address {chunk_addr:#x}") from None
-        # show the original bytes under inline hooks
-        overlay(out, addr, self._masks.items() if physical else
-                [piece for h in self._hooks.values() for piece in ((h.site, h.site_original), (h.slot, h.slot_original))])
+        overlay(out, addr, (self._masks if physical else self._hidden).items())  # the bytes under our patches
         return bytes(out)
 
     # ------------------------------------------------------------------ lifetime

@@ -26,20 +26,14 @@ class InlineHooking:
         """Place an inline hook for a breakpoint at ``vaddr`` (lock held, guest stopped)."""
         if vaddr < 1 << 63:  # kernel text only: user code pages are shared between processes
             return False
-        await self._set_phys(False)
-        try:
-            code = p.decode_hex(await self.gdb.request(p.read_memory(vaddr, 16)))
-        except RemoteError:
-            return False
-        site = ih.patch_site(vaddr, code)
+        code = await self._read_code(vaddr, 16)
+        site = ih.patch_site(vaddr, code) if len(code) == 16 else None
         site_original = code[site - vaddr : site - vaddr + ih.SITE_SIZE] if site is not None else ih.FTRACE_NOP
         slot = None
         if site is None:  # a hook left behind by a watch that died?
             site, slot = ih.left_behind(vaddr, code) or (None, None)
             if slot is not None:
-                slot_original = b""
-                with contextlib.suppress(RemoteError):
-                    slot_original = p.decode_hex(await self.gdb.request(p.read_memory(slot, ih.TRAMPOLINE_SIZE)))
+                slot_original = await self._read_code(slot, ih.TRAMPOLINE_SIZE)
                 if slot_original != ih.trampoline(slot):
                     return False
                 self.stats["hooks_taken_over"] += 1
@@ -50,14 +44,15 @@ class InlineHooking:
             if slot is None:
                 return False
         hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=site_original, slot_original=slot_original)
-        masks = {**await self._physical_masks(site, hook.site_original), **await self._physical_masks(slot, slot_original)}
+        await self._hide(site, site_original)
+        if slot not in self._spare_slots:
+            await self._hide(slot, slot_original)
         # trampoline and watchpoint first: the call goes live last
         await self.gdb.batch([p.write_memory(slot, ih.trampoline(slot)), p.insert_point(p.WatchKind.READ, slot, 8),
                               p.write_memory(site, ih.call_to(site, slot))])
         self._hooks[vaddr] = hook
         self._hook_at_slot[slot] = hook
-        self._spare_slots.pop(slot, None)
-        self._set_masks({**self._masks, **masks})
+        self._spare_slots.discard(slot)
         self.stats["inline_hooks"] += 1
         return True
 
@@ -67,29 +62,43 @@ class InlineHooking:
         await self.gdb.batch([p.write_memory(hook.site, hook.site_original),
                               p.remove_point(p.WatchKind.READ, hook.slot, 8)])
         self._hook_at_slot.pop(hook.slot, None)
-        self._spare_slots[hook.slot] = hook.slot_original
-        site_masks = await self._physical_masks(hook.site, hook.site_original)
-        self._set_masks({k: v for k, v in self._masks.items() if k not in site_masks})
+        self._spare_slots.add(hook.slot)
+        await self._unhide(hook.site)
 
     async def _trampoline_slot(self, site: int) -> tuple[int | None, bytes]:
         """A spare trampoline in call range, or dead padding after ``site`` (up to 64 KiB on)."""
-        for slot, original in self._spare_slots.items():
+        for slot in self._spare_slots:
             if abs(slot - site) < 1 << 30:
-                return slot, original
-        taken = [(h.slot, ih.TRAMPOLINE_SIZE) for h in self._hooks.values()] + \
-                [(h.site, ih.SITE_SIZE) for h in self._hooks.values()] + \
-                [(slot, ih.TRAMPOLINE_SIZE) for slot in self._spare_slots]
+                return slot, self._hidden[slot]
         for size in (0x1000, 0x4000, 0x10000):  # a linear sweep must start at an instruction
-            code = bytearray()
-            try:
-                for addr, n in p.memory_chunks(site, size):
-                    code += p.decode_hex(await self.gdb.request(p.read_memory(addr, n)))
-            except RemoteError:
-                pass
-            found = ih.free_slots(bytes(code), site, taken)
+            code = await self._read_code(site, size)
+            found = ih.free_slots(code, site, self._patched())
             if found:
-                return found[0], bytes(code[found[0] - site : found[0] - site + ih.TRAMPOLINE_SIZE])
+                return found[0], code[found[0] - site : found[0] - site + ih.TRAMPOLINE_SIZE]
         return None, b""
+
+    async def _read_code(self, vaddr: int, size: int) -> bytes:
+        """Up to ``size`` bytes of guest code at ``vaddr``, through the gdbstub (as much as it
+        reads before a fault): the bytes the guest executes, our patches included."""
+        await self._set_phys(False)
+        code = bytearray()
+        with contextlib.suppress(RemoteError):
+            for addr, n in p.memory_chunks(vaddr, size):
+                code += p.decode_hex(await self.gdb.request(p.read_memory(addr, n)))
+        return bytes(code)
+
+    def _patched(self) -> list[tuple[int, int]]:
+        """``(start, size)`` of every piece of guest code vmwatch patched."""
+        return [(vaddr, len(original)) for vaddr, original in self._hidden.items()]
+
+    async def _hide(self, vaddr: int, original: bytes) -> None:
+        """vmwatch's reads show ``original`` at ``vaddr`` from now on (a patch goes there)."""
+        self._hidden[vaddr] = original
+        self._set_masks({**self._masks, **await self._physical_masks(vaddr, original)})
+
+    async def _unhide(self, vaddr: int) -> None:
+        gone = await self._physical_masks(vaddr, self._hidden.pop(vaddr))
+        self._set_masks({k: v for k, v in self._masks.items() if k not in gone})
 
     async def _physical_masks(self, vaddr: int, original: bytes) -> dict[int, bytes]:
         """``{guest-physical address: original bytes}`` for a patch at ``vaddr`` (split at pages)."""

@@ -11,7 +11,7 @@ from typing import Iterable
 import attrs
 import trio
 
-from vmwatch.cpu import Registers
+from vmwatch.cpu import COMMON_MSRS, Registers
 from vmwatch.errors import ProtocolError
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
@@ -38,7 +38,7 @@ class MsrAccess:
         read if it runs.
 
         Raises:
-            ValueError: an MSR outside ``inline_hooks.READABLE_MSRS`` (an ``rdmsr`` of an MSR the
+            ValueError: an MSR outside ``vmwatch.cpu.COMMON_MSRS`` (an ``rdmsr`` of an MSR the
                 CPU model lacks would fault inside the guest).
         """
         return await self._msr_access({n: None for n in numbers}, vcpu)
@@ -58,9 +58,9 @@ class MsrAccess:
 
     async def _msr_access(self, access: dict[int, int | None], vcpu: int | None) -> dict[int, int] | None:
         """Read (value None) or write each MSR of ``access`` on one suitable vCPU."""
-        unknown = [f"{n:#x}" for n in access if n not in ih.READABLE_MSRS]
+        unknown = [f"{n:#x}" for n in access if n not in COMMON_MSRS]
         if unknown:
-            raise ValueError(f"MSR {', '.join(unknown)} is not one vmwatch reads (see inline_hooks.READABLE_MSRS)")
+            raise ValueError(f"MSR {', '.join(unknown)} is not one vmwatch reads (see vmwatch.cpu.COMMON_MSRS)")
         if any(not 0 <= v < 1 << 64 for v in access.values() if v is not None):
             raise ValueError("an MSR value must fit 64 bits")
         async with self._stopped_link():
@@ -89,23 +89,13 @@ class MsrAccess:
         page = rip & ~0xFFF
         key = (page, instruction)
         if key not in self._probes:
-            await self._set_phys(False)
-            code = bytearray()
-            with contextlib.suppress(RemoteError):
-                for addr, n in p.memory_chunks(rip, page + 0x1000 - rip):
-                    code += p.decode_hex(await self.gdb.request(p.read_memory(addr, n)))
-            taken = [(h.slot, ih.TRAMPOLINE_SIZE) for h in self._hooks.values()] + \
-                [(h.site, ih.SITE_SIZE) for h in self._hooks.values()] + \
-                [(slot, ih.TRAMPOLINE_SIZE) for slot in self._spare_slots] + \
-                [(slot, ih.PROBE_SIZE) for slot in self._probes.values() if slot is not None]
-            found = ih.free_slots(bytes(code), rip, taken, size=ih.PROBE_SIZE)
+            code = await self._read_code(rip, page + 0x1000 - rip)
+            found = ih.free_slots(code, rip, self._patched(), size=ih.PROBE_SIZE)
             probe = self._probes[key] = found[0] if found else None
             if probe is not None:
-                original = bytes(code[probe - rip : probe - rip + ih.PROBE_SIZE])
-                masks = await self._physical_masks(probe, original)
+                await self._hide(probe, code[probe - rip : probe - rip + ih.PROBE_SIZE])
                 await self.gdb.batch([p.write_memory(probe, ih.msr_probe(probe, instruction)),
                                       p.insert_point(p.WatchKind.READ, probe, 8)])
-                self._set_masks({**self._masks, **masks})
         return self._probes[key]
 
     async def _run_probe(self, vcpu: int, regs: Registers, access: dict[int, int | None]) -> dict[int, int]:
