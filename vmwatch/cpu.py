@@ -28,6 +28,10 @@ CR4_SMAP = 1 << 21
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
+COMMON_MSRS = frozenset((0x10, 0x1B, 0x174, 0x175, 0x176, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
+                         0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102))
+"""MSRs every x86-64 CPU model implements (TSC, APIC base, SYSENTER, EFER, the SYSCALL ones, FS/GS
+bases): the ones vmwatch has a guest read (an ``rdmsr`` of an MSR the model lacks faults)."""
 CS_L = 1 << 21
 """The L (64-bit code) bit of a segment descriptor's attribute word, as QEMU stores it."""
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import attrs
 import structlog
 
+from vmwatch.cpu import COMMON_MSRS
 from vmwatch.errors import RuleError, VmwatchError
 from vmwatch.events import Breakpoint, RegisterWrite
 
@@ -45,9 +46,6 @@ MSR_NAMES = {
 MSR_NUMBERS = {name: number for number, name in MSR_NAMES.items()}
 CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8")
 MSR_POLL_SECONDS = 1.0
-POLLABLE_MSRS = frozenset((0x10, 0x1B, 0x174, 0x175, 0x176, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
-                           0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102))
-"""What a live source's ``poll_msrs`` takes (vmwatch.live.inline_hooks.READABLE_MSRS)."""
 SYSCALL_MSRS = ("msr:lstar", "msr:cstar", "msr:star", "msr:fmask", "msr:sysenter_cs", "msr:sysenter_esp",
                 "msr:sysenter_eip")
 
@@ -242,7 +240,7 @@ async def plan(engine: Engine, wanted: dict[str, list]) -> None:
         return
     if caps.BREAKPOINTS not in engine.capabilities:
         return  # the source delivers RegisterWrite itself (replay, synthetic) or not at all
-    polled = {r for r in registers if r.startswith("msr:") and MSR_NUMBERS.get(r[4:]) in POLLABLE_MSRS}
+    polled = {r for r in registers if r.startswith("msr:") and MSR_NUMBERS.get(r[4:]) in COMMON_MSRS}
     if polled and (hasattr(engine.source, "poll_msrs") or getattr(engine.source, "replays_ticks", False)):
         poll = getattr(engine.source, "poll_msrs", None)
         if poll is not None:

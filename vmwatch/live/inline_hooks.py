@@ -77,11 +77,6 @@ def trampoline(slot: int) -> bytes:
 
 PROBE_SIZE = 8
 RIP_AFTER_PROBE = 8
-READABLE_MSRS = frozenset((0x10, 0x1B, 0x174, 0x175, 0x176, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
-                           0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102))
-"""MSRs every x86-64 CPU model of QEMU implements (an ``rdmsr`` of another might fault in the guest)."""
-
-
 RDMSR = b"\x0f\x32"
 WRMSR = b"\x0f\x30"
 
