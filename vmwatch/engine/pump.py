@@ -170,10 +170,11 @@ class Engine:
         self._stream_done = False
         """The consumer stopped: a tick begun now would be cut short by the shutdown."""
         self._clock: Callable[[], int] = getattr(source, "clock_ns", None) or time.time_ns
-        self._trap_overhead: float = getattr(source, "trap_overhead", 0.0)
-        """Seconds a stop and resume cost the guest beyond our handling (live sources declare it)."""
-        self._overhead_of: Callable[[Event], float] | None = getattr(source, "overhead_of", None)
         """Timestamps of the engine's own events: the source's clock if it has one (replays)."""
+        overhead: float = getattr(source, "trap_overhead", 0.0)
+        self._overhead_of: Callable[[Event], float] = getattr(source, "overhead_of", None) or (lambda event: overhead)
+        """Seconds a stop and resume for an event cost the guest beyond our handling (live sources
+        declare it, per event or as one figure)."""
 
     # -- public ----------------------------------------------------------------------------
 
@@ -470,8 +471,7 @@ class Engine:
                 if trap is not None:
                     # what the guest paid: our handling (register reads included) plus the
                     # source's own cost of a stop and a resume
-                    cost = time.perf_counter() - t0 + (self._overhead_of(event) if self._overhead_of
-                                                       else self._trap_overhead)
+                    cost = time.perf_counter() - t0 + self._overhead_of(event)
                     decision = governor.charge(trap, cost, now)
                     if decision is not None:
                         self._decisions.append(decision)
