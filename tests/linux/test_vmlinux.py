@@ -18,6 +18,7 @@ from vmwatch.os.linux.btf import BtfProfile
 from vmwatch.os.linux.isf import IsfProfile
 from vmwatch.os.linux.symbols import load_symbols_file
 
+from .symfiles import load_or_refused
 from .test_dwarf import compiled  # noqa: F401 - the fixture
 
 MEMBERS = ("pid", "tgid", "tasks", "a", "b", "c", "real_cred", "comm", "type", "matrix")
@@ -120,11 +121,8 @@ def test_fuzzed_tables(compiled, tmp_path_factory, data):  # noqa: F811
         blob[start + data.draw(st.integers(0, size - 1))] = data.draw(st.integers(0, 255))
     target = tmp_path_factory.mktemp("fuzz") / "vmlinux"
     target.write_bytes(bytes(blob[:data.draw(st.integers(1, len(blob)))] if data.draw(st.booleans()) else blob))
-    try:
-        found = load_symbols_file(str(target))
+    def symbols_agree(found) -> None:
         if found.symbols is not None:
             assert len(found.symbols.names) == len(found.symbols.addresses)
-        if found.types is not None:
-            found.types.struct("task_struct")
-    except SymbolError as exc:
-        assert str(exc)
+
+    load_or_refused(target, SymbolError, symbols_agree)
