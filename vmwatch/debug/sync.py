@@ -142,22 +142,17 @@ class Debugger:
         return self._call(self.session.evaluate, expression)  # type: ignore[union-attr]
 
     def read(self, address: int | str, size: int) -> bytes:
-        return self._call(self._read, address, size)
-
-    async def _read(self, address: int | str, size: int) -> bytes:
-        session = self.session
-        if isinstance(address, str):
-            address = await session.evaluate(address)  # type: ignore[union-attr]
-        return await session.read(address, size)  # type: ignore[union-attr]
+        return self._call(self._read, address, size, False)
 
     def read_phys(self, address: int | str, size: int) -> bytes:
-        return self._call(self._read_phys, address, size)
+        return self._call(self._read, address, size, True)
 
-    async def _read_phys(self, address: int | str, size: int) -> bytes:
+    async def _read(self, address: int | str, size: int, physical: bool) -> bytes:
         session = self.session
         if isinstance(address, str):
             address = await session.evaluate(address)  # type: ignore[union-attr]
-        return await session.read_phys(address, size)  # type: ignore[union-attr]
+        read = session.read_phys if physical else session.read  # type: ignore[union-attr]
+        return await read(address, size)
 
     def disassemble(self, address: int | str = "$rip", count: int = 10) -> list[Instruction]:
         return self._call(self._disassemble, address, count)
