@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEBS   := qemu-system-x86 busybox-static dwarves
+DEBS   := qemu-system-x86 busybox-static dwarves gdb
 
 .PHONY: demo test bench system venv clean
 
@@ -22,6 +22,7 @@ system:
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
 	test -x /bin/busybox -a -n "$$(file -L /bin/busybox 2>/dev/null | grep -i static)" || dpkg -s busybox-static >/dev/null 2>&1 || missing="$$missing busybox-static"; \
 	command -v pahole >/dev/null || missing="$$missing dwarves"; \
+	command -v gdb >/dev/null || missing="$$missing gdb"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

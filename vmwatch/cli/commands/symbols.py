@@ -1,4 +1,9 @@
-"""``vmwatch symbols export TARGET -o FILE.json``: a Volatility 3 ISF built from the guest itself."""
+"""``vmwatch symbols export TARGET -o FILE``: the guest's own symbols and types for other tools.
+
+``--format isf`` (the default for ``.json``/``.json.xz``): a Volatility 3 ISF from BTF + kallsyms.
+``--format elf`` (the default for ``.sym``/``.elf``): an ELF symbol file for gdb's ``symbol-file``,
+kallsyms with the KASLR slide applied; needs no BTF.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import argparse
 
 from vmwatch.cli.commands._linux import with_linux
 
-HELP = "export a Volatility 3 symbol table (ISF JSON) from a Linux guest's own BTF and kallsyms"
+HELP = ("export a Linux guest's own symbols: a Volatility 3 ISF (BTF + kallsyms) or an ELF symbol "
+        "file for gdb (kallsyms, KASLR applied)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -14,11 +20,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", help=HELP, description=HELP)
     export.add_argument("target", metavar="TARGET", help="memory image path, or qemu:/path/to/qmp.sock")
     export.add_argument("-o", "--output", required=True, metavar="FILE",
-                        help="where to write the ISF (.json, or .json.xz to compress)")
+                        help="where to write it (.json or .json.xz: ISF; .sym or .elf: ELF for gdb)")
+    export.add_argument("--format", choices=("isf", "elf"),
+                        help="isf (Volatility 3) or elf (gdb symbol-file); default from the file's suffix")
     export.add_argument("--symbols", metavar="FILE", help="symbol file for kernels without BTF")
 
 
 def run(args: argparse.Namespace, env) -> int:
+    fmt = args.format or ("elf" if args.output.endswith((".sym", ".elf")) else "isf")
+    return _export_elf(args, env) if fmt == "elf" else _export_isf(args, env)
+
+
+def _export_elf(args: argparse.Namespace, env) -> int:
+    from vmwatch.os.linux.elfsyms import export_elf
+
+    def work(linux, _registers):
+        return export_elf(linux.symbols), len(linux.symbols), linux.kernel
+
+    data, count, kernel = with_linux(args, work)
+    with open(args.output, "wb") as out:
+        out.write(data)
+    env.stdout.write(f"{args.output}: {count} symbols for {kernel.release} (KASLR slide {kernel.slide:#x}); "
+                     f"in gdb: symbol-file {args.output}\n")
+    return 0
+
+
+def _export_isf(args: argparse.Namespace, env) -> int:
     import json
     import lzma
 
