@@ -134,6 +134,12 @@ class DebugSession:
                 self._regs = await self.live.registers(self.vcpu)
         return self._regs
 
+    def select_vcpu(self, vcpu: int) -> None:
+        """Make ``vcpu`` the one registers, reads by CR3, steps and continues are about."""
+        if vcpu != self.vcpu:
+            self.vcpu = vcpu
+            self._regs = None
+
     def _ran(self) -> None:
         """The guest executed: registers and cached memory are stale."""
         self._regs = None

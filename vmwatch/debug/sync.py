@@ -132,8 +132,7 @@ class Debugger:
         return self.session.vcpu  # type: ignore[union-attr]
 
     def select_vcpu(self, vcpu: int) -> None:
-        self.session.vcpu = vcpu  # type: ignore[union-attr]
-        self.session._ran()  # type: ignore[union-attr]
+        self.session.select_vcpu(vcpu)  # type: ignore[union-attr]
 
     def registers(self, refresh: bool = False) -> Registers:
         return self._call(self.session.registers, refresh)  # type: ignore[union-attr]

@@ -141,20 +141,31 @@ class Notification:
 
 
 @attrs.frozen
+class Interrupt:
+    """The byte 0x03 outside a packet: the debugger asks the running target to stop (server side)."""
+
+
+@attrs.frozen
 class BadPacket:
     """A packet whose checksum did not match (answered with ``-``)."""
 
     raw: bytes
 
 
-Frame = Union[Ack, Nack, Packet, Notification, BadPacket]
+Frame = Union[Ack, Nack, Packet, Notification, BadPacket, Interrupt]
 
 
 class Framer:
-    """Splits the received byte stream into frames. Pure: no acks, no state machine."""
+    """Splits the received byte stream into frames. Pure: no acks, no state machine.
 
-    def __init__(self) -> None:
+    Args:
+        interrupts: accept the interrupt byte between packets (a server reads it from gdb; a
+            client never receives one).
+    """
+
+    def __init__(self, *, interrupts: bool = False) -> None:
         self._buf = bytearray()
+        self._interrupts = interrupts
 
     def receive_data(self, data: bytes) -> None:
         self._buf += data
@@ -181,6 +192,9 @@ class Framer:
         if first == 0x2D:  # '-'
             del buf[:1]
             return Nack()
+        if first == 0x03 and self._interrupts:
+            del buf[:1]
+            return Interrupt()
         if first not in (0x24, 0x25):  # '$', '%'
             raise RemoteProtocolError(f"unexpected byte {first:#04x} outside a gdb packet")
         end = buf.find(b"#", 1)
