@@ -15,10 +15,12 @@ _ESCAPED_BYTES = range(0xDC80, 0xDD00)
 
 
 def _escape(ch: str) -> str:
+    """``\\xNN`` for ASCII controls and undecodable bytes (so ``\\x85`` is always the byte 0x85),
+    ``\\uNNNN`` for every other character (U+0085 is ``\\u0085``)."""
     code = ord(ch)
     if code in _ESCAPED_BYTES:
         return f"\\x{code - 0xDC00:02x}"
-    if code <= 0xFF:
+    if code <= 0x7F:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
