@@ -1,8 +1,10 @@
 """Hostile names in a real guest reach the terminal escaped on every command; --json and stored data stay exact.
 
 A copy of the lab dump gets a task comm that clears the screen, retitles the window and forges a row,
-a comm that looks like rich markup, and a module name with controls and a bidi override (written at
-the BTF offsets into the file). The live test has a guest process rename itself through /proc.
+a comm that looks like rich markup, a module name with controls and a bidi override (written at
+the BTF offsets into the file), and the kallsyms token "res" turned into ESC BEL CR, which renames
+every symbol holding it (syscall handlers, IDT entries). The live test has a guest process rename
+itself through /proc.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import pytest
 
 from vmwatch.images import open_image
+from vmwatch.os.linux import locate
 from vmwatch.os.linux.kernel import Linux
 from vmwatch.testing.cli import run_cli
 
@@ -27,7 +30,17 @@ COMM_SHOWN = "\\x1b[2J\\x1b]0;pwn\\x07\\nx"
 MARKUP = "[bold red]x"
 MODULE = "\x1b]0;m\x07\r\nfake\u202eoc"
 MODULE_SHOWN = "\\x1b]0;m\\x07\\r\\nfake\\u202eoc"
+# a kallsyms token (in __x64_sys_setresuid...) and its stand-in; not LF, which vmwatch's kallsyms
+# decoder rejects (it keeps names joined by newlines)
+TOKEN, TOKEN_PATCH = b"res", b"\x1b\x07\r"
 RAW = ("\x1b", "\x07", "\r", "\u202e")  # never on a terminal; \n is checked by counting rows
+
+
+def _by_hand(name: str) -> str:
+    """The escaped form of the names used here, spelled out (not computed by vmwatch.text)."""
+    for raw, escaped in (("\x1b", "\\x1b"), ("\x07", "\\x07"), ("\n", "\\n"), ("\r", "\\r"), ("\u202e", "\\u202e")):
+        name = name.replace(raw, escaped)
+    return name
 
 RULES = '''
 from vmwatch.rules import rule
@@ -51,6 +64,14 @@ def _file_offset(image, paddr: int) -> int:
     raise AssertionError(f"{paddr:#x} is not in the dump file")
 
 
+def _token_paddr(image) -> int:
+    """Physical address of the kallsyms token TOKEN (the token table: 256 NUL-terminated strings)."""
+    _, _, table = locate.find_kallsyms(image, tuple(image.cpus))
+    tokens = image.read(table, 4096).split(b"\0")[:256]
+    at = tokens.index(TOKEN)
+    return table + sum(len(t) + 1 for t in tokens[:at])
+
+
 @pytest.fixture(scope="module")
 def hostile(default_snap, tmp_path_factory):
     """(dump path, {pid: hostile comm}, comm's virtual address) with the names written in."""
@@ -60,10 +81,13 @@ def hostile(default_snap, tmp_path_factory):
         linux = Linux.from_memory(image, image.cpus)
         tasks, module = linux.tasks(), linux.modules()[0]
         comm_off = linux.types.offset("task_struct", "comm")
-        victims = {tasks[-1].pid: (tasks[-1].address + comm_off, COMM), tasks[-2].pid: (tasks[-2].address + comm_off, MARKUP)}
+        victims = {tasks[-1].pid: (tasks[-1].address + comm_off, COMM),
+                   tasks[-2].pid: (tasks[-2].address + comm_off, MARKUP)}
         writes = [(module.address + linux.types.offset("module", "name"), MODULE)] + list(victims.values())
         patches = [(_file_offset(image, linux.memory.translate(vaddr + i)), byte)
                    for vaddr, name in writes for i, byte in enumerate(name.encode() + b"\0")]
+        token = _token_paddr(image)
+        patches += [(_file_offset(image, token + i), byte) for i, byte in enumerate(TOKEN_PATCH)]
     with open(path, "r+b") as f:
         for offset, byte in patches:
             f.seek(offset)
@@ -97,6 +121,19 @@ class TestDump:
         assert len(table.stdout.splitlines()) == 1 + len(rows)
         assert MODULE in [r["name"] for r in rows]
         assert sum(line.startswith(MODULE_SHOWN + " ") for line in table.stdout.splitlines()) == 1
+
+    @pytest.mark.parametrize("command", ["syscalls", "idt"])
+    def test_symbol_tables(self, hostile, command):
+        """syscalls and idt: symbols renamed by the token are escaped in their rows; --json is exact."""
+        path, _, _ = hostile
+        table, rows = run_cli(command, path), json.loads(run_cli(command, path, "--json").stdout)
+        assert table.status == 0, table.stderr
+        _clean(table.stdout + table.stderr)
+        assert len(table.stdout.splitlines()) == 1 + len(rows)
+        hostile_names = [r["symbol"] for r in rows if r["symbol"] and TOKEN_PATCH.decode() in r["symbol"]]
+        assert hostile_names, "the patched token renamed no entry"
+        cells = [line.split()[-1] for line in table.stdout.splitlines()[1:]]
+        assert [_by_hand(name) for name in hostile_names] == [c for c in cells if "\\x1b" in c]
 
     def test_watch_timeline_and_replay(self, hostile, tmp_path):
         """Alerts on screen, the timeline table and replay's text are escaped; --json, the SQLite
@@ -134,14 +171,22 @@ class TestDump:
         assert {a["message"] for a in replayed if a.get("rule") == "names.names"} == messages
 
     def test_debugger(self, hostile, tmp_path):
-        """debug --script: x/s of the hostile comm prints it escaped on one line."""
+        """debug --script: x/s of the hostile comm, and sym, dis and p of a renamed handler, print escaped."""
         path, _, comm_address = hostile
         script = tmp_path / "s.txt"
-        script.write_text(f"x/s {comm_address:#x}\nx/16b {comm_address:#x}\n")
+        handler = next(r for r in json.loads(run_cli("syscalls", path, "--json").stdout)
+                       if r["symbol"] and TOKEN_PATCH.decode() in r["symbol"])
+        script.write_text(f"x/s {comm_address:#x}\nx/16b {comm_address:#x}\nsym {handler['address']:#x}\n"
+                          f"dis {handler['address']:#x} 1\np {handler['address']:#x}\n")
         result = run_cli("debug", path, "--script", script)
         assert result.status == 0, result.stderr
         _clean(result.stdout + result.stderr)
-        assert f"{comm_address:#018x}  '{COMM_SHOWN}'" in result.stdout.splitlines()
+        lines = result.stdout.splitlines()
+        assert f"{comm_address:#018x}  '{COMM_SHOWN}'" in lines
+        shown_symbol = _by_hand(handler["symbol"])
+        assert lines[lines.index(f"(vmwatch) sym {handler['address']:#x}") + 1] == shown_symbol
+        assert f"{handler['address']:#018x} <{shown_symbol}>:" in result.stdout
+        assert f"<{shown_symbol}>" in lines[-1]
 
 
 def test_live_guest_renames_itself(lab_guest, tmp_path):
