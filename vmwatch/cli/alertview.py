@@ -78,7 +78,8 @@ def print_summary(console: Any, summary: Any, alerts: list[Alert], *, db: str | 
 
     console.print()
     rate = summary.events / summary.seconds if summary.seconds else 0.0
-    console.print(f"[bold]{title}[/bold]: {escape(shown(summary.vm))} - {summary.seconds:.1f} s, {summary.events:,} events "
+    console.print(f"[bold]{title}[/bold]: {escape(shown(summary.vm))} - {summary.seconds:.1f} s, "
+                  f"{summary.events:,} events "
                   f"({rate:,.0f}/s), {summary.traps} traps armed; ended: {summary.end_reason}")
     by_sev = {s: 0 for s in Severity}
     for a in alerts:
