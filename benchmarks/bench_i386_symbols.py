@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _cli import parse_args
+
 from bench_ps import BIN, make_dump, summary, timed
 
 
@@ -42,7 +44,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--flavour", default="686-pae", choices=["686", "686-pae"])
     parser.add_argument("--dump", help="an existing dump of that flavour's lab guest")
-    args = parser.parse_args()
+    args = parse_args(parser)
     from vmwatch.lab.kernel import ensure_kernel
 
     kernel = ensure_kernel(args.flavour)

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _cli import parse_args
+
 from vmwatch.images import open_image
 from vmwatch.testing import imagebuilders as build
 from vmwatch.testing.cli import run_cli
@@ -182,7 +184,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--sparse-gib", type=int, default=8)
     parser.add_argument("--qemu-gib", type=int, default=4)
-    args = parser.parse_args()
+    args = parse_args(parser)
     total = args.size_mib * MIB
     with tempfile.TemporaryDirectory(prefix="vmwatch-bench-") as d:
         tmp = Path(d)

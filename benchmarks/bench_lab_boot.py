@@ -15,6 +15,8 @@ import statistics
 import tempfile
 import time
 
+from _cli import parse_args
+
 
 def boot(label: str, **config) -> float:
     from vmwatch.lab import LabConfig, LabGuest
@@ -37,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cold", action="store_true", help="also time a first boot with an empty cache")
     parser.add_argument("--runs", type=int, default=2)
-    args = parser.parse_args()
+    args = parse_args(parser)
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (TCG is CPU-bound: expect noise)")
     if args.cold:
         with tempfile.TemporaryDirectory(prefix="vmwatch-cold-") as cache:

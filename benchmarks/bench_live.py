@@ -25,6 +25,8 @@ import statistics
 import sys
 import time
 
+from _cli import parse_args
+
 import trio
 
 from vmwatch.lab import LabGuest
@@ -122,7 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each breakpoint round")
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser)
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     with LabGuest.start() as guest:
         guest.shell("echo 0 > /proc/sys/kernel/kptr_restrict", check=True)

@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from _cli import parse_args
+
 BIN = os.path.dirname(sys.executable)
 
 
@@ -60,7 +62,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--dump", help="use this dump instead of booting the lab guest")
-    args = parser.parse_args()
+    args = parse_args(parser)
     vol = shutil.which("vol", path=BIN)
     vmwatch = os.path.join(BIN, "vmwatch")
     workdir = tempfile.mkdtemp(prefix="vmwatch-bench-ps-")

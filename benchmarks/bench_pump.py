@@ -21,6 +21,8 @@ import argparse
 import re
 import time
 
+from _cli import parse_args
+
 import trio
 
 from vmwatch.engine import Budget, Engine, ListSink, SyntheticSource, WatchOptions
@@ -138,7 +140,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--writes", type=int, default=200_000)
     parser.add_argument("--no-guest", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser)
     bench_pump(args.events)
     if not args.no_guest:
         bench_guest(args.writes)

@@ -12,6 +12,7 @@ Usage: .venv/bin/python benchmarks/bench_replay.py [EVENTS]
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import random
@@ -24,6 +25,8 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _cli import parse_args  # noqa: E402
 
 from vmwatch.cpu import Registers  # noqa: E402
 from vmwatch.engine.pump import WatchOptions, watch  # noqa: E402
@@ -112,7 +115,9 @@ def run(source, ruleset) -> tuple[float, str, int]:
 
 
 def main() -> None:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("count", type=int, nargs="?", default=20_000, help="events to pump (default 20,000)")
+    count = parse_args(parser).count
     with tempfile.TemporaryDirectory() as tmp:
         pack = Path(tmp) / "bench_rules.py"
         pack.write_text(RULES)

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from _cli import parse_args
+
 
 def timed(argv: list[str], env: dict[str, str], cwd: str) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -51,7 +53,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--dump", help="a Linux memory image for `vmwatch ps` (skipped without one)")
     parser.add_argument("--before", metavar="DIR", help="a directory holding another vmwatch package to compare")
-    args = parser.parse_args()
+    args = parse_args(parser)
     py, runs = sys.executable, args.runs
     cwd = tempfile.mkdtemp(prefix="bench-startup-")  # not the source tree: sys.path[0] must not shadow --before
 

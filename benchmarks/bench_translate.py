@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _cli import parse_args
+
 from vmwatch.cpu import PagingMode
 from vmwatch.images import open_image
 from vmwatch.memory import GuestMemory
@@ -116,7 +118,7 @@ def main() -> int:
     parser.add_argument("--dump", type=Path, help="QEMU dump-guest-memory ELF (default: boot a lab guest)")
     parser.add_argument("--la57", action="store_true", help="boot the lab guest with 5-level paging (vmwatch only)")
     parser.add_argument("--pages", type=int, default=800)
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     with tempfile.TemporaryDirectory(prefix="vmwatch-bench-") as tmp:
         workdir = Path(tmp)

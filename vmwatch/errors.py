@@ -4,9 +4,15 @@ Every error raised on purpose by vmwatch derives from :class:`VmwatchError`; eac
 its own subclass carrying structured attributes a caller can act on. Messages are built by the
 constructors and always print addresses in hex. The CLI maps any ``VmwatchError`` to exit
 status 2 and one line on stderr.
+
+Messages quote guest and file data (tag names, symbols, paths): ``str(exc)`` is that message
+escaped for a terminal (:func:`vmwatch.text.shown`), one line whatever the data held; the
+attributes (``path``, ``name``...) keep the exact values.
 """
 
 from __future__ import annotations
+
+from vmwatch.text import shown
 
 
 class VmwatchError(Exception):
@@ -15,7 +21,8 @@ class VmwatchError(Exception):
     def __init__(self, message: str) -> None:
         if not message:
             raise ValueError("VmwatchError needs a message")
-        super().__init__(message)
+        # backslashes stay: a message may quote a repr() whose escapes are already visible
+        super().__init__(shown(message, backslash=False))
 
 
 class ImageFormatError(VmwatchError):

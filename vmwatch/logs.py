@@ -50,13 +50,25 @@ def load_structlog() -> types.ModuleType:
     return structlog
 
 
+def escape_strings(_logger: Any, _method: str, event_dict: dict) -> dict:
+    """A structlog processor: every string value escaped for a terminal (it may be a guest's).
+
+    Only strings need it: the console renderer shows other values by ``repr()``, which escapes
+    control characters already. The JSON-lines sink skips this and keeps the exact text.
+    """
+    from vmwatch.text import shown
+
+    return {key: shown(value) if isinstance(value, str) else value for key, value in event_dict.items()}
+
+
 def configure_cli(level: str, stream: IO[str]) -> None:
-    """Human-readable diagnostics on ``stream`` at ``level`` and above."""
+    """Human-readable diagnostics on ``stream`` at ``level`` and above, strings escaped."""
     import logging
 
     structlog = load_structlog()
     structlog.configure(
         processors=[
+            escape_strings,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
             structlog.dev.ConsoleRenderer(colors=False),

@@ -1,4 +1,9 @@
-"""Alerts on screen as they arrive, and the end-of-watch summary (``watch`` and ``demo``)."""
+"""Alerts on screen as they arrive, and the end-of-watch summary (``watch`` and ``demo``).
+
+An alert quotes the guest (comm, paths, module names): every such string is escaped with
+:func:`vmwatch.text.shown` and drawn as a rich ``Text``, never parsed as markup, so a process
+named ``[bold red]x`` or ``\x1b[2J`` shows as just that.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Any
 from vmwatch.engine.alerts import Alert
 from vmwatch.engine.sinks import EventRecord
 from vmwatch.rules import Severity
+from vmwatch.text import shown
 
 STYLES = {Severity.INFO: "dim", Severity.WARNING: "yellow", Severity.ERROR: "red", Severity.CRITICAL: "bold red"}
 LABELS = {Severity.INFO: "info", Severity.WARNING: "WARNING", Severity.ERROR: "ERROR", Severity.CRITICAL: "CRITICAL"}
@@ -47,16 +53,16 @@ class ScreenSink:
                 return
             who = ""
             if item.pid is not None:
-                who = f"pid {item.pid}" + (f" {item.comm}" if item.comm else "")
+                who = f"pid {item.pid}" + (f" {shown(item.comm)}" if item.comm else "")
             line = Text()
             line.append(f"{_clock()} ")
             line.append(f"{LABELS[item.severity]:<8}", style=STYLES[item.severity])
-            line.append(f" {item.rule:<34} ", style="cyan" if item.severity >= Severity.WARNING else "dim")
+            line.append(f" {shown(item.rule):<34} ", style="cyan" if item.severity >= Severity.WARNING else "dim")
             line.append(f"{who:<18} ", style="dim")
-            line.append(item.message, style=STYLES[item.severity] if item.severity >= Severity.WARNING else "")
+            line.append(shown(item.message), style=STYLES[item.severity] if item.severity >= Severity.WARNING else "")
             self.console.print(line)
         elif item.kind in ENGINE_EVENTS:
-            detail = ", ".join(f"{k}={v}" for k, v in item.details.items())
+            detail = shown(", ".join(f"{k}={v}" for k, v in item.details.items()))
             self.console.print(Text(f"{_clock()} engine   {item.kind}: {detail}", style="magenta"))
 
     async def aclose(self) -> None:
@@ -66,11 +72,14 @@ class ScreenSink:
 def print_summary(console: Any, summary: Any, alerts: list[Alert], *, db: str | None = None,
                   title: str = "watch summary") -> None:
     """What happened, readable without anything else on screen."""
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     console.print()
     rate = summary.events / summary.seconds if summary.seconds else 0.0
-    console.print(f"[bold]{title}[/bold]: {summary.vm} - {summary.seconds:.1f} s, {summary.events:,} events "
+    console.print(f"[bold]{title}[/bold]: {escape(shown(summary.vm))} - {summary.seconds:.1f} s, "
+                  f"{summary.events:,} events "
                   f"({rate:,.0f}/s), {summary.traps} traps armed; ended: {summary.end_reason}")
     by_sev = {s: 0 for s in Severity}
     for a in alerts:
@@ -87,7 +96,8 @@ def print_summary(console: Any, summary: Any, alerts: list[Alert], *, db: str | 
         for a in serious:
             grouped.setdefault((a.severity, a.rule, a.message), []).append(a)
         for (sev, rule_name, message), group in sorted(grouped.items(), key=lambda kv: (-kv[0][0], kv[1][0].seq)):
-            table.add_row(f"[{STYLES[sev]}]{LABELS[sev]}[/]", rule_name, message, str(len(group)))
+            table.add_row(Text(LABELS[sev], style=STYLES[sev]), Text(shown(rule_name)), Text(shown(message)),
+                          str(len(group)))
         console.print(table)
     else:
         console.print("[green]no findings at warning or above[/green]")
@@ -106,6 +116,6 @@ def print_summary(console: Any, summary: Any, alerts: list[Alert], *, db: str | 
     if summary.inactive:
         notes.append(f"{len(summary.inactive)} listeners inactive on this source (--log-level info lists them)")
     for note in notes:
-        console.print(f"[magenta]note:[/magenta] {note}")
+        console.print(f"[magenta]note:[/magenta] {escape(shown(note, backslash=False))}")
     if db:
-        console.print(f"timeline written to {db} (vmwatch timeline {db})")
+        console.print(f"timeline written to {escape(db)} (vmwatch timeline {escape(db)})")

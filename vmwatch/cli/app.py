@@ -109,7 +109,9 @@ def run(argv: Sequence[str], env: Environment | None = None) -> int:
         print(f"vmwatch: error: {exc}", file=env.stderr)
         return ExitStatus.BAD_INPUT
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        print(f"vmwatch: error: {exc.strerror}: {exc.filename}", file=env.stderr)
+        from vmwatch.text import shown
+
+        print(f"vmwatch: error: {exc.strerror}: {shown(str(exc.filename))}", file=env.stderr)
         return ExitStatus.BAD_INPUT
     except KeyboardInterrupt:
         print("vmwatch: interrupted", file=env.stderr)

@@ -3,7 +3,8 @@
 Interactive on a terminal: readline history (``~/.vmwatch_history``) and tab completion of
 commands and kernel symbols. From a file or a pipe, each command is echoed after the prompt so
 the output reads like a transcript. A bad command or address prints one ``error:`` line and the
-session goes on; the shell counts them so scripts can fail at the end.
+session goes on; the shell counts them so scripts can fail at the end. Every line goes out
+through :func:`vmwatch.text.shown`: symbol names and strings come from guest memory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import IO, Iterable
 
 from vmwatch.errors import DebugError, VmwatchError
 from vmwatch.events import Access, Breakpoint, MemoryAccess
+from vmwatch.text import shown
 
 HISTORY = "~/.vmwatch_history"
 _X_FORMATS = {"b": 1, "h": 2, "w": 4, "g": 8}
@@ -53,7 +55,8 @@ class DebugShell(cmd.Cmd):
     # -- plumbing --------------------------------------------------------------------------------------
 
     def out(self, text: str = "") -> None:
-        self.stdout.write(text + "\n")
+        # backslashes stay: lines hold repr()s and strings escaped already (x/s)
+        self.stdout.write(shown(text, backslash=False) + "\n")
 
     def onecmd(self, line: str) -> bool:
         try:
@@ -68,7 +71,7 @@ class DebugShell(cmd.Cmd):
 
     def _error(self, message: str) -> None:
         self.errors += 1
-        self.err.write(f"error: {message}\n")
+        self.err.write(f"error: {shown(message, backslash=False)}\n")
         self.err.flush()
 
     def default(self, line: str) -> None:
@@ -193,7 +196,7 @@ class DebugShell(cmd.Cmd):
             for _ in range(count):
                 data = read(address, 256)
                 text = data.split(b"\0", 1)[0]
-                self.out(f"{address:#018x}  {text.decode('utf-8', 'replace')!r}")
+                self.out(f"{address:#018x}  '{shown(text)}'")  # every byte shown, invalid UTF-8 as \xNN
                 address += len(text) + 1
         elif unit_char in _X_FORMATS:
             unit = _X_FORMATS[unit_char]

@@ -205,7 +205,8 @@ def vmware(groups: Mapping[str, Sequence[Tag]], *, magic: int = 0xBED2BED2, vers
             valsize = (62 if tag.compressed else 63) if tag.block else len(data)
             if not tag.block and valsize >= 62:
                 raise ValueError(f"inline tag {tag.name!r} too long: use block=True")
-            stream += bytes([valsize | len(tag.indices) << 6, len(tag.name)]) + tag.name.encode()
+            tag_name = tag.name.encode()
+            stream += bytes([valsize | len(tag.indices) << 6, len(tag_name)]) + tag_name
             stream += b"".join(struct.pack("<I", i) for i in tag.indices)
             if tag.block:
                 mem = len(data) if tag.mem_size is None else tag.mem_size

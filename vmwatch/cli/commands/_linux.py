@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Callable, Sequence
 
+from vmwatch.text import shown
+
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="TARGET", help="memory image path, or qemu:/path/to/qmp.sock")
@@ -54,7 +56,7 @@ def emit(env, args: argparse.Namespace, rows: Sequence[dict], columns: Sequence[
          skipped: Sequence[str] = ()) -> int:
     """Print rows as JSON or as an aligned table; report skipped guest data on stderr."""
     for line in skipped:
-        print(f"vmwatch: warning: skipped {line}", file=env.stderr)
+        print(f"vmwatch: warning: skipped {shown(line, backslash=False)}", file=env.stderr)
     if args.json:
         json.dump(list(rows), env.stdout, indent=1)
         env.stdout.write("\n")
@@ -73,4 +75,5 @@ def hexa(value) -> str:
 
 
 def text(value) -> str:
-    return "-" if value is None else str(value)
+    """A cell: guest strings (comm, module and symbol names) escaped, so a row stays one row."""
+    return "-" if value is None else shown(str(value))

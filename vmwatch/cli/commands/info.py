@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from vmwatch.text import shown
+
 HELP = "show a memory image's (or a live QEMU's) format, physical runs, registers and metadata"
 
 _REG_ORDER = ("rip", "rsp", "rflags", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9",
@@ -110,8 +112,10 @@ def _tag_json(image, tag, verbose: bool) -> dict:
 
 
 def as_text(image, *, verbose: bool = False, dumped: list[str] = ()) -> str:
-    lines = [f"Image: {image.path}", f"Type: {image.format}"]
+    # what the file says (paths, versions, tag names, config text) is escaped: one line stays one line
+    lines = [f"Image: {shown(str(image.path))}", f"Type: {image.format}"]
     for label, text in image.summary():
+        text = shown(text)
         # vboxinfo prints the version line bare ("VirtualBox 6.1.0 (revision N)")
         lines.append(text if label == "Version" and text.startswith("VirtualBox") else f"{label}: {text}")
     lines.append(f"Physical size: {image.size:#x}")
@@ -155,11 +159,11 @@ def _metadata_lines(metadata: dict) -> list[str]:
             lines.append(f"  {key}: {value:#x}" if hexy else f"  {key}: {value}")
         elif isinstance(value, str) and "\n" in value:
             lines.append(f"  {key}:")
-            lines += [f"    {line}" for line in value.splitlines()]
+            lines += [f"    {shown(line)}" for line in value.splitlines()]
         elif isinstance(value, list):
-            lines.append(f"  {key}: {', '.join(map(str, value))}")
+            lines.append(f"  {key}: {shown(', '.join(map(str, value)))}")
         else:
-            lines.append(f"  {key}: {value}")
+            lines.append(f"  {key}: {shown(str(value))}")
     return lines
 
 
@@ -169,10 +173,10 @@ def _tag_table(image, tags, verbose: bool) -> list[str]:
     for tag in tags:
         value = image.tag_value(tag)
         if value is not None:
-            shown = str(value) if tag.size <= 2 and value < 10000 else f"{value:#x}"
+            value_text = str(value) if tag.size <= 2 and value < 10000 else f"{value:#x}"
         else:
-            shown = "(compressed)" if tag.compressed else ""
-        lines.append(f"{tag.data_offset:#012x} {tag.size:#10x} {tag.path:<50} {shown}".rstrip())
+            value_text = "(compressed)" if tag.compressed else ""
+        lines.append(f"{tag.data_offset:#012x} {tag.size:#10x} {shown(tag.path):<50} {value_text}".rstrip())
         if verbose and value is None and not tag.compressed and tag.size and tag.path != "memory/Memory[0][0]":
             data = image.tag_bytes(tag, HEXDUMP_LIMIT)
             for i in range(0, len(data), 16):

@@ -76,8 +76,10 @@ def _info(args: argparse.Namespace, env) -> int:
     if args.json:
         env.stdout.write(json.dumps(facts) + "\n")
     else:
-        for key, value in facts.items():
-            env.stdout.write(f"{key:<15} {value}\n")
+        from vmwatch.text import shown
+
+        for key, value in facts.items():  # the recording's own strings (source, base) escaped
+            env.stdout.write(f"{key:<15} {shown(str(value))}\n")
     return 0
 
 
@@ -91,13 +93,14 @@ class _TextAlerts:
 
     async def send(self, item) -> None:
         from vmwatch.engine.alerts import Alert
+        from vmwatch.text import shown
         from vmwatch.timeline.timespec import format_time
 
         if isinstance(item, Alert):
             who = f" pid {item.pid}" if item.pid is not None else ""
-            who += f" ({item.comm})" if item.comm else ""
-            self._stream.write(f"{format_time(item.time_ns)} {item.severity.name.lower():<8} {item.rule}{who}: "
-                               f"{item.message}\n")
+            who += f" ({shown(item.comm)})" if item.comm else ""
+            self._stream.write(f"{format_time(item.time_ns)} {item.severity.name.lower():<8} {shown(item.rule)}{who}: "
+                               f"{shown(item.message)}\n")
 
     async def aclose(self) -> None:
         self._stream.flush()

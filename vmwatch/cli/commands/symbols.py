@@ -63,6 +63,8 @@ def _export_isf(args: argparse.Namespace, env) -> int:
     opener = lzma.open if args.output.endswith(".xz") else open
     with opener(args.output, "wt") as out:
         json.dump(doc, out, separators=(",", ":"))
+    from vmwatch.text import shown
+
     env.stdout.write(f"{args.output}: {len(doc['user_types'])} types, {len(doc['enums'])} enums, "
-                     f"{len(doc['symbols'])} symbols for {kernel.release}\n")
+                     f"{len(doc['symbols'])} symbols for {shown(kernel.release)}\n")  # the guest's banner
     return 0

@@ -23,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="at most N rows")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object per line")
-    output.add_argument("--csv", action="store_true", help="CSV with a header row")
+    output.add_argument("--csv", action="store_true",
+                        help="CSV with a header row (a data format: exact text, quoted, like --json)")
 
 
 def build_query(args: argparse.Namespace):
@@ -55,13 +56,16 @@ def run(args: argparse.Namespace, env) -> int:
             row["details"] = json.dumps(row["details"], sort_keys=True)
             writer.writerow({"time": format_time(entry.time_ns), **row})
     else:
+        from vmwatch.text import shown
+
+        # the table is for people: guest strings escaped (--json and --csv keep them exact)
         vms = {entry.vm for entry in entries}
         for entry in entries:
             who = f"{entry.pid}" if entry.pid is not None else "-"
             if entry.comm:
-                who += f"/{entry.comm}"
-            vm = f"{entry.vm}  " if len(vms) > 1 else ""
-            out.write(f"{format_time(entry.time_ns)}  {vm}{entry.kind:<13} {who:<20} {entry.summary()}\n")
+                who += f"/{shown(entry.comm)}"
+            vm = f"{shown(entry.vm)}  " if len(vms) > 1 else ""
+            out.write(f"{format_time(entry.time_ns)}  {vm}{shown(entry.kind):<13} {who:<20} {shown(entry.summary())}\n")
         if not entries:
             env.stderr.write("vmwatch: no events or alerts match\n")
     return 0

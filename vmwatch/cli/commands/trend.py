@@ -34,6 +34,8 @@ def run(args: argparse.Namespace, env) -> int:
     args.limit = None
     totals = draw_trend(args.db, args.output, bucket_ns=parse_duration(args.bucket), query=build_query(args),
                         size=(int(match.group(1)), int(match.group(2))), title=args.title)
+    from vmwatch.text import shown
+
     summary = ", ".join(f"{k} {v}" for k, v in sorted(totals.items()))
-    env.stdout.write(f"wrote {args.output}: {summary}\n")
+    env.stdout.write(f"wrote {args.output}: {shown(summary)}\n")  # kinds come from the database file
     return 0
