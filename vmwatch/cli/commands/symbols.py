@@ -33,6 +33,7 @@ def run(args: argparse.Namespace, env) -> int:
 
 def _export_elf(args: argparse.Namespace, env) -> int:
     from vmwatch.os.linux.elfsyms import export_elf
+    from vmwatch.text import shown
 
     def work(linux, _registers):
         return export_elf(linux.symbols), len(linux.symbols), linux.kernel
@@ -40,7 +41,7 @@ def _export_elf(args: argparse.Namespace, env) -> int:
     data, count, kernel = with_linux(args, work)
     with open(args.output, "wb") as out:
         out.write(data)
-    env.stdout.write(f"{args.output}: {count} symbols for {kernel.release} (KASLR slide {kernel.slide:#x}); "
+    env.stdout.write(f"{args.output}: {count} symbols for {shown(kernel.release)} (KASLR slide {kernel.slide:#x}); "
                      f"in gdb: symbol-file {args.output}\n")
     return 0
 
