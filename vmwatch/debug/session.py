@@ -37,7 +37,7 @@ MAX_CALL_LEN = 7
 """Longest x86 call instruction that matters here: ``call [rip+disp32]`` with a prefix."""
 KERNEL_SPACE = 0xFFFF800000000000
 
-_REGISTER_ALIASES = {"pc": "rip", "sp": "rsp", "fp": "rbp", "eflags": "rflags"}
+REGISTER_ALIASES = {"pc": "rip", "sp": "rsp", "fp": "rbp", "eflags": "rflags"}
 _TERM = re.compile(r"\s*([+-])?\s*([^\s+-]+)")
 
 
@@ -244,7 +244,7 @@ class DebugSession:
 
     async def _term(self, term: str, expression: str) -> int:
         if term.startswith("$"):
-            name = _REGISTER_ALIASES.get(term[1:].lower(), term[1:].lower())
+            name = REGISTER_ALIASES.get(term[1:].lower(), term[1:].lower())
             regs = await self.registers()
             value = getattr(regs, name, None)
             if not isinstance(value, int):

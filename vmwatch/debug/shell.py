@@ -20,6 +20,28 @@ from vmwatch.text import shown
 
 HISTORY = "~/.vmwatch_history"
 _X_FORMATS = {"b": 1, "h": 2, "w": 4, "g": 8}
+_X_STYLES = frozenset("xduas i")
+"""gdb's output formats that ``x`` accepts: hex, signed, unsigned, address (with its symbol), string, code."""
+
+
+def parse_format(fmt: str) -> tuple[int | None, int | None, str]:
+    """gdb's ``/NFU`` (count, then size and format letters in any order) as (count, size, style).
+
+    ``x/4gx`` is (4, 8, "x"), ``x/8i`` (8, None, "i"), ``x/16b`` (16, 1, "x").
+
+    Raises:
+        DebugError: a letter gdb would not take here.
+    """
+    digits = fmt[:len(fmt) - len(fmt.lstrip(string.digits))]
+    size = style = None
+    for letter in fmt[len(digits):]:
+        if letter in _X_FORMATS and size is None:
+            size = _X_FORMATS[letter]
+        elif letter in _X_STYLES and letter != " " and style is None:
+            style = letter
+        else:
+            raise DebugError(f"unknown format letter {letter!r} in /{fmt} (sizes b h w g; formats x d u a s i)")
+    return int(digits) if digits else None, size, style or "x"
 
 
 def hexdump(address: int, data: bytes, unit: int = 1) -> list[str]:
@@ -133,11 +155,18 @@ class DebugShell(cmd.Cmd):
     # -- reading ---------------------------------------------------------------------------------------
 
     def do_regs(self, arg: str) -> None:
-        """regs: the selected vCPU's registers (also: info registers)."""
-        from vmwatch.debug.session import register_lines
+        """regs [NAME...]: the selected vCPU's registers, or the ones named (also: info registers)."""
+        from vmwatch.debug.session import REGISTER_ALIASES, register_lines
 
         regs = self.dbg.registers()
-        for line in register_lines(regs):
+        wanted = {REGISTER_ALIASES.get(name.lstrip("$"), name.lstrip("$")) for name in arg.split()}
+        lines = [line for line in register_lines(regs) if not wanted or line.split()[0] in wanted]
+        missing = wanted - {line.split()[0] for line in lines}
+        unknown = sorted(name for name in missing if not hasattr(regs, name))
+        if unknown:
+            raise DebugError(f"no register named {' or '.join(unknown)}")
+        lines += [f"{name:<15}<unavailable>" for name in sorted(missing)]  # the source does not know it
+        for line in lines:
             name = line.split()[0]
             sym = self.dbg.symbolize(getattr(regs, name)) if name in ("rip",) else None
             self.out(f"{line}  <{sym}>" if sym else line)
@@ -157,10 +186,16 @@ class DebugShell(cmd.Cmd):
             raise DebugError("info what? registers, breakpoints, symbol ADDR, task")
 
     def do_p(self, arg: str) -> None:
-        """p EXPR: value of an address expression (numbers, $reg, symbol, + and -)."""
+        """p[/x|/d] EXPR: value of an address expression (numbers, $reg, symbol, + and -)."""
+        style = ""
+        if arg.startswith("/"):
+            style, _, arg = arg[1:].partition(" ")
+            if style not in ("x", "d", "u", "a"):
+                raise DebugError(f"p/{style}: formats are x, d, u and a")
         value = self.dbg.evaluate(arg)
         sym = self.dbg.symbolize(value)
-        self.out(f"{value:#x} ({value})" + (f" <{sym}>" if sym else ""))
+        text = {"x": f"{value:#x}", "d": str(value), "u": str(value)}.get(style, f"{value:#x} ({value})")
+        self.out(text + (f" <{sym}>" if sym and style in ("", "a") else ""))
 
     do_print = do_p
 
@@ -178,32 +213,47 @@ class DebugShell(cmd.Cmd):
         self._examine(arg, self.dbg.read_phys, code=False)
 
     def _examine(self, arg: str, read, *, code: bool = True) -> None:
-        fmt, count, unit_char = "", 1, "b"
+        count, size, style = None, None, "x"
         if arg.startswith("/"):
             fmt, _, arg = arg[1:].partition(" ")
-            digits = fmt.rstrip(string.ascii_letters)
-            letters = fmt[len(digits):]
-            count = int(digits) if digits else (64 if letters in ("", "b") else 1 if letters == "s" else 8)
-            unit_char = letters or "b"
+            count, size, style = parse_format(fmt)
+        if style == "a":
+            size = 8
+        if count is None:
+            count = 1 if style == "s" else 64 if style == "x" and size in (None, 1) else 8
+        if size is None:
+            size = 1
         if not arg.strip():
             raise DebugError("x needs an address (x/16b $rsp)")
         if count < 1 or count > 1 << 16:
             raise DebugError(f"bad count {count}")
         address = self.dbg.evaluate(arg)
-        if unit_char == "i" and code:
+        if style == "i":
+            if not code:
+                raise DebugError("xp shows no code: use x/Ni on a virtual address")
             self._show_code(address, count)
-        elif unit_char == "s":
+        elif style == "s":
             for _ in range(count):
                 data = read(address, 256)
                 text = data.split(b"\0", 1)[0]
                 self.out(f"{address:#018x}  '{shown(text)}'")  # every byte shown, invalid UTF-8 as \xNN
                 address += len(text) + 1
-        elif unit_char in _X_FORMATS:
-            unit = _X_FORMATS[unit_char]
-            for line in hexdump(address, read(address, count * unit), unit):
+        elif style == "x":
+            for line in hexdump(address, read(address, count * size), size):
                 self.out(line)
         else:
-            raise DebugError(f"unknown format {unit_char!r} (b h w g s{' i' if code else ''})")
+            self._show_words(address, read(address, count * size), size, style)
+
+    def _show_words(self, address: int, data: bytes, size: int, style: str) -> None:
+        """x/d, x/u, x/a: one word a line, signed, unsigned, or as an address with its symbol."""
+        for off in range(0, len(data) - size + 1, size):
+            value = int.from_bytes(data[off:off + size], "little", signed=style == "d")
+            if style == "a":
+                sym = self.dbg.symbolize(value)
+                text = f"{value:#018x}" + (f" <{sym}>" if sym else "")
+            else:
+                text = str(value)
+            self.out(f"{address + off:#018x}  {text}")
 
     def do_dis(self, arg: str) -> None:
         """dis [ADDR] [N]: disassemble N instructions (default: 10 at $rip), with symbols."""
@@ -211,7 +261,7 @@ class DebugShell(cmd.Cmd):
         address = self.dbg.evaluate(parts[0]) if parts else self.dbg.evaluate("$rip")
         self._show_code(address, self._parse_int(parts[1] if len(parts) > 1 else "", 10))
 
-    do_disassemble = do_dis
+    do_disassemble = do_disas = do_dis
 
     def _show_code(self, address: int, count: int) -> None:
         rip = None if self.dbg.read_only and not self.dbg.session.target.saved_cpus else self.dbg.registers().rip
@@ -280,8 +330,8 @@ class DebugShell(cmd.Cmd):
     do_c = do_cont = do_continue
 
     def do_break(self, arg: str) -> None:
-        """break SYMBOL|ADDRESS (b): stop when execution reaches it."""
-        bp = self.dbg.add_breakpoint(arg)
+        """break SYMBOL|ADDRESS (b; gdb's b *ADDRESS too): stop when execution reaches it."""
+        bp = self.dbg.add_breakpoint(arg.strip().removeprefix("*").strip())
         self.out(f"breakpoint {bp.number} at {bp.address:#x} <{bp.label}>")
 
     do_b = do_break
