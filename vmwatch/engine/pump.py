@@ -46,7 +46,7 @@ from vmwatch.engine.sinks import EventRecord, Sink
 from vmwatch.errors import VmwatchError
 from vmwatch.events import (Access, Breakpoint, Demotion, Event, Exec, Interrupt, MemoryAccess, ModuleLoad,
                             ProcessExit, ProcessStart, RegisterWrite, SourceEnded, Tick)
-from vmwatch.rules import ListenerKind, RuleSet, Severity
+from vmwatch.ruletypes import ActiveRules, ListenerKind, Severity
 
 log = structlog.get_logger()
 
@@ -117,7 +117,7 @@ class Engine:
     def __init__(
         self,
         source: Any,
-        ruleset: RuleSet,
+        ruleset: ActiveRules,
         sinks: Iterable[Sink],
         *,
         options: WatchOptions = WatchOptions(),
@@ -797,7 +797,7 @@ def default_linux_factory(guest: Guest) -> Any:
     return Linux.from_memory(guest.phys, registers=guest.cpus or ((guest.registers,) if guest.registers else ()))
 
 
-async def watch(source: Any, ruleset: RuleSet, sinks: Iterable[Sink], *, duration: float | None = None,
+async def watch(source: Any, ruleset: ActiveRules, sinks: Iterable[Sink], *, duration: float | None = None,
                 options: WatchOptions = WatchOptions(), **kwargs: Any) -> WatchSummary:
     """Run one watch to its end and return the summary (see :class:`Engine`)."""
     return await Engine(source, ruleset, sinks, options=options, **kwargs).run(duration=duration)
