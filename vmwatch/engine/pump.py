@@ -13,10 +13,11 @@ Theory of operation:
   Each engine tick is a ``Tick`` naming the listeners it ran: a recording source sees it begin
   (``on_tick``), and a replay (``replays_ticks``) yields it back in place of the timer.
 * Each sink has its own task and bounded channel (``engine/sink_links.py``). Event records are
-  sent with ``send_nowait`` and counted as dropped when a sink lags; alerts go through a per-sink outbox drained with
-  ``await send`` (backpressure: a slow sink slows the pump, it never loses alerts). At shutdown
-  the channels close and each sink task delivers what is left in its outbox, so every alert
-  raised reaches every sink; only a sink whose ``send`` raises loses alerts (counted, logged).
+  sent with ``send_nowait`` and counted as dropped when a sink lags; alerts go through a per-sink
+  outbox drained with ``await send`` (backpressure: a slow sink slows the pump, it never loses
+  alerts). At shutdown the channels close and each sink task delivers what is left in its
+  outbox, so every alert raised reaches every sink; only a sink whose ``send`` raises loses
+  alerts (counted, logged).
 * A realtime source (events at their own pace, e.g. a storm) is read by a producer task into a
   bounded intake channel; batches that do not fit are dropped and counted.
 * Ending: the source ends (or dies: a ``VmwatchError`` from the stream becomes ``SourceEnded``),
