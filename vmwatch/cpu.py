@@ -32,8 +32,20 @@ COMMON_MSRS = frozenset((0x10, 0x1B, 0x174, 0x175, 0x176, 0xC0000080, 0xC0000081
                          0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102))
 """MSRs every x86-64 CPU model implements (TSC, APIC base, SYSENTER, EFER, the SYSCALL ones, FS/GS
 bases): the ones vmwatch has a guest read (an ``rdmsr`` of an MSR the model lacks faults)."""
+MSR_NAMES = {
+    0x10: "tsc", 0x1B: "apic_base", 0x48: "spec_ctrl", 0x174: "sysenter_cs", 0x175: "sysenter_esp",
+    0x176: "sysenter_eip", 0x6E0: "tsc_deadline", 0xC0000080: "efer", 0xC0000081: "star",
+    0xC0000082: "lstar", 0xC0000083: "cstar", 0xC0000084: "fmask", 0xC0000100: "fs_base",
+    0xC0000101: "gs_base", 0xC0000102: "kernel_gs_base",
+}  # fmt: skip
+MSR_NUMBERS = {name: number for number, name in MSR_NAMES.items()}
 CS_L = 1 << 21
 """The L (64-bit code) bit of a segment descriptor's attribute word, as QEMU stores it."""
+
+
+def msr_name(number: int) -> str:
+    """Short name of MSR ``number``: ``lstar``, or ``0x1234`` for one without a name."""
+    return MSR_NAMES.get(number, f"{number:#x}")
 
 
 class PagingMode(enum.Enum):

@@ -22,7 +22,6 @@ can enable, disable and configure any rule by name (``pack.function``) or glob.
 
 from __future__ import annotations
 
-import enum
 import fnmatch
 import importlib.util
 import sys
@@ -33,66 +32,13 @@ import attrs
 
 from vmwatch.errors import RuleError
 from vmwatch.events import Event
+from vmwatch.ruletypes import Listener as Listener
+from vmwatch.ruletypes import ListenerKind as ListenerKind
+from vmwatch.ruletypes import Narrow as Narrow
+from vmwatch.ruletypes import Severity as Severity
 
 RuleFunction = Callable[[Event, Any], object]
 _SPEC_ATTR = "__vmwatch_rule__"
-
-
-class Severity(enum.IntEnum):
-    """How bad an alert is; values follow the ``logging`` levels."""
-
-    INFO = 20
-    WARNING = 30
-    ERROR = 40
-    CRITICAL = 50
-
-    @classmethod
-    def parse(cls, value: Severity | str | int) -> Severity:
-        if isinstance(value, Severity):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls[value.upper()]
-            except KeyError:
-                raise ValueError(f"unknown severity {value!r}") from None
-        return cls(value)
-
-
-class ListenerKind(enum.Enum):
-    """What a listener waits for."""
-
-    BREAKPOINT = "breakpoint"
-    WRITE = "write"
-    REGISTER = "register"
-    INTERRUPT = "interrupt"
-    EVERY = "every"
-    EVENT = "event"
-    START = "start"
-
-
-@attrs.frozen
-class Narrow:
-    """Restricts a listener to one process: by pid, by name (``comm``) or by page-table root."""
-
-    pid: int | None = None
-    comm: str | None = None
-    cr3: int | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self.pid is None and self.comm is None and self.cr3 is None
-
-
-@attrs.frozen(kw_only=True)
-class Listener:
-    """One thing a rule listens to."""
-
-    kind: ListenerKind
-    target: Any = None
-    """Symbol (``"name"`` or ``"name+0x10"``) or address; register name; vector; seconds; event class."""
-    size: int = 0
-    """Watched bytes (``on_write``); 0: up to the next symbol, or the end of a ``"a..b"`` range."""
-    narrow: Narrow = Narrow()
 
 
 @attrs.define

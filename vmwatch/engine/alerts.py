@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from vmwatch.rules import Severity
+from vmwatch.ruletypes import Severity
 
 
 @attrs.frozen(kw_only=True)

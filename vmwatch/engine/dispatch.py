@@ -14,7 +14,7 @@ from typing import Any, Callable
 import attrs
 
 from vmwatch.events import Breakpoint, Event, Interrupt, MemoryAccess, RegisterWrite
-from vmwatch.rules import Listener, Narrow
+from vmwatch.ruletypes import Listener, Narrow
 
 # event class -> name of the field that selects its listeners
 KEY_FIELD: dict[type, str] = {

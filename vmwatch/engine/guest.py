@@ -15,7 +15,7 @@ from vmwatch.cpu import Registers
 from vmwatch.engine.alerts import Alert
 from vmwatch.engine.dispatch import RuleRun
 from vmwatch.events import Event
-from vmwatch.rules import Severity
+from vmwatch.ruletypes import Severity
 
 # PTI keeps user and kernel page tables in one 8 KiB pair: bit 12 picks the user half.
 _CR3_ROOT_MASK = ~0xFFF & ~(1 << 12) & ((1 << 52) - 1)

@@ -16,7 +16,7 @@ from vmwatch.events import Breakpoint, Interrupt
 
 if TYPE_CHECKING:
     from vmwatch.engine.guest import Guest
-    from vmwatch.engine.pump import Engine
+    from vmwatch.engine.sensor_host import SensorHost
 
 log = structlog.get_logger()
 
@@ -34,7 +34,7 @@ class InterruptSensor:
             guest.emit(Interrupt(seq=event.seq, time_ns=event.time_ns, vcpu=event.vcpu, vector=vector))
 
 
-async def plan(engine: Engine, wanted: dict[str, list]) -> None:
+async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     from vmwatch.engine import sources as caps
     from vmwatch.engine.dispatch import Handler, Trap
 

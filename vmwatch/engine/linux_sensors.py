@@ -28,7 +28,7 @@ from vmwatch.errors import VmwatchError
 from vmwatch.events import Breakpoint, Exec, ModuleLoad, ProcessExit, ProcessStart
 
 if TYPE_CHECKING:
-    from vmwatch.engine.pump import Engine
+    from vmwatch.engine.sensor_host import SensorHost
 
 log = structlog.get_logger()
 
@@ -155,7 +155,7 @@ SENSORS: dict[str, tuple[tuple[str, ...], Any]] = {
 }
 
 
-async def plan(engine: Engine, wanted: dict[str, list]) -> None:
+async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     """Arm the sensors of the OS events rules listen to."""
     from vmwatch.engine import sources as caps
     from vmwatch.engine.dispatch import Handler, Trap

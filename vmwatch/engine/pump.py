@@ -12,11 +12,12 @@ Theory of operation:
   themselves and take the guest lock so they never interleave with an event being handled.
   Each engine tick is a ``Tick`` naming the listeners it ran: a recording source sees it begin
   (``on_tick``), and a replay (``replays_ticks``) yields it back in place of the timer.
-* Each sink has its own task and bounded channel. Event records are sent with ``send_nowait``
-  and counted as dropped when a sink lags; alerts go through a per-sink outbox drained with
-  ``await send`` (backpressure: a slow sink slows the pump, it never loses alerts). At shutdown
-  the channels close and each sink task delivers what is left in its outbox, so every alert
-  raised reaches every sink; only a sink whose ``send`` raises loses alerts (counted, logged).
+* Each sink has its own task and bounded channel (``engine/sink_links.py``). Event records are
+  sent with ``send_nowait`` and counted as dropped when a sink lags; alerts go through a per-sink
+  outbox drained with ``await send`` (backpressure: a slow sink slows the pump, it never loses
+  alerts). At shutdown the channels close and each sink task delivers what is left in its
+  outbox, so every alert raised reaches every sink; only a sink whose ``send`` raises loses
+  alerts (counted, logged).
 * A realtime source (events at their own pace, e.g. a storm) is read by a producer task into a
   bounded intake channel; batches that do not fit are dropped and counted.
 * Ending: the source ends (or dies: a ``VmwatchError`` from the stream becomes ``SourceEnded``),
@@ -40,84 +41,26 @@ import trio
 from vmwatch.engine import sources as caps
 from vmwatch.engine.alerts import Alert
 from vmwatch.engine.dispatch import KEY_FIELD, Dispatcher, Handler, RuleRun, Trap, key_of
-from vmwatch.engine.governance import Budget, Decision, governor_for
+from vmwatch.engine.governance import Decision, governor_for
 from vmwatch.engine.guest import Current, Guest, cr3_root
+from vmwatch.engine.sink_links import SinkLink
 from vmwatch.engine.sinks import EventRecord, Sink
+from vmwatch.engine.watch_options import WatchOptions, WatchSummary
 from vmwatch.errors import VmwatchError
-from vmwatch.events import (Access, Breakpoint, Demotion, Event, Exec, Interrupt, MemoryAccess, ModuleLoad,
-                            ProcessExit, ProcessStart, RegisterWrite, SourceEnded, Tick)
-from vmwatch.rules import ListenerKind, RuleSet, Severity
+from vmwatch.events import (Access, Breakpoint, Demotion, Event, Interrupt, MemoryAccess, RegisterWrite,
+                            SourceEnded, Tick)
+from vmwatch.ruletypes import ActiveRules, ListenerKind, Severity
 
 log = structlog.get_logger()
 
 TRAP_EVENTS = (Breakpoint, MemoryAccess, RegisterWrite, Interrupt)
-RECORDED_EVENTS = frozenset({ProcessStart, ProcessExit, Exec, ModuleLoad, RegisterWrite, Demotion, SourceEnded})
-"""Event classes stored in sinks by default (traps are too many; their rules' alerts say what matters)."""
-
-
-@attrs.frozen(kw_only=True)
-class WatchOptions:
-    budget: Budget = Budget()
-    sink_queue: int = 1024
-    """Items per sink channel."""
-    intake_queue: int = 64
-    """Batches buffered from a realtime source."""
-    max_rule_errors: int = 5
-    """A rule raising this many times is isolated (deactivated) for the rest of the run."""
-    recorded: frozenset[type] = RECORDED_EVENTS
-    shutdown_grace: float = 10.0
-    """Seconds at shutdown to remove traps and resume the guest."""
-    sensors: bool = True
-    """Derive register, interrupt and Linux events from breakpoints when rules want them."""
-
-
-@attrs.define
-class WatchSummary:
-    """What a run did; the CLI prints it, tests check it."""
-
-    vm: str
-    events: int = 0
-    seconds: float = 0.0
-    alerts: dict[str, int] = attrs.Factory(dict)
-    """Alerts per severity name."""
-    dropped_events: int = 0
-    """Events of a realtime source dropped because the pump lagged."""
-    dropped_records: dict[str, int] = attrs.Factory(dict)
-    """Event records per sink dropped because the sink lagged."""
-    lost_alerts: dict[str, int] = attrs.Factory(dict)
-    """Alerts a sink failed to store (its ``send`` raised); should stay empty."""
-    sampled_out: int = 0
-    demotions: list[Demotion] = attrs.Factory(list)
-    rule_errors: dict[str, int] = attrs.Factory(dict)
-    isolated: list[str] = attrs.Factory(list)
-    inactive: list[str] = attrs.Factory(list)
-    """Listeners that could not be armed, with the reason."""
-    traps: int = 0
-    end_reason: str = ""
-
-    @property
-    def total_alerts(self) -> int:
-        return sum(self.alerts.values())
-
-
-class _SinkLink:
-    __slots__ = ("sink", "send", "outbox", "dropped", "failures")
-
-    def __init__(self, sink: Sink, send: trio.MemorySendChannel) -> None:
-        self.sink = sink
-        self.send = send
-        self.outbox: collections.deque[Alert] = collections.deque()
-        self.dropped = 0
-        self.failures = 0
-
-
 class Engine:
     """One watch: a source, the rules of a run, the sinks."""
 
     def __init__(
         self,
         source: Any,
-        ruleset: RuleSet,
+        ruleset: ActiveRules,
         sinks: Iterable[Sink],
         *,
         options: WatchOptions = WatchOptions(),
@@ -147,7 +90,7 @@ class Engine:
             hooks.append(self.guest.on_resume)
         self.summary = WatchSummary(vm=self.vm)
         self.runs: dict[str, RuleRun] = {}
-        self._sinks = [_SinkLink(s, None) for s in sinks]  # type: ignore[arg-type]
+        self._sinks = [SinkLink(s, None) for s in sinks]  # type: ignore[arg-type]
         self._scope: trio.CancelScope | None = None
         self._lock = trio.Lock()
         self._held = False
@@ -192,7 +135,7 @@ class Engine:
             for link in self._sinks:
                 send, recv = trio.open_memory_channel[Any](self.options.sink_queue)
                 link.send = send
-                sink_nursery.start_soon(self._sink_task, link, recv)
+                sink_nursery.start_soon(link.serve, recv, self.summary)
             try:
                 async with trio.open_nursery() as work:
                     self._work = work
@@ -549,7 +492,7 @@ class Engine:
             await self._demote(decision)
         for link in self._sinks:
             if link.outbox:
-                await self._drain(link)
+                await link.drain()
 
     def publish(self, alerts: Iterable[Alert]) -> None:
         """Queue alerts for every sink (never dropped)."""
@@ -568,11 +511,6 @@ class Engine:
                 self.summary.dropped_records[link.sink.name] = link.dropped
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
-
-    async def _drain(self, link: _SinkLink) -> None:
-        while link.outbox:
-            await link.send.send(link.outbox[0])
-            link.outbox.popleft()
 
     def _rule_failed(self, run: RuleRun, event: Event, exc: BaseException) -> None:
         run.errors += 1
@@ -736,44 +674,6 @@ class Engine:
             # abandoned because a sink is slow, only if it fails
             await link.send.aclose()
 
-    def _sink_failed(self, link: _SinkLink, exc: Exception, alerts: list[Alert]) -> None:
-        link.failures += 1
-        if alerts:
-            lost = self.summary.lost_alerts
-            lost[link.sink.name] = lost.get(link.sink.name, 0) + len(alerts)
-        if link.failures == 1:
-            log.error("sink failed", sink=link.sink.name, error=f"{type(exc).__name__}: {exc}")
-
-    async def _sink_task(self, link: _SinkLink, recv: trio.MemoryReceiveChannel) -> None:
-        sink = link.sink
-        flush = getattr(sink, "flush", None)
-        async with recv:
-            async for item in recv:
-                batch = [item]
-                while True:  # take what is queued in one go: one scheduling round per burst
-                    try:
-                        batch.append(recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                try:
-                    for item in batch:
-                        await sink.send(item)
-                    if flush is not None:
-                        await flush()
-                except Exception as exc:  # a broken sink must not end the watch or starve others
-                    self._sink_failed(link, exc, [i for i in batch if isinstance(i, Alert)])
-        while link.outbox:
-            alert = link.outbox.popleft()
-            try:
-                await sink.send(alert)
-            except Exception as exc:
-                self._sink_failed(link, exc, [alert])
-        try:
-            await sink.aclose()
-        except Exception as exc:
-            log.error("sink close failed", sink=sink.name, error=f"{type(exc).__name__}: {exc}")
-
-
 def _closing(stream: Any) -> Any:
     """Close an async generator when done with it (early exits included); other iterators as is."""
     if hasattr(stream, "aclose"):
@@ -797,7 +697,7 @@ def default_linux_factory(guest: Guest) -> Any:
     return Linux.from_memory(guest.phys, registers=guest.cpus or ((guest.registers,) if guest.registers else ()))
 
 
-async def watch(source: Any, ruleset: RuleSet, sinks: Iterable[Sink], *, duration: float | None = None,
+async def watch(source: Any, ruleset: ActiveRules, sinks: Iterable[Sink], *, duration: float | None = None,
                 options: WatchOptions = WatchOptions(), **kwargs: Any) -> WatchSummary:
     """Run one watch to its end and return the summary (see :class:`Engine`)."""
     return await Engine(source, ruleset, sinks, options=options, **kwargs).run(duration=duration)

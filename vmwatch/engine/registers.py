@@ -27,23 +27,16 @@ from typing import TYPE_CHECKING, Any, Iterator
 import attrs
 import structlog
 
-from vmwatch.cpu import COMMON_MSRS
+from vmwatch.cpu import COMMON_MSRS, MSR_NUMBERS, msr_name
 from vmwatch.errors import RuleError, VmwatchError
 from vmwatch.events import Breakpoint, RegisterWrite
 
 if TYPE_CHECKING:
     from vmwatch.engine.guest import Guest
-    from vmwatch.engine.pump import Engine
+    from vmwatch.engine.sensor_host import SensorHost
 
 log = structlog.get_logger()
 
-MSR_NAMES = {
-    0x10: "tsc", 0x1B: "apic_base", 0x48: "spec_ctrl", 0x174: "sysenter_cs", 0x175: "sysenter_esp",
-    0x176: "sysenter_eip", 0x6E0: "tsc_deadline", 0xC0000080: "efer", 0xC0000081: "star",
-    0xC0000082: "lstar", 0xC0000083: "cstar", 0xC0000084: "fmask", 0xC0000100: "fs_base",
-    0xC0000101: "gs_base", 0xC0000102: "kernel_gs_base",
-}  # fmt: skip
-MSR_NUMBERS = {name: number for number, name in MSR_NAMES.items()}
 CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8")
 MSR_POLL_SECONDS = 1.0
 SYSCALL_MSRS = ("msr:lstar", "msr:cstar", "msr:star", "msr:fmask", "msr:sysenter_cs", "msr:sysenter_esp",
@@ -52,7 +45,7 @@ SYSCALL_MSRS = ("msr:lstar", "msr:cstar", "msr:star", "msr:fmask", "msr:sysenter
 
 def msr_register(number: int) -> str:
     """Canonical event name of MSR ``number``: ``msr:lstar`` or ``msr:0x1234``."""
-    return "msr:" + MSR_NAMES.get(number, f"{number:#x}")
+    return "msr:" + msr_name(number)
 
 
 def canonical_register(name: str) -> str:
@@ -230,7 +223,7 @@ def initial_values(cpus: tuple) -> dict[str, int]:
     return values
 
 
-async def plan(engine: Engine, wanted: dict[str, list]) -> None:
+async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     """Arm breakpoints after the writers of the registers rules listen to."""
     from vmwatch.engine import sources as caps
     from vmwatch.engine.dispatch import Handler, Trap

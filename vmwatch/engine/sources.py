@@ -43,7 +43,7 @@ import attrs
 import structlog
 import trio
 
-from vmwatch.cpu import Registers
+from vmwatch.cpu import Registers, msr_name
 from vmwatch.errors import ProtocolError
 from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SourceEnded, Tick
 
@@ -298,10 +298,8 @@ class LiveSource:
                 break
         if seen is None:
             return every
-        from vmwatch.engine.registers import msr_register
-
         i, values = seen
-        msrs = {**every[i].msrs, **{msr_register(n)[4:]: v for n, v in values.items()}}
+        msrs = {**every[i].msrs, **{msr_name(n): v for n, v in values.items()}}
         return every[:i] + (attrs.evolve(every[i], msrs=msrs),) + every[i + 1:]
 
     async def _read_msrs(self, vcpu: int) -> dict[int, int] | None:
