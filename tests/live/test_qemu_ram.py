@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from vmwatch.errors import ProtocolError
 from vmwatch.images.base import Run
 from vmwatch.live.gdbrsp import _proto as p
-from vmwatch.live.qemu import parse_descriptor_tables, registers_from_g
+from vmwatch.live.qemu_registers import parse_descriptor_tables, registers_from_g
 from vmwatch.live.qemu_ram import parse_flatview, ram_runs
 
 # Shape of QEMU 7.2 output for `-M pc -m 4G` with a memory-backend-file "ram" (abridged).

@@ -2,7 +2,7 @@
 
 Theory of operation (gdb manual, "Remote Protocol": "Overview", "Packets", "Interrupts",
 "General Query Packets"): gdb sends ``$payload#cs`` packets, framed as on the client side
-(vmwatch/live/gdbrsp/_proto.py, whose :class:`Framer` both sides share). The server acks each
+(vmwatch/live/gdbrsp/_framing.py, whose :class:`Framer` both sides share). The server acks each
 good packet with ``+`` and asks for a bad one again with ``-``, until gdb turns acks off with
 ``QStartNoAckMode``; it resends its last reply when gdb sends ``-``. The byte 0x03 between
 packets asks a running target to stop. Each packet is parsed into one request value below; the
@@ -18,8 +18,8 @@ from typing import Union
 import attrs
 
 from vmwatch.errors import RemoteProtocolError
-from vmwatch.live.gdbrsp._proto import (NEED_DATA, Ack, BadPacket, Framer, Interrupt, Nack, NeedData, Notification,
-                                        escape, frame)
+from vmwatch.live.gdbrsp._framing import (NEED_DATA, Ack, BadPacket, Framer, Interrupt, Nack, NeedData, Notification,
+                                          escape, frame)
 
 
 @attrs.frozen
