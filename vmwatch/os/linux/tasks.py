@@ -98,7 +98,7 @@ class TaskWalker:
         skipped: list[str] = []
         head = linux.symbols["init_task"] + self.tasks_off
         tasks = []
-        for address in walk_list(memory, head, self.tasks_off, skipped=skipped):
+        for address in walk_list(memory, head, self.tasks_off, name="init_task.tasks", skipped=skipped):
             try:
                 tasks.append(self.read(address, skipped))
             except VmwatchError as exc:
@@ -153,7 +153,8 @@ class TaskWalker:
         else:
             head = t.int(buf, "signal") + self.thread_head
         pids = []
-        for thread in walk_list(memory, head, self.thread_link, skipped=skipped, limit=4096):
+        for thread in walk_list(memory, head, self.thread_link, name=f"pid {t.int(buf, 'pid')} threads",
+                                skipped=skipped, limit=4096):
             if thread == address:
                 continue
             try:
