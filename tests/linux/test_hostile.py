@@ -169,3 +169,26 @@ def test_cli_on_corrupted_copy(default_snap, tmp_path, mutate, command, broken):
         assert not warnings
     else:
         assert len(warnings) == 1 and broken in warnings[0], result.stderr
+
+
+def test_hostile_kworker_name(default_snap):
+    """A kworker whose struct kthread pointer is garbage keeps its raw comm; a desc without NUL
+    is cut at the 24 bytes of worker.desc."""
+    state = {}
+
+    def mutate(linux, overlay):
+        workers = [t for t in linux.tasks() if t.name != t.comm and t.comm.startswith("kworker/")]
+        t = linux.types
+        bad, long = workers[0], workers[1]
+        state.update(bad=bad.pid, long=long.pid, comm=long.comm)
+        overlay.patch(linux.memory.translate(bad.address + t.offset("task_struct", "worker_private")),
+                      struct.pack("<Q", 0xFFFF_DEAD_0000_0000))
+        kthread = linux.memory.pointer(long.address + t.offset("task_struct", "worker_private"))
+        worker = linux.memory.pointer(kthread + t.offset("kthread", "data"))
+        overlay.patch(linux.memory.translate(worker + t.offset("worker", "desc")), b"A" * 24)
+
+    image, linux = corrupt(default_snap, mutate)
+    with image:
+        tasks = {t.pid: t for t in linux.tasks()}
+    assert tasks[state["bad"]].name == tasks[state["bad"]].comm
+    assert tasks[state["long"]].name[len(state["comm"]) + 1:] == "A" * 24
