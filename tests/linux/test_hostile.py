@@ -152,9 +152,15 @@ def cyclic_modules(linux, overlay):
     overlay.patch(linux.memory.translate(link), struct.pack("<Q", link))
 
 
+def unmapped_modules(linux, overlay):
+    second = linux.modules()[1].address + linux.types.offset("module", "list")
+    overlay.patch(linux.memory.translate(second), struct.pack("<Q", 0xFFFF_DEAD_0000_0000))
+
+
 @pytest.mark.parametrize("mutate, command, broken", [
     (cyclic_tasks, "ps", "init_task.tasks list broken after 11 entries: cycle at"),
     (cyclic_modules, "modules", "modules list broken after 1 entries: cycle at"),
+    (unmapped_modules, "modules", "modules list broken after 2 entries: unreadable pointer at 0xffffdead00000000"),
     (cyclic_tasks, "syscalls", None),
 ])
 def test_cli_on_corrupted_copy(default_snap, tmp_path, mutate, command, broken):

@@ -118,6 +118,8 @@ def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MA
         try:
             node = memory.pointer(node)
         except VmwatchError:
+            if out and node != head:
+                out.pop()  # the node whose next pointer does not read is not a struct either
             return broken(f"unreadable pointer at {node:#x}")
         if node == head:
             return out
