@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import attrs
 
-PIDS = "cd /proc && echo [0-9]*"
-"""Cheap second look: which pids still exist (one process, no per-pid subshells)."""
-
 LISTING = ("for p in /proc/[0-9]*; do read -r pid rest < $p/stat || continue; set -- ${rest##*)}; ppid=$2; "
            "while read -r k u rest; do [ \"$k\" = Uid: ] && break; done < $p/status; read -r comm < $p/comm; "
            "echo \"${p#/proc/} $ppid $u $comm\"; done")
 """pid, ppid, real uid and comm of every process, with shell builtins only (no fork per pid)."""
+
+NAMES = "for p in /proc/[0-9]*; do read -r c < $p/comm && echo \"${p#/proc/} $c\"; done"
+"""pid and /proc/PID/comm of every process: the quick second look taken right after a walk."""
 
 
 @attrs.frozen
@@ -21,8 +21,13 @@ class Proc:
     comm: str
 
 
-def parse_pids(text: str) -> set[int]:
-    return {int(word) for word in text.split() if word.isdigit()}
+def parse_names(text: str) -> dict[int, str]:
+    names = {}
+    for line in text.strip().splitlines():
+        pid, _, name = line.partition(" ")
+        if pid.isdigit():
+            names[int(pid)] = name
+    return names
 
 
 def stable(before: dict[int, Proc], after: set[int]) -> dict[int, Proc]:
@@ -46,6 +51,8 @@ class Snapshot:
     dump: str
     before: dict[int, Proc]
     after: set[int]
+    after_names: dict[int, str]
+    """/proc/PID/comm of every pid, read right after the dump."""
     modules: list[tuple[str, int, int]]
     """(name, size, base) from /proc/modules."""
 
@@ -67,17 +74,18 @@ def snapshot(guest, path) -> Snapshot:
         guest.dump(path)
     finally:
         guest.qmp().execute("cont")
-    after = parse_pids(guest.shell(PIDS, timeout=60))
+    after_names = parse_names(guest.shell(NAMES, timeout=60))
     modules = []
     for line in guest.shell("cat /proc/modules").strip().splitlines():
         parts = line.split()
         modules.append((parts[0], int(parts[1]), int(parts[5], 16) if len(parts) > 5 else 0))
-    return Snapshot(str(path), before, after, modules)
+    return Snapshot(str(path), before, set(after_names), after_names, modules)
 
 
-def comm_matches(ours: str, proc_comm: str) -> bool:
-    """The kernel's 15-char comm against /proc's (which appends a workqueue name to kworkers
-    and shows long kthread names in full)."""
-    if ours == proc_comm[:15]:
-        return True
-    return ours.startswith("kworker") and proc_comm.startswith(ours + "-")
+def name_matches(ours: str, before: str, after: str | None) -> bool:
+    """vmwatch's name equals /proc/PID/comm read just before or just after the walk.
+
+    Either is accepted because a name can legitimately change between the two console reads
+    while the guest runs: a kworker's ``+desc``/``-desc`` follows the work item it runs now.
+    """
+    return ours in (before, after)

@@ -10,7 +10,7 @@ from vmwatch.images import open_image
 from vmwatch.os.linux.kernel import Linux
 from vmwatch.testing.cli import run_cli
 
-from .guesttruth import comm_matches
+from .guesttruth import name_matches
 
 pytestmark = pytest.mark.guest
 
@@ -26,9 +26,13 @@ def check_ps(snap, *extra: str) -> None:
     extra = set(ours) - snap.possible
     assert not extra, f"ps shows pids /proc never listed: {extra}"
     for pid, proc in stable.items():
-        assert comm_matches(ours[pid]["comm"], proc.comm), (pid, ours[pid]["comm"], proc.comm)
+        name = ours[pid]["name"]
+        assert name_matches(name, proc.comm, snap.after_names.get(pid)), (pid, name, proc.comm, snap.after_names.get(pid))
+        assert name.startswith(ours[pid]["comm"]) and len(ours[pid]["comm"]) <= 15, (pid, ours[pid])
         assert ours[pid]["ppid"] == proc.ppid, (pid, ours[pid], proc)
         assert ours[pid]["uid"] == proc.uid, (pid, ours[pid], proc)
+    workers = [p["name"] for p in ours.values() if p["comm"].startswith("kworker/") and p["name"] != p["comm"]]
+    assert workers, "no kworker shows its workqueue (kworker/0:0-rcu_gp) as /proc does"
     sleepers = [p for p in ours.values() if p["comm"] == "sleep"]
     assert sleepers and all(p["cr3"] for p in sleepers)
 
@@ -108,7 +112,7 @@ def test_live_guest(lab_guest):
 
     from vmwatch.target import open_target
 
-    from .guesttruth import LISTING, PIDS, parse_listing, parse_pids, stable
+    from .guesttruth import LISTING, NAMES, parse_listing, parse_names, stable
 
     async def walk():
         async with open_target(f"qemu:{lab_guest.qmp_path}") as target:
@@ -121,13 +125,14 @@ def test_live_guest(lab_guest):
 
     before = parse_listing(lab_guest.shell(LISTING, timeout=120))
     tasks, modules = trio.run(walk)
-    after = parse_pids(lab_guest.shell(PIDS, timeout=60))
+    after = parse_names(lab_guest.shell(NAMES, timeout=60))
     ours = {t.pid: t for t in tasks}
     stable_procs = stable(before, after)
     assert len(stable_procs) > 20 and set(stable_procs) <= set(ours), set(stable_procs) - set(ours)
-    assert set(ours) <= set(before) | after
+    assert set(ours) <= set(before) | set(after)
     for pid, proc in stable_procs.items():
-        assert comm_matches(ours[pid].comm, proc.comm) and ours[pid].ppid == proc.ppid
+        assert name_matches(ours[pid].name, proc.comm, after.get(pid)), (pid, ours[pid].name, proc.comm)
+        assert ours[pid].ppid == proc.ppid
     proc_modules = {line.split()[0] for line in lab_guest.shell("cat /proc/modules").strip().splitlines()}
     assert {m.name for m in modules} == proc_modules
     assert lab_guest.status() == "running"
@@ -139,7 +144,7 @@ def test_la57_two_cpus_above_4g(lab_guest_factory):
 
     from vmwatch.target import open_target
 
-    from .guesttruth import LISTING, PIDS, parse_listing, parse_pids, stable
+    from .guesttruth import LISTING, NAMES, parse_listing, parse_names, stable
 
     guest = lab_guest_factory(memory="5G", cpus=2, cpu_model="qemu64,+la57")
     try:
@@ -159,7 +164,7 @@ def test_la57_two_cpus_above_4g(lab_guest_factory):
 
         before = parse_listing(guest.shell(LISTING, timeout=120))
         cpus, mode, tasks, paddrs, modules = trio.run(walk)
-        after = parse_pids(guest.shell(PIDS, timeout=60))
+        after = parse_names(guest.shell(NAMES, timeout=60))
         proc_modules = {line.split()[0]: int(line.split()[1]) for line in guest.shell("cat /proc/modules").splitlines()
                         if line.strip()}
     finally:
@@ -168,25 +173,26 @@ def test_la57_two_cpus_above_4g(lab_guest_factory):
     assert max(paddrs) >= 4 << 30, f"highest task_struct at {max(paddrs):#x}"
     ours = {t.pid: t for t in tasks}
     stable_procs = stable(before, after)
-    assert len(stable_procs) > 20 and set(stable_procs) <= set(ours) and set(ours) <= set(before) | after
+    assert len(stable_procs) > 20 and set(stable_procs) <= set(ours) and set(ours) <= set(before) | set(after)
     for pid, proc in stable_procs.items():
-        assert comm_matches(ours[pid].comm, proc.comm) and ours[pid].ppid == proc.ppid
+        assert name_matches(ours[pid].name, proc.comm, after.get(pid)), (pid, ours[pid].name, proc.comm)
+        assert ours[pid].ppid == proc.ppid
     assert {m.name: m.size for m in modules} == proc_modules
 
 
 def check_live_cli(guest, *extra: str) -> None:
     """`vmwatch ps/modules qemu:<qmp>` match /proc around the walk and leave the guest running."""
-    from .guesttruth import LISTING, PIDS, parse_listing, parse_pids, stable
+    from .guesttruth import LISTING, NAMES, parse_listing, parse_names, stable
 
     before = parse_listing(guest.shell(LISTING, timeout=120))
     ps = run_cli("ps", f"qemu:{guest.qmp_path}", "--json", *extra)
-    after = parse_pids(guest.shell(PIDS, timeout=60))
+    after = parse_names(guest.shell(NAMES, timeout=60))
     assert ps.status == 0, ps.stderr
     ours = {p["pid"]: p for p in json.loads(ps.stdout)}
     stable_procs = stable(before, after)
-    assert len(stable_procs) > 20 and set(stable_procs) <= set(ours) and set(ours) <= set(before) | after
+    assert len(stable_procs) > 20 and set(stable_procs) <= set(ours) and set(ours) <= set(before) | set(after)
     for pid, proc in stable_procs.items():
-        assert comm_matches(ours[pid]["comm"], proc.comm), (pid, ours[pid]["comm"], proc.comm)
+        assert name_matches(ours[pid]["name"], proc.comm, after.get(pid)), (pid, ours[pid]["name"], proc.comm)
         assert (ours[pid]["ppid"], ours[pid]["uid"]) == (proc.ppid, proc.uid), (pid, ours[pid], proc)
     modules = run_cli("modules", f"qemu:{guest.qmp_path}", "--json", *extra)
     assert modules.status == 0, modules.stderr

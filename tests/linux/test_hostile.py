@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
 import time
 
@@ -9,18 +10,24 @@ import pytest
 
 from vmwatch.images import open_image
 from vmwatch.os.linux.kernel import Linux
+from vmwatch.testing.cli import run_cli
 
 from .overlay import Overlay
 
 pytestmark = pytest.mark.guest
 
 
-def corrupt(snap, mutate):
-    """Open the dump, let ``mutate(linux, overlay)`` patch it, and return a fresh Linux on the patch."""
+def mutated(snap, mutate):
+    """Open the dump and let ``mutate(linux, overlay)`` patch it: (image, overlay)."""
     image = open_image(snap.dump)
     overlay = Overlay(image)
-    clean = Linux.from_memory(overlay, image.cpus)
-    mutate(clean, overlay)
+    mutate(Linux.from_memory(overlay, image.cpus), overlay)
+    return image, overlay
+
+
+def corrupt(snap, mutate):
+    """The dump patched by ``mutate``, and a fresh Linux on the patch."""
+    image, overlay = mutated(snap, mutate)
     return image, Linux.from_memory(overlay, image.cpus)
 
 
@@ -117,3 +124,77 @@ def test_corrupted_profile_is_a_symbol_error(default_snap, target, tmp_path, mon
                 overlay.patch(text + start, b"\x01" * 600)
         with pytest.raises(SymbolError):
             Linux.from_memory(overlay, image.cpus)
+
+
+def corrupt_copy(snap, tmp_path, mutate) -> str:
+    """A copy of the dump file with ``mutate``'s patches written at their file offsets."""
+    image, overlay = mutated(snap, mutate)
+    with image:
+        runs, patches = image.runs, overlay.patches
+    path = tmp_path / "corrupt.elf"
+    shutil.copyfile(snap.dump, path)
+    with open(path, "r+b") as out:
+        for paddr, data in patches:
+            run = next(r for r in runs if r.start <= paddr < r.start + r.size and r.file_offset is not None)
+            out.seek(run.file_offset + paddr - run.start)
+            out.write(data)
+    return str(path)
+
+
+def cyclic_tasks(linux, overlay):
+    tasks = linux.tasks()
+    overlay.patch(tasks_link(linux, tasks[10].address), struct.pack("<Q", tasks[3].address + linux.types.offset("task_struct", "tasks")))
+
+
+def cyclic_modules(linux, overlay):
+    first = linux.modules()[0].address
+    link = first + linux.types.offset("module", "list")
+    overlay.patch(linux.memory.translate(link), struct.pack("<Q", link))
+
+
+def unmapped_modules(linux, overlay):
+    second = linux.modules()[1].address + linux.types.offset("module", "list")
+    overlay.patch(linux.memory.translate(second), struct.pack("<Q", 0xFFFF_DEAD_0000_0000))
+
+
+@pytest.mark.parametrize("mutate, command, broken", [
+    (cyclic_tasks, "ps", "init_task.tasks list broken after 11 entries: cycle at"),
+    (cyclic_modules, "modules", "modules list broken after 1 entries: cycle at"),
+    (unmapped_modules, "modules", "modules list broken after 2 entries: unreadable pointer at 0xffffdead00000000"),
+    (cyclic_tasks, "syscalls", None),
+])
+def test_cli_on_corrupted_copy(default_snap, tmp_path, mutate, command, broken):
+    """The CLI over a corrupted copy of the dump ends in bounded time, exit 0, one warning line naming the list."""
+    path = corrupt_copy(default_snap, tmp_path, mutate)
+    start = time.monotonic()
+    result = run_cli(command, path, "--json")
+    assert time.monotonic() - start < 60
+    assert result.status == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("vmwatch: warning:")]
+    if broken is None:
+        assert not warnings
+    else:
+        assert len(warnings) == 1 and broken in warnings[0], result.stderr
+
+
+def test_hostile_kworker_name(default_snap):
+    """A kworker whose struct kthread pointer is garbage keeps its raw comm; a desc without NUL
+    is cut at the 24 bytes of worker.desc."""
+    state = {}
+
+    def mutate(linux, overlay):
+        workers = [t for t in linux.tasks() if t.name != t.comm and t.comm.startswith("kworker/")]
+        t = linux.types
+        bad, long = workers[0], workers[1]
+        state.update(bad=bad.pid, long=long.pid, comm=long.comm)
+        overlay.patch(linux.memory.translate(bad.address + t.offset("task_struct", "worker_private")),
+                      struct.pack("<Q", 0xFFFF_DEAD_0000_0000))
+        kthread = linux.memory.pointer(long.address + t.offset("task_struct", "worker_private"))
+        worker = linux.memory.pointer(kthread + t.offset("kthread", "data"))
+        overlay.patch(linux.memory.translate(worker + t.offset("worker", "desc")), b"A" * 24)
+
+    image, linux = corrupt(default_snap, mutate)
+    with image:
+        tasks = {t.pid: t for t in linux.tasks()}
+    assert tasks[state["bad"]].name == tasks[state["bad"]].comm
+    assert tasks[state["long"]].name[len(state["comm"]) + 1:] == "A" * 24

@@ -56,7 +56,7 @@ def emit(env, args: argparse.Namespace, rows: Sequence[dict], columns: Sequence[
          skipped: Sequence[str] = ()) -> int:
     """Print rows as JSON or as an aligned table; report skipped guest data on stderr."""
     for line in skipped:
-        print(f"vmwatch: warning: skipped {shown(line, backslash=False)}", file=env.stderr)
+        print(f"vmwatch: warning: {shown(line, backslash=False)}", file=env.stderr)
     if args.json:
         json.dump(list(rows), env.stdout, indent=1)
         env.stdout.write("\n")

@@ -9,7 +9,7 @@ from vmwatch.cli.commands._linux import add_target_arguments, emit, hexa, text, 
 HELP = "list the processes of a Linux guest (image or live QEMU), zero configuration"
 
 COLUMNS = (("pid", "PID", text), ("ppid", "PPID", text), ("uid", "UID", text), ("state", "S", text),
-           ("threads", "THR", lambda t: str(len(t) + 1)), ("cr3", "CR3", hexa), ("comm", "COMM", text))
+           ("threads", "THR", lambda t: str(len(t) + 1)), ("cr3", "CR3", hexa), ("name", "COMM", text))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

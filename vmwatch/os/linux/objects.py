@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import struct
 
+import structlog
+
 from vmwatch.errors import SymbolError, VmwatchError
 from vmwatch.os.linux.btf import ENUM, ENUM64, INT, PTR, STRUCT, UNION, BtfProfile
+
+log = structlog.get_logger(__name__)
 
 _UNSIGNED = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 _SIGNED = {1: "<b", 2: "<h", 4: "<i", 8: "<q"}
@@ -86,13 +90,14 @@ def c_string(raw: bytes) -> str:
     return (raw if end < 0 else raw[:end]).decode("utf-8", "backslashreplace")
 
 
-def walk_list(memory, head: int, link_offset: int, *, limit: int = MAX_LIST,
+def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MAX_LIST,
               skipped: list[str] | None = None) -> list[int]:
     """Addresses of the structs on a circular ``list_head`` list (the head itself excluded).
 
     Args:
         head: virtual address of the list head (``&init_task.tasks``, ``&modules``).
         link_offset: offset of the ``list_head`` member inside each struct (container_of).
+        name: the list as a warning names it (``init_task.tasks``, ``modules``).
         skipped: a list that receives one line per problem (bad pointer, cycle, too long).
 
     The walk stops at the first unreadable pointer, at a node seen before (a cycle that does
@@ -100,20 +105,26 @@ def walk_list(memory, head: int, link_offset: int, *, limit: int = MAX_LIST,
     """
     problems = skipped if skipped is not None else []
     seen = {head}
-    out = []
+    out: list[int] = []
     node = head
+
+    def broken(why: str) -> list[int]:
+        line = f"{name} list broken after {len(out)} entries: {why}"
+        log.warning("linux.list_broken", list=name, head=hex(head), entries=len(out), why=why)
+        problems.append(line)
+        return out
+
     for _ in range(limit + 1):
         try:
             node = memory.pointer(node)
         except VmwatchError:
-            problems.append(f"list at {head:#x}: unreadable pointer at {node:#x}; walk stopped")
-            return out
+            if out and node != head:
+                out.pop()  # the node whose next pointer does not read is not a struct either
+            return broken(f"unreadable pointer at {node:#x}")
         if node == head:
             return out
         if node in seen:
-            problems.append(f"list at {head:#x}: cycle at {node:#x} not through the head; walk stopped")
-            return out
+            return broken(f"cycle at {node:#x} not through the head {head:#x}")
         seen.add(node)
         out.append(node - link_offset)
-    problems.append(f"list at {head:#x}: more than {limit} entries; walk stopped")
-    return out
+    return broken(f"more than {limit} entries")

@@ -11,6 +11,7 @@ import attrs
 
 from vmwatch.errors import VmwatchError
 from vmwatch.os.linux.objects import StructReader, c_string, walk_list
+from vmwatch.os.linux.procname import ProcName
 
 _TASK_STATES = "RSDTtXZP"
 _TASK_IDLE = 0x402  # TASK_UNINTERRUPTIBLE | TASK_NOLOAD: what ps shows as I
@@ -23,7 +24,10 @@ class Task:
     pid: int
     tgid: int
     ppid: int | None
+    name: str
+    """The name /proc/PID/comm shows: ``comm``, plus a kworker's ``+desc``/``-desc``, or a kthread's full name."""
     comm: str
+    """The raw ``task_struct.comm`` (at most 15 bytes)."""
     uid: int | None
     gid: int | None
     euid: int | None
@@ -77,6 +81,7 @@ class TaskWalker:
         self.mm = StructReader(types, "mm_struct")
         self.state_field = next((f for f in ("__state", "state") if self.task.has(f)), None)
         self.tasks_off = self.task.offset("tasks")
+        self.proc_name = ProcName(types, self.task)
         self.thread_head = self.thread_link = None
         if self.task.has("thread_group"):
             self.thread_link = self.task.offset("thread_group")
@@ -93,7 +98,7 @@ class TaskWalker:
         skipped: list[str] = []
         head = linux.symbols["init_task"] + self.tasks_off
         tasks = []
-        for address in walk_list(memory, head, self.tasks_off, skipped=skipped):
+        for address in walk_list(memory, head, self.tasks_off, name="init_task.tasks", skipped=skipped):
             try:
                 tasks.append(self.read(address, skipped))
             except VmwatchError as exc:
@@ -130,9 +135,10 @@ class TaskWalker:
         state = "?"
         if self.state_field is not None:
             state = _state_letter(t.int(buf, self.state_field), self._optional(buf, "exit_state", 0))
+        comm = t.bytes(buf, "comm").split(b"\0", 1)[0]
         return Task(
             pid=pid, tgid=self._optional(buf, "tgid", pid), ppid=ppid,
-            comm=c_string(t.bytes(buf, "comm")), uid=uid, gid=gid, euid=euid,
+            name=c_string(self.proc_name.name(memory, buf, comm)), comm=c_string(comm), uid=uid, gid=gid, euid=euid,
             start_time_ns=self._optional(buf, "start_time"), state=state,
             address=address, mm=mm, pgd=pgd, cr3=cr3,
             threads=tuple(self._threads(address, buf, skipped)),
@@ -147,7 +153,8 @@ class TaskWalker:
         else:
             head = t.int(buf, "signal") + self.thread_head
         pids = []
-        for thread in walk_list(memory, head, self.thread_link, skipped=skipped, limit=4096):
+        for thread in walk_list(memory, head, self.thread_link, name=f"pid {t.int(buf, 'pid')} threads",
+                                skipped=skipped, limit=4096):
             if thread == address:
                 continue
             try:
