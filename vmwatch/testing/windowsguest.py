@@ -208,7 +208,8 @@ class WindowsGuest:
         self.services = targets
 
     def write_kdbg(self, size: int = 0x340) -> None:
-        raw = bytearray(size)
+        """The KDBG block; its header says ``size`` (0x340 bytes are written whatever it says)."""
+        raw = bytearray(0x340)
         raw[0x10:0x18] = kdbg_mod.TAG + struct.pack("<I", size)
         struct.pack_into("<Q", raw, 0x18, KERNEL_VA)
         struct.pack_into("<Q", raw, 0x48, self.module_head)
