@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmwatch.errors import KernelNotFound, VmwatchError
+from vmwatch.errors import KernelNotFound, SymbolError, VmwatchError
 
 
 def from_memory(phys, registers=(), symbols_file: str | None = None):
@@ -26,4 +26,4 @@ def from_memory(phys, registers=(), symbols_file: str | None = None):
         try:
             return Windows.from_memory(phys, registers, symbols_file)
         except KernelNotFound as windows_error:
-            raise type(linux_error)(f"{linux_error}; and not Windows: {windows_error}") from None
+            raise SymbolError(f"{linux_error}; and not Windows: {windows_error}") from linux_error
