@@ -97,6 +97,15 @@ class GuestDataError(VmwatchError):
     """Guest memory holds something impossible: a cyclic list, a page-table loop, an absurd length."""
 
 
+class PEFormatError(GuestDataError):
+    """A PE image in guest memory has impossible headers or export data (truncated, absurd
+    counts, RVAs outside the image); ``vaddr`` is where the image starts."""
+
+    def __init__(self, message: str, *, vaddr: int) -> None:
+        self.vaddr = vaddr
+        super().__init__(f"PE image at {vaddr:#x}: {message}")
+
+
 class SymbolError(VmwatchError):
     """A symbol, type or struct member is unknown or the OS profile cannot be built."""
 
@@ -104,6 +113,11 @@ class SymbolError(VmwatchError):
         self.name = name
         self.member = member
         super().__init__(message)
+
+
+class KernelNotFound(SymbolError):
+    """No kernel of the OS looked for is in memory (unlike its siblings, which mean a kernel was
+    found but cannot be used as it is): OS detection then tries the next OS."""
 
 
 class LinkError(VmwatchError):

@@ -1,4 +1,4 @@
-"""Shared plumbing of the Linux commands: open a target, find the kernel, print rows."""
+"""Shared plumbing of the OS commands: open a target, find the kernel (Linux or Windows), print rows."""
 
 from __future__ import annotations
 
@@ -13,25 +13,26 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="TARGET", help="memory image path, or qemu:/path/to/qmp.sock")
     parser.add_argument("--symbols", metavar="FILE",
                         help="System.map, vmlinux (BTF or DWARF), Volatility 3 ISF JSON (.json/.json.xz) "
-                             "or libvmi.conf, for kernels without BTF")
+                             "or libvmi.conf, for kernels without BTF or Windows builds without built-in offsets")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def with_linux(args: argparse.Namespace, work: Callable) -> object:
-    """Run ``work(linux, registers)`` on the target; a live guest is paused while it runs."""
+    """Run ``work(kernel, registers)`` on the target (a ``Linux`` or ``Windows``, detected); a live
+    guest is paused while it runs."""
     from vmwatch.target import QEMU_PREFIX
 
     if not args.target.startswith(QEMU_PREFIX):
         # An image needs no event loop: skip importing trio (a cold start is what ps is timed on).
         from vmwatch.images import open_image
-        from vmwatch.os.linux.kernel import Linux
+        from vmwatch.os import detect
 
         with open_image(args.target) as image:
             registers = tuple(image.cpus)
-            return work(Linux.from_memory(image, registers, symbols_file=args.symbols), registers)
+            return work(detect.from_memory(image, registers, symbols_file=args.symbols), registers)
     import trio
 
-    from vmwatch.os.linux.kernel import Linux
+    from vmwatch.os import detect
     from vmwatch.target import open_target
 
     async def main():
@@ -43,7 +44,7 @@ def with_linux(args: argparse.Namespace, work: Callable) -> object:
                 paused_here = True
             try:
                 registers = await target.cpu_state()
-                linux = Linux.from_memory(target.memory, registers, symbols_file=args.symbols)
+                linux = detect.from_memory(target.memory, registers, symbols_file=args.symbols)
                 return work(linux, registers)
             finally:
                 if paused_here:
@@ -77,3 +78,20 @@ def hexa(value) -> str:
 def text(value) -> str:
     """A cell: guest strings (comm, module and symbol names) escaped, so a row stays one row."""
     return "-" if value is None else shown(str(value))
+
+
+def is_windows(kernel) -> bool:
+    return getattr(kernel, "os_name", None) == "windows"
+
+
+def filetime(value) -> str:
+    """A Windows FILETIME (100 ns since 1601) as UTC ISO time; the raw number if absurd."""
+    import datetime
+
+    if value is None:
+        return "-"
+    try:
+        when = datetime.datetime(1601, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(microseconds=value // 10)
+    except OverflowError:
+        return str(value)
+    return when.strftime("%Y-%m-%d %H:%M:%S")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from vmwatch.cli.commands._linux import add_target_arguments, emit, hexa, text, with_linux
+from vmwatch.cli.commands._linux import add_target_arguments, emit, hexa, is_windows, text, with_linux
 
-HELP = "list the loaded kernel modules of a Linux guest"
+HELP = "list the loaded kernel modules (Linux) or drivers (Windows) of a guest"
 
 COLUMNS = (("name", "NAME", text), ("base", "BASE", hexa), ("size", "SIZE", text))
+WINDOWS_COLUMNS = COLUMNS + (("path", "PATH", text),)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -16,5 +17,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, env) -> int:
-    modules = with_linux(args, lambda linux, _regs: linux.modules())
-    return emit(env, args, [m.as_dict() for m in modules], COLUMNS, modules.skipped)
+    modules, windows = with_linux(args, lambda kernel, _regs: (kernel.modules(), is_windows(kernel)))
+    return emit(env, args, [m.as_dict() for m in modules], WINDOWS_COLUMNS if windows else COLUMNS, modules.skipped)

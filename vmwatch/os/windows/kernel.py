@@ -1,0 +1,270 @@
+"""``Windows``: one ntoskrnl found in memory, with its exports, KDBG, DTB and objects.
+
+The initialisation follows LibVMI (seed 004): kernel base, symbols (exports, KDBG), page
+directory, process list. Each step is logged at debug and kept as a :class:`Found` record
+("what, the value, how it was found") that ``vmwatch info`` prints.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+import structlog
+
+from vmwatch.cpu import PagingMode, Registers
+from vmwatch.errors import SymbolError, VmwatchError
+from vmwatch.os.windows import kdbg as kdbg_mod
+from vmwatch.os.windows import locate, pe
+from vmwatch.os.windows.profiles import Profile, builtin, load_profile
+from vmwatch.os.windows.symbols import WindowsSymbols
+
+log = structlog.get_logger()
+
+_KDBG_READ = 0x400
+_KEYS = ("KiWaitNever", "KiWaitAlways", "KdpDataBlockEncoded")
+
+
+@attrs.frozen
+class Found:
+    """One initialisation step: what was found, its value, and how."""
+
+    what: str
+    value: int | str | None
+    how: str
+
+
+@attrs.frozen(kw_only=True)
+class KernelInfo:
+    """Where ntoskrnl is and what it is."""
+
+    base: int
+    """Virtual base of ntoskrnl."""
+    paddr: int | None
+    size: int
+    name: str
+    build: int | None
+    dtb: int
+    kdbg: int | None
+    """Virtual address of the KDBG block (None when none was found)."""
+    found: tuple[Found, ...]
+
+
+class _Steps(list):
+    def add(self, what: str, value, how: str) -> None:
+        self.append(Found(what, value, how))
+        log.debug("windows.found", what=what, value=hex(value) if isinstance(value, int) else value, how=how)
+
+
+class Windows:
+    """A Windows (x64) kernel in a dump or a live guest.
+
+    Attributes:
+        kernel: where it is and how each fact was found (:class:`KernelInfo`).
+        symbols: ntoskrnl exports + KDBG fields + profile symbols (:class:`WindowsSymbols`).
+        profile: the structure offsets used.
+        memory: a ``GuestMemory`` on the kernel page tables.
+    """
+
+    os_name = "windows"
+
+    def __init__(self, kernel: KernelInfo, symbols: WindowsSymbols, profile: Profile, memory) -> None:
+        self.kernel = kernel
+        self.symbols = symbols
+        self.profile = profile
+        self.memory = memory
+        memory.symbols.resolver = symbols.__getitem__
+        memory.pid_dtb.resolver = self._pid_dtb
+
+    def ksym2v(self, name: str) -> int:
+        """Virtual address of kernel symbol ``name`` (an export, KDBG field or profile symbol)."""
+        return self.memory.symbols.get(name)
+
+    @classmethod
+    def from_memory(cls, phys, registers: tuple[Registers, ...] = (), symbols_file: str | None = None) -> Windows:
+        """Find ntoskrnl in physical memory ``phys``.
+
+        Args:
+            phys: physical memory (an image or a live source).
+            registers: CPU state, if the source has some (CR3, IDTR).
+            symbols_file: a Volatility 3 Windows ISF or a libvmi.conf Windows entry.
+
+        Raises:
+            SymbolError: no ntoskrnl, no way to its virtual base or DTB, or an unknown build
+                without a profile.
+            PEFormatError: ntoskrnl's headers or exports are corrupt.
+        """
+        from vmwatch.memory import GuestMemory
+
+        steps = _Steps()
+        registers = tuple(r for r in registers if r is not None)
+        user_profile = load_profile(symbols_file) if symbols_file is not None else None
+        meta = getattr(phys, "metadata", None) or {}
+        dtb = meta.get("directory_table_base") or None
+        if dtb is not None:
+            dtb &= locate._CR3_MASK
+            steps.add("DTB", dtb, "crash dump header DirectoryTableBase")
+        else:
+            dtb = locate.cr3_of(registers)
+            if dtb is not None:
+                steps.add("DTB", dtb, "CR3 of the saved/live vCPU")
+        memory = GuestMemory(phys, cr3=dtb, mode=PagingMode.LEVEL4) if dtb is not None else None
+
+        vaddr = paddr = None
+        idtr = next((r.idtr_base for r in registers if getattr(r, "idtr_base", None)), None)
+        if memory is not None and idtr:
+            try:
+                vaddr, handler = locate.idt_kernel(memory, idtr)
+                paddr = memory.translate(vaddr)
+                steps.add("kernel base", vaddr, f"scanned down from IDT vector 0 handler {handler:#x} (IDTR {idtr:#x})")
+            except VmwatchError as exc:
+                log.debug("windows.idt_scan_failed", error=str(exc))
+                vaddr = None
+        if vaddr is None:
+            paddr, _, tried = locate.physical_kernel(phys)
+            steps.add("kernel physical base", paddr, f"physical scan upward for MZ exporting ntoskrnl ({tried} MZ pages)")
+            read = lambda a, n: phys.read(a, n, pad=True)  # noqa: E731
+            image_base = paddr
+        else:
+            read, image_base = memory.read, vaddr
+        headers = pe.parse_headers(read, image_base)
+        exports = pe.read_exports(read, headers)
+        build = None
+        if "NtBuildNumber" in exports.rvas:
+            build = struct.unpack("<I", read(image_base + exports.rvas["NtBuildNumber"], 4))[0] & 0xFFFF
+            steps.add("build", build, "ntoskrnl export NtBuildNumber")
+        profile = user_profile or builtin(build)
+        steps.add("profile", profile.name, profile.source)
+
+        if vaddr is None and memory is not None and meta.get("kd_debugger_data_block") \
+                and "KdDebuggerDataBlock" in profile.symbols:
+            guess = meta["kd_debugger_data_block"] - profile.symbols["KdDebuggerDataBlock"]
+            try:
+                if memory.translate(guess) == paddr:
+                    vaddr = guess
+                    steps.add("kernel base", vaddr, "crash dump KdDebuggerDataBlock minus its profile RVA")
+            except VmwatchError:
+                pass
+        block, kdbg_how = cls._find_kdbg(phys, memory, meta, profile, vaddr)
+        if block is not None and vaddr is None:
+            vaddr = block.fields["KernBase"]
+            steps.add("kernel base", vaddr, "KDBG KernBase")
+        if vaddr is None:
+            raise SymbolError(f"ntoskrnl found at physical {paddr:#x}, but neither CPU state (IDTR, CR3) nor a "
+                              "KDBG block gives its virtual address (Windows 8+ encodes KDBG: pass --symbols "
+                              "with an ISF naming KiWaitNever/KiWaitAlways/KdpDataBlockEncoded)")
+        if dtb is None:
+            dtb, eprocess = locate.system_process_dtb(phys, profile, vaddr, paddr)
+            steps.add("DTB", dtb, f"System EPROCESS found by scan at physical {eprocess:#x}")
+            memory = GuestMemory(phys, cr3=dtb, mode=PagingMode.LEVEL4)
+        if paddr is not None and memory.translate(vaddr) != paddr:
+            raise SymbolError(f"DTB {dtb:#x} maps the kernel base {vaddr:#x} elsewhere than physical {paddr:#x}")
+        if block is not None:
+            if block.vaddr is None:
+                block = cls._kdbg_vaddr(block, memory, vaddr, headers.size_of_image)
+            steps.add("KDBG", block.vaddr if block.vaddr is not None else block.paddr, kdbg_how)
+
+        relocated = {name: vaddr + rva for name, rva in exports.rvas.items()}
+        extra = {name: vaddr + rva for name, rva in profile.symbols.items()}
+        if block is not None:
+            extra.update({name: value for name, value in block.fields.items() if value})
+            if block.vaddr is not None:
+                extra["KdDebuggerDataBlock"] = block.vaddr
+        symbols = WindowsSymbols(relocated, extra)
+        for name in ("PsActiveProcessHead", "PsLoadedModuleList", "PsInitialSystemProcess", "KeServiceDescriptorTable"):
+            if name in symbols:
+                source = "KDBG" if block is not None and name in block.fields else "ntoskrnl export"
+                if name in profile.symbols and name not in exports.rvas:
+                    source = "profile symbol"
+                steps.add(name, symbols[name], source)
+        kernel = KernelInfo(base=vaddr, paddr=paddr, size=headers.size_of_image, name=exports.name, build=build,
+                            dtb=dtb, kdbg=block.vaddr if block is not None else None, found=tuple(steps))
+        return cls(kernel, symbols, profile, memory)
+
+    @staticmethod
+    def _find_kdbg(phys, memory, meta, profile, vaddr):
+        """The KDBG block and how it was found, or (None, why not)."""
+        candidates = []
+        if meta.get("kd_debugger_data_block"):
+            candidates.append((meta["kd_debugger_data_block"], "crash dump header KdDebuggerDataBlock"))
+        if profile.kdbg_vaddr:
+            candidates.append((profile.kdbg_vaddr, "libvmi.conf win_kdvb"))
+        if vaddr is not None and "KdDebuggerDataBlock" in profile.symbols:
+            candidates.append((vaddr + profile.symbols["KdDebuggerDataBlock"], "profile symbol KdDebuggerDataBlock"))
+        keys = None
+        if vaddr is not None and all(k in profile.symbols for k in _KEYS):
+            keys = tuple(vaddr + profile.symbols[k] for k in _KEYS)
+        if memory is not None:
+            for address, how in candidates:
+                try:
+                    raw = memory.read(address, _KDBG_READ, pad=True)
+                    if raw[0x10:0x14] != kdbg_mod.TAG and keys is not None:
+                        never, always = memory.u64(keys[0]), memory.u64(keys[1])
+                        raw = kdbg_mod.decode(raw, never, always, keys[2])
+                        return kdbg_mod.parse(raw, vaddr=address, paddr=None, encoded=True, kernel_base=vaddr), \
+                            how + ", decoded with KiWaitNever/KiWaitAlways"
+                    return kdbg_mod.parse(raw, vaddr=address, paddr=None, kernel_base=vaddr), how
+                except VmwatchError as exc:
+                    log.debug("windows.kdbg_candidate_rejected", address=hex(address), error=str(exc))
+        block, rejected = kdbg_mod.scan_physical(phys, vaddr)
+        for line in rejected[:8]:
+            log.debug("windows.kdbg_rejected", reason=line)
+        if block is None:
+            return None, "no KDBG"
+        return block, f"physical scan for the KDBG tag (Size {block.size:#x})"
+
+    @staticmethod
+    def _kdbg_vaddr(block, memory, base: int, size: int):
+        """A physically found block with its virtual address: KDBG sits in ntoskrnl's data."""
+        page = block.paddr & ~0xFFF
+        for offset in range(0, size, 0x1000):
+            try:
+                if memory.translate(base + offset) == page:
+                    return attrs.evolve(block, vaddr=base + offset + (block.paddr & 0xFFF))
+            except VmwatchError:
+                continue
+        return block
+
+    # -- objects ------------------------------------------------------------------------------
+
+    def tasks(self):
+        """Processes on PsActiveProcessHead, as a Listing with ``.skipped`` problems."""
+        from vmwatch.os.windows.tasks import walk_processes
+
+        return walk_processes(self)
+
+    def modules(self):
+        """Drivers on PsLoadedModuleList, as a Listing with ``.skipped`` problems."""
+        from vmwatch.os.windows.modules import walk_modules
+
+        return walk_modules(self)
+
+    def syscalls(self):
+        """The SSDT (KeServiceDescriptorTable), each entry resolved or flagged outside ntoskrnl."""
+        from vmwatch.os.windows.ssdt import read_ssdt
+
+        return read_ssdt(self)
+
+    def idt(self, registers: Registers | None = None):
+        """The IDT at IDTR.base of ``registers``.
+
+        Raises:
+            SymbolError: no IDTR in the CPU state (Windows exports no IDT symbol).
+        """
+        from vmwatch.os.linux.idt import GATE_SIZE, decode_gate
+
+        base = getattr(registers, "idtr_base", None) if registers is not None else None
+        if not base:
+            raise SymbolError("this target's CPU state has no IDTR (a Windows kernel exports no IDT address)")
+        raw = self.memory.read(base, 256 * GATE_SIZE)
+        return [decode_gate(v, raw[v * GATE_SIZE:(v + 1) * GATE_SIZE], self.symbols) for v in range(256)]
+
+    def in_kernel(self, address: int) -> bool:
+        """Whether ``address`` is inside the ntoskrnl image."""
+        return self.kernel.base <= address < self.kernel.base + self.kernel.size
+
+    def _pid_dtb(self, pid: int) -> int:
+        for task in self.tasks():
+            if task.pid == pid:
+                return task.dtb
+        raise SymbolError(f"no process with pid {pid}")

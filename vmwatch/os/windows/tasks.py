@@ -1,0 +1,89 @@
+"""Processes: the EPROCESS list on PsActiveProcessHead (ActiveProcessLinks).
+
+Without a KDBG (an encoded one and no keys), the head is found from the exported
+PsInitialSystemProcess: walk the System process's links to the one node inside ntoskrnl's
+image, which is PsActiveProcessHead. Every walk is bounded and cycle-safe (objects.walk_list).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+
+from vmwatch.errors import SymbolError, VmwatchError
+from vmwatch.os.linux.objects import c_string, walk_list
+from vmwatch.os.linux.tasks import Listing
+
+_CR3_MASK = 0x000FFFFFFFFFF000
+MAX_PROCESSES = 1 << 16
+
+
+@attrs.frozen(kw_only=True)
+class Process:
+    """One EPROCESS."""
+
+    pid: int
+    ppid: int | None
+    name: str
+    """ImageFileName (15 bytes, undecodable bytes escaped)."""
+    dtb: int | None
+    create_time: int | None
+    """CreateTime: 100 ns units since 1601-01-01 UTC (a FILETIME)."""
+    peb: int | None
+    address: int
+    """Virtual address of the EPROCESS."""
+
+    def as_dict(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+def process_head(win, skipped: list[str]) -> int:
+    """PsActiveProcessHead: from KDBG/the profile, else found from PsInitialSystemProcess.
+
+    Raises:
+        SymbolError: neither is known, or the System process's list never reaches ntoskrnl.
+    """
+    if "PsActiveProcessHead" in win.symbols:
+        return win.symbols["PsActiveProcessHead"]
+    if "PsInitialSystemProcess" not in win.symbols:
+        raise SymbolError("no PsActiveProcessHead (no KDBG) and no PsInitialSystemProcess export")
+    links = win.profile.eprocess["ActiveProcessLinks"]
+    system = win.memory.pointer(win.symbols["PsInitialSystemProcess"])
+    start = system + links
+    for node in walk_list(win.memory, start, 0, name="System ActiveProcessLinks", skipped=skipped, limit=MAX_PROCESSES):
+        if win.in_kernel(node):
+            return node
+    raise SymbolError(f"the System process at {system:#x}: no ActiveProcessLinks node inside ntoskrnl "
+                      "(PsActiveProcessHead not found)")
+
+
+def walk_processes(win) -> Listing:
+    """Every process on the list; problems (unreadable, cycles) go to ``.skipped``."""
+    offsets = win.profile.eprocess
+    links = offsets["ActiveProcessLinks"]
+    skipped: list[str] = []
+    head = process_head(win, skipped)
+    span = max(v for v in offsets.values() if v is not None) + 16
+    found = []
+    for address in walk_list(win.memory, head, links, name="PsActiveProcessHead", skipped=skipped, limit=MAX_PROCESSES):
+        try:
+            buf = win.memory.read(address, span)
+        except VmwatchError as exc:
+            skipped.append(f"process at {address:#x}: {exc}")
+            continue
+        found.append(_process(buf, address, offsets))
+    return Listing(found, skipped)
+
+
+def _field(buf: bytes, offset: int | None, fmt: str = "<Q") -> int | None:
+    return None if offset is None else struct.unpack_from(fmt, buf, offset)[0]
+
+
+def _process(buf: bytes, address: int, o: dict[str, int | None]) -> Process:
+    dtb = _field(buf, o["DirectoryTableBase"])
+    return Process(
+        pid=_field(buf, o["UniqueProcessId"]), ppid=_field(buf, o["InheritedFromUniqueProcessId"]),
+        name=c_string(buf[o["ImageFileName"]:o["ImageFileName"] + 15]),
+        dtb=None if dtb is None else dtb & _CR3_MASK, create_time=_field(buf, o["CreateTime"], "<q"),
+        peb=_field(buf, o["Peb"]), address=address)
