@@ -111,7 +111,7 @@ def isf_path(linux) -> str:
     from vmwatch.os.linux.isf import export_isf
 
     banner = linux.memory.cstring(linux.symbols["linux_banner"], 512).encode() + b"\0"
-    key = hashlib.sha256(banner + linux.kernel.slide.to_bytes(8, "little")).hexdigest()[:24]
+    key = hashlib.sha256(b"isf-2" + banner + linux.kernel.slide.to_bytes(8, "little")).hexdigest()[:24]
     directory = cache_dir() / "isf"
     path = directory / f"{key}.json.xz"
     if path.exists():

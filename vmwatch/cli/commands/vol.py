@@ -45,6 +45,12 @@ def run(args: argparse.Namespace, env) -> int:
     if own.no_pause and args.target.startswith("qemu:"):
         print("vmwatch: warning: reading a running guest: lists may change under the plugin", file=env.stderr)
 
+    import logging
+    import warnings
+
+    logging.getLogger("volatility3").setLevel(logging.ERROR)  # its automagic chatter is not ours to print
+    warnings.filterwarnings("ignore", category=FutureWarning, module="volatility3")
+
     def work(linux, _registers):
         isf = own.symbols if own.symbols and own.symbols.endswith((".json", ".json.xz")) else None
         context, layer, table = bridge.linux_context(linux.memory.phys, linux, isf)
