@@ -48,3 +48,4 @@ def test_bad_input_is_one_line_and_status_2(snap):
     for argv in (("linux.nosuch",), ("linux.pslist", "--bogus", "1")):
         result = run_cli("vol", snap.dump, *argv)
         assert result.status == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
