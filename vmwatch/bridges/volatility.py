@@ -146,14 +146,17 @@ def linux_context(phys, linux, isf: str | None = None):
     context = contexts.Context()
     physical = physical_layer_class()(context, "vmwatch.memory", "memory_layer", phys)
     context.add_layer(physical)
-    table = vol_linux.LinuxKernelIntermedSymbols(context, "vmwatch.symbols", name="kernel_symbols", isf_url=url)
-    context.symbol_space.append(table)
     config = "vmwatch.IntelLayer"
     context.config[f"{config}.memory_layer"] = physical.name
     context.config[f"{config}.page_map_offset"] = linux.kernel.kernel_cr3
     context.config[f"{config}.kernel_virtual_offset"] = linux.kernel.slide
     layer = intel.LinuxIntel32e(context, config_path=config, name="kernel_layer", metadata={"os": "Linux"})
     context.add_layer(layer)
+    # Volatility's addresses are 48-bit on this layer: the symbol finder masks symbols the same way.
+    context.config["vmwatch.symbols.symbol_mask"] = layer.address_mask  # before: the delegate reads it at init
+    table = vol_linux.LinuxKernelIntermedSymbols(context, "vmwatch.symbols", name="kernel_symbols", isf_url=url,
+                                                 symbol_mask=layer.address_mask)
+    context.symbol_space.append(table)
     return context, layer.name, table.name
 
 
