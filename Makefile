@@ -34,7 +34,7 @@ venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,chart]'
+	$(BIN)/pip install -q -e '.[test,chart,volatility]'
 	touch $@
 
 clean:

@@ -94,6 +94,11 @@ def main() -> int:
         wall_ratio = statistics.median(w for w, _ in vol_runs) / statistics.median(w for w, _ in ours)
         cpu_ratio = statistics.median(c for _, c in vol_runs) / statistics.median(c for _, c in ours)
         print(f"ratio: vmwatch is {wall_ratio:.1f}x faster in wall time, {cpu_ratio:.1f}x in CPU time (goal >= 10x)")
+        timed([vmwatch, "vol", dump, "linux.pslist"])  # fills the ISF cache
+        bridged = [timed([vmwatch, "vol", dump, "linux.pslist"])[:2] for _ in range(max(1, args.runs // 2))]
+        bridged_ratio = statistics.median(w for w, _ in vol_runs) / statistics.median(w for w, _ in bridged)
+        print(f"vmwatch vol linux.pslist (Volatility on vmwatch's layer, no banner scan): {summary(bridged)}; "
+              f"{bridged_ratio:.1f}x faster than vol -f in wall time")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

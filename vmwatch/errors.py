@@ -169,3 +169,7 @@ class TimelineError(VmwatchError):
 
 class RuleError(VmwatchError):
     """A rule pack cannot be loaded or a rule is declared wrongly."""
+
+
+class VolatilityError(VmwatchError):
+    """Volatility 3 is missing, or a plugin is unknown, failed or cannot run here."""

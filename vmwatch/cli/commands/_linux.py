@@ -17,9 +17,9 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def with_linux(args: argparse.Namespace, work: Callable) -> object:
+def with_linux(args: argparse.Namespace, work: Callable, *, pause: bool = True) -> object:
     """Run ``work(kernel, registers)`` on the target (a ``Linux`` or ``Windows``, detected); a live
-    guest is paused while it runs."""
+    guest is paused while it runs (unless not ``pause``)."""
     from vmwatch.target import QEMU_PREFIX
 
     if not args.target.startswith(QEMU_PREFIX):
@@ -39,7 +39,7 @@ def with_linux(args: argparse.Namespace, work: Callable) -> object:
         async with open_target(args.target) as target:
             live = target.live
             paused_here = False
-            if live is not None and await live.status() == "running":
+            if pause and live is not None and await live.status() == "running":
                 await live.pause()  # a walk of a running guest's lists races the guest
                 paused_here = True
             try:

@@ -135,6 +135,8 @@ def _enum_values(t: btf.BtfProfile, type_id: int) -> dict[str, int]:
 SYMBOL_TYPES = {"init_task": "task_struct", "modules": "list_head", "init_mm": "mm_struct",
                 "init_pid_ns": "pid_namespace", "init_net": "net", "init_fs": "fs_struct"}
 """Types of well-known kernel variables that BTF does not list (it has VARs for per-CPU data only)."""
+SYMBOL_ARRAYS = {"taint_flags": "taint_flag"}
+"""Arrays among them, sized by the gap to the next kallsyms symbol (their count is a #define)."""
 
 
 def export_isf(types: btf.BtfProfile, symbols, *, slide: int, banner: bytes, producer: str = "vmwatch") -> dict:
@@ -167,6 +169,8 @@ def export_isf(types: btf.BtfProfile, symbols, *, slide: int, banner: bytes, pro
         desc = exporter.variable_types.get(name)
         if desc is None and name in SYMBOL_TYPES and types.has_type(f"struct {SYMBOL_TYPES[name]}"):
             desc = exporter.descriptor(types.type_id(f"struct {SYMBOL_TYPES[name]}"))
+        if desc is None and name in SYMBOL_ARRAYS and types.has_type(f"struct {SYMBOL_ARRAYS[name]}"):
+            desc = _array(exporter, types, f"struct {SYMBOL_ARRAYS[name]}", symbols[name], (a for _, a in symbols.items()))
         if desc is not None:
             entry["type"] = desc
     out_symbols.setdefault("linux_banner", {"address": (symbols["linux_banner"] - slide) & mask})
@@ -179,6 +183,16 @@ def export_isf(types: btf.BtfProfile, symbols, *, slide: int, banner: bytes, pro
         "enums": exporter.enums,
         "symbols": out_symbols,
     }
+
+
+def _array(exporter: _Exporter, types: btf.BtfProfile, struct: str, address: int, addresses) -> dict | None:
+    element = types.type_id(struct)
+    size = types.size_of(element)
+    following = [a for a in addresses if a > address]
+    if not size or not following:
+        return None
+    count = min((min(following) - address) // size, 256)  # a gap is padding too: cap a hostile one
+    return {"kind": "array", "count": count, "subtype": exporter.descriptor(element)} if count else None
 
 
 # -- import --------------------------------------------------------------------------------------

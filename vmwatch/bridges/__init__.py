@@ -1,0 +1,1 @@
+"""Bridges: vmwatch's memory under other people's tools (Volatility 3)."""
