@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 from typing import Callable, Sequence
 
@@ -80,14 +81,17 @@ def text(value) -> str:
     return "-" if value is None else shown(str(value))
 
 
+def path(value) -> str:
+    """A Windows path cell: controls escaped, its backslashes left as the separators they are."""
+    return "-" if value is None else shown(str(value), backslash=False)
+
+
 def is_windows(kernel) -> bool:
     return getattr(kernel, "os_name", None) == "windows"
 
 
 def filetime(value) -> str:
     """A Windows FILETIME (100 ns since 1601) as UTC ISO time; the raw number if absurd."""
-    import datetime
-
     if value is None:
         return "-"
     try:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from vmwatch.cli.commands._linux import add_target_arguments, emit, hexa, is_windows, text, with_linux
+from vmwatch.cli.commands._linux import add_target_arguments, emit, hexa, is_windows, path, text, with_linux
 
 HELP = "list the loaded kernel modules (Linux) or drivers (Windows) of a guest"
 
 COLUMNS = (("name", "NAME", text), ("base", "BASE", hexa), ("size", "SIZE", text))
-WINDOWS_COLUMNS = COLUMNS + (("path", "PATH", text),)
+WINDOWS_COLUMNS = COLUMNS + (("path", "PATH", path),)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
