@@ -98,7 +98,6 @@ class Windows:
 
         steps = _Steps()
         registers = tuple(r for r in registers if r is not None)
-        user_profile = load_profile(symbols_file) if symbols_file is not None else None
         meta = getattr(phys, "metadata", None) or {}
         dtb = meta.get("directory_table_base") or None
         if dtb is not None:
@@ -127,6 +126,9 @@ class Windows:
             image_base = paddr
         else:
             read, image_base = memory.read, vaddr
+        # The profile is read once a kernel is found: a Linux guest given a Linux symbol file must
+        # not end in a complaint about the file as a Windows profile.
+        user_profile = load_profile(symbols_file) if symbols_file is not None else None
         headers = pe.parse_headers(read, image_base)
         exports = pe.read_exports(read, headers)
         build = None
