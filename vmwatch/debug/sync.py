@@ -20,8 +20,9 @@ from typing import Any, Awaitable, Callable
 import structlog
 import trio
 
-from vmwatch.debug.session import BreakpointInfo, DebugSession, Frame, Instruction, TaskInfo, WatchpointInfo
 from vmwatch.cpu import Registers
+from vmwatch.debug.control import BreakpointInfo, WatchpointInfo
+from vmwatch.debug.session import DebugSession, Frame, Instruction, TaskInfo
 from vmwatch.errors import VmwatchError
 from vmwatch.events import Access, Event
 

@@ -180,3 +180,10 @@ class Guest:
         """The guest ran: drop what may be stale."""
         if self._memory is not None:
             self._memory.on_resume()
+
+
+def default_linux_factory(guest: Guest) -> Any:
+    """The Linux layer of a source with memory: located from the guest's memory and registers."""
+    from vmwatch.os.linux import Linux
+
+    return Linux.from_memory(guest.phys, registers=guest.cpus or ((guest.registers,) if guest.registers else ()))

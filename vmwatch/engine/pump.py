@@ -27,35 +27,38 @@ Theory of operation:
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import math
 import time
 import traceback
 from typing import Any, Callable, Iterable
 
-import attrs
 import structlog
 import trio
 
 from vmwatch.engine import sources as caps
 from vmwatch.engine.alerts import Alert
+from vmwatch.engine.arming import Arming
 from vmwatch.engine.dispatch import KEY_FIELD, Dispatcher, Handler, RuleRun, Trap, key_of
 from vmwatch.engine.governance import Decision, governor_for
-from vmwatch.engine.guest import Current, Guest, cr3_root
+from vmwatch.engine.guest import Current, Guest, cr3_root, default_linux_factory
 from vmwatch.engine.sink_links import SinkLink
 from vmwatch.engine.sinks import EventRecord, Sink
+from vmwatch.engine.stopping import Stopping
+from vmwatch.engine.ticks import Ticking
 from vmwatch.engine.watch_options import WatchOptions, WatchSummary
 from vmwatch.errors import VmwatchError
-from vmwatch.events import (Access, Breakpoint, Demotion, Event, Interrupt, MemoryAccess, RegisterWrite,
-                            SourceEnded, Tick)
-from vmwatch.ruletypes import ActiveRules, ListenerKind, Severity
+from vmwatch.events import Demotion, Event, SourceEnded, Tick
+from vmwatch.ruletypes import ActiveRules, Severity
 
 log = structlog.get_logger()
 
-TRAP_EVENTS = (Breakpoint, MemoryAccess, RegisterWrite, Interrupt)
-class Engine:
-    """One watch: a source, the rules of a run, the sinks."""
+
+class Engine(Arming, Ticking, Stopping):
+    """One watch: a source, the rules of a run, the sinks.
+
+    Its parts by job: arming.py (listeners, traps, sensors), ticks.py (periodic rules), stopping.py
+    (``guest_stopped``, ``stop``, teardown); here, the consumer: events -> rules -> alerts, records.
+    """
 
     def __init__(
         self,
@@ -103,9 +106,9 @@ class Engine:
         self._replays_ticks = bool(getattr(source, "replays_ticks", False))
         """The stream carries the recorded engine ticks: no timer, periodic rules run at them."""
         self._note_tick: Callable[[Tick], Any] | None = getattr(source, "on_tick", None)
+        """A recorder: each engine tick runs inside ``on_tick(tick)``, a context of its own."""
         self._note_handled: Callable[[], None] | None = getattr(source, "on_handled", None)
         """A recorder learns which events had their rules run (the last one may be cut by the end)."""
-        """A recorder: each engine tick runs inside ``on_tick(tick)``, a context of its own."""
         self._pending_pull = False
         """An event was handed out and waits for the lock (a recorder opened its context)."""
         self._deferred_ticks: list[list[tuple[float, Handler]]] = []
@@ -120,12 +123,6 @@ class Engine:
         declare it, per event or as one figure)."""
 
     # -- public ----------------------------------------------------------------------------
-
-    def stop(self) -> None:
-        """End the watch gracefully (what Ctrl-C does): alerts already raised still reach every sink."""
-        self._stop_requested = True
-        if self._scope is not None:
-            self._scope.cancel()
 
     async def run(self, *, duration: float | None = None,
                   task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED) -> WatchSummary:
@@ -164,149 +161,7 @@ class Engine:
                 self.summary.rule_errors[name] = run.errors
         return self.summary
 
-    # -- setup -----------------------------------------------------------------------------
-
-    async def _setup(self) -> None:
-        d = self.dispatcher
-        wanted: dict[str, list[Handler]] = collections.defaultdict(list)
-        for r in self.ruleset.active():
-            run = self.runs[r.name] = RuleRun(r.name, r.func, config=self.ruleset.config_of(r))
-            for lst in r.listeners:
-                h = Handler(run, lst, None if lst.narrow.empty else lst.narrow)
-                kind = lst.kind
-                if kind is ListenerKind.START:
-                    d.start.append(h)
-                elif kind is ListenerKind.EVERY:
-                    d.periodic.append((lst.target, h))
-                    d.add(Tick, h)  # a source's own ticks (an image: one look) reach periodic rules
-                elif kind is ListenerKind.EVENT:
-                    d.add(lst.target, h)
-                    wanted[lst.target.__name__].append(h)
-                elif kind is ListenerKind.REGISTER:
-                    d.add((RegisterWrite, lst.target), h)
-                    wanted["register:" + lst.target].append(h)
-                elif kind is ListenerKind.INTERRUPT:
-                    d.add((Interrupt, lst.target), h)
-                    wanted[f"interrupt:{lst.target}"].append(h)
-                else:
-                    await self._bind_trap(h)
-        if self.options.sensors and wanted:
-            await self._plan_sensors(wanted)
-        self.summary.traps = len(self._armed)
-        log.info("watch armed", vm=self.vm, rules=len(self.runs), traps=len(self._armed),
-                 inactive=len(self.summary.inactive))
-
-    def inactive(self, what: str, why: str) -> None:
-        """Record a listener or sensor that cannot work on this source (reported, never silent)."""
-        self.summary.inactive.append(f"{what}: {why}")
-        log.info("listener inactive", what=what, why=why)
-
-    def resolve(self, target: str | int) -> int:
-        """A symbol (``name`` or ``name+0x10``) or address -> address (symbols from the Linux layer)."""
-        if isinstance(target, int):
-            return target
-        name, _, off = target.partition("+")
-        return resolve_symbol(self.guest.linux, name.strip()) + (int(off, 0) if off else 0)
-
-    def _is_function(self, target: str) -> bool:
-        """``target`` names a kernel function itself (no offset): its address is an entry."""
-        if not target or "+" in target or ".." in target:
-            return False
-        try:
-            return self.guest.linux.symbols.type_of(target.strip()) in ("t", "T")
-        except (VmwatchError, KeyError, AttributeError):
-            return False
-
-    def resolve_range(self, target: str | int, size: int) -> tuple[int, int]:
-        """``(address, size)`` of a watched range: ``"a..b"``, or ``size`` 0 = up to the next symbol."""
-        if isinstance(target, str) and ".." in target:
-            start, _, end = target.partition("..")
-            first, last = self.resolve(start), self.resolve(end)
-            if not 0 < last - first <= 1 << 30:
-                raise ValueError(f"empty or absurd range {target!r} ({first:#x}..{last:#x})")
-            return first, last - first
-        address = self.resolve(target)
-        if size:
-            return address, size
-        following = self.guest.linux.symbols.next_address(address)
-        if following is None or not 0 < following - address <= 1 << 20:
-            raise ValueError(f"cannot size {target!r} from the symbol table: give a size")
-        return address, following - address
-
-    async def _bind_trap(self, h: Handler) -> None:
-        lst = h.listener
-        assert lst is not None
-        is_bp = lst.kind is ListenerKind.BREAKPOINT
-        what = f"{h.rule.name} ({'breakpoint' if is_bp else 'write watch'} on {lst.target!r})"
-        needed = caps.BREAKPOINTS if is_bp else caps.WATCHPOINTS
-        passive = needed not in self.capabilities
-        if passive and not getattr(self.source, "replays_traps", False):
-            self.inactive(what, f"the source has no {needed}")
-            return
-        try:
-            if is_bp:
-                address, size = self.resolve(lst.target), 1
-            else:
-                address, size = self.resolve_range(lst.target, lst.size)
-        except (VmwatchError, KeyError, ValueError) as exc:
-            self.inactive(what, f"cannot resolve: {exc}")
-            return
-        label = lst.target if isinstance(lst.target, str) else ""
-        trap = Trap("breakpoint" if is_bp else "watchpoint", address, size, label,
-                    entry=is_bp and self._is_function(label))
-        if passive:  # a replay carries the trap events it recorded: index them, arm nothing
-            key = (Breakpoint if is_bp else MemoryAccess, address)
-            self.dispatcher.traps.setdefault(key, trap)
-            self.dispatcher.add(key, h)
-        else:
-            await self.add_trap(trap, h)
-
-    async def add_trap(self, trap: Trap, handler: Handler) -> Trap:
-        """Arm ``trap`` (once per address) and route its events to ``handler``."""
-        cls = Breakpoint if trap.kind == "breakpoint" else MemoryAccess
-        key = (cls, trap.address)
-        existing = self.dispatcher.traps.get(key)
-        if existing is None or existing.size < trap.size:
-            if existing is not None and existing in self._armed:
-                await self._disarm(existing)
-            self.dispatcher.traps[key] = trap
-            await self._arm(trap)
-        self.dispatcher.add(key, handler)
-        return self.dispatcher.traps[key]
-
-    async def _arm(self, trap: Trap) -> None:
-        if trap.kind == "breakpoint":
-            await self.source.add_breakpoint(trap.address, entry=trap.entry)
-        else:
-            await self.source.add_watchpoint(trap.address, trap.size, Access.WRITE)
-        self._armed.add(trap)
-
-    async def _disarm(self, trap: Trap) -> None:
-        self._armed.discard(trap)
-        if trap.kind == "breakpoint":
-            await self.source.remove_breakpoint(trap.address)
-        else:
-            await self.source.remove_watchpoint(trap.address, trap.size, Access.WRITE)
-
-    async def _plan_sensors(self, wanted: dict[str, list[Handler]]) -> None:
-        from vmwatch.engine import interrupts, linux_sensors, registers
-
-        for planner in (registers.plan, interrupts.plan, linux_sensors.plan):
-            await planner(self, wanted)
-
-    def sensor_run(self, name: str) -> RuleRun:
-        run = self.runs.get(name)
-        if run is None:
-            run = self.runs[name] = RuleRun(name, lambda e, g: None, internal=True)
-        return run
-
     # -- consuming -------------------------------------------------------------------------
-
-    async def _run_start_rules(self) -> None:
-        if not self.dispatcher.start:
-            return
-        async with self.guest_stopped():
-            await self._run_tick(Tick(seq=0, time_ns=self._clock()), self.dispatcher.start)
 
     async def _consume(self) -> None:
         src = self.source
@@ -547,154 +402,11 @@ class Engine:
             self.publish(self.guest.take_alerts())
         self._record(EventRecord.from_event(event, self.vm))
 
-    async def _rearm_later(self, trap: Trap, seconds: float) -> None:
-        await trio.sleep(seconds)
-        async with self.guest_stopped():
-            due = self.governor.due_rearm(trio.current_time() + 1e-9)
-            if trap in due and trap not in self._armed:
-                await self._arm(trap)
-                log.info("trap re-armed", trap=trap.name)
-
-    # -- ticks -----------------------------------------------------------------------------
-
-    async def _ticker(self) -> None:
-        periodic = self.dispatcher.periodic
-        now = trio.current_time()
-        due = [now + period for period, _ in periodic]
-        while True:
-            next_due = min(due)
-            await trio.sleep_until(next_due)
-            now = trio.current_time()
-            ready = []
-            for i, (period, h) in enumerate(periodic):
-                if due[i] <= now + 1e-9:
-                    ready.append((period, h))
-                    # skip missed periods instead of bursting to catch up
-                    due[i] += period * max(1, math.floor((now - due[i]) / period) + 1)
-            async with self.guest_stopped():
-                if self._pending_pull:  # the event handed out first is handled first (a recording's order)
-                    self._deferred_ticks.append(ready)
-                else:
-                    await self._periodic_tick(ready)
-
-    async def _periodic_tick(self, ready: list[tuple[float, Handler]]) -> None:
-        """Run due periodic listeners (the guest is stopped); a recorder sees the tick begin."""
-        if self._stream_done:
-            return
-        tick = Tick(seq=self._last_seq, time_ns=self._clock(),
-                    periodic=tuple((h.rule.name, period) for period, h in ready))
-        handlers = [h for _, h in ready]
-        note = self._note_tick
-        if note is None:
-            await self._run_tick(tick, handlers)
-            return
-        # a recorded tick is replayed whole, so it must run whole (bounded: a dead source still ends the watch)
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.options.shutdown_grace), note(tick):
-            await self._run_tick(tick, handlers)
-
-    async def _replayed_tick(self, tick: Tick) -> None:
-        """A recorded engine tick: the periodic listeners that ran at it live run now."""
-        ran = set(tick.periodic or ())
-        handlers = [h for period, h in self.dispatcher.periodic if (h.rule.name, period) in ran]
-        self._held = True
-        await self._run_tick(tick, handlers)
-        self._held = False
-
-    async def _run_tick(self, tick: Tick, handlers: list[Handler]) -> None:
-        cpus: tuple = ()
-        if self.has_registers:
-            cpus = tuple(await self.source.all_registers())
-        guest = self.guest
-        guest.cpus = cpus
-        guest.begin(tick, cpus[0] if cpus else None)
-        self._run(tick, handlers)
-        if guest._emitted:
-            self._dispatch_derived(guest.take_emitted())
-        await self._after_rules()
-
-    def guest_stopped(self) -> Any:
-        """``async with engine.guest_stopped():`` the guest is stopped and no rule runs meanwhile.
-
-        For anything that must see or change the guest consistently while a watch runs: ticks,
-        trap changes, a debugger, a test's tamper. It takes the engine lock (so it waits for the
-        event being handled) and pauses the guest unless an event holds it stopped already; a
-        live source interrupts the guest even while the consumer waits in ``events()`` (the stop
-        goes to the waiter, which keeps it as the event it hands out next if it was a trap).
-        Leaving the block resumes the guest, but never past an event the source has handed out
-        and the consumer not yet handled (the source's ``resume()`` contract).
-        """
-        engine = self
-
-        class _Stopped:
-            async def __aenter__(self) -> None:
-                self.paused = False
-                await engine._lock.acquire()
-                if engine.pausable and not engine._held:
-                    try:
-                        await engine.source.pause()
-                    except BaseException:
-                        engine._lock.release()
-                        raise
-                    self.paused = True
-
-            async def __aexit__(self, *exc: object) -> None:
-                try:
-                    if self.paused:
-                        with trio.CancelScope(shield=True):
-                            await engine.source.resume()
-                        if not hasattr(engine.source, "on_resume"):
-                            engine.guest.on_resume()
-                finally:
-                    engine._lock.release()
-
-        return _Stopped()
-
-    # -- shutdown --------------------------------------------------------------------------
-
-    async def _teardown(self) -> None:
-        for run, event, exc in self._rule_failures:
-            self._rule_failed(run, event, exc)
-        self._rule_failures.clear()
-        self.publish(self.guest.take_alerts())
-        with trio.move_on_after(self.options.shutdown_grace):
-            # the guest must not stay frozen: remove traps, then let it run
-            for trap in list(self._armed):
-                try:
-                    await self._disarm(trap)
-                except VmwatchError as exc:
-                    log.warning("cannot remove trap", trap=trap.name, error=str(exc))
-                    break
-            if self.pausable:
-                try:
-                    await self.source.resume()
-                except VmwatchError as exc:
-                    log.warning("cannot resume guest", error=str(exc))
-        for link in self._sinks:
-            # the sink task delivers what is left in the outbox after the channel: no alert is
-            # abandoned because a sink is slow, only if it fails
-            await link.send.aclose()
-
 def _closing(stream: Any) -> Any:
     """Close an async generator when done with it (early exits included); other iterators as is."""
     if hasattr(stream, "aclose"):
         return contextlib.aclosing(stream)
     return contextlib.nullcontext(stream)
-
-
-def resolve_symbol(linux: Any, name: str) -> int:
-    """Address of a kernel symbol through the Linux layer's symbol table."""
-    address = linux.symbols.get(name)
-    if address is None:
-        from vmwatch.errors import SymbolError
-
-        raise SymbolError(f"unknown kernel symbol {name!r}", name=name)
-    return int(address)
-
-
-def default_linux_factory(guest: Guest) -> Any:
-    from vmwatch.os.linux import Linux
-
-    return Linux.from_memory(guest.phys, registers=guest.cpus or ((guest.registers,) if guest.registers else ()))
 
 
 async def watch(source: Any, ruleset: ActiveRules, sinks: Iterable[Sink], *, duration: float | None = None,

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 
 class SensorHost(Protocol):
-    """The engine as a sensor's ``plan(engine, wanted)`` sees it (``vmwatch.engine.pump.Engine``)."""
+    """The engine as a sensor's ``plan(engine, wanted)`` sees it (its part in ``vmwatch.engine.arming``)."""
 
     source: Any
     capabilities: frozenset[str]

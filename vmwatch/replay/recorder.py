@@ -31,6 +31,7 @@ from vmwatch.errors import PhysicalReadError, UnsupportedOperation
 from vmwatch.events import Event, Tick
 from vmwatch.images.base import PhysicalReads
 from vmwatch.replay import _codec
+from vmwatch.replay.base_image import file_digest
 from vmwatch.replay.format import (
     CLOCK_ENTRY,
     GOVERN,
@@ -351,8 +352,6 @@ def recording_source(source: Any, path: str | os.PathLike[str], *,
     """
     meta = source_meta(source)
     if base is not None:
-        from vmwatch.replay.player import file_digest
-
         meta["base"] = {"path": os.path.abspath(base), "size": os.path.getsize(base), "blake2b": file_digest(base)}
     recorder = Recorder(path, meta=meta)
     try:

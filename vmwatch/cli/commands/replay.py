@@ -59,7 +59,7 @@ def _info(args: argparse.Namespace, env) -> int:
     import json
     import os
 
-    from vmwatch.replay.player import Recording
+    from vmwatch.replay.recording import Recording
     from vmwatch.timeline.timespec import format_time
 
     with Recording.open(args.recording) as recording:
