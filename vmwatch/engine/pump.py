@@ -46,7 +46,7 @@ from vmwatch.engine.guest import Current, Guest, cr3_root
 from vmwatch.engine.sink_links import SinkLink
 from vmwatch.engine.sinks import EventRecord, Sink
 from vmwatch.engine.watch_options import WatchOptions, WatchSummary
-from vmwatch.errors import VmwatchError
+from vmwatch.errors import LinkClosedError, VmwatchError
 from vmwatch.events import (Access, Breakpoint, Demotion, Event, Interrupt, MemoryAccess, RegisterWrite,
                             SourceEnded, Tick)
 from vmwatch.ruletypes import ActiveRules, ListenerKind, Severity
@@ -340,6 +340,7 @@ class Engine:
             self._stream_done = True
         if not self._ended:
             self.summary.end_reason = self.summary.end_reason or "source ended"
+            self.summary.source_ended = True
 
     async def _consume_realtime(self) -> None:
         send, recv = trio.open_memory_channel[list](self.options.intake_queue)
@@ -428,7 +429,7 @@ class Engine:
             self._held = False  # a live source lets the guest run when asked for the next event
             if cls is SourceEnded:
                 self.summary.end_reason = event.reason  # type: ignore[attr-defined]
-                self._ended = True
+                self.summary.source_ended = self._ended = True
                 return
 
     def _run(self, event: Event, handlers: list[Handler]) -> None:
@@ -571,11 +572,15 @@ class Engine:
                     ready.append((period, h))
                     # skip missed periods instead of bursting to catch up
                     due[i] += period * max(1, math.floor((now - due[i]) / period) + 1)
-            async with self.guest_stopped():
-                if self._pending_pull:  # the event handed out first is handled first (a recording's order)
-                    self._deferred_ticks.append(ready)
-                else:
-                    await self._periodic_tick(ready)
+            try:
+                async with self.guest_stopped():
+                    if self._pending_pull:  # the event handed out first is handled first (a recording's order)
+                        self._deferred_ticks.append(ready)
+                    else:
+                        await self._periodic_tick(ready)
+            except LinkClosedError as exc:  # the source's stream ends too, with SourceEnded: that ends the watch
+                log.info("ticks end: source link closed", vm=self.vm, error=str(exc))
+                return
 
     async def _periodic_tick(self, ready: list[tuple[float, Handler]]) -> None:
         """Run due periodic listeners (the guest is stopped); a recorder sees the tick begin."""

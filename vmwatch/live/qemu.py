@@ -43,6 +43,7 @@ from vmwatch.live.qemu_connect import (close_memory, connect_gdb, fetch_layout, 
                                        open_memory, thread_list)
 from vmwatch.live.qemu_events import EventDelivery, EventStream as EventStream
 from vmwatch.live.qemu_hooks import InlineHooking
+from vmwatch.live.qemu_liveness import Liveness
 from vmwatch.live.qemu_msrs import MsrAccess
 from vmwatch.live.qemu_points import BP, WATCH_KIND, Points
 from vmwatch.live.qemu_ram import GdbMemory, overlay
@@ -53,7 +54,7 @@ from vmwatch.live.qmp import open_qmp
 _REG_ALIASES = {"rflags": "eflags", "kernel_gs_base": "k_gs_base"}
 
 
-class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess):
+class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness):
     """A live QEMU guest. Get one from :func:`attach_qemu`."""
 
     def __init__(self, qmp: object, gdb: GdbConnection, *, layout: list[p.RegisterInfo],
@@ -338,7 +339,8 @@ async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator
 
     Maps the shared RAM file, starts a gdbstub on a private unix socket when QEMU has none,
     connects to it and leaves the guest in the run state it was found in (also on exit,
-    when every breakpoint and watchpoint is removed and the stub detached).
+    when every breakpoint and watchpoint is removed and the stub detached). While attached,
+    QMP is probed for liveness (``qemu_liveness``): a QEMU that stops answering ends the link.
 
     Raises:
         LinkError: QMP or the gdbstub cannot be reached or misbehave.
@@ -366,7 +368,17 @@ async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator
             if was_running:
                 await vm.gdb.resume(p.cont())
             try:
-                yield vm
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(vm._probe_liveness)
+                    try:
+                        yield vm
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The probe never raises, so the group holds the body's one exception: give it back bare.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
             finally:
                 with trio.CancelScope(shield=True):
                     await vm._detach()

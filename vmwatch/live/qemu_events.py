@@ -98,8 +98,9 @@ class EventDelivery:
         The guest stays stopped while the consumer handles an event. Asking for the next event
         lets it run again, unless the consumer called :meth:`pause` (then only :meth:`resume`
         does); an explicit :meth:`resume` inside the loop body is fine too. The stream ends with
-        one :class:`SourceEnded` when QEMU exits or the link drops. Breaking out of the loop
-        leaves the guest stopped at the last event (``resume()`` or detaching lets it go).
+        one :class:`SourceEnded` when QEMU exits, the link drops or QEMU stops answering
+        (``qemu_liveness``). Breaking out of the loop leaves the guest stopped at the last event
+        (``resume()`` or detaching lets it go).
         """
         return EventStream(self)
 
@@ -137,8 +138,10 @@ class EventDelivery:
                     async with self._lock:
                         await self._on_stop(stop, may_continue=True)
             except (LinkClosedError, ProtocolError) as exc:
-                self._closed = str(exc)
                 self._stopped.set()
+                if self._closed is not None:
+                    continue  # the end is queued already (the liveness probe closed the link)
+                self._closed = str(exc)
                 return SourceEnded(reason=self._closed, **self._event_fields(0))
 
 
