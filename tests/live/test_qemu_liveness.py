@@ -1,8 +1,9 @@
-"""A QEMU that dies or freezes during ``vmwatch watch --db --record``: the watch ends in bounded
-time with exit status 3, and what it saw before is in the timeline and the recording.
+"""A QEMU that dies or freezes: the backend's event stream ends with SourceEnded (a fake silent
+QEMU, on trio's autojump clock), and during ``vmwatch watch --db --record`` the watch ends in
+bounded time with exit status 3, what it saw before in the timeline and the recording.
 
-Each test boots a private lab guest (it is killed or frozen). The watch runs as a real process
-so its end is timed from outside; truth about what ran comes from the guest's shell.
+Each guest test boots a private lab guest (it is killed or frozen). The watch runs as a real
+process so its end is timed from outside; truth about what ran comes from the guest's shell.
 """
 
 from __future__ import annotations
@@ -19,18 +20,80 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 import vmwatch
+from vmwatch.errors import LinkClosedError
+from vmwatch.events import SourceEnded
+from vmwatch.live.gdbrsp import _proto as p
+from vmwatch.live.gdbrsp._trio import GdbConnection
+from vmwatch.live.qemu import QemuVM
 from vmwatch.live.qemu_liveness import PROBE_INTERVAL, PROBE_TIMEOUT
+from vmwatch.live.qmp import QmpError
 from vmwatch.testing.cli import run_cli
-
-pytestmark = pytest.mark.guest
 
 GUEST_GONE = 3
 KILL_BOUND = 2.0
 """Seconds from ``kill -9`` of QEMU to the end of the watch process."""
 FREEZE_BOUND = PROBE_INTERVAL + PROBE_TIMEOUT + 1.0
 """Seconds from SIGSTOP to the end: one probe interval, one probe timeout, and teardown."""
+
+
+class FakeQmp:
+    """QMP of a QEMU that never answers (``silent``), or answers each probe, every other one an error."""
+
+    def __init__(self, *, silent: bool) -> None:
+        self.silent = silent
+        self.asked = 0
+        self.closed = False
+
+    async def execute(self, command: str, **arguments: object) -> object:
+        self.asked += 1
+        if self.silent:
+            await trio.sleep_forever()
+        if self.asked % 2:
+            raise QmpError(command, "GenericError", "busy")
+        return {"status": "running", "running": True}
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def running_vm(qmp: FakeQmp) -> QemuVM:
+    """A QemuVM whose guest runs and whose gdbstub (the other end of a memory stream) never stops."""
+    client, _server = trio.testing.memory_stream_pair()
+    return QemuVM(qmp, GdbConnection(client, state=p.State.RUNNING), layout=[], threads=[p.ThreadId(1, 1)],
+                  gdb_path="fake")
+
+
+class TestProbe:
+    async def test_silent_qemu_ends_the_stream(self, autojump_clock) -> None:
+        """No answer to query-status: the event wait ends after one interval plus the timeout with
+        one SourceEnded naming it; both links are closed and later calls fail typed."""
+        vm = running_vm(FakeQmp(silent=True))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(vm._probe_liveness)
+                start = trio.current_time()
+                events = [event async for event in vm.events()]
+        assert trio.current_time() - start == pytest.approx(PROBE_INTERVAL + PROBE_TIMEOUT)
+        assert len(events) == 1 and isinstance(events[0], SourceEnded), events
+        assert events[0].reason == f"QEMU stopped answering: no reply to QMP query-status in {PROBE_TIMEOUT:g} s"
+        assert vm.qmp.closed
+        with pytest.raises(LinkClosedError, match="stopped answering"):
+            await vm.pause()
+
+    async def test_answering_qemu_keeps_the_stream(self, autojump_clock) -> None:
+        """Answers, errors included, keep the link: a minute of probes and the wait goes on."""
+        vm = running_vm(FakeQmp(silent=False))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vm._probe_liveness)
+            with trio.move_on_after(60):
+                events = [event async for event in vm.events()]
+                pytest.fail(f"the stream ended: {events}")
+            nursery.cancel_scope.cancel()
+        assert vm.qmp.asked >= 55 and not vm.qmp.closed
 
 
 class Watch:
@@ -145,12 +208,14 @@ def watch_and_signal(guest, tmp: Path, sig: int, bound: float) -> Watch:
     return watch
 
 
+@pytest.mark.guest
 def test_kill_9_ends_the_watch_at_once(lab_guest_factory, tmp_path) -> None:
     """``kill -9`` of QEMU: the watch ends within 2 s with status 3, alerts kept, recording replays."""
     watch = watch_and_signal(lab_guest_factory(), tmp_path, signal.SIGKILL, KILL_BOUND)
     assert "closed" in watch.lines[-1]["details"]["reason"]
 
 
+@pytest.mark.guest
 def test_frozen_qemu_ends_the_watch_in_bounded_time(lab_guest_factory, tmp_path) -> None:
     """A SIGSTOP'd QEMU answers nothing: the liveness probe ends the watch within
     probe interval + timeout, status 3, the reason names QMP, alerts kept, recording replays."""

@@ -39,8 +39,8 @@ from vmwatch.events import Access, Event
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import GdbConnection, RemoteError
-from vmwatch.live.qemu_connect import (close_memory, connect_gdb, fetch_layout, find_ram, gdb_socket,
-                                       open_memory, thread_list)
+from vmwatch.live.qemu_connect import (answered_within, close_memory, connect_gdb, fetch_layout, find_ram,
+                                       gdb_socket, open_memory, thread_list)
 from vmwatch.live.qemu_events import EventDelivery, EventStream as EventStream
 from vmwatch.live.qemu_hooks import InlineHooking
 from vmwatch.live.qemu_liveness import Liveness
@@ -346,22 +346,23 @@ async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator
         LinkError: QMP or the gdbstub cannot be reached or misbehave.
     """
     async with open_qmp(qmp_path) as qmp:
-        was_running = (await qmp.execute("query-status"))["running"]
-        ram = await find_ram(qmp)
-        mtree = await qmp.execute("human-monitor-command", command_line="info mtree -f")
-        gdb_path = await gdb_socket(qmp)
-        with trio.fail_after(10):
+        with answered_within("QMP"):
+            was_running = (await qmp.execute("query-status"))["running"]
+            ram = await find_ram(qmp)
+            mtree = await qmp.execute("human-monitor-command", command_line="info mtree -f")
+            gdb_path = await gdb_socket(qmp)
+        with answered_within("the gdbstub"):
             gdb = await connect_gdb(gdb_path)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(gdb.aclose)
-            with trio.fail_after(10):
+            with answered_within("the gdbstub"):
                 await gdb.request(p.query_supported())
                 await gdb.query_stop()
                 layout = await fetch_layout(gdb)
                 threads = await thread_list(gdb)
                 await gdb.request(p.set_physical_mode(False))
             vm = QemuVM(qmp, gdb, layout=layout, threads=threads, gdb_path=gdb_path)
-            with contextlib.suppress(LinkError, KeyError, TypeError):
+            with contextlib.suppress(LinkError, KeyError, TypeError), answered_within("QMP"):
                 vm.inline_hooks = not (await qmp.execute("query-kvm"))["enabled"]
             vm.memory = open_memory(vm, ram, mtree, writable)
             stack.callback(close_memory, vm)

@@ -10,7 +10,7 @@ import os
 import secrets
 import socket
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import structlog
 import trio
@@ -25,6 +25,19 @@ if TYPE_CHECKING:
     from vmwatch.live.qemu import QemuVM
 
 log = structlog.get_logger()
+
+ATTACH_DEADLINE = 10.0
+"""Seconds QMP or the gdbstub may take over one step of attaching (each answers in milliseconds)."""
+
+
+@contextlib.contextmanager
+def answered_within(what: str, seconds: float = ATTACH_DEADLINE) -> Iterator[None]:
+    """Turn a peer's silence past ``seconds`` into LinkClosedError naming ``what``."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise LinkClosedError(f"{what} gave no answer in {seconds:g} s (is QEMU stopped?)") from None
 
 
 async def find_ram(qmp: object) -> list[tuple[str, str]]:
