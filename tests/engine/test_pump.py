@@ -170,6 +170,41 @@ class TestFailures:
             assert [a.message for a in sink.alerts] == [f"hit {i}" for i in range(5)]
             assert sink.events[-1].kind == "SourceEnded" and sink.closed
 
+    async def test_link_closing_under_a_tick_ends_the_watch_cleanly(self, autojump_clock):
+        """A live source whose link closes while a tick pauses it (QEMU frozen, then given up):
+        the tick's LinkClosedError is no crash; the stream's SourceEnded ends the watch."""
+        from vmwatch.events import SourceEnded
+
+        gone = trio.Event()
+
+        async def frozen():
+            yield Breakpoint(seq=0, address=0x1000)
+            await gone.wait()
+            yield SourceEnded(seq=1, reason="QEMU stopped answering")
+
+        class FreezingSource(StreamSource):
+            async def pause(self):
+                await trio.sleep(5)  # the stop never comes back, until the link is given up
+                gone.set()
+                raise LinkClosedError("QEMU link closed: QEMU stopped answering")
+
+            async def resume(self):
+                pass
+
+        @rule.every(1.0)
+        def tick(event, guest):
+            guest.alert("info", "tick")
+
+        @rule.on_breakpoint(0x1000)
+        def hit(event, guest):
+            guest.alert("warning", "hit")
+
+        sink = ListSink("a")
+        summary = await watch(FreezingSource(frozen(), capabilities={"breakpoints", "pause"}), ruleset(tick, hit), [sink])
+        assert summary.end_reason == "QEMU stopped answering" and summary.source_ended
+        assert [a.message for a in sink.alerts] == ["hit"]
+        assert sink.events[-1].kind == "SourceEnded"
+
     async def test_stop_flushes_every_raised_alert(self, autojump_clock):
         """stop() (Ctrl-C) ends the watch; alerts still queued for a slow sink are delivered."""
 

@@ -117,6 +117,18 @@ async def test_close_before_greeting():
             pass
 
 
+async def test_silent_qemu_before_greeting(autojump_clock):
+    """A QEMU that accepts the connection but never greets (stopped) is a LinkClosedError in bounded time."""
+    from vmwatch.live.qmp._trio import NEGOTIATE_DEADLINE
+
+    client, _server = trio.testing.memory_stream_pair()
+    start = trio.current_time()
+    with pytest.raises(LinkClosedError, match="no QMP greeting"):
+        async with qmp_over_stream(client):
+            pass
+    assert trio.current_time() - start == pytest.approx(NEGOTIATE_DEADLINE)
+
+
 async def test_nothing_listening(tmp_path):
     with pytest.raises(LinkError, match="cannot connect"):
         async with open_qmp(tmp_path / "none.sock"):

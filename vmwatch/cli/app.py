@@ -23,6 +23,9 @@ class ExitStatus(enum.IntEnum):
     OK = 0
     ERROR = 1
     BAD_INPUT = 2
+    GUEST_GONE = 3
+    """A live guest went away during ``watch`` (QEMU exited, was killed or stopped answering);
+    what was received until then is stored."""
     INTERRUPTED = 130
 
 

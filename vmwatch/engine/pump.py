@@ -195,6 +195,7 @@ class Engine(Arming, Ticking, Stopping):
             self._stream_done = True
         if not self._ended:
             self.summary.end_reason = self.summary.end_reason or "source ended"
+            self.summary.source_ended = True
 
     async def _consume_realtime(self) -> None:
         send, recv = trio.open_memory_channel[list](self.options.intake_queue)
@@ -283,7 +284,7 @@ class Engine(Arming, Ticking, Stopping):
             self._held = False  # a live source lets the guest run when asked for the next event
             if cls is SourceEnded:
                 self.summary.end_reason = event.reason  # type: ignore[attr-defined]
-                self._ended = True
+                self.summary.source_ended = self._ended = True
                 return
 
     def _run(self, event: Event, handlers: list[Handler]) -> None:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 
+import structlog
 import trio
 
 from vmwatch.engine.dispatch import Handler
+from vmwatch.errors import LinkClosedError
 from vmwatch.events import Tick
+
+log = structlog.get_logger()
 
 
 class Ticking:
@@ -39,11 +43,15 @@ class Ticking:
                     ready.append((period, h))
                     # skip missed periods instead of bursting to catch up
                     due[i] += period * max(1, math.floor((now - due[i]) / period) + 1)
-            async with self.guest_stopped():
-                if self._pending_pull:  # the event handed out first is handled first (a recording's order)
-                    self._deferred_ticks.append(ready)
-                else:
-                    await self._periodic_tick(ready)
+            try:
+                async with self.guest_stopped():
+                    if self._pending_pull:  # the event handed out first is handled first (a recording's order)
+                        self._deferred_ticks.append(ready)
+                    else:
+                        await self._periodic_tick(ready)
+            except LinkClosedError as exc:  # the source's stream ends too, with SourceEnded: that ends the watch
+                log.info("ticks end: source link closed", vm=self.vm, error=str(exc))
+                return
 
     async def _periodic_tick(self, ready: list[tuple[float, Handler]]) -> None:
         """Run due periodic listeners (the guest is stopped); a recorder sees the tick begin."""

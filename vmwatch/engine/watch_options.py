@@ -50,6 +50,9 @@ class WatchSummary:
     """Listeners that could not be armed, with the reason."""
     traps: int = 0
     end_reason: str = ""
+    source_ended: bool = False
+    """The source ended the watch (QEMU went away, an image or recording ran out), not
+    ``duration`` or :meth:`Engine.stop`."""
 
     @property
     def total_alerts(self) -> int:

@@ -58,11 +58,10 @@ def run(args: argparse.Namespace, env) -> int:
     if args.duration is not None and not args.duration > 0:
         raise VmwatchError(f"--duration must be positive, not {args.duration}")
     ruleset = build_ruleset(args)
-    summary = trio.run(_watch, args, env, ruleset)
-    return 0 if summary is not None else 1
+    return trio.run(_watch, args, env, ruleset)
 
 
-async def _watch(args: argparse.Namespace, env, ruleset):
+async def _watch(args: argparse.Namespace, env, ruleset) -> int:
     import contextlib
 
     import trio
@@ -102,7 +101,13 @@ async def _watch(args: argparse.Namespace, env, ruleset):
                 nursery.cancel_scope.cancel()
     if screen is not None:
         print_summary(console, summary, screen.alerts, db=args.db)
-    return summary
+    if summary.source_ended and target.live is not None:
+        from vmwatch.cli.app import ExitStatus
+        from vmwatch.text import shown
+
+        print(f"vmwatch: the guest went away: {shown(summary.end_reason)}", file=env.stderr)
+        return ExitStatus.GUEST_GONE
+    return 0
 
 
 async def _stop_on_sigint(engine) -> None:

@@ -39,6 +39,8 @@ class GdbConnection:
         self.stream = stream
         self.core = p.Client(state)
         self._receive_size = 65536
+        self._closed_by: str | None = None
+        """Why we closed the connection (:meth:`aclose`): what waiters' errors then say."""
         sock = getattr(stream, "socket", None)
         self._raw = socket.socket(fileno=os.dup(sock.fileno())) if sock is not None else None
         """A non-blocking duplicate of the socket for the direct send path (see :meth:`_send`)."""
@@ -65,7 +67,7 @@ class GdbConnection:
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                raise LinkClosedError(f"gdbstub connection lost: {exc.strerror or exc}") from exc
+                raise self._lost(exc.strerror or exc) from exc
             data = data[sent:]
             if not data:
                 return
@@ -73,7 +75,7 @@ class GdbConnection:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise LinkClosedError(f"gdbstub connection lost: {exc or type(exc).__name__}") from exc
+                raise self._lost(exc) from exc
         if scope.cancelled_caught:
             raise LinkClosedError(f"gdbstub took no data for {REPLY_DEADLINE} s")
 
@@ -89,10 +91,14 @@ class GdbConnection:
             try:
                 data = await self.stream.receive_some(self._receive_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise LinkClosedError(f"gdbstub connection lost: {exc or type(exc).__name__}") from exc
+                raise self._lost(exc) from exc
             if not data:
                 raise LinkClosedError("gdbstub closed the connection (QEMU exited?)")
             core.receive_data(data)
+
+    def _lost(self, why: object) -> LinkClosedError:
+        """The error for a dead socket: why we closed it, or what the socket said."""
+        return LinkClosedError(self._closed_by or f"gdbstub connection lost: {why or type(why).__name__}")
 
     async def _next_reply(self, want: type | tuple[type, ...] = object) -> p.ClientEvent:
         while True:
@@ -184,7 +190,9 @@ class GdbConnection:
             if len(data) > p.MAX_PACKET:
                 raise RemoteProtocolError(f"target description {annex!r} is absurdly long")
 
-    async def aclose(self) -> None:
+    async def aclose(self, reason: str | None = None) -> None:
+        """Close the connection; a task waiting on it gets LinkClosedError(``reason``)."""
+        self._closed_by = self._closed_by or reason
         if self._raw is not None:
             self._raw.close()
         await self.stream.aclose()

@@ -22,6 +22,9 @@ log = structlog.get_logger()
 
 EVENT_BUFFER = 1024
 """Events kept for a consumer that does not read them; older ones are dropped (and counted)."""
+NEGOTIATE_DEADLINE = 10.0
+"""Seconds for the greeting and ``qmp_capabilities``: a stopped QEMU accepts the connection
+(the kernel does) but says nothing."""
 
 
 class _Waiter:
@@ -156,7 +159,10 @@ async def qmp_over_stream(stream: trio.abc.Stream) -> AsyncIterator[TrioQmp]:
             qmp = TrioQmp(stream)
             await nursery.start(qmp._reader)
             try:
-                await qmp._negotiate()
+                with trio.move_on_after(NEGOTIATE_DEADLINE) as scope:
+                    await qmp._negotiate()
+                if scope.cancelled_caught:
+                    raise LinkClosedError(f"QEMU sent no QMP greeting in {NEGOTIATE_DEADLINE:g} s (is it stopped?)")
                 yield qmp
             finally:
                 nursery.cancel_scope.cancel()
