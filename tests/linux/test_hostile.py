@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import time
@@ -198,3 +199,22 @@ def test_hostile_kworker_name(default_snap):
         tasks = {t.pid: t for t in linux.tasks()}
     assert tasks[state["bad"]].name == tasks[state["bad"]].comm
     assert tasks[state["long"]].name[len(state["comm"]) + 1:] == "A" * 24
+
+
+@pytest.mark.parametrize("mutate", [cyclic_tasks, cyclic_modules, unmapped_modules])
+def test_watch_with_shipped_packs_on_corrupted_copy(default_snap, tmp_path, mutate):
+    """The security and timeline packs (which walk tasks and modules) over a corrupted copy end in
+    bounded time, exit 0, with their alerts in the timeline; the broken list is named on stderr."""
+    path = corrupt_copy(default_snap, tmp_path, mutate)
+    db = tmp_path / "t.db"
+    start = time.monotonic()
+    result = run_cli("watch", path, "--rules", "security", "--rules", "timeline", "--json", "--db", db)
+    assert time.monotonic() - start < 120
+    assert result.status == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    broken = [line for line in result.stderr.splitlines() if "list_broken" in line]
+    assert broken and all("list=init_task.tasks" in line or "list=modules" in line for line in broken), result.stderr
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert printed[-1]["event"] == "SourceEnded"
+    stored = [json.loads(line) for line in run_cli("timeline", db, "--json").stdout.splitlines()]
+    assert [e.get("rule") for e in stored] == [e.get("rule") for e in printed]
