@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import lzma
 import os
-import platform
-import re
 import shutil
 import struct
 import subprocess
@@ -24,7 +22,8 @@ import attrs
 import structlog
 
 from vmwatch.errors import LabError
-from vmwatch.lab.cache import cache_dir
+from vmwatch.lab.apt import Apt, run
+from vmwatch.lab.cache import cache_dir, install_dir
 
 log = structlog.get_logger()
 
@@ -284,7 +283,7 @@ def ensure_debug_vmlinux(kernel: KernelPackage) -> Path:
             "package": package, "version": kernel.version, "deb_bytes": deb_size,
             "download_s": round(downloaded - started, 2), "extract_s": round(time.monotonic() - downloaded, 2),
             "vmlinux_bytes": (unpacked / vmlinux.name).stat().st_size}) + "\n")
-        _install_dir(unpacked, final)
+        install_dir(unpacked, final)
     log.info("lab.kernel.debug_ready", path=str(vmlinux), deb_bytes=deb_size)
     return vmlinux
 
@@ -323,28 +322,6 @@ def build_id(path: Path) -> str | None:
     return None
 
 
-def ensure_foreign_busybox(debian_arch: str, cache: Path) -> Path:
-    """A static busybox for a guest whose architecture differs from the host's (i386 on amd64)."""
-    base = cache / "busybox" / debian_arch
-    done = sorted(base.glob("*/bin/busybox"), key=lambda p: p.stat().st_mtime)
-    if done:
-        return done[-1]
-    apt = Apt.for_arch(debian_arch, cache)
-    apt._ensure_lists("busybox-static")
-    version = _field(apt._cache("show", "--no-all-versions", "busybox-static"), "Version")
-    if not version:
-        raise LabError(f"apt knows no busybox-static for {debian_arch}")
-    base.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=base, prefix=".dl-") as tmp:
-        deb = apt.download("busybox-static", version, Path(tmp))
-        unpacked = Path(tmp) / "root"
-        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking busybox-static")
-        if not (unpacked / "bin" / "busybox").is_file():
-            raise LabError(f"busybox-static {version} ({debian_arch}) has no bin/busybox")
-        _install_dir(unpacked, base / version.replace(":", "_"))
-    return base / version.replace(":", "_") / "bin" / "busybox"
-
-
 def _load(arch: str, root: Path) -> KernelPackage:
     package, version, _ = root.name.split("_")
     vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
@@ -354,120 +331,14 @@ def _load(arch: str, root: Path) -> KernelPackage:
     return KernelPackage(arch=arch, package=package, version=version, release=release, root=root)
 
 
-def _download_and_unpack(apt: "Apt", package: str, version: str, root: Path) -> None:
+def _download_and_unpack(apt: Apt, package: str, version: str, root: Path) -> None:
     if shutil.which("dpkg-deb") is None:
         raise LabError("dpkg-deb is missing (install the Debian package dpkg)")
     log.info("lab.kernel.download", package=package, version=version)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".dl-") as tmp:
         deb = apt.download(package, version, Path(tmp))
         unpacked = Path(tmp) / "root"
-        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking the kernel package")
+        run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking the kernel package")
         shutil.rmtree(unpacked / "usr" / "share" / "doc", ignore_errors=True)
         (unpacked / ".complete").write_text(f"{package} {version}\n")
-        _install_dir(unpacked, root)
-
-
-def _install_dir(unpacked: Path, final: Path) -> None:
-    """Move a finished directory into place; another process that got there first wins."""
-    if final.exists() and not (final / ".complete").exists() and not (final / "bin").exists():
-        shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt
-    try:
-        os.replace(unpacked, final)
-    except OSError:
-        if not final.exists():
-            raise
-
-
-@attrs.frozen
-class Apt:
-    """apt-cache / apt-get, either the system's (native arch) or a private state for a foreign arch."""
-
-    arch: str
-    options: tuple[str, ...] = ()
-    private_root: Path | None = None
-
-    @classmethod
-    def for_arch(cls, arch: str, cache: Path) -> "Apt":
-        if arch == _native_arch():
-            return cls(arch)
-        # A foreign arch (i386 kernel on an amd64 host) gets its own apt lists in the cache, so the
-        # system's dpkg configuration is never changed.
-        root = cache / "apt" / arch
-        for sub in ("lists/partial", "archives/partial"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        (root / "status").touch()
-        options = (
-            f"-oAPT::Architecture={arch}", f"-oAPT::Architectures={arch}",
-            f"-oDir::State::Lists={root / 'lists'}", f"-oDir::State::status={root / 'status'}",
-            f"-oDir::Cache={root / 'cache'}", f"-oDir::Cache::archives={root / 'archives'}",
-            "-oAPT::Sandbox::User=root" if os.getuid() == 0 else "-oDebug::NoLocking=1",
-        )
-        return cls(arch, options, root)
-
-    def resolve(self, meta: str) -> tuple[str, str]:
-        """The versioned package a kernel meta package depends on, and its candidate version."""
-        self._ensure_lists(meta)
-        show = self._cache("show", "--no-all-versions", meta)
-        depends = _field(show, "Depends")
-        match = re.search(r"\b(linux-image-[0-9][^\s,(|]*)", depends or "")
-        if not match:
-            raise LabError(f"apt-cache show {meta}: no linux-image-<release> dependency in {depends!r}")
-        package = match.group(1)
-        version = _field(self._cache("show", "--no-all-versions", package), "Version")
-        if not version:
-            raise LabError(f"apt-cache show {package}: no Version field")
-        return package, version
-
-    def download(self, package: str, version: str, into: Path) -> Path:
-        # apt's sandbox user cannot enter root's private cache directory: download as root directly.
-        sandbox = ["-oAPT::Sandbox::User=root"] if os.getuid() == 0 and not self.options else []
-        _run(["apt-get", *self.options, *sandbox, "download", "-q", f"{package}={version}"],
-             f"downloading {package}", cwd=into)
-        debs = list(into.glob(f"{package}_*.deb"))
-        if not debs:
-            raise LabError(f"apt-get download {package} produced no .deb in {into}")
-        return debs[0]
-
-    def _ensure_lists(self, meta: str) -> None:
-        policy = self._cache("policy", meta, check=False)
-        if "Candidate:" in policy and "Candidate: (none)" not in policy:
-            return
-        if os.getuid() != 0 and self.private_root is None:
-            raise LabError(f"apt knows no candidate for {meta}: run `sudo apt-get update` once")
-        log.info("lab.kernel.apt_update", arch=self.arch)
-        _run(["apt-get", *self.options, "update", "-q"], "apt-get update")
-        policy = self._cache("policy", meta, check=False)
-        if "Candidate:" not in policy or "Candidate: (none)" in policy:
-            raise LabError(f"apt knows no candidate for {meta} even after apt-get update (check sources.list)")
-
-    def _cache(self, *args: str, check: bool = True) -> str:
-        if shutil.which("apt-cache") is None:
-            raise LabError("apt-cache is missing: the lab guest needs a Debian-like host")
-        proc = subprocess.run(["apt-cache", *self.options, *args], capture_output=True, text=True)
-        if check and proc.returncode != 0:
-            raise LabError(f"apt-cache {' '.join(args)} failed: {proc.stderr.strip()[-300:]}")
-        return proc.stdout
-
-
-def _field(stanza: str, name: str) -> str | None:
-    for line in stanza.splitlines():
-        if line.startswith(f"{name}:"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
-def _native_arch() -> str:
-    try:
-        return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return {"x86_64": "amd64", "i686": "i386", "i386": "i386"}.get(platform.machine(), platform.machine())
-
-
-def _run(argv: list[str], what: str, cwd: Path | None = None) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
-    except OSError as exc:
-        raise LabError(f"{what}: cannot run {argv[0]}: {exc}") from exc
-    if proc.returncode != 0:
-        raise LabError(f"{what} failed ({' '.join(argv[:3])}...): {proc.stderr.strip()[-400:]}")
+        install_dir(unpacked, root)
