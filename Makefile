@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEBS   := qemu-system-x86 busybox-static dwarves gdb
+DEBS   := qemu-system-x86 qemu-system-arm busybox-static dwarves gdb
 
 .PHONY: demo test bench system venv clean
 
@@ -20,6 +20,7 @@ bench: system venv
 system:
 	@missing=""; \
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	command -v qemu-system-aarch64 >/dev/null || missing="$$missing qemu-system-arm"; \
 	test -x /bin/busybox -a -n "$$(file -L /bin/busybox 2>/dev/null | grep -i static)" || dpkg -s busybox-static >/dev/null 2>&1 || missing="$$missing busybox-static"; \
 	command -v pahole >/dev/null || missing="$$missing dwarves"; \
 	command -v gdb >/dev/null || missing="$$missing gdb"; \

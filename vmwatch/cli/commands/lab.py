@@ -16,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
     actions.required = True
     start = actions.add_parser("start", help="boot the lab guest in the background; prints its qemu: target")
-    start.add_argument("--arch", default="amd64", choices=["amd64", "686", "686-pae"],
+    start.add_argument("--arch", default="amd64", choices=["amd64", "686", "686-pae", "arm64"],
                        help="guest kernel flavour (default amd64)")
     start.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
     start.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
