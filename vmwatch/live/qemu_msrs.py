@@ -58,6 +58,7 @@ class MsrAccess:
 
     async def _msr_access(self, access: dict[int, int | None], vcpu: int | None) -> dict[int, int] | None:
         """Read (value None) or write each MSR of ``access`` on one suitable vCPU."""
+        self._x86_only("MSRs")
         unknown = [f"{n:#x}" for n in access if n not in COMMON_MSRS]
         if unknown:
             raise ValueError(f"MSR {', '.join(unknown)} is not one vmwatch reads (see vmwatch.cpu.COMMON_MSRS)")

@@ -25,6 +25,7 @@ class Points:
         about 10x more events per second, but the guest's own reads of its code see the patch
         (vmwatch's reads, through ``memory`` and :meth:`read_memory`, see the original bytes).
         """
+        self._x86_only("breakpoints")
         async with self._stopped_link():
             if vaddr in self._breakpoints:
                 return vaddr in self._hooks
@@ -52,6 +53,7 @@ class Points:
 
         The event's ``address`` is the START of the watched range (what QEMU reports).
         """
+        self._x86_only("watchpoints")
         kind = WATCH_KIND.get(access)
         if kind is None:
             raise ValueError(f"access must be READ, WRITE or READ_WRITE, not {access!r}")

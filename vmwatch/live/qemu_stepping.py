@@ -163,6 +163,7 @@ class Stepping:
         The guest is stopped before and after (a running guest is paused first and stays paused).
         """
         self._check_open()
+        self._x86_only("single steps")
         async with self._lock:
             self._held = True
             await self._stop_locked()
