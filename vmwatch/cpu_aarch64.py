@@ -8,7 +8,7 @@ rules (VBAR_EL1, SCTLR_EL1) read.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 import attrs
 
@@ -19,6 +19,19 @@ SYSTEM_REGISTERS = ("sp_el0", "sp_el1", "elr_el1", "spsr_el1", "esr_el1", "far_e
 PSTATE_EL_SHIFT = 2
 PSTATE_SP = 1 << 0
 """PSTATE.SP: 1 when the current stack pointer is SP_ELx rather than SP_EL0 (Arm ARM D1.2.2)."""
+
+
+def refuse_aarch64(sources: Iterable[object], what: str) -> None:
+    """Raise UnsupportedOperation naming ``what`` if any of ``sources`` is AArch64's: registers, or a
+    live backend (both have ``arch``).
+
+    For the x86-only layers (paging walk, Linux locator, debugger, watch) until they learn AArch64.
+    """
+    if any(getattr(source, "arch", None) == "aarch64" for source in sources):
+        from vmwatch.errors import UnsupportedOperation
+
+        raise UnsupportedOperation(f"{what}: not supported on aarch64 guests yet (info, physical reads "
+                                   "and dump-guest-memory are)")
 
 
 def _opt() -> int | None:

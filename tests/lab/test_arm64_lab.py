@@ -10,6 +10,7 @@ import mmap
 import re
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import trio
@@ -21,6 +22,7 @@ from vmwatch.testing.cli import run_cli
 
 pytestmark = pytest.mark.guest
 
+RULES = Path(__file__).resolve().parents[2] / "rules"
 EM_AARCH64 = 183
 KERNEL_HALF = 0xFFFF << 48
 """With 48-bit VAs every TTBR1 (kernel) address has its top 16 bits set."""
@@ -133,6 +135,17 @@ def test_info_shows_arch_and_system_registers(arm64_guest) -> None:
     assert "Arch: aarch64" in result.stdout
     for name in ("PC", "SP_EL0", "TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "X30", "EL"):
         assert re.search(rf"\b{name}: ", result.stdout), name
+
+
+@pytest.mark.parametrize("command", [["ps"], ["modules"], ["read", "--length", "16"], ["debug"],
+                                     ["watch", "--rules", str(RULES / "security.py"), "--duration", "1"]])
+def test_x86_only_commands_refuse_in_one_line(arm64_guest, command) -> None:
+    """Commands whose layers are x86-only yet exit 2 with one line naming aarch64; the guest runs on."""
+    address = ["0xffff800008000000"] if command[0] == "read" else []
+    result = run_cli(*command, arm64_guest.target, *address, stdin="regs\n")
+    assert result.status == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "not supported on aarch64 guests yet" in result.stderr
+    assert arm64_guest.status() == "running"
 
 
 def test_dump_guest_memory_is_an_aarch64_core(arm64_guest, tmp_path) -> None:

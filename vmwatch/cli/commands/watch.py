@@ -67,6 +67,7 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
     import trio
 
     from vmwatch.cli.alertview import ScreenSink, make_console, print_summary
+    from vmwatch.cpu_aarch64 import refuse_aarch64
     from vmwatch.engine.pump import Engine
     from vmwatch.engine.sinks import JsonLinesSink, SqliteSink
     from vmwatch.engine.sources import source_for
@@ -75,6 +76,7 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
 
     console = make_console(env.stdout)
     async with open_target(args.target) as target:
+        refuse_aarch64((target.live, *target.saved_cpus), "watching")
         if args.stealth and target.live is not None:
             target.live.inline_hooks = False
         with contextlib.ExitStack() as stack:
