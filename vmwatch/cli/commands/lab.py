@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--no-shared-ram", action="store_true",
                        help="plain guest RAM (vmwatch then reads memory through the gdbstub, slowly)")
     start.add_argument("--no-kaslr", action="store_true",
-                       help="boot the uncompressed kernel (PVH): faster under TCG, no KASLR")
+                       help="no KASLR (x86: the uncompressed kernel through PVH, faster under TCG; arm64: nokaslr)")
     start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the boot")
     symbols = actions.add_parser("symbols", help="print the path of the lab kernel's -dbg vmlinux, for --symbols "
                                                 "(downloaded once, ~760 MB; only the vmlinux is kept)")
