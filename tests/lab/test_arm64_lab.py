@@ -137,7 +137,7 @@ def test_info_shows_arch_and_system_registers(arm64_guest) -> None:
         assert re.search(rf"\b{name}: ", result.stdout), name
 
 
-@pytest.mark.parametrize("command", [["ps"], ["modules"], ["read", "--length", "16"], ["debug"],
+@pytest.mark.parametrize("command", [["ps"], ["modules"], ["read", "--length", "16"], ["debug"], ["gdbserver", "--stdio"],
                                      ["watch", "--rules", str(RULES / "security.py"), "--duration", "1"]])
 def test_x86_only_commands_refuse_in_one_line(arm64_guest, command) -> None:
     """Commands whose layers are x86-only yet exit 2 with one line naming aarch64; the guest runs on."""

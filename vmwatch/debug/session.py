@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 
 from vmwatch.cpu import GPR_NAMES, Registers
+from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.debug.control import BreakpointInfo, Control, WatchpointInfo
 from vmwatch.errors import DebugError, SymbolError, UnsupportedOperation, VmwatchError
 from vmwatch.events import Event
@@ -76,6 +77,7 @@ class DebugSession(Control):
     """
 
     def __init__(self, target: Any, *, linux: bool = True) -> None:
+        refuse_aarch64((target.live, *target.saved_cpus), "the debugger")
         self.target = target
         self.live = target.live
         self.vcpu = 0

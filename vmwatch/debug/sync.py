@@ -21,7 +21,6 @@ import structlog
 import trio
 
 from vmwatch.cpu import Registers
-from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.debug.control import BreakpointInfo, WatchpointInfo
 from vmwatch.debug.session import DebugSession, Frame, Instruction, TaskInfo
 from vmwatch.errors import VmwatchError
@@ -69,7 +68,6 @@ class Debugger:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 target = self._target or await stack.enter_async_context(open_target(self.spec))
-                refuse_aarch64((target.live, *target.saved_cpus), "the debugger")
                 self.session = DebugSession(target, linux=self._linux)
                 await self.session.attach()
                 self._token = trio.lowlevel.current_trio_token()
