@@ -1,14 +1,18 @@
-"""AArch64 registers from a gdbstub's target description, shaped as QEMU 7.2 sends it (measured)."""
+"""AArch64 registers from a gdbstub: target descriptions shaped as QEMU 7.2 sends them (measured), and a scripted stub."""
 
 from __future__ import annotations
 
 import struct
 
 import pytest
+import trio
+import trio.testing
 
 from vmwatch.cpu_aarch64 import Aarch64Registers
-from vmwatch.errors import ProtocolError, RemoteProtocolError
+from vmwatch.errors import ProtocolError, RemoteProtocolError, UnsupportedOperation
 from vmwatch.live.gdbrsp import _proto as p
+from vmwatch.live.gdbrsp._trio import GdbConnection
+from vmwatch.live.qemu import QemuVM
 from vmwatch.live.qemu_registers import Aarch64Layout
 
 # QEMU 7.2 -cpu max: target.xml includes the core, SVE and system-register features; the system
@@ -85,3 +89,64 @@ class TestAarch64Layout:
         target = TARGET.replace(b'<xi:include href="sys.xml"/>', b"")
         a64 = Aarch64Layout.from_layout(layout(**{"target.xml": target}))
         assert a64.system == () and a64.g_size == 268
+
+
+class ScriptedStub:
+    """The far end of a memory stream answering ``Hg``, ``g`` and ``p`` as a QEMU aarch64 stub would."""
+
+    def __init__(self, stream, g: bytes, registers: dict[int, bytes]) -> None:
+        self.stream, self.g, self.registers = stream, g, registers
+
+    def answer(self, packet: bytes) -> bytes:
+        if packet.startswith(b"H"):
+            return b"OK"
+        if packet == b"g":
+            return self.g.hex().encode()
+        value = self.registers.get(int(packet[1:], 16))
+        return b"E14" if value is None else value.hex().encode()
+
+    async def serve(self) -> None:
+        buf = b""
+        while data := await self.stream.receive_some():
+            buf += data
+            while (start := buf.find(b"$")) >= 0 and (end := buf.find(b"#", start)) >= 0 and len(buf) >= end + 3:
+                packet, buf = buf[start + 1:end], buf[end + 3:]
+                await self.stream.send_all(b"+" + p.frame(self.answer(packet)))
+
+
+async def vm_with_stub(nursery, g: bytes, registers: dict[int, bytes]) -> QemuVM:
+    ours, theirs = trio.testing.memory_stream_pair()
+    nursery.start_soon(ScriptedStub(theirs, g, registers).serve)
+    return QemuVM(None, GdbConnection(ours), layout=list(layout().values()), threads=[p.ThreadId(1, 1)],
+                  gdb_path="fake", arch="aarch64")
+
+
+class TestLiveRead:
+    async def test_refused_system_register_stays_unknown(self) -> None:
+        """A stub answering E14 (or a wrong width) for a system register leaves only that field None."""
+        g = struct.pack("<33QI", *range(31), 0xFFFF800000002000, 0xFFFF800008000004, 0x3C5)
+        sysregs = {138: (0xFFFF000001230000).to_bytes(8, "little"), 174: (0x10).to_bytes(8, "little"),
+                   175: b"\x01\x02"}  # TTBR1 two bytes wide: refused too; TTBR0 (171) an error
+        async with trio.open_nursery() as nursery:
+            vm = await vm_with_stub(nursery, g, sysregs)
+            regs = await vm.registers()
+            nursery.cancel_scope.cancel()
+        assert regs.pc == 0xFFFF800008000004 and regs.x == tuple(range(31)) and regs.el == 1
+        assert regs.sp_el0 == 0xFFFF000001230000 and regs.tcr_el1 == 0x10
+        assert regs.ttbr0_el1 is None and regs.ttbr1_el1 is None and regs.vbar_el1 is None
+
+    async def test_short_g_packet_is_a_protocol_error(self) -> None:
+        """A g packet shorter than the core registers is refused with both sizes named."""
+        async with trio.open_nursery() as nursery:
+            vm = await vm_with_stub(nursery, b"\0" * 100, {})
+            with pytest.raises(ProtocolError, match="100 bytes, expected 268"):
+                await vm.registers()
+            nursery.cancel_scope.cancel()
+
+    async def test_breakpoints_refused(self) -> None:
+        """Breakpoints on an aarch64 guest raise UnsupportedOperation before anything is sent."""
+        async with trio.open_nursery() as nursery:
+            vm = await vm_with_stub(nursery, b"", {})
+            with pytest.raises(UnsupportedOperation, match="aarch64"):
+                await vm.add_breakpoint(0xFFFF800008000000)
+            nursery.cancel_scope.cancel()

