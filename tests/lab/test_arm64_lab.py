@@ -79,6 +79,15 @@ def test_boots_to_a_shell_that_says_aarch64(arm64_guest) -> None:
     assert "console=ttyAMA0" in arm64_guest.shell("cat /proc/cmdline", check=True)
 
 
+def test_scenario_module_loads_arm64_modules(arm64_guest) -> None:
+    """The initramfs carries the arm64 package's tcp_yeah and its dependency; they load and unload."""
+    assert arm64_guest.shell("scenario module", check=True).strip() == "scenario module tcp_yeah"
+    loaded = {line.split()[0] for line in arm64_guest.shell("cat /proc/modules", check=True).splitlines()}
+    assert {"tcp_yeah", "tcp_vegas"} <= loaded
+    arm64_guest.shell("scenario unmodule", check=True)
+    assert "tcp_yeah" not in arm64_guest.shell("cat /proc/modules", check=True)
+
+
 async def test_gdbstub_registers_are_the_kernels(arm64_guest) -> None:
     """pc in kernel text, VBAR at `vectors`, TCR T1SZ/T0SZ/TG1 as the kernel config says, TTBR1 in RAM, as HMP shows."""
     text = (kallsyms(arm64_guest, "_stext"), kallsyms(arm64_guest, "_etext"))
