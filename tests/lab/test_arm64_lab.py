@@ -6,6 +6,7 @@ HMP ``info registers`` (QEMU's own view, not the gdbstub path vmwatch reads).
 
 from __future__ import annotations
 
+import json
 import mmap
 import re
 import shutil
@@ -144,6 +145,9 @@ def test_info_shows_arch_and_system_registers(arm64_guest) -> None:
     assert "Arch: aarch64" in result.stdout
     for name in ("PC", "SP_EL0", "TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "X30", "EL"):
         assert re.search(rf"\b{name}: ", result.stdout), name
+    data = json.loads(run_cli("info", "--json", arm64_guest.target).stdout)
+    assert data["metadata"]["arch"] == "aarch64"
+    assert {"x0", "x30", "pc", "pstate", "el", "ttbr1_el1", "tcr_el1", "sp_el0"} <= set(data["registers"][0])
 
 
 @pytest.mark.parametrize("command", [["ps"], ["modules"], ["read", "--length", "16"], ["debug"], ["gdbserver", "--stdio"],

@@ -162,3 +162,14 @@ def test_initramfs_holds_init_scenario_and_modules(lab_kernel):
     assert {"init", "bin/busybox", "bin/scenario", "dev/console", "etc/passwd"} <= set(names)
     assert [n for n in names if n.startswith("lab/modules/")] == [
         "lab/modules/01-tcp_vegas.ko", "lab/modules/02-tcp_yeah.ko"]
+
+
+@pytest.mark.parametrize(("arch", "package"), [("arm64", "qemu-system-arm"), ("686", "qemu-system-x86")])
+def test_missing_emulator_names_its_debian_package(monkeypatch, arch, package):
+    """Without the emulator the lab says which Debian package provides it, before downloading anything."""
+    from vmwatch.lab import vm
+
+    monkeypatch.setattr(vm.shutil, "which", lambda name: None)
+    monkeypatch.setattr(vm, "ensure_kernel", lambda *a, **k: pytest.fail("tried to fetch a kernel"))
+    with pytest.raises(LabError, match=f"install the Debian package {package}"):
+        vm.LabGuest.start(LabConfig(arch=arch))
