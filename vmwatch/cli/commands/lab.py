@@ -110,7 +110,8 @@ def _status(args: argparse.Namespace, env, guest) -> int:
     info = {
         "pid": guest.pid, "status": guest.status(), "target": guest.target, "accel": guest.accel,
         "arch": guest.config.arch, "memory": guest.config.memory, "cpus": guest.config.cpus,
-        "cpu_model": guest.config.cpu_model, "kernel_release": guest.kernel_release,
+        "cpu_model": guest.config.cpu_model or guest.config.board.cpu_model,
+        "machine": guest.config.machine or guest.config.board.machine, "kernel_release": guest.kernel_release,
         "kernel_dir": str(guest.kernel_dir), "runtime_dir": str(guest.runtime_dir),
         "ram_file": str(guest.ram_path) if guest.ram_path else None,
     }
