@@ -10,7 +10,7 @@ from vmwatch.images import open_image
 from vmwatch.testing import imagebuilders as build
 from vmwatch.testing.cli import run_cli
 
-from tests.linux.guesttruth import snapshot
+from tests.linux.guesttruth import LISTING, NAMES, parse_listing, parse_names, snapshot, stable
 
 pytest.importorskip("volatility3")
 pytestmark = pytest.mark.guest
@@ -42,9 +42,15 @@ def test_pslist_and_lsmod_on_a_dump_match_proc_and_vmwatch(snap):
     assert modules == {m["name"] for m in json.loads(run_cli("modules", snap.dump, "--json").stdout)}
 
 
-def test_pslist_on_the_live_guest_leaves_it_running(lab_guest):
-    rows = vol_json(f"qemu:{lab_guest.qmp_path}", "linux.pslist", "--pid", "1")
-    assert [row["PID"] for row in rows] == [1]
+def test_pslist_on_the_live_guest_matches_proc_and_leaves_it_running(lab_guest):
+    before = parse_listing(lab_guest.shell(LISTING, timeout=120))
+    rows = vol_json(f"qemu:{lab_guest.qmp_path}", "linux.pslist")
+    after = parse_names(lab_guest.shell(NAMES, timeout=60))
+    pids = {row["PID"]: row["COMM"] for row in rows}
+    lasting = stable(before, set(after))
+    assert set(lasting) <= set(pids) <= set(before) | set(after)
+    for pid, proc in lasting.items():
+        assert proc.comm.startswith(pids[pid]), (pid, pids[pid], proc.comm)
     assert lab_guest.qmp().execute("query-status")["status"] == "running"
 
 
