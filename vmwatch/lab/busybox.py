@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from vmwatch.errors import LabError
-from vmwatch.lab.apt import Apt, field, run
+from vmwatch.lab.apt import Apt, run
 from vmwatch.lab.cache import cache_dir, install_dir
 from vmwatch.lab.kernel import ARCHES
 
@@ -28,8 +28,8 @@ def ensure_foreign_busybox(debian_arch: str, cache: Path) -> Path:
     if done:
         return done[-1]
     apt = Apt.for_arch(debian_arch, cache)
-    apt._ensure_lists("busybox-static")
-    version = field(apt._cache("show", "--no-all-versions", "busybox-static"), "Version")
+    apt.ensure_lists("busybox-static")
+    version = apt.candidate("busybox-static")
     if not version:
         raise LabError(f"apt knows no busybox-static for {debian_arch}")
     base.mkdir(parents=True, exist_ok=True)

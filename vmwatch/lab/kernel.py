@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -210,36 +211,62 @@ def _elf_section(elf: bytes, wanted: str) -> bytes:
 
 
 def ensure_kernel(arch: str = "amd64", *, cache: Path | None = None) -> KernelPackage:
-    """Resolve, download and unpack the current Debian kernel for ``arch`` (cached)."""
+    """Resolve, download and unpack the current Debian kernel for ``arch`` (cached).
+
+    With a kernel of this flavour already unpacked, no network is used unless the local apt lists
+    name a newer one; that download gets one try, and the cached kernel is used if it fails.
+
+    Raises:
+        LabError: no kernel of this flavour in the cache and none to be had (says why, and what to do).
+    """
     if arch not in ARCHES:
         raise LabError(f"unknown lab arch {arch!r} (choose from {', '.join(ARCHES)})")
+    meta, debian_arch, _ = ARCHES[arch]
     base = (cache or cache_dir()) / "kernels"
     base.mkdir(parents=True, exist_ok=True)
     # Asking apt costs seconds; its answer is reused for a day.
     resolved = base / f"resolved-{arch}.json"
+    known = _resolved_dir(base, resolved)
+    if known is not None and time.time() - resolved.stat().st_mtime < RESOLVE_TTL:
+        return _load(arch, known)
+    cached = known or _newest_cached(base, arch)
     try:
-        known = json.loads(resolved.read_text())
-        if time.time() - resolved.stat().st_mtime < RESOLVE_TTL and (base / known["dir"] / ".complete").exists():
-            return _load(arch, base / known["dir"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    apt = Apt.for_arch(ARCHES[arch][1], cache or cache_dir())
-    try:
-        package, version = apt.resolve(ARCHES[arch][0])
+        apt = Apt.for_arch(debian_arch, cache or cache_dir())
+        if cached is not None:
+            apt = attrs.evolve(apt, retry_delays=())
+        package, version = apt.resolve(meta, update=cached is None)
+        root = base / f"{package}_{version}_{debian_arch}"
+        if not (root / ".complete").exists():
+            _download_and_unpack(apt, package, version, root)
     except LabError as exc:
-        # Offline or apt-less host: fall back to the newest kernel already unpacked for this arch.
-        cached = sorted(base.glob(f"*_{ARCHES[arch][1]}/.complete"), key=lambda p: p.stat().st_mtime)
-        if not cached:
-            raise
-        log.warning("lab.kernel.apt_failed_using_cache", error=str(exc), cached=str(cached[-1].parent))
-        return _load(arch, cached[-1].parent)
-    root = base / f"{package}_{version}_{ARCHES[arch][1]}"
-    if not (root / ".complete").exists():
-        _download_and_unpack(apt, package, version, root)
+        if cached is None:
+            raise LabError(f"no {meta} ({debian_arch}) kernel in {base}, and apt cannot get one: {exc}") from exc
+        log.warning("lab.kernel.apt_failed_using_cache", error=str(exc), cached=str(cached))
+        return _load(arch, cached)
     tmp = resolved.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"dir": root.name}))
     os.replace(tmp, resolved)
     return _load(arch, root)
+
+
+def _resolved_dir(base: Path, resolved: Path) -> Path | None:
+    """The unpacked kernel that apt last named for this lab arch, if it is complete."""
+    try:
+        root = base / json.loads(resolved.read_text())["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return root if (root / ".complete").exists() else None
+
+
+def _newest_cached(base: Path, arch: str) -> Path | None:
+    """The newest complete kernel of exactly ``arch``'s flavour: ``amd64`` never takes an
+    ``rt-amd64`` kernel, nor ``686`` a ``686-pae`` one, though each pair shares a Debian arch."""
+    meta, debian_arch, _ = ARCHES[arch]
+    flavour = meta.removeprefix("linux-image-")
+    # linux-image-<ABI>-<flavour>_<version>_<arch>, the ABI as 6.1.0-26 or 6.12.43+deb13.
+    name = re.compile(rf"linux-image-[0-9][^-_]*(?:-[0-9]+)?-{re.escape(flavour)}_[^_]+_{re.escape(debian_arch)}")
+    found = [p.parent for p in base.glob("*/.complete") if name.fullmatch(p.parent.name)]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def ensure_debug_vmlinux(kernel: KernelPackage) -> Path:
@@ -260,7 +287,7 @@ def ensure_debug_vmlinux(kernel: KernelPackage) -> Path:
         if shutil.which(tool) is None:
             raise LabError(f"{tool} is missing (install the Debian package {'dpkg' if tool == 'dpkg-deb' else tool})")
     apt = Apt.for_arch(debian_arch, kernel.root.parent.parent)
-    apt._ensure_lists(package)
+    apt.ensure_lists(package)
     log.info("lab.kernel.debug_download", package=package, version=kernel.version)
     with tempfile.TemporaryDirectory(dir=kernel.root.parent, prefix=".dl-") as tmp:
         started = time.monotonic()
