@@ -30,8 +30,8 @@ def refuse_aarch64(sources: Iterable[object], what: str) -> None:
     if any(getattr(source, "arch", None) == "aarch64" for source in sources):
         from vmwatch.errors import UnsupportedOperation
 
-        raise UnsupportedOperation(f"{what}: not supported on aarch64 guests yet (info, physical reads "
-                                   "and dump-guest-memory are)")
+        raise UnsupportedOperation(f"{what}: not supported on aarch64 guests yet (registers, physical "
+                                   "memory, info and dump-guest-memory are)")
 
 
 def _opt() -> int | None:

@@ -114,10 +114,10 @@ class ScriptedStub:
                 await self.stream.send_all(b"+" + p.frame(self.answer(packet)))
 
 
-async def vm_with_stub(nursery, g: bytes, registers: dict[int, bytes]) -> QemuVM:
+async def vm_with_stub(nursery, g: bytes, registers: dict[int, bytes], **docs: bytes) -> QemuVM:
     ours, theirs = trio.testing.memory_stream_pair()
     nursery.start_soon(ScriptedStub(theirs, g, registers).serve)
-    return QemuVM(None, GdbConnection(ours), layout=list(layout().values()), threads=[p.ThreadId(1, 1)],
+    return QemuVM(None, GdbConnection(ours), layout=list(layout(**docs).values()), threads=[p.ThreadId(1, 1)],
                   gdb_path="fake", arch="aarch64")
 
 
@@ -134,6 +134,16 @@ class TestLiveRead:
         assert regs.pc == 0xFFFF800008000004 and regs.x == tuple(range(31)) and regs.el == 1
         assert regs.sp_el0 == 0xFFFF000001230000 and regs.tcr_el1 == 0x10
         assert regs.ttbr0_el1 is None and regs.ttbr1_el1 is None and regs.vbar_el1 is None
+
+    async def test_stub_without_system_registers(self) -> None:
+        """With no system-register feature the core registers still come, the rest stays None."""
+        g = struct.pack("<33QI", *range(31), 1, 2, 0x3C5)
+        async with trio.open_nursery() as nursery:
+            target = TARGET.replace(b'<xi:include href="sys.xml"/>', b"")
+            vm = await vm_with_stub(nursery, g, {}, **{"target.xml": target})
+            regs = await vm.registers()
+            nursery.cancel_scope.cancel()
+        assert (regs.sp, regs.pc, regs.el) == (1, 2, 1) and regs.ttbr1_el1 is None and regs.tcr_el1 is None
 
     async def test_short_g_packet_is_a_protocol_error(self) -> None:
         """A g packet shorter than the core registers is refused with both sizes named."""

@@ -35,7 +35,7 @@ import trio
 
 from vmwatch.cpu import Registers
 from vmwatch.cpu_aarch64 import Aarch64Registers
-from vmwatch.errors import LinkClosedError, LinkError, ProtocolError, UnsupportedOperation
+from vmwatch.errors import LinkClosedError, LinkError, ProtocolError
 from vmwatch.events import Access, Event
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
@@ -152,11 +152,6 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
                 return i
         return max(thread.tid - 1, 0)
 
-    def _x86_only(self, what: str) -> None:
-        if self._a64 is not None:
-            raise UnsupportedOperation(f"{what} on an aarch64 guest is not supported yet (registers, memory "
-                                       "and dumps are)")
-
     def _event_fields(self, vcpu: int) -> dict:
         self._seq += 1
         return {"seq": self._seq - 1, "time_ns": time.monotonic_ns(), "vcpu": vcpu}
@@ -259,7 +254,9 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
 
         A register the stub refuses to read (``Exx``, empty) stays unknown.
         """
-        values = {}
+        values: dict[str, int] = {}
+        if not self._a64.system:  # a stub without the system-register feature (QEMU before 7.1)
+            return values
         replies = await self.gdb.batch([p.read_register(regnum) for _, regnum, _ in self._a64.system], check=False)
         for (field, _, size), reply in zip(self._a64.system, replies):
             try:
