@@ -68,6 +68,32 @@ class Interrupt(Event):
 
 
 @attrs.frozen(kw_only=True)
+class Fault(Event):
+    """The guest took CPU exception ``vector`` (``#PF``, ``#GP``, ``#UD``...) on ``vcpu``.
+
+    Derived from a stop at the exception's handler (vmwatch/engine/exceptions.py): ``rip`` and
+    ``user`` are those of the interrupted code, read from the exception frame the CPU pushed.
+    """
+
+    vector: int
+    name: str
+    """``page_fault``, ``general_protection``... (``vmwatch.cpu.EXCEPTION_NAMES``)."""
+    rip: int
+    """The faulting (or, for traps such as ``#BP``, the next) instruction."""
+    user: bool
+    """Taken in user mode (CPL 3 in the frame's CS)."""
+    error_code: int | None = None
+    """The CPU's error code, for the vectors that push one; else None."""
+    cr2: int | None = None
+    """For page faults: the address whose access faulted."""
+
+    @property
+    def selector(self) -> tuple[int, bool]:
+        """What dispatch indexes listeners by: the vector and the mode."""
+        return (self.vector, self.user)
+
+
+@attrs.frozen(kw_only=True)
 class SingleStep(Event):
     """One instruction was executed; ``rip`` is the next one."""
 

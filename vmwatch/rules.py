@@ -121,6 +121,24 @@ def on_interrupt(vector: int) -> Callable[[RuleFunction], RuleFunction]:
     return _adding(Listener(kind=ListenerKind.INTERRUPT, target=vector))
 
 
+def on_exception(vector: int | str, *, user: bool | None = None, pid: int | None = None,
+                 comm: str | None = None) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest takes CPU exception ``vector``: a number (0-31) or a name
+    (``"page_fault"``, ``"general_protection"``, ``"invalid_opcode"``: ``vmwatch.cpu.EXCEPTION_NAMES``).
+
+    ``user=True`` keeps only exceptions taken in user mode, ``False`` only kernel mode, ``None``
+    both. The event is a :class:`~vmwatch.events.Fault` (``rip``, ``error_code``, ``cr2`` of a page fault).
+    """
+    from vmwatch.cpu import EXCEPTION_VECTORS
+
+    number = EXCEPTION_VECTORS.get(vector.strip().lower()) if isinstance(vector, str) else vector
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 32:
+        raise RuleError(f"exception must be a vector 0-31 or one of {', '.join(EXCEPTION_VECTORS)}, not {vector!r}")
+    if user is not None and not isinstance(user, bool):
+        raise RuleError(f"user must be True, False or None, not {user!r}")
+    return _adding(Listener(kind=ListenerKind.EXCEPTION, target=(number, user), narrow=Narrow(pid, comm)))
+
+
 def every(seconds: float) -> Callable[[RuleFunction], RuleFunction]:
     """Run periodically (the guest is paused while the rule runs); the event is a ``Tick``."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
@@ -174,6 +192,7 @@ class _Namespace:
     on_write = staticmethod(on_write)
     on_register = staticmethod(on_register)
     on_interrupt = staticmethod(on_interrupt)
+    on_exception = staticmethod(on_exception)
     every = staticmethod(every)
     on = staticmethod(on)
     on_start = staticmethod(on_start)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import attrs
 
-from vmwatch.events import Breakpoint, Event, Interrupt, MemoryAccess, RegisterWrite
+from vmwatch.events import Breakpoint, Event, Fault, Interrupt, MemoryAccess, RegisterWrite
 from vmwatch.ruletypes import Listener, Narrow
 
 # event class -> name of the field that selects its listeners
@@ -22,6 +22,7 @@ KEY_FIELD: dict[type, str] = {
     MemoryAccess: "address",
     RegisterWrite: "register",
     Interrupt: "vector",
+    Fault: "selector",
 }
 
 
