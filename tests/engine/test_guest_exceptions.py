@@ -60,7 +60,9 @@ def _anonymous_mapping(maps: str, size: int) -> tuple[int, int]:
     return found[0]
 
 
-async def test_page_faults_match_what_the_guest_reports(lab_guest):
+async def test_page_faults_match_what_the_guest_reports(lab_guest, tmp_path):
+    """The faults a watch sees are the ones the guest reports, and a replay of it derives them again, byte for byte."""
+    from vmwatch.replay import open_replay, recording_source
     from vmwatch.target import open_target
 
     def shell(command: str) -> str:
@@ -68,20 +70,22 @@ async def test_page_faults_match_what_the_guest_reports(lab_guest):
 
     seen: dict[str, list] = {"user": [], "kernel": []}
     sink = ListSink()
+    path = tmp_path / "faults.vmwr"
     async with open_target(lab_guest.target) as target:
-        engine = Engine(source_for(target), _ruleset(seen), [sink], options=UNLIMITED)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            with trio.fail_after(60):
-                while engine.summary.traps == 0:
-                    await trio.sleep(0.05)
-            assert engine.summary.traps == 1 and not engine.summary.inactive, engine.summary
-            crash = await trio.to_thread.run_sync(shell, "(ulimit -s 64; sh -c 'f() { f; }; f'); "
-                                                         "dmesg | grep ': segfault at ' | tail -1")
-            dd = await trio.to_thread.run_sync(shell, "dd if=/dev/zero of=/dev/null bs=256k count=1000000 "
-                                                      "</dev/null >/dev/null 2>&1 & p=$!; sleep 3; echo $p; "
-                                                      "cat /proc/$p/maps; kill $p")
-            engine.stop()
+        with recording_source(source_for(target), path) as recorded:
+            engine = Engine(recorded, _ruleset(seen), [sink], options=UNLIMITED)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(engine.run)
+                with trio.fail_after(60):
+                    while engine.summary.traps == 0:
+                        await trio.sleep(0.05)
+                assert engine.summary.traps == 1 and not engine.summary.inactive, engine.summary
+                crash = await trio.to_thread.run_sync(shell, "(ulimit -s 64; sh -c 'f() { f; }; f'); "
+                                                             "dmesg | grep ': segfault at ' | tail -1")
+                dd = await trio.to_thread.run_sync(shell, "dd if=/dev/zero of=/dev/null bs=256k count=1000000 "
+                                                          "</dev/null >/dev/null 2>&1 & p=$!; sleep 3; echo $p; "
+                                                          "cat /proc/$p/maps; kill $p")
+                engine.stop()
     summary = engine.summary
     assert not summary.rule_errors, summary
 
@@ -102,5 +106,12 @@ async def test_page_faults_match_what_the_guest_reports(lab_guest):
     pages = {f.cr2 >> 12 for f, _ in inside}
     assert len(pages) == len(inside) and pages <= set(range(start >> 12, end >> 12))  # each page faults once
     assert not [f for f in seen["user"] if start <= f.cr2 < end]
-    stored = [r for r in sink.events if r.kind == "Fault"]
+    stored = [r.as_dict() for r in sink.events if r.kind == "Fault"]
     assert len(stored) == len(seen["user"]) + len(seen["kernel"])  # every Fault reaches the timeline
+
+    replayed = ListSink()
+    with open_replay(path) as source:
+        again = await Engine(source, _ruleset({"user": [], "kernel": []}), [replayed]).run()
+        assert source.first_failure() is None
+    assert not again.rule_errors, again
+    assert [r.as_dict() for r in replayed.events if r.kind == "Fault"] == stored
