@@ -23,6 +23,7 @@ CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
 CR4_PAE = 1 << 5
 CR4_LA57 = 1 << 12
+CR4_PCIDE = 1 << 17
 CR4_SMEP = 1 << 20
 CR4_SMAP = 1 << 21
 EFER_LME = 1 << 8

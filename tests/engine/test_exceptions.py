@@ -147,3 +147,4 @@ class TestOnException:
         """Interrupt vectors, unknown names, non-ints and a non-bool user are a RuleError at load time."""
         with pytest.raises(RuleError):
             rule.on_exception(vector, user=user)
+

@@ -8,8 +8,9 @@ contains it (a linear sweep inside one function; data in x86-64 kernel text is r
 hit is rejected by the boundary check), and break right after it. At that breakpoint the new
 value is in the register file (CRn), or in EDX:EAX with the MSR index in ECX (``wrmsr`` leaves
 them intact); the old value is the last one seen on that vCPU (from the registers at start,
-then from each event). Only the sites of registers some rule listens to are armed: CR3 sites
-fire on every context switch.
+then from each event). Only the sites of registers some rule listens to are armed. CR3, written
+at every switch of process, comes from one inline hook on Linux's switch function where the
+kernel has it (engine/address_spaces.py); the generic sites only serve kernels without it.
 
 MSRs a live source can read (``poll_msrs``: the QEMU backend runs the guest's own ``rdmsr``,
 see vmwatch/live/inline_hooks.py) are polled instead, every :data:`MSR_POLL_SECONDS`, with the
@@ -225,6 +226,7 @@ def initial_values(cpus: tuple) -> dict[str, int]:
 
 async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     """Arm breakpoints after the writers of the registers rules listen to."""
+    from vmwatch.engine import address_spaces
     from vmwatch.engine import sources as caps
     from vmwatch.engine.dispatch import Handler, Trap
 
@@ -245,6 +247,12 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
         log.info("msr polling armed", registers=sorted(polled), seconds=MSR_POLL_SECONDS)
     if not registers:
         return
+    cpus = tuple(await engine.source.all_registers()) if caps.REGISTERS in engine.capabilities else ()
+    initial = initial_values(cpus)
+    if "cr3" in registers and await address_spaces.plan(engine, initial.get("cr3")):
+        registers.discard("cr3")  # one inline hook on the switch function, not a breakpoint per writer
+        if not registers:
+            return
     want_msr = any(r.startswith("msr:") for r in registers)
     try:
         text_start, text = kernel_text(engine.guest)
@@ -260,8 +268,7 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     except VmwatchError as exc:
         engine.inactive(f"register sensor ({', '.join(sorted(registers))})", str(exc))
         return
-    cpus = tuple(await engine.source.all_registers()) if caps.REGISTERS in engine.capabilities else ()
-    sensor = RegisterSensor({s.next_address: s for s in sites}, initial_values(cpus))
+    sensor = RegisterSensor({s.next_address: s for s in sites}, initial)
     run = engine.sensor_run("sensor.registers")
     run.func = sensor
     for site in sites:
