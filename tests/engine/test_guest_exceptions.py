@@ -7,6 +7,9 @@
   kernel's ``clear_user`` touches first, one not-present page at a time. The guest's
   /proc/PID/maps names the mapping; the watch must see kernel-mode write faults of that pid (error
   code: write, supervisor, not present) whose cr2 covers its pages, and none in user mode there.
+* A divide error: busybox ``expr`` divides INT64_MIN by -1 (it only checks for zero), the CPU
+  raises #DE, and the kernel logs ``traps: expr[PID] trap divide error ip:IP ... error:0``. The
+  watch must see vector 0 from user mode at IP, with no error code pushed.
 
 A gdbstub breakpoint costs a TCG guest ~20 ms (engine/sources.py ``trap_overhead``), so the default
 budget unhooks the page-fault trap within a second of a fault storm; these checks are about what
@@ -28,6 +31,7 @@ from vmwatch.rules import RuleSet, rule, rules_of
 
 pytestmark = pytest.mark.guest
 SLOW = 180.0
+DIVIDE = re.compile(r"expr\[(\d+)\] trap divide error ip:([0-9a-f]+) ")
 SEGFAULT = re.compile(r"sh\[(\d+)\]: segfault at ([0-9a-f]+) ip ([0-9a-f]+) sp [0-9a-f]+ error ([0-9a-f]+)")
 BUFFER = 256 << 10
 UNLIMITED = WatchOptions(budget=Budget(max_hits=10**6, max_cost=1e6))
@@ -43,8 +47,12 @@ def _ruleset(seen: dict[str, list]) -> RuleSet:
         cur = guest.current
         seen["kernel"].append((event, cur.pid if cur else None))
 
-    return RuleSet(rules_of({"__name__": __name__, "user_faults": user_faults, "kernel_faults": kernel_faults},
-                            "exc"))
+    @rule.on_exception("divide_error")
+    def divide(event, guest):
+        seen["divide"].append(event)
+
+    return RuleSet(rules_of({"__name__": __name__, "user_faults": user_faults, "kernel_faults": kernel_faults,
+                             "divide": divide}, "exc"))
 
 
 def _anonymous_mapping(maps: str, size: int) -> tuple[int, int]:
@@ -68,7 +76,7 @@ async def test_page_faults_match_what_the_guest_reports(lab_guest, tmp_path):
     def shell(command: str) -> str:
         return lab_guest.shell(command, timeout=SLOW)
 
-    seen: dict[str, list] = {"user": [], "kernel": []}
+    seen: dict[str, list] = {"user": [], "kernel": [], "divide": []}
     sink = ListSink()
     path = tmp_path / "faults.vmwr"
     async with open_target(lab_guest.target) as target:
@@ -79,12 +87,14 @@ async def test_page_faults_match_what_the_guest_reports(lab_guest, tmp_path):
                 with trio.fail_after(60):
                     while engine.summary.traps == 0:
                         await trio.sleep(0.05)
-                assert engine.summary.traps == 1 and not engine.summary.inactive, engine.summary
+                assert engine.summary.traps == 2 and not engine.summary.inactive, engine.summary
                 crash = await trio.to_thread.run_sync(shell, "(ulimit -s 64; sh -c 'f() { f; }; f'); "
                                                              "dmesg | grep ': segfault at ' | tail -1")
                 dd = await trio.to_thread.run_sync(shell, "dd if=/dev/zero of=/dev/null bs=256k count=1000000 "
                                                           "</dev/null >/dev/null 2>&1 & p=$!; sleep 3; echo $p; "
                                                           "cat /proc/$p/maps; kill $p")
+                divide = await trio.to_thread.run_sync(shell, "expr -9223372036854775808 / -1; "
+                                                              "dmesg | grep 'expr.* trap divide error' | tail -1")
                 engine.stop()
     summary = engine.summary
     assert not summary.rule_errors, summary
@@ -106,12 +116,17 @@ async def test_page_faults_match_what_the_guest_reports(lab_guest, tmp_path):
     pages = {f.cr2 >> 12 for f, _ in inside}
     assert len(pages) == len(inside) and pages <= set(range(start >> 12, end >> 12))  # each page faults once
     assert not [f for f in seen["user"] if start <= f.cr2 < end]
+    match = DIVIDE.search(divide)
+    assert match, divide
+    assert [(f.vector, f.name, f.user, f.rip, f.error_code, f.cr2) for f in seen["divide"]] == [
+        (0, "divide_error", True, int(match.group(2), 16), None, None)]
+
     stored = [r.as_dict() for r in sink.events if r.kind == "Fault"]
-    assert len(stored) == len(seen["user"]) + len(seen["kernel"])  # every Fault reaches the timeline
+    assert len(stored) == len(seen["user"]) + len(seen["kernel"]) + 1  # every Fault reaches the timeline
 
     replayed = ListSink()
     with open_replay(path) as source:
-        again = await Engine(source, _ruleset({"user": [], "kernel": []}), [replayed]).run()
+        again = await Engine(source, _ruleset({"user": [], "kernel": [], "divide": []}), [replayed]).run()
         assert source.first_failure() is None
     assert not again.rule_errors, again
     assert [r.as_dict() for r in replayed.events if r.kind == "Fault"] == stored
