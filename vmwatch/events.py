@@ -94,6 +94,26 @@ class Fault(Event):
 
 
 @attrs.frozen(kw_only=True)
+class MmioAccess(Event):
+    """The guest accessed a watched guest-physical device range (``@rule.on_mmio``).
+
+    Derived from a watchpoint on the kernel's mapping of the range (vmwatch/engine/mmio.py).
+    ``paddr``, ``size`` and ``value`` are those of the access when the instruction that made it
+    could be decoded; otherwise ``paddr`` is the watched page's start, ``size`` 0, ``value`` None.
+    """
+
+    access: Access
+    paddr: int
+    size: int = 0
+    value: int | None = None
+    """The value written (writes only: a read's value is not known without reading the device)."""
+    rip: int = 0
+    """The instruction after the access (the CPU reports a data watchpoint once it completed)."""
+    watched: tuple[int, int] = (0, 0)
+    """``(start, size)`` of the range the rule asked for: what dispatch indexes listeners by."""
+
+
+@attrs.frozen(kw_only=True)
 class SingleStep(Event):
     """One instruction was executed; ``rip`` is the next one."""
 

@@ -139,6 +139,23 @@ def on_exception(vector: int | str, *, user: bool | None = None, pid: int | None
     return _adding(Listener(kind=ListenerKind.EXCEPTION, target=(number, user), narrow=Narrow(pid, comm)))
 
 
+_MMIO_ACCESS = {"r": "r", "w": "w", "rw": "rw", "wr": "rw"}
+
+
+def on_mmio(start: int, size: int, access: str = "w") -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest reads (``"r"``), writes (``"w"``) or does either (``"rw"``) to the
+    guest-physical range ``[start, start + size)`` of a device (e.g. the local APIC at
+    0xfee00000). The event is a :class:`~vmwatch.events.MmioAccess`.
+    """
+    for name, value in (("start", start), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (name == "size") or value >> 52:
+            raise RuleError(f"MMIO {name} must be an int in guest-physical range, not {value!r}")
+    kind = _MMIO_ACCESS.get(access) if isinstance(access, str) else None
+    if kind is None:
+        raise RuleError(f"MMIO access must be 'r', 'w' or 'rw', not {access!r}")
+    return _adding(Listener(kind=ListenerKind.MMIO, target=(start, size, kind)))
+
+
 def every(seconds: float) -> Callable[[RuleFunction], RuleFunction]:
     """Run periodically (the guest is paused while the rule runs); the event is a ``Tick``."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
@@ -193,6 +210,7 @@ class _Namespace:
     on_register = staticmethod(on_register)
     on_interrupt = staticmethod(on_interrupt)
     on_exception = staticmethod(on_exception)
+    on_mmio = staticmethod(on_mmio)
     every = staticmethod(every)
     on = staticmethod(on)
     on_start = staticmethod(on_start)

@@ -39,6 +39,7 @@ class ListenerKind(enum.Enum):
     REGISTER = "register"
     INTERRUPT = "interrupt"
     EXCEPTION = "exception"
+    MMIO = "mmio"
     EVERY = "every"
     EVENT = "event"
     START = "start"
@@ -64,7 +65,8 @@ class Listener:
     kind: ListenerKind
     target: Any = None
     """Symbol (``"name"`` or ``"name+0x10"``) or address; register name; vector; ``(vector, user)``
-    of an exception (user None: either mode); seconds; event class."""
+    of an exception (user None: either mode); ``(start, size, access)`` of an MMIO range; seconds;
+    event class."""
     size: int = 0
     """Watched bytes (``on_write``); 0: up to the next symbol, or the end of a ``"a..b"`` range."""
     narrow: Narrow = Narrow()

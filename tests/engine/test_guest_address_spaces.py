@@ -27,7 +27,7 @@ def _ctxt(lab_guest) -> int:
     raise AssertionError("no ctxt line in /proc/stat")
 
 
-async def test_cr3_switches_are_cheap_and_match_the_cpu(lab_guest):
+async def test_cr3_switches_are_cheap_and_match_the_cpu(lab_guest, start_armed):
     from vmwatch.target import open_target
 
     seen: list[tuple[int, int | None, int]] = []
@@ -41,11 +41,7 @@ async def test_cr3_switches_are_cheap_and_match_the_cpu(lab_guest):
         engine = Engine(source_for(target), RuleSet(rules_of({"__name__": __name__, "switches": switches}, "as")),
                         [ListSink()])
         async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            with trio.fail_after(60):
-                while engine.summary.traps == 0:
-                    await trio.sleep(0.05)
-            assert engine.summary.traps == 1 and not engine.summary.inactive, engine.summary
+            await start_armed(nursery, engine, 1)
             assert target.live.is_inline(engine.guest.linux.symbols["load_new_mm_cr3"])  # no flush per stop
             t0 = trio.current_time()
             await trio.to_thread.run_sync(lambda: lab_guest.shell("scenario procs 20", timeout=SLOW))

@@ -68,7 +68,7 @@ def _anonymous_mapping(maps: str, size: int) -> tuple[int, int]:
     return found[0]
 
 
-async def test_page_faults_match_what_the_guest_reports(lab_guest, tmp_path):
+async def test_page_faults_match_what_the_guest_reports(lab_guest, start_armed, tmp_path):
     """The faults a watch sees are the ones the guest reports, and a replay of it derives them again, byte for byte."""
     from vmwatch.replay import open_replay, recording_source
     from vmwatch.target import open_target
@@ -83,11 +83,7 @@ async def test_page_faults_match_what_the_guest_reports(lab_guest, tmp_path):
         with recording_source(source_for(target), path) as recorded:
             engine = Engine(recorded, _ruleset(seen), [sink], options=UNLIMITED)
             async with trio.open_nursery() as nursery:
-                await nursery.start(engine.run)
-                with trio.fail_after(60):
-                    while engine.summary.traps == 0:
-                        await trio.sleep(0.05)
-                assert engine.summary.traps == 2 and not engine.summary.inactive, engine.summary
+                await start_armed(nursery, engine, 2)
                 crash = await trio.to_thread.run_sync(shell, "(ulimit -s 64; sh -c 'f() { f; }; f'); "
                                                              "dmesg | grep ': segfault at ' | tail -1")
                 dd = await trio.to_thread.run_sync(shell, "dd if=/dev/zero of=/dev/null bs=256k count=1000000 "

@@ -1,0 +1,70 @@
+"""``@rule.on_mmio`` on the live lab guest: the local APIC, found in the guest's own /proc/iomem.
+
+The lab CPU model has no x2APIC, so Linux drives its local APIC through MMIO: it acknowledges
+every interrupt by writing 0 to the EOI register (offset 0xb0), and re-arms its one-shot timer
+through the initial-count register (0x380). /proc/interrupts, read before and after the watch,
+bounds the EOIs: at most one per interrupt the guest counted, and the timer alone counts several.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from vmwatch.engine import Budget, Engine, ListSink, WatchOptions
+from vmwatch.engine.sources import source_for
+from vmwatch.events import Access
+from vmwatch.rules import RuleSet, rule, rules_of
+
+pytestmark = pytest.mark.guest
+SLOW = 180.0
+EOI, TMICT = 0xB0, 0x380
+
+
+def _local_apic(iomem: str) -> tuple[int, int]:
+    for line in iomem.splitlines():
+        span, _, name = line.partition(" : ")
+        if name.strip() == "Local APIC":
+            start, end = (int(x, 16) for x in span.strip().split("-"))
+            return start, end + 1 - start
+    raise AssertionError(iomem)
+
+
+def _interrupts(lab_guest) -> int:
+    """Interrupts of every source the guest counted (all rows, all CPUs)."""
+    total = 0
+    for line in lab_guest.shell("cat /proc/interrupts", timeout=SLOW).splitlines()[1:]:
+        for word in line.partition(":")[2].split():
+            if not word.isdigit():
+                break
+            total += int(word)
+    return total
+
+
+async def test_apic_writes_seen_with_register_and_value(lab_guest, start_armed):
+    from vmwatch.target import open_target
+
+    start, size = _local_apic(await trio.to_thread.run_sync(lambda: lab_guest.shell("cat /proc/iomem")))
+    seen: list = []
+
+    @rule.on_mmio(start, size, "w")
+    def apic(event, guest):
+        seen.append(event)
+
+    before = await trio.to_thread.run_sync(_interrupts, lab_guest)
+    async with open_target(lab_guest.target) as target:
+        engine = Engine(source_for(target), RuleSet(rules_of({"__name__": __name__, "apic": apic}, "mmio")),
+                        [ListSink()], options=WatchOptions(budget=Budget(max_hits=10**6, max_cost=1e6)))
+        async with trio.open_nursery() as nursery:
+            await start_armed(nursery, engine, 1)
+            await trio.to_thread.run_sync(lambda: lab_guest.shell("seq 100; sleep 2", timeout=SLOW))
+            engine.stop()
+    after = await trio.to_thread.run_sync(_interrupts, lab_guest)
+    assert not engine.summary.rule_errors, engine.summary
+    eois = [e for e in seen if e.paddr == start + EOI]
+    print(f"{len(seen)} APIC writes, {len(eois)} EOIs; guest interrupts +{after - before}")
+    assert all(e.access is Access.WRITE and e.watched == (start, size) for e in seen)
+    assert all(start <= e.paddr < start + size and e.size == 4 for e in seen), seen[:5]
+    assert 3 <= len(eois) <= after - before, (len(eois), after - before)
+    assert {e.value for e in eois} == {0}
+    assert any(e.paddr == start + TMICT and e.value for e in seen)  # the timer re-armed with a count
