@@ -41,7 +41,9 @@ def _interrupts(lab_guest) -> int:
     return total
 
 
-async def test_apic_writes_seen_with_register_and_value(lab_guest, start_armed):
+async def test_apic_writes_seen_with_register_and_value(lab_guest, start_armed, tmp_path):
+    """Every EOI the watch sees is a write of 0 at 0xb0, no more than the guest's interrupts; a replay derives the same."""
+    from vmwatch.replay import open_replay, recording_source
     from vmwatch.target import open_target
 
     start, size = _local_apic(await trio.to_thread.run_sync(lambda: lab_guest.shell("cat /proc/iomem")))
@@ -52,13 +54,15 @@ async def test_apic_writes_seen_with_register_and_value(lab_guest, start_armed):
         seen.append(event)
 
     before = await trio.to_thread.run_sync(_interrupts, lab_guest)
+    sink, path = ListSink(), tmp_path / "apic.vmwr"
+    ruleset = RuleSet(rules_of({"__name__": __name__, "apic": apic}, "mmio"))
     async with open_target(lab_guest.target) as target:
-        engine = Engine(source_for(target), RuleSet(rules_of({"__name__": __name__, "apic": apic}, "mmio")),
-                        [ListSink()], options=WatchOptions(budget=Budget(max_hits=10**6, max_cost=1e6)))
-        async with trio.open_nursery() as nursery:
-            await start_armed(nursery, engine, 1)
-            await trio.to_thread.run_sync(lambda: lab_guest.shell("seq 100; sleep 2", timeout=SLOW))
-            engine.stop()
+        with recording_source(source_for(target), path) as recorded:
+            engine = Engine(recorded, ruleset, [sink], options=WatchOptions(budget=Budget(max_hits=10**6, max_cost=1e6)))
+            async with trio.open_nursery() as nursery:
+                await start_armed(nursery, engine, 1)
+                await trio.to_thread.run_sync(lambda: lab_guest.shell("seq 100; sleep 2", timeout=SLOW))
+                engine.stop()
     after = await trio.to_thread.run_sync(_interrupts, lab_guest)
     assert not engine.summary.rule_errors, engine.summary
     eois = [e for e in seen if e.paddr == start + EOI]
@@ -68,3 +72,12 @@ async def test_apic_writes_seen_with_register_and_value(lab_guest, start_armed):
     assert 3 <= len(eois) <= after - before, (len(eois), after - before)
     assert {e.value for e in eois} == {0}
     assert any(e.paddr == start + TMICT and e.value for e in seen)  # the timer re-armed with a count
+
+    stored = [r.as_dict() for r in sink.events if r.kind == "MmioAccess"]
+    assert len(stored) == len(seen)
+    replayed = ListSink()
+    with open_replay(path) as source:
+        again = await Engine(source, ruleset, [replayed]).run()
+        assert source.first_failure() is None
+    assert not again.rule_errors, again
+    assert [r.as_dict() for r in replayed.events if r.kind == "MmioAccess"] == stored

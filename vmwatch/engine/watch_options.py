@@ -5,12 +5,12 @@ from __future__ import annotations
 import attrs
 
 from vmwatch.engine.governance import Budget
-from vmwatch.events import Demotion, Exec, Fault, ModuleLoad, ProcessExit, ProcessStart, RegisterWrite, SourceEnded
+from vmwatch.events import Demotion, Exec, Fault, MmioAccess, ModuleLoad, ProcessExit, ProcessStart, RegisterWrite, SourceEnded
 
-RECORDED_EVENTS = frozenset({ProcessStart, ProcessExit, Exec, ModuleLoad, RegisterWrite, Fault, Demotion,
-                             SourceEnded})
+RECORDED_EVENTS = frozenset({ProcessStart, ProcessExit, Exec, ModuleLoad, RegisterWrite, Fault, MmioAccess,
+                             Demotion, SourceEnded})
 """Event classes stored in sinks by default (traps are too many; their rules' alerts say what matters;
-a Fault exists only when a rule listens to its vector and mode)."""
+a Fault or MmioAccess exists only when a rule listens to its vector or range)."""
 
 
 @attrs.frozen(kw_only=True)
