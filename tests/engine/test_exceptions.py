@@ -148,3 +148,32 @@ class TestOnException:
         with pytest.raises(RuleError):
             rule.on_exception(vector, user=user)
 
+
+
+class TestDispatch:
+    async def test_faults_reach_listeners_of_their_vector_and_mode(self):
+        """A stream of Fault events (no breakpoints to arm): user= picks the mode, None takes both; the sensor says it is inactive."""
+        from vmwatch.engine import Engine, ListSink, SyntheticSource
+        from vmwatch.rules import RuleSet, rules_of
+
+        got: dict[str, list] = {"kernel_pf": [], "any_gp": []}
+
+        @rule.on_exception("page_fault", user=False)
+        def kernel_pf(event, guest):
+            got["kernel_pf"].append(event.seq)
+
+        @rule.on_exception(13)
+        def any_gp(event, guest):
+            got["any_gp"].append(event.seq)
+
+        events = [Fault(seq=1, vector=14, name="page_fault", rip=1, user=True, cr2=0),
+                  Fault(seq=2, vector=14, name="page_fault", rip=2, user=False, cr2=8),
+                  Fault(seq=3, vector=13, name="general_protection", rip=3, user=True, error_code=0),
+                  Fault(seq=4, vector=13, name="general_protection", rip=4, user=False, error_code=0),
+                  Fault(seq=5, vector=6, name="invalid_opcode", rip=5, user=False)]
+        ruleset = RuleSet(rules_of({"__name__": __name__, "kernel_pf": kernel_pf, "any_gp": any_gp}, "t"))
+        sink = ListSink()
+        summary = await Engine(SyntheticSource(events, honour_traps=False), ruleset, [sink]).run()
+        assert got == {"kernel_pf": [2], "any_gp": [3, 4]}
+        assert [r.seq for r in sink.events if r.kind == "Fault"] == [1, 2, 3, 4, 5]
+        assert summary.inactive == ["exception sensor (vectors [13, 14]): the source has no breakpoints"]

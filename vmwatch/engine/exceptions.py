@@ -136,9 +136,12 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     from vmwatch.engine.dispatch import Handler, Trap
 
     modes = wanted_modes(wanted)
-    if not modes or caps.BREAKPOINTS not in engine.capabilities:
+    if not modes:
         return
     what = f"exception sensor (vectors {sorted(modes)})"
+    if caps.BREAKPOINTS not in engine.capabilities:
+        engine.inactive(what, "the source has no breakpoints")  # a source of Fault events still delivers them
+        return
     try:
         cpus = tuple(await engine.source.all_registers()) if caps.REGISTERS in engine.capabilities else ()
         if not cpus:

@@ -206,7 +206,10 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     from vmwatch.engine.dispatch import Handler, Trap
 
     ranges = wanted_ranges(wanted)
-    if not ranges or caps.WATCHPOINTS not in engine.capabilities:
+    if not ranges:
+        return
+    if caps.WATCHPOINTS not in engine.capabilities:
+        engine.inactive(f"MMIO sensor ({len(ranges)} ranges)", "the source has no watchpoints")
         return
     try:
         memory = engine.guest.linux.memory
