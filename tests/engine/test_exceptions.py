@@ -52,7 +52,7 @@ class TestDecodeFrame:
 
     @given(st.integers(0, 31), st.binary(min_size=48, max_size=48))
     def test_any_bytes_decode_within_bounds(self, vector, data):
-        """Hostile stack bytes always decode: 16-bit CS, 32-bit error code, present exactly for the error-code vectors."""
+        """Hostile stack bytes always decode: a 16-bit CS, and a 32-bit error code exactly for its vectors."""
         frame = decode_frame(vector, data)
         assert 0 <= frame.cs <= 0xFFFF
         assert (frame.error_code is not None) == (vector in ERROR_CODE_VECTORS)
@@ -152,7 +152,7 @@ class TestOnException:
 
 class TestDispatch:
     async def test_faults_reach_listeners_of_their_vector_and_mode(self):
-        """A stream of Fault events (no breakpoints to arm): user= picks the mode, None takes both; the sensor says it is inactive."""
+        """Fault events from a stream: user= picks the mode, None takes both; the sensor reports itself inactive."""
         from vmwatch.engine import Engine, ListSink, SyntheticSource
         from vmwatch.rules import RuleSet, rules_of
 

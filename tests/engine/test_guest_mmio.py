@@ -19,6 +19,8 @@ from vmwatch.rules import RuleSet, rule, rules_of
 pytestmark = pytest.mark.guest
 SLOW = 180.0
 EOI, TMICT = 0xB0, 0x380
+UNLIMITED = WatchOptions(budget=Budget(max_hits=10**6, max_cost=1e6))
+"""Every hit dispatched: the checks are about what an access looks like, not governance."""
 
 
 def _local_apic(iomem: str) -> tuple[int, int]:
@@ -42,7 +44,7 @@ def _interrupts(lab_guest) -> int:
 
 
 async def test_apic_writes_seen_with_register_and_value(lab_guest, start_armed, tmp_path):
-    """Every EOI the watch sees is a write of 0 at 0xb0, no more than the guest's interrupts; a replay derives the same."""
+    """EOIs are writes of 0 at 0xb0, no more than the guest's interrupts; a replay derives the same events."""
     from vmwatch.replay import open_replay, recording_source
     from vmwatch.target import open_target
 
@@ -58,7 +60,7 @@ async def test_apic_writes_seen_with_register_and_value(lab_guest, start_armed, 
     ruleset = RuleSet(rules_of({"__name__": __name__, "apic": apic}, "mmio"))
     async with open_target(lab_guest.target) as target:
         with recording_source(source_for(target), path) as recorded:
-            engine = Engine(recorded, ruleset, [sink], options=WatchOptions(budget=Budget(max_hits=10**6, max_cost=1e6)))
+            engine = Engine(recorded, ruleset, [sink], options=UNLIMITED)
             async with trio.open_nursery() as nursery:
                 await start_armed(nursery, engine, 1)
                 await trio.to_thread.run_sync(lambda: lab_guest.shell("seq 100; sleep 2", timeout=SLOW))

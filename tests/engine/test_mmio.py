@@ -36,7 +36,8 @@ class TestDecodeAccess:
     def test_load_has_no_value(self):
         """mov eax, dword [rdx+0x20]: a read, value unknown (reading the device would be an access)."""
         regs = Registers(rdx=FIXMAP)
-        assert decode_access(_code("8b4220"), RIP, regs, FIXMAP, FIXMAP + 0x1000) == Decoded(FIXMAP + 0x20, 4, False, None)
+        got = decode_access(_code("8b4220"), RIP, regs, FIXMAP, FIXMAP + 0x1000)
+        assert got == Decoded(FIXMAP + 0x20, 4, False, None)
 
     def test_address_outside_the_page_is_no_answer(self):
         """A decoding whose address misses the watched page is not believed."""
