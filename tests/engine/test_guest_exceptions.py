@@ -7,6 +7,9 @@
   kernel's ``clear_user`` touches first, one not-present page at a time. The guest's
   /proc/PID/maps names the mapping; the watch must see kernel-mode write faults of that pid (error
   code: write, supervisor, not present) whose cr2 covers its pages, and none in user mode there.
+* A breakpoint: the guest's own kprobe at ``ksys_read+5`` (not optimised, so an int3; the kernel
+  lists its address in debugfs and counts its hits in tracefs' kprobe_profile) gives one
+  kernel-mode #BP, RIP just past the int3, for each hit the guest counted.
 * A divide error: busybox ``expr`` divides INT64_MIN by -1 (it only checks for zero), the CPU
   raises #DE, and the kernel logs ``traps: expr[PID] trap divide error ip:IP ... error:0``. The
   watch must see vector 0 from user mode at IP, with no error code pushed.
@@ -126,3 +129,41 @@ async def test_page_faults_match_what_the_guest_reports(lab_guest, start_armed, 
         assert source.first_failure() is None
     assert not again.rule_errors, again
     assert [r.as_dict() for r in replayed.events if r.kind == "Fault"] == stored
+
+
+KPROBE_ON = ("grep -q ' /sys/kernel/tracing ' /proc/mounts || mount -t tracefs nodev /sys/kernel/tracing; "
+             "grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs nodev /sys/kernel/debug; "
+             # no optimisation: an optimised kprobe is a jump, not an int3
+             "echo 0 > /proc/sys/debug/kprobes-optimization; "
+             "echo 'p:vmw ksys_read+5' > /sys/kernel/tracing/kprobe_events; "
+             "echo 1 > /sys/kernel/tracing/events/kprobes/vmw/enable; grep ksys_read /sys/kernel/debug/kprobes/list")
+KPROBE_OFF = ("echo 0 > /sys/kernel/tracing/events/kprobes/vmw/enable; "
+              "grep vmw /sys/kernel/tracing/kprobe_profile; echo > /sys/kernel/tracing/kprobe_events")
+
+
+async def test_kprobe_int3_is_a_kernel_breakpoint_exception(lab_guest, start_armed):
+    """The guest's own kprobe (an int3 at ksys_read+5) gives one kernel-mode #BP per hit it counts, at the int3."""
+    from vmwatch.target import open_target
+
+    hits: list = []
+
+    @rule.on_exception("breakpoint", user=False)
+    def int3(event, guest):
+        hits.append(event)
+
+    ruleset = RuleSet(rules_of({"__name__": __name__, "int3": int3}, "exc"))
+    async with open_target(lab_guest.target) as target:
+        engine = Engine(source_for(target), ruleset, [ListSink()], options=UNLIMITED)
+        async with trio.open_nursery() as nursery:
+            await start_armed(nursery, engine, 1)
+            listed = await trio.to_thread.run_sync(lambda: lab_guest.shell(KPROBE_ON, timeout=SLOW))
+            await trio.to_thread.run_sync(lambda: lab_guest.shell("cat /etc/passwd > /dev/null; seq 3", timeout=SLOW))
+            profile = await trio.to_thread.run_sync(lambda: lab_guest.shell(KPROBE_OFF, timeout=SLOW))
+            engine.stop()
+    assert not engine.summary.rule_errors, engine.summary
+    address = int(listed.split()[0], 16)  # "ffffffff8a167555  k  ksys_read+0x5": k = an int3 kprobe
+    assert listed.split()[1] == "k", listed
+    counted = int(profile.split()[1])
+    at_probe = [f for f in hits if f.rip == address + 1]  # a trap: RIP is past the int3
+    assert counted >= 3 and len(at_probe) == counted, (counted, len(at_probe), [hex(f.rip) for f in hits[:6]])
+    assert all(f.vector == 3 and f.error_code is None and f.cr2 is None and not f.user for f in hits)
