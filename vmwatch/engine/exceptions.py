@@ -14,8 +14,10 @@ the ftrace NOP a hook needs, and with KPTI they run on the entry stack before th
 tables are in CR3, where a trampoline in ordinary kernel text is not mapped.
 
 Page faults are the guest's hottest event. A stop cannot be avoided (gdbstub has no conditional
-breakpoints), so the mode filter runs first at the stop: one 16-byte read of the frame, and a
-fault of a mode nobody listens to ends there. The trap is governed like any other (a hot one is
+breakpoints), so the mode filter runs first at the stop: one read of the frame (at most 48
+bytes, through the page cache), and a fault of a mode nobody listens to ends there. What such a
+stop costs a TCG guest is the breakpoint's flush of translated code, ~12-20 ms: page faults come
+at ~80/s at best (benchmarks/bench_sensors.py), and the default budget unhooks the trap. The trap is governed like any other (a hot one is
 unhooked for a cooldown, or sampled on a replay), and every demotion is reported.
 """
 
