@@ -17,7 +17,10 @@ Page faults are the guest's hottest event. A stop cannot be avoided (gdbstub has
 breakpoints), so the mode filter runs first at the stop: one read of the frame (at most 48
 bytes, through the page cache), and a fault of a mode nobody listens to ends there. What such a
 stop costs a TCG guest is the breakpoint's flush of translated code, ~12-20 ms: page faults come
-at ~80/s at best (benchmarks/bench_sensors.py), and the default budget unhooks the trap. The trap is governed like any other (a hot one is
+at ~80/s at best (benchmarks/bench_sensors.py), and the default budget unhooks the trap. A
+read watchpoint on the vector's IDT gate (the CPU reads it to deliver; watchpoint stops flush
+nothing) was tried: QEMU 7.2 TCG aborts at the first delivery (``qemu_mutex_lock_iothread_impl:
+assertion failed``), a watchpoint hit inside interrupt delivery being a path it does not expect. The trap is governed like any other (a hot one is
 unhooked for a cooldown, or sampled on a replay), and every demotion is reported.
 """
 
