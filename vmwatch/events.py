@@ -109,8 +109,9 @@ class MmioAccess(Event):
     """The value written (writes only: a read's value is not known without reading the device)."""
     rip: int = 0
     """The instruction after the access (the CPU reports a data watchpoint once it completed)."""
-    watched: tuple[int, int] = (0, 0)
-    """``(start, size)`` of the range the rule asked for: what dispatch indexes listeners by."""
+    watched: tuple[int | str, int] = (0, 0)
+    """What the rule asked for, ``(start, size)`` or ``(device name, 0)``: what dispatch indexes
+    listeners by."""
 
 
 @attrs.frozen(kw_only=True)

@@ -142,14 +142,19 @@ def on_exception(vector: int | str, *, user: bool | None = None, pid: int | None
 _MMIO_ACCESS = {"r": "r", "w": "w", "rw": "rw", "wr": "rw"}
 
 
-def on_mmio(start: int, size: int, access: str = "w") -> Callable[[RuleFunction], RuleFunction]:
-    """Run when the guest reads (``"r"``), writes (``"w"``) or does either (``"rw"``) to the
-    guest-physical range ``[start, start + size)`` of a device (e.g. the local APIC at
-    0xfee00000). The event is a :class:`~vmwatch.events.MmioAccess`.
+def on_mmio(start: int | str, size: int = 0, access: str = "w") -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest reads (``"r"``), writes (``"w"``) or does either (``"rw"``) to a device's
+    guest-physical range: ``[start, start + size)`` (e.g. the local APIC, 0xfee00000 and 0x1000),
+    or every range the guest's own resource tree names ``start`` (/proc/iomem: ``"Local APIC"``,
+    ``"IOAPIC 0"``; no size). The event is a :class:`~vmwatch.events.MmioAccess`.
     """
-    for name, value in (("start", start), ("size", size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (name == "size") or value >> 52:
-            raise RuleError(f"MMIO {name} must be an int in guest-physical range, not {value!r}")
+    if isinstance(start, str):
+        if not start.strip() or size:
+            raise RuleError(f"a device named in /proc/iomem takes no size, not {start!r} and {size!r}")
+    else:
+        for name, value in (("start", start), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "size") or value >> 52:
+                raise RuleError(f"MMIO {name} must be an int in guest-physical range, not {value!r}")
     kind = _MMIO_ACCESS.get(access) if isinstance(access, str) else None
     if kind is None:
         raise RuleError(f"MMIO access must be 'r', 'w' or 'rw', not {access!r}")

@@ -1,9 +1,10 @@
-"""``@rule.on_mmio`` on the live lab guest: the local APIC, found in the guest's own /proc/iomem.
+"""``@rule.on_mmio`` on the live lab guest: the local APIC, named as the guest's own /proc/iomem names it.
 
 The lab CPU model has no x2APIC, so Linux drives its local APIC through MMIO: it acknowledges
 every interrupt by writing 0 to the EOI register (offset 0xb0), and re-arms its one-shot timer
 through the initial-count register (0x380). /proc/interrupts, read before and after the watch,
 bounds the EOIs: at most one per interrupt the guest counted, and the timer alone counts several.
+The resource tree vmwatch reads from memory to find "Local APIC" must be the guest's /proc/iomem.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import trio
 from vmwatch.engine import Budget, Engine, ListSink, WatchOptions
 from vmwatch.engine.sources import source_for
 from vmwatch.events import Access
+from vmwatch.os.linux import resources
 from vmwatch.rules import RuleSet, rule, rules_of
 
 pytestmark = pytest.mark.guest
@@ -48,10 +50,11 @@ async def test_apic_writes_seen_with_register_and_value(lab_guest, start_armed, 
     from vmwatch.replay import open_replay, recording_source
     from vmwatch.target import open_target
 
-    start, size = _local_apic(await trio.to_thread.run_sync(lambda: lab_guest.shell("cat /proc/iomem")))
+    iomem = await trio.to_thread.run_sync(lambda: lab_guest.shell("cat /proc/iomem"))
+    start, size = _local_apic(iomem)
     seen: list = []
 
-    @rule.on_mmio(start, size, "w")
+    @rule.on_mmio("Local APIC")
     def apic(event, guest):
         seen.append(event)
 
@@ -63,13 +66,16 @@ async def test_apic_writes_seen_with_register_and_value(lab_guest, start_armed, 
             engine = Engine(recorded, ruleset, [sink], options=UNLIMITED)
             async with trio.open_nursery() as nursery:
                 await start_armed(nursery, engine, 1)
+                async with engine.guest_stopped():
+                    tree = resources.iomem(engine.guest.linux)
                 await trio.to_thread.run_sync(lambda: lab_guest.shell("seq 100; sleep 2", timeout=SLOW))
                 engine.stop()
     after = await trio.to_thread.run_sync(_interrupts, lab_guest)
     assert not engine.summary.rule_errors, engine.summary
     eois = [e for e in seen if e.paddr == start + EOI]
     print(f"{len(seen)} APIC writes, {len(eois)} EOIs; guest interrupts +{after - before}")
-    assert all(e.access is Access.WRITE and e.watched == (start, size) for e in seen)
+    assert [f"{'  ' * r.depth}{r.start:08x}-{r.end:08x} : {r.name}" for r in tree] == iomem.strip("\n").splitlines()
+    assert all(e.access is Access.WRITE and e.watched == ("Local APIC", 0) for e in seen)
     assert all(start <= e.paddr < start + size and e.size == 4 for e in seen), seen[:5]
     assert 3 <= len(eois) <= after - before, (len(eois), after - before)
     assert {e.value for e in eois} == {0}

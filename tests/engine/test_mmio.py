@@ -7,8 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmwatch.cpu import Registers
-from vmwatch.engine.mmio import Decoded, Watch, decode_access, register_value, watched_pages
+from vmwatch.engine.mmio import Decoded, Watch, decode_access, register_value, resolve, watched_pages
 from vmwatch.memory.paging import Mapping
+from vmwatch.os.linux.resources import Resource
 from vmwatch.rules import ListenerKind, RuleError, rule
 
 FIXMAP = 0xFFFFFFFFFF5FD000  # a fixmap slot, where Linux maps the local APIC
@@ -62,11 +63,19 @@ class TestWatchedPages:
         maps = [Mapping(FIXMAP, 0xFEE00000, 0x1000, True, False, True),
                 Mapping(0xFFFF888000000000, 0, 0x200000, True, False, True),
                 Mapping(0xFFFFC90000010000, 0xFEC00000, 0x2000, True, False, True)]
-        ranges = [(0xFEE00000, 0x1000, "w"), (0xFEC01000, 0x10, "rw")]
-        assert watched_pages(iter(maps), ranges) == [
-            Watch(0xFFFFC90000011000, 0xFEC01000, 0x1000, ((0xFEC01000, 0x10, "rw"),)),
-            Watch(FIXMAP, 0xFEE00000, 0x1000, ((0xFEE00000, 0x1000, "w"),)),
+        apic, ioapic = ((0xFEE00000, 0x1000), 0xFEE00000, 0x1000, "w"), (("IOAPIC 0", 0), 0xFEC01000, 0x10, "rw")
+        assert watched_pages(iter(maps), [apic, ioapic]) == [
+            Watch(0xFFFFC90000011000, 0xFEC01000, 0x1000, (ioapic,)),
+            Watch(FIXMAP, 0xFEE00000, 0x1000, (apic,)),
         ]
+
+    def test_device_names_resolve_through_the_resource_tree(self):
+        """A name gives a range per resource of that name; an address range stays; unknown names give none."""
+        devices = [Resource("Local APIC", 0xFEE00000, 0xFEE00FFF, 0), Resource("PCI Bus 0000:00", 0, 0xFFFF, 0),
+                   Resource("IOAPIC 0", 0xFEC00000, 0xFEC003FF, 1), Resource("bogus", 10, 5, 0)]
+        targets = [("Local APIC", 0, "w"), (0xB8000, 0x8000, "r"), ("bogus", 0, "w"), ("absent", 0, "w")]
+        assert resolve(targets, devices) == [(("Local APIC", 0), 0xFEE00000, 0x1000, "w"),
+                                             ((0xB8000, 0x8000), 0xB8000, 0x8000, "r")]
 
 
 class TestOnMmio:
@@ -75,11 +84,14 @@ class TestOnMmio:
             pass
 
         rule.on_mmio(0xFEE00000, 0x1000, "rw")(f)
-        lst = f.__vmwatch_rule__.listeners[0]
-        assert lst.kind is ListenerKind.MMIO and lst.target == (0xFEE00000, 0x1000, "rw")
+        rule.on_mmio("Local APIC")(f)
+        first, second = f.__vmwatch_rule__.listeners
+        assert first.kind is ListenerKind.MMIO and first.target == (0xFEE00000, 0x1000, "rw")
+        assert second.target == ("Local APIC", 0, "w")
 
     @pytest.mark.parametrize("start, size, access", [(-1, 4, "w"), (0, 0, "w"), (1 << 52, 4, "w"), (0, 4, "x"),
-                                                     (True, 4, "w"), (0, 4.0, "w"), (0, 4, None)])
+                                                     (True, 4, "w"), (0, 4.0, "w"), (0, 4, None),
+                                                     ("", 0, "w"), ("Local APIC", 4, "w")])
     def test_bad_declarations(self, start, size, access):
         """Negative, empty, beyond-52-bit ranges and unknown access kinds are a RuleError."""
         with pytest.raises(RuleError):

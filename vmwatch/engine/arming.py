@@ -51,7 +51,7 @@ class Arming:
                     wanted[f"interrupt:{lst.target}"].append(h)
                 elif kind is ListenerKind.MMIO:
                     d.add((MmioAccess, lst.target[:2]), h)
-                    wanted["mmio:{}:{}:{}".format(*lst.target)].append(h)
+                    wanted[f"mmio:{lst.target!r}"].append(h)
                 elif kind is ListenerKind.EXCEPTION:
                     vector, user = lst.target
                     for mode in (True, False) if user is None else (user,):

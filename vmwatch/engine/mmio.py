@@ -1,6 +1,8 @@
 """MMIO events: watchpoints on the kernel's own mappings of a device's guest-physical range.
 
-Theory of operation: gdbstub watchpoints take virtual addresses (``Qqemu.PhyMemMode`` changes
+Theory of operation: a range is given by address, or by the name the guest's own resource
+tree gives it (``iomem_resource``, what /proc/iomem shows; vmwatch/os/linux/resources.py).
+gdbstub watchpoints take virtual addresses (``Qqemu.PhyMemMode`` changes
 what ``m``/``M`` read, not what ``Z2``-``Z4`` watch), and a driver reaches its device through a
 kernel mapping (ioremap in vmalloc space, or a fixmap slot such as the local APIC's). So the
 kernel half of the page tables is walked once at start for pages that map the range, and each
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
+import ast
+
 import attrs
 import capstone
 import capstone.x86 as cx
@@ -30,6 +34,7 @@ import structlog
 
 from vmwatch.errors import VmwatchError
 from vmwatch.events import Access, MemoryAccess, MmioAccess
+from vmwatch.os.linux.resources import iomem
 
 if TYPE_CHECKING:
     from vmwatch.engine.guest import Guest
@@ -59,8 +64,8 @@ class Watch:
     vaddr: int
     paddr: int
     size: int
-    ranges: tuple[tuple[int, int, str], ...]
-    """The ``(start, size, access)`` ranges of rules this page serves."""
+    ranges: tuple[tuple[tuple, int, int, str], ...]
+    """``(listener key, start, size, access)`` of the rule ranges this page serves."""
 
 
 @attrs.frozen
@@ -134,32 +139,41 @@ def _source_value(insn: Any, regs: Any) -> int | None:
     return None
 
 
-def wanted_ranges(wanted: dict[str, list]) -> list[tuple[int, int, str]]:
-    """``{"mmio:4276092928:4096:w": [...]}`` -> ``[(0xfee00000, 0x1000, "w")]``."""
+def wanted_targets(wanted: dict[str, list]) -> list[tuple[int | str, int, str]]:
+    """``{"mmio:(4276092928, 4096, 'w')": [...]}`` -> ``[(0xfee00000, 0x1000, "w")]`` (arming's keys)."""
+    return sorted((ast.literal_eval(key[5:]) for key in wanted if key.startswith("mmio:")), key=repr)
+
+
+def resolve(targets: list[tuple[int | str, int, str]], devices: list[Any]) -> list[tuple[tuple, int, int, str]]:
+    """Listener targets -> ``(key, start, size, access)`` ranges; a device name gives one range
+    per resource of that name (``devices``: :func:`vmwatch.os.linux.resources.iomem`)."""
     out = []
-    for key in wanted:
-        if key.startswith("mmio:"):
-            _, start, size, kind = key.split(":")
-            out.append((int(start), int(size), kind))
-    return sorted(out)
+    for start, size, kind in targets:
+        if isinstance(start, str):
+            out += [((start, 0), d.start, d.end + 1 - d.start, kind) for d in devices
+                    if d.name == start and d.end >= d.start]
+        else:
+            out.append(((start, size), start, size, kind))
+    return out
 
 
-def watched_pages(mappings: Iterator[Any], ranges: list[tuple[int, int, str]]) -> list[Watch]:
+def watched_pages(mappings: Iterator[Any], ranges: list[tuple[tuple, int, int, str]]) -> list[Watch]:
     """The pages of kernel ``mappings`` that map some part of ``ranges``."""
     pages: dict[int, tuple[int, set]] = {}
     for m in mappings:
-        for start, size, kind in ranges:
+        for r in ranges:
+            _, start, size, _ = r
             lo, hi = max(start, m.paddr), min(start + size, m.paddr + m.size)
             if lo >= hi:
                 continue
             for paddr in range(lo & ~(PAGE - 1), hi, PAGE):
                 vaddr = m.vaddr + (paddr - m.paddr)
-                pages.setdefault(vaddr, (paddr, set()))[1].add((start, size, kind))
-    return [Watch(v, p, PAGE, tuple(sorted(r))) for v, (p, r) in sorted(pages.items())]
+                pages.setdefault(vaddr, (paddr, set()))[1].add(r)
+    return [Watch(v, p, PAGE, tuple(sorted(r, key=repr))) for v, (p, r) in sorted(pages.items())]
 
 
 def _page_access(watch: Watch) -> Access:
-    kinds = {k for _, _, k in watch.ranges}
+    kinds = {k for _, _, _, k in watch.ranges}
     return Access.READ_WRITE if "rw" in kinds or kinds == {"r", "w"} else ACCESS[kinds.pop()]
 
 
@@ -183,12 +197,12 @@ class MmioSensor:
             access = Access.WRITE if decoded.write else Access.READ
         else:
             paddr, size, value, access = watch.paddr, 0, None, event.access
-        for start, length, kind in watch.ranges:
+        for key, start, length, kind in watch.ranges:
             if decoded is not None and not (start <= paddr < start + length and access & ACCESS[kind]):
                 continue
             guest.emit(MmioAccess(seq=event.seq, time_ns=event.time_ns, vcpu=event.vcpu, access=access,
                                   paddr=paddr, size=size, value=value, rip=regs.rip if regs else 0,
-                                  watched=(start, length)))
+                                  watched=key))
 
 
 def _code_before(guest: Guest, rip: int) -> bytes:
@@ -205,22 +219,29 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     from vmwatch.engine import sources as caps
     from vmwatch.engine.dispatch import Handler, Trap
 
-    ranges = wanted_ranges(wanted)
-    if not ranges:
+    targets = wanted_targets(wanted)
+    if not targets:
         return
     if caps.WATCHPOINTS not in engine.capabilities:
-        engine.inactive(f"MMIO sensor ({len(ranges)} ranges)", "the source has no watchpoints")
+        engine.inactive(f"MMIO sensor ({len(targets)} ranges)", "the source has no watchpoints")
         return
     try:
-        memory = engine.guest.linux.memory
+        linux = engine.guest.linux
+        devices = iomem(linux) if any(isinstance(t[0], str) for t in targets) else []
+        ranges = resolve(targets, devices)
+        memory = linux.memory
         kernel_half = 1 << 63 if memory.pointer_size == 8 else 0xC0000000
         watches = watched_pages(memory.mappings(start=kernel_half), ranges)
     except VmwatchError as exc:
-        engine.inactive(f"MMIO sensor ({len(ranges)} ranges)", str(exc))
+        engine.inactive(f"MMIO sensor ({len(targets)} ranges)", str(exc))
         return
-    for start, size, kind in ranges:
-        if not any((start, size, kind) in w.ranges for w in watches):
-            engine.inactive(f"MMIO sensor ({start:#x}+{size:#x}, {kind})", "no kernel mapping of the range")
+    for start, size, kind in targets:
+        where = repr(start) if isinstance(start, str) else f"{start:#x}+{size:#x}"
+        what = f"MMIO sensor ({where}, {kind})"
+        if not any(r[0] == (start, size) for r in ranges):
+            engine.inactive(what, "no such device in the guest's /proc/iomem")
+        elif not any(r[0] == (start, size) for w in watches for r in w.ranges):
+            engine.inactive(what, "no kernel mapping of the range")
     run = engine.sensor_run("sensor.mmio")
     run.func = MmioSensor({w.vaddr: w for w in watches})
     for w in watches:
