@@ -69,6 +69,8 @@ class LabConfig:
     machine: str = "pc"
     append: str = ""
     """Extra kernel command-line words."""
+    name: str = "vmwatch-lab"
+    """QEMU ``-name``: what a fleet watch calls the guest (QMP ``query-name``)."""
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.cpus <= 64:
@@ -97,7 +99,7 @@ def qemu_command(config: LabConfig, kernel: KernelPackage, initrd: Path, runtime
     """The QEMU command line for a lab guest (pure, for tests and for ``vmwatch lab start --dry-run``)."""
     emulator = ARCHES[config.arch][2]
     machine = config.machine + (",memory-backend=ram" if config.shared_ram else "")
-    argv = [emulator, "-name", "vmwatch-lab", "-machine", machine, "-m", config.memory,
+    argv = [emulator, "-name", config.name, "-machine", machine, "-m", config.memory,
             "-smp", str(config.cpus), "-nodefaults", "-no-user-config", "-display", "none",
             "-no-reboot"]
     argv += ["-accel", "kvm", "-accel", "tcg"] if accel == "kvm" else ["-accel", "tcg"]
