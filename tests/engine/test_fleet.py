@@ -211,6 +211,8 @@ class Watch:
         status = self.proc.wait(timeout)
         for t in self._threads:
             t.join(10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
         return status
 
 
