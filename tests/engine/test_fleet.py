@@ -137,6 +137,38 @@ class TestImageFleet:
         assert len(gone) == 1 and str(junk) in gone[0]
 
 
+async def test_overhead_governance_is_per_guest():
+    """Engines side by side, as a fleet runs them, with one shared sink: a trap hot in one guest
+    is demoted there only; the same trap in a calm guest keeps every hit."""
+    import trio
+
+    from vmwatch.engine import Budget, Engine, ListSink, SyntheticSource, WatchOptions
+    from vmwatch.engine.fleet import SharedSink
+    from vmwatch.events import Breakpoint
+    from vmwatch.rules import RuleSet, rule, rules_of
+
+    hits: dict[str, int] = {"hot": 0, "calm": 0}
+
+    @rule.on_breakpoint(0x1000)
+    def count(event, guest):
+        hits[guest.vm] += 1
+
+    ruleset = RuleSet(rules_of({"count": count, "__name__": __name__}, "fleet"))
+    sink = ListSink()
+    options = WatchOptions(budget=Budget(max_hits=1000, window=3600))
+    engines = {vm: Engine(SyntheticSource([Breakpoint(seq=i, address=0x1000) for i in range(n)], name=vm,
+                                          honour_traps=False), ruleset, [SharedSink(sink)], options=options)
+               for vm, n in (("hot", 50_000), ("calm", 900))}
+    async with trio.open_nursery() as nursery:
+        for engine in engines.values():
+            nursery.start_soon(engine.run)
+    hot, calm = engines["hot"].summary, engines["calm"].summary
+    assert hot.demotions and hot.sampled_out > 0 and hits["hot"] + hot.sampled_out == 50_000
+    assert not calm.demotions and calm.sampled_out == 0 and hits["calm"] == 900
+    assert {r.vm for r in sink.events if r.kind == "Demotion"} == {"hot"}
+    assert not sink.closed  # a shared sink is the fleet's to close
+
+
 # -- two live lab guests ------------------------------------------------------------------------
 
 NAMES = ("fleet-a", "fleet-b")
