@@ -137,6 +137,33 @@ class TestImageFleet:
         assert len(gone) == 1 and str(junk) in gone[0]
 
 
+async def test_a_guest_whose_watch_crashes_ends_alone(tmp_path, monkeypatch):
+    """An unforeseen error inside one guest's engine (a bug, guest data nobody foresaw) ends that
+    guest's watch with a SourceEnded record and an alert naming it; the other is watched to its end."""
+    from vmwatch.engine import ListSink, fleet
+    from vmwatch.rules import RuleSet
+
+    evil, bad = _image(tmp_path / "evil.raw", True), _image(tmp_path / "bad.raw", True)
+    pack = tmp_path / "mine.py"
+    pack.write_text(PACK)
+
+    class Fragile(fleet.Engine):
+        async def _setup(self):
+            if self.vm == str(bad):
+                raise RuntimeError("boom")
+            await super()._setup()
+
+    monkeypatch.setattr(fleet, "Engine", Fragile)
+    sink = ListSink()
+    runs = await fleet.Fleet([str(evil), str(bad)], RuleSet.load([str(pack)]), [sink]).run()
+    assert [(r.vm, r.gone) for r in runs] == [(str(evil), False), (str(bad), True)]
+    assert runs[1].failure == "watch failed: internal error RuntimeError: boom"
+    assert [(a.vm, a.rule) for a in sink.alerts] == [(str(evil), "mine.magic"), (str(bad), "engine")]
+    assert "went away: watch failed: internal error RuntimeError: boom" in sink.alerts[1].message
+    assert sorted((r.vm, r.kind) for r in sink.events) == [(str(bad), "SourceEnded"), (str(evil), "SourceEnded")]
+    assert sink.closed
+
+
 async def test_overhead_governance_is_per_guest():
     """Engines side by side, as a fleet runs them, with one shared sink: a trap hot in one guest
     is demoted there only; the same trap in a calm guest keeps every hit."""

@@ -15,7 +15,9 @@ def guest_line(run: Any) -> str:
     if s is None:
         return f"{shown(run.vm)}: not watched; ended: {shown(run.end_reason)}"
     rate = s.events / s.seconds if s.seconds else 0.0
-    alerts = ", ".join(f"{n} {sev}" for sev, n in sorted(s.alerts.items())) or "no alerts"
+    order = [sev.name.lower() for sev in sorted(Severity, reverse=True)]
+    alerts = ", ".join(f"{s.alerts[sev]} {sev}" for sev in order if s.alerts.get(sev)) or "no"
+    alerts = f"alerts: {alerts}"
     notes = []
     if s.demotions:
         notes.append(f"{len(s.demotions)} trap demotions")

@@ -153,16 +153,18 @@ class Fleet:
                     engine.stop()
                 remaining = None if deadline is None else max(deadline - trio.current_time(), 0.001)
                 run.summary = await engine.run(duration=remaining)
-        except VmwatchError as exc:
-            if run.summary is not None and run.summary.source_ended:  # detaching from a QEMU already gone
-                log.info("detach failed", vm=run.vm, error=str(exc))
-            else:
-                run.failure = f"{'watch failed' if run.attached else 'cannot attach'}: {exc}"
-        except Exception as exc:  # a bug or unforeseen guest data: this guest's watch ends, not the fleet's
-            where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-            log.error("guest watch crashed", vm=run.vm, error=f"{type(exc).__name__}: {exc}",
-                      where=f"{where.filename}:{where.lineno}" if where else "?")
-            run.failure = f"watch failed: internal error {type(exc).__name__}: {exc}"
+        except Exception as caught:  # this guest's watch ends, not the fleet's
+            exc = _leaf(caught)
+            if isinstance(exc, VmwatchError):
+                if run.summary is not None and run.summary.source_ended:  # detaching from a QEMU already gone
+                    log.info("detach failed", vm=run.vm, error=str(exc))
+                else:
+                    run.failure = f"{'watch failed' if run.attached else 'cannot attach'}: {exc}"
+            else:  # a bug, or guest data nobody foresaw
+                where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+                log.error("guest watch crashed", vm=run.vm, error=f"{type(exc).__name__}: {exc}",
+                          where=f"{where.filename}:{where.lineno}" if where else "?")
+                run.failure = f"watch failed: internal error {type(exc).__name__}: {exc}"
         if run.gone:
             await self._report_gone(run, recorded=run.summary is not None)
 
@@ -194,6 +196,13 @@ class Fleet:
                 await sink.flush()
             except Exception as exc:
                 log.error("sink failed", sink=sink.name, error=f"{type(exc).__name__}: {exc}")
+
+
+def _leaf(exc: Exception) -> Exception:
+    """The one error a chain of single-error nursery groups carries (the group itself if several)."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def guest_name(target: Any) -> str | None:
