@@ -111,7 +111,8 @@ class Fleet:
         self._scope: trio.CancelScope | None = None
 
     def stop(self) -> None:
-        """End every guest's watch gracefully (Ctrl-C); guests still attaching are cancelled."""
+        """End every guest's watch gracefully (Ctrl-C): a guest still attaching stops once attached
+        (all of them at once are cancelled when none is attached yet)."""
         self._stop_requested = True
         for engine in self.engines.values():
             engine.stop()

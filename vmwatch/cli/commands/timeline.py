@@ -19,7 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", action="append", default=[], metavar="KIND",
                         help="only this event kind (Exec, ProcessStart...) or 'alert'; repeatable")
     parser.add_argument("--pid", action="append", type=int, default=[], help="only this pid; repeatable")
-    parser.add_argument("--vm", help="only this VM (its QMP name, else the watched target spec)")
+    parser.add_argument("--vm", help="only this VM (a live guest's QMP -name, else the watched target spec)")
     parser.add_argument("--host", help="only VMs watched from this host")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N rows")
     output = parser.add_mutually_exclusive_group()

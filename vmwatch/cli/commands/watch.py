@@ -74,6 +74,7 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
     import trio
 
     from vmwatch.cli.alertview import ScreenSink, make_console, print_summary
+    from vmwatch.engine.fleet import guest_name
     from vmwatch.engine.pump import Engine
     from vmwatch.engine.sinks import JsonLinesSink, SqliteSink
     from vmwatch.engine.sources import source_for
@@ -85,7 +86,7 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
         if args.stealth and target.live is not None:
             target.live.inline_hooks = False
         with contextlib.ExitStack() as stack:
-            source = source_for(target)
+            source = source_for(target, name=await guest_name(target))
             if args.record:
                 from vmwatch.replay.recorder import recording_source
 
