@@ -57,8 +57,11 @@ def expand_targets(specs: Iterable[str], *, files: Iterable[str] = ()) -> list[s
 
 
 def is_glob(spec: str) -> bool:
-    """``qemu:`` with a pattern for its socket path (``*``, ``?``, ``[...]``)."""
-    return spec.startswith(QEMU_PREFIX) and bool(_GLOB_CHARS & set(spec))
+    """``qemu:`` with a pattern for its socket path (``*``, ``?``, ``[...]``) that is not itself
+    an existing path (a socket may well be called ``vm[1].sock``)."""
+    if not spec.startswith(QEMU_PREFIX) or not _GLOB_CHARS & set(spec):
+        return False
+    return not os.path.lexists(spec[len(QEMU_PREFIX):])
 
 
 def _expand(spec: str) -> list[str]:

@@ -41,6 +41,10 @@ class TestTargetList:
         assert is_glob(f"qemu:{tmp_path}/*/qmp.sock") and not is_glob(f"qemu:{a}")
         assert expand_targets([f"qemu:{tmp_path}/*/qmp.sock", "mem.raw"]) == [f"qemu:{a}", f"qemu:{b}", "mem.raw"]
 
+    def test_existing_path_with_glob_characters_is_literal(self, tmp_path):
+        odd, = self._sockets(tmp_path, ["vm[1]"])
+        assert not is_glob(f"qemu:{odd}") and expand_targets([f"qemu:{odd}"]) == [f"qemu:{odd}"]
+
     def test_file_with_comments_and_duplicates(self, tmp_path):
         """One target per line; blank lines and # comments skipped; the same guest named twice
         (a path, a glob, a ./relative spelling) is watched once, where first named."""

@@ -16,8 +16,8 @@ def guest_line(run: Any) -> str:
         return f"{shown(run.vm)}: not watched; ended: {shown(run.end_reason)}"
     rate = s.events / s.seconds if s.seconds else 0.0
     order = [sev.name.lower() for sev in sorted(Severity, reverse=True)]
-    alerts = ", ".join(f"{s.alerts[sev]} {sev}" for sev in order if s.alerts.get(sev)) or "no"
-    alerts = f"alerts: {alerts}"
+    counts = ", ".join(f"{s.alerts[sev]} {sev}" for sev in order if s.alerts.get(sev))
+    alerts = f"alerts: {counts}" if counts else "no alerts"
     notes = []
     if s.demotions:
         notes.append(f"{len(s.demotions)} trap demotions")
