@@ -123,6 +123,26 @@ class TestImageFleet:
         only = run_cli("timeline", db, "--vm", str(clean), "--json")
         assert [json.loads(line)["vm"] for line in only.stdout.splitlines()] == [str(clean)]
 
+    def test_rule_raising_in_one_guest_is_reported_for_it(self, tmp_path):
+        """A rule that raises on one guest's data is that guest's engine alert; the rule still
+        runs (and alerts) on the other."""
+        evil, odd = _image(tmp_path / "evil.raw", True), _image(tmp_path / "odd.raw", False)
+        pack = tmp_path / "mine.py"
+        pack.write_text(PACK + textwrap.dedent('''
+            @rule.on_start
+            def picky(event, guest):
+                if guest.phys.read(0x2000, 4) != b"EVIL":
+                    raise ValueError("unexpected guest data")
+                guest.alert("info", "fine")
+        '''))
+        result = run_cli("watch", evil, odd, "--rules", pack, "--json")
+        assert result.status == 0, result.stderr
+        alerts = [(a["vm"], a["rule"], a["message"]) for a in map(json.loads, result.stdout.splitlines())
+                  if a["event"] == "alert"]
+        assert sorted(alerts) == sorted([
+            (str(evil), "mine.magic", "EVIL at 0x2000"), (str(evil), "mine.picky", "fine"),
+            (str(odd), "engine", "rule mine.picky raised ValueError: unexpected guest data")])
+
     def test_unreadable_target_ends_its_watch_only(self, tmp_path):
         """A target that is not an image (hostile file) cannot be attached: exit 3, one line for it,
         the other's alert still raised, the summary one line per guest."""
@@ -166,6 +186,32 @@ async def test_a_guest_whose_watch_crashes_ends_alone(tmp_path, monkeypatch):
     assert "went away: watch failed: internal error RuntimeError: boom" in sink.alerts[1].message
     assert sorted((r.vm, r.kind) for r in sink.events) == [(str(bad), "SourceEnded"), (str(evil), "SourceEnded")]
     assert sink.closed
+
+
+@pytest.mark.parametrize("reply", [{"name": "web-1"}, {}, {"name": 5}, {"name": ""}, ["web-1"], "error", "hang"])
+async def test_guest_name_from_qmp(reply, autojump_clock):
+    """query-name's answer when it is a name; None for no name, a wrong type, an error or silence."""
+    import trio
+
+    from vmwatch.engine.fleet import guest_name
+    from vmwatch.errors import LinkError
+
+    class Qmp:
+        async def execute(self, command):
+            assert command == "query-name"
+            if reply == "error":
+                raise LinkError("QMP closed")
+            if reply == "hang":
+                await trio.sleep_forever()
+            return reply
+
+    class Live:
+        qmp = Qmp()
+
+    class Target:
+        live = Live()
+
+    assert await guest_name(Target()) == ("web-1" if reply == {"name": "web-1"} else None)
 
 
 async def test_overhead_governance_is_per_guest():
