@@ -167,6 +167,15 @@ class TimelineError(VmwatchError):
     """A timeline database cannot be read, or a timeline query is malformed (bad time, bucket)."""
 
 
+class TargetListError(VmwatchError):
+    """A list of targets (``watch A B...``, ``--targets FILE``, a socket glob) names nothing usable."""
+
+    def __init__(self, message: str, *, spec: str | None = None) -> None:
+        super().__init__(message)
+        self.spec = spec
+        """The target, file or glob at fault (exact), if one is."""
+
+
 class RuleError(VmwatchError):
     """A rule pack cannot be loaded or a rule is declared wrongly."""
 

@@ -28,14 +28,41 @@ class TestSqliteSink:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         cols = {t: [r[1] for r in db.execute(f"PRAGMA table_info({t})")] for t in ("events", "alerts")}
         assert cols == {
-            "events": ["id", "vm", "time_ns", "seq", "kind", "vcpu", "pid", "comm", "details"],
-            "alerts": ["id", "vm", "time_ns", "seq", "rule", "severity", "pid", "comm", "message", "details"],
+            "events": ["id", "vm", "time_ns", "seq", "kind", "vcpu", "pid", "comm", "details", "host"],
+            "alerts": ["id", "vm", "time_ns", "seq", "rule", "severity", "pid", "comm", "message", "details", "host"],
         }
         rows = db.execute("SELECT vm, time_ns, seq, kind, pid, comm, details FROM events ORDER BY id").fetchall()
         assert rows[0] == ("vm1", 10, 3, "Exec", 7, "ls", '{"filename": "/bin/ls"}')
         assert json.loads(rows[1][6]) == {"access": "WRITE", "address": 16, "size": 0, "value": "01"}
         alert = db.execute("SELECT rule, severity, pid, message, details FROM alerts").fetchone()
         assert alert == ("p.r", "critical", 7, "m", '{"address": "0x10", "raw": "ff"}')
+
+    async def test_old_timeline_gains_host(self, tmp_path):
+        """A timeline written before hosts were stored reads as host '' and, opened for writing,
+        gets the column (old rows '', new rows their host)."""
+        from vmwatch.timeline.query import TimelineQuery, query_timeline
+
+        path = tmp_path / "old.db"
+        old = sqlite3.connect(path)
+        old.executescript(
+            "CREATE TABLE events(id INTEGER PRIMARY KEY, vm TEXT NOT NULL, time_ns INTEGER NOT NULL,"
+            " seq INTEGER NOT NULL, kind TEXT NOT NULL, vcpu INTEGER, pid INTEGER, comm TEXT,"
+            " details TEXT NOT NULL DEFAULT '{}');"
+            "CREATE TABLE alerts(id INTEGER PRIMARY KEY, vm TEXT NOT NULL, time_ns INTEGER NOT NULL,"
+            " seq INTEGER NOT NULL, rule TEXT NOT NULL, severity TEXT NOT NULL, pid INTEGER, comm TEXT,"
+            " message TEXT NOT NULL, details TEXT NOT NULL DEFAULT '{}');"
+            "INSERT INTO events(vm, time_ns, seq, kind, pid) VALUES ('a', 1, 1, 'Exec', 5);")
+        old.commit()
+        old.close()
+        assert [(e.vm, e.host) for e in query_timeline(path)] == [("a", "")]
+        assert query_timeline(path, TimelineQuery(host="h1")) == []
+        sink = SqliteSink(path)
+        await sink.send(EventRecord.from_event(Exec(seq=2, time_ns=2, pid=6, filename="/x"), "b", "h1"))
+        await sink.send(Alert(rule="p.r", severity=Severity.WARNING, message="m", vm="b", host="h1", time_ns=3))
+        await sink.aclose()
+        assert [(e.vm, e.host, e.kind) for e in query_timeline(path)] == [("a", "", "Exec"), ("b", "h1", "Exec"),
+                                                                          ("b", "h1", "alert")]
+        assert [e.vm for e in query_timeline(path, TimelineQuery(host="h1"))] == ["b", "b"]
 
     async def test_not_a_database(self, tmp_path):
         """A file that is not SQLite is a VmwatchError, not a traceback."""

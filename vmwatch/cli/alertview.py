@@ -39,9 +39,11 @@ class ScreenSink:
 
     name = "screen"
 
-    def __init__(self, console: Any, *, min_severity: Severity = Severity.INFO) -> None:
+    def __init__(self, console: Any, *, min_severity: Severity = Severity.INFO, show_vm: bool = False) -> None:
         self.console = console
         self.min_severity = min_severity
+        self.show_vm = show_vm
+        """Name the guest on each line (a fleet watch)."""
         self.alerts: list[Alert] = []
 
     async def send(self, item: Alert | EventRecord) -> None:
@@ -56,6 +58,8 @@ class ScreenSink:
                 who = f"pid {item.pid}" + (f" {shown(item.comm)}" if item.comm else "")
             line = Text()
             line.append(f"{_clock()} ")
+            if self.show_vm:
+                line.append(f"{shown(item.vm)} ", style="bold")
             line.append(f"{LABELS[item.severity]:<8}", style=STYLES[item.severity])
             line.append(f" {shown(item.rule):<34} ", style="cyan" if item.severity >= Severity.WARNING else "dim")
             line.append(f"{who:<18} ", style="dim")
@@ -63,7 +67,8 @@ class ScreenSink:
             self.console.print(line)
         elif item.kind in ENGINE_EVENTS:
             detail = shown(", ".join(f"{k}={v}" for k, v in item.details.items()))
-            self.console.print(Text(f"{_clock()} engine   {item.kind}: {detail}", style="magenta"))
+            vm = f"{shown(item.vm)} " if self.show_vm else ""
+            self.console.print(Text(f"{_clock()} {vm}engine   {item.kind}: {detail}", style="magenta"))
 
     async def aclose(self) -> None:
         pass

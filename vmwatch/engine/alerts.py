@@ -18,7 +18,9 @@ class Alert:
     severity: Severity
     message: str
     vm: str = ""
-    """The watched VM (the target spec)."""
+    """The watched VM: its QMP ``query-name``, else the target spec."""
+    host: str = ""
+    """The host that watched it (``socket.gethostname()``)."""
     time_ns: int = 0
     """Timestamp of the event that triggered the rule."""
     seq: int = 0
@@ -30,7 +32,7 @@ class Alert:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "vm": self.vm, "time_ns": self.time_ns, "seq": self.seq, "rule": self.rule,
+            "vm": self.vm, "host": self.host, "time_ns": self.time_ns, "seq": self.seq, "rule": self.rule,
             "severity": self.severity.name.lower(), "pid": self.pid, "comm": self.comm,
             "message": self.message, "details": self.details,
         }

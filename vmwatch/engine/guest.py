@@ -42,12 +42,15 @@ class Guest:
         self,
         *,
         vm: str,
+        host: str = "",
         phys: object | None,
         capabilities: frozenset[str] = frozenset(),
         linux_factory: Callable[[Guest], Any] | None = None,
         current_resolver: Callable[[Guest], Current | None] | None = None,
     ) -> None:
         self.vm = vm
+        self.host = host
+        """The host watching it: alerts carry both."""
         self.phys = phys
         """The source's physical memory (``read``/``read_into``), or ``None``."""
         self.capabilities = capabilities
@@ -164,7 +167,7 @@ class Guest:
                     pid, comm = cur.pid, cur.comm
         alert = Alert(
             rule=self.rule.name if self.rule else "engine", severity=Severity.parse(severity), message=message,
-            vm=self.vm, time_ns=event.time_ns if event else 0, seq=event.seq if event else 0,
+            vm=self.vm, host=self.host, time_ns=event.time_ns if event else 0, seq=event.seq if event else 0,
             pid=pid, comm=comm or None, details=details,
         )
         self._alerts.append(alert)

@@ -28,6 +28,7 @@ Theory of operation:
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 import traceback
 from typing import Any, Callable, Iterable
@@ -74,6 +75,8 @@ class Engine(Arming, Ticking, Stopping):
         self.ruleset = ruleset
         self.options = options
         self.vm = getattr(source, "name", "guest")
+        self.host: str = getattr(source, "host", None) or socket.gethostname()
+        """Stored with every alert and event, so timelines of many hosts can share a database."""
         self.capabilities: frozenset[str] = frozenset(getattr(source, "capabilities", ()))
         self.pausable = caps.PAUSE in self.capabilities
         self.has_registers = caps.REGISTERS in self.capabilities
@@ -86,7 +89,8 @@ class Engine(Arming, Ticking, Stopping):
             from vmwatch.engine.linux_sensors import current_task
 
             current_resolver = current_task
-        self.guest = Guest(vm=self.vm, phys=getattr(source, "memory", None), capabilities=self.capabilities,
+        self.guest = Guest(vm=self.vm, host=self.host, phys=getattr(source, "memory", None),
+                           capabilities=self.capabilities,
                            linux_factory=linux_factory, current_resolver=current_resolver)
         hooks = getattr(source, "on_resume", None)
         if hooks is not None:  # the source tells us when the guest ran: caches may be stale
@@ -230,7 +234,8 @@ class Engine(Arming, Ticking, Stopping):
 
     def _report_drops(self) -> None:
         log.warning("events dropped", vm=self.vm, dropped=self.summary.dropped_events)
-        self._record(EventRecord(vm=self.vm, time_ns=self._clock(), seq=self._last_seq, kind="Dropped",
+        self._record(EventRecord(vm=self.vm, host=self.host, time_ns=self._clock(), seq=self._last_seq,
+                                 kind="Dropped",
                                  details={"dropped_total": self.summary.dropped_events}))
 
     async def _handle_batch(self, batch: Iterable[Event]) -> None:
@@ -277,7 +282,7 @@ class Engine(Arming, Ticking, Stopping):
             if self._note_handled is not None:
                 self._note_handled()
             if cls in recorded:
-                self._record(EventRecord.from_event(event, self.vm))
+                self._record(EventRecord.from_event(event, self.vm, self.host))
             self._last_seq = event.seq
             if guest._alerts or self._decisions or self._rule_failures:
                 await self._after_rules()
@@ -329,7 +334,7 @@ class Engine(Arming, Ticking, Stopping):
                 guest.begin(event, parent_regs)
                 self._run(event, handlers)
             if type(event) in self.options.recorded:
-                self._record(EventRecord.from_event(event, self.vm))
+                self._record(EventRecord.from_event(event, self.vm, self.host))
             more = guest.take_emitted()
             if more and depth < 3:
                 self._dispatch_derived(more, depth + 1)
@@ -375,7 +380,8 @@ class Engine(Arming, Ticking, Stopping):
         log.warning("rule raised", rule=run.name, error=f"{type(exc).__name__}: {exc}", where=where)
         details = {"error": f"{type(exc).__name__}: {exc}", "where": where, "event": type(event).__name__,
                    "errors": run.errors}
-        self._record(EventRecord(vm=self.vm, time_ns=event.time_ns, seq=event.seq, kind="RuleFailure",
+        self._record(EventRecord(vm=self.vm, host=self.host, time_ns=event.time_ns, seq=event.seq,
+                                 kind="RuleFailure",
                                  details={"rule": run.name, **details}))
         isolate = run.errors >= self.options.max_rule_errors and run.active
         if run.errors == 1 or isolate:
@@ -384,7 +390,7 @@ class Engine(Arming, Ticking, Stopping):
                 run.active = False
                 self.summary.isolated.append(run.name)
                 msg = f"rule {run.name} isolated after {run.errors} errors (last: {type(exc).__name__}: {exc})"
-            self.publish([Alert(rule="engine", severity=Severity.ERROR, message=msg, vm=self.vm,
+            self.publish([Alert(rule="engine", severity=Severity.ERROR, message=msg, vm=self.vm, host=self.host,
                                 time_ns=event.time_ns, seq=event.seq, details={"rule": run.name, **details})])
 
     async def _demote(self, decision: Decision) -> None:
@@ -401,7 +407,7 @@ class Engine(Arming, Ticking, Stopping):
             self.guest.begin(event, None)
             self._run(event, handlers)
             self.publish(self.guest.take_alerts())
-        self._record(EventRecord.from_event(event, self.vm))
+        self._record(EventRecord.from_event(event, self.vm, self.host))
 
 def _closing(stream: Any) -> Any:
     """Close an async generator when done with it (early exits included); other iterators as is."""

@@ -9,14 +9,16 @@ memory channel in its own task, so a slow sink never stalls another; alerts are 
 SQLite timeline schema (stable: ``vmwatch timeline``/``replay`` read it). WAL mode::
 
     events(id INTEGER PRIMARY KEY, vm TEXT, time_ns INTEGER, seq INTEGER, kind TEXT,
-           vcpu INTEGER, pid INTEGER, comm TEXT, details TEXT)        -- details: JSON object
+           vcpu INTEGER, pid INTEGER, comm TEXT, details TEXT, host TEXT)  -- details: JSON object
     alerts(id INTEGER PRIMARY KEY, vm TEXT, time_ns INTEGER, seq INTEGER, rule TEXT,
-           severity TEXT, pid INTEGER, comm TEXT, message TEXT, details TEXT)
+           severity TEXT, pid INTEGER, comm TEXT, message TEXT, details TEXT, host TEXT)
 
 ``kind`` is the event class name (``ProcessStart``, ``Exec``, ``ProcessExit``, ``ModuleLoad``,
 ``RegisterWrite``, ``Demotion``, ``Dropped``, ``RuleFailure``, ``SourceEnded``...); ``severity``
 is ``info``/``warning``/``error``/``critical``. ``time_ns`` is the source's clock (wall-clock
-nanoseconds for live guests). Several runs and VMs may share one file.
+nanoseconds for live guests). Several runs and VMs may share one file: ``vm`` is the guest's QMP
+name (else the target spec), ``host`` the watching machine. ``host`` came later: opening an older
+file for writing adds it (``''`` in old rows); readers of an old file read ``''``.
 """
 
 from __future__ import annotations
@@ -41,20 +43,21 @@ class EventRecord:
     time_ns: int
     seq: int
     kind: str
+    host: str = ""
     vcpu: int = 0
     pid: int | None = None
     comm: str | None = None
     details: dict[str, Any] = attrs.field(factory=dict)
 
     @classmethod
-    def from_event(cls, event: Event, vm: str) -> EventRecord:
+    def from_event(cls, event: Event, vm: str, host: str = "") -> EventRecord:
         details = {}
         for field in attrs.fields(type(event)):
             name = field.name
             if name in ("seq", "time_ns", "vcpu", "pid", "comm"):
                 continue
             details[name] = jsonable(getattr(event, name))
-        return cls(vm=vm, time_ns=event.time_ns, seq=event.seq, kind=type(event).__name__, vcpu=event.vcpu,
+        return cls(vm=vm, host=host, time_ns=event.time_ns, seq=event.seq, kind=type(event).__name__, vcpu=event.vcpu,
                    pid=getattr(event, "pid", None), comm=getattr(event, "comm", None) or None, details=details)
 
     def as_dict(self) -> dict[str, Any]:
@@ -133,11 +136,19 @@ CREATE TABLE IF NOT EXISTS events(
 CREATE TABLE IF NOT EXISTS alerts(
     id INTEGER PRIMARY KEY, vm TEXT NOT NULL, time_ns INTEGER NOT NULL, seq INTEGER NOT NULL,
     rule TEXT NOT NULL, severity TEXT NOT NULL, pid INTEGER, comm TEXT, message TEXT NOT NULL,
-    details TEXT NOT NULL DEFAULT '{}');
+    details TEXT NOT NULL DEFAULT '{}', host TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS events_time ON events(vm, time_ns);
 CREATE INDEX IF NOT EXISTS events_kind ON events(kind, time_ns);
 CREATE INDEX IF NOT EXISTS alerts_time ON alerts(vm, time_ns);
 """
+
+
+def _add_host_column(db: sqlite3.Connection) -> None:
+    """Migrate a timeline written before ``host`` existed (its rows get ``''``)."""
+    for table in ("events", "alerts"):
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if "host" not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN host TEXT NOT NULL DEFAULT ''")
 
 
 class SqliteSink:
@@ -153,6 +164,7 @@ class SqliteSink:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            _add_host_column(self._db)
         except sqlite3.DatabaseError as exc:
             self._db.close()
             from vmwatch.errors import VmwatchError
@@ -163,15 +175,16 @@ class SqliteSink:
     async def send(self, item: Alert | EventRecord) -> None:
         if isinstance(item, Alert):
             self._db.execute(
-                "INSERT INTO alerts(vm, time_ns, seq, rule, severity, pid, comm, message, details)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
-                (item.vm, item.time_ns, item.seq, item.rule, item.severity.name.lower(), item.pid, item.comm,
+                "INSERT INTO alerts(vm, host, time_ns, seq, rule, severity, pid, comm, message, details)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (item.vm, item.host, item.time_ns, item.seq, item.rule, item.severity.name.lower(), item.pid, item.comm,
                  item.message, json.dumps(jsonable(item.details))),
             )
         else:
             self._db.execute(
-                "INSERT INTO events(vm, time_ns, seq, kind, vcpu, pid, comm, details) VALUES (?,?,?,?,?,?,?,?)",
-                (item.vm, item.time_ns, item.seq, item.kind, item.vcpu, item.pid, item.comm,
+                "INSERT INTO events(vm, host, time_ns, seq, kind, vcpu, pid, comm, details)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (item.vm, item.host, item.time_ns, item.seq, item.kind, item.vcpu, item.pid, item.comm,
                  json.dumps(item.details)),
             )
         self._pending += 1

@@ -338,9 +338,11 @@ class LiveSource:
         await self.vm.remove_watchpoint(vaddr, size, access)  # type: ignore[attr-defined]
 
 
-def source_for(target: object) -> object:
-    """The engine source for an opened :class:`vmwatch.target.Target`: live or image."""
+def source_for(target: object, *, name: str | None = None) -> object:
+    """The engine source for an opened :class:`vmwatch.target.Target`: live or image, named
+    ``name`` in sinks (default: the target spec)."""
     live = getattr(target, "live", None)
+    name = name or target.spec  # type: ignore[attr-defined]
     if live is not None:
-        return LiveSource(live, name=target.spec)  # type: ignore[attr-defined]
-    return ImageSource(target.memory, name=target.spec, cpus=tuple(target.saved_cpus))  # type: ignore[attr-defined]
+        return LiveSource(live, name=name)
+    return ImageSource(target.memory, name=name, cpus=tuple(target.saved_cpus))  # type: ignore[attr-defined]

@@ -67,6 +67,8 @@ class LabConfig:
     """QEMU ``-machine``; the board's (``pc``, ``virt``) if None."""
     append: str = ""
     """Extra kernel command-line words."""
+    name: str = "vmwatch-lab"
+    """QEMU ``-name``: what a fleet watch calls the guest (QMP ``query-name``)."""
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.cpus <= 64:
@@ -100,7 +102,7 @@ def qemu_command(config: LabConfig, kernel: KernelPackage, initrd: Path, runtime
     emulator = ARCHES[config.arch][2]
     board = config.board
     machine = (config.machine or board.machine) + (",memory-backend=ram" if config.shared_ram else "")
-    argv = [emulator, "-name", "vmwatch-lab", "-machine", machine, "-m", config.memory,
+    argv = [emulator, "-name", config.name, "-machine", machine, "-m", config.memory,
             "-smp", str(config.cpus), "-nodefaults", "-no-user-config", "-display", "none",
             "-no-reboot"]
     argv += ["-accel", "kvm", "-accel", "tcg"] if accel == "kvm" else ["-accel", "tcg"]

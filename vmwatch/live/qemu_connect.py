@@ -10,6 +10,7 @@ import os
 import secrets
 import socket
 import tempfile
+import time
 from typing import TYPE_CHECKING, Iterator
 
 import structlog
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
+STALE_SOCKET_AGE = 60.0
+"""Seconds an unbound gdbstub socket file must be old before it counts as left by a QEMU gone."""
 ATTACH_DEADLINE = 10.0
 """Seconds QMP or the gdbstub may take over one step of attaching (each answers in milliseconds)."""
 
@@ -74,11 +77,15 @@ def _private_dir() -> str:
             bound = {line.split()[-1] for line in f if len(line.split()) >= 8}
     except OSError:
         bound = None
+    # A socket bound after /proc/net/unix was read is young: another attach (a fleet's next guest,
+    # another vmwatch) is starting it, so only sockets older than STALE_SOCKET_AGE go.
+    now = time.time()
     for name in os.listdir(path):
         full = os.path.join(path, name)
         if bound is not None and name.startswith("gdb-") and name.endswith(".sock") and full not in bound:
             with contextlib.suppress(OSError):
-                os.unlink(full)
+                if now - os.lstat(full).st_mtime > STALE_SOCKET_AGE:
+                    os.unlink(full)
     return path
 
 

@@ -28,6 +28,8 @@ class TimelineEntry:
     source: str
     """``"event"`` or ``"alert"``."""
     vm: str
+    host: str = ""
+    """The host that watched ``vm`` (``''`` in timelines written before hosts were stored)."""
     time_ns: int
     seq: int
     kind: str
@@ -66,6 +68,7 @@ class TimelineQuery:
     """Event kinds (case-insensitive) and/or ``"alert"``; empty means everything."""
     pids: tuple[int, ...] = ()
     vm: str | None = None
+    host: str | None = None
     limit: int | None = None
 
 
@@ -96,7 +99,12 @@ def open_timeline(path: str | Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def _where(query: TimelineQuery, kinds: Sequence[str]) -> tuple[str, list[Any]]:
+def host_column(db: sqlite3.Connection, table: str) -> str:
+    """``host``, or ``''`` for a table written before hosts were stored (read-only: no migration)."""
+    return "host" if any(row[1] == "host" for row in db.execute(f"PRAGMA table_info({table})")) else "''"
+
+
+def _where(query: TimelineQuery, kinds: Sequence[str], host: str = "host") -> tuple[str, list[Any]]:
     clauses, params = [], []
     if query.since_ns is not None:
         clauses.append("time_ns >= ?")
@@ -113,6 +121,9 @@ def _where(query: TimelineQuery, kinds: Sequence[str]) -> tuple[str, list[Any]]:
     if query.vm is not None:
         clauses.append("vm = ?")
         params.append(query.vm)
+    if query.host is not None:
+        clauses.append(f"{host} = ?")
+        params.append(query.host)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
@@ -126,24 +137,27 @@ def query_timeline(path: str | Path, query: TimelineQuery = TimelineQuery()) -> 
     want_alerts = not kinds or ALERT_KIND in kinds or "alerts" in kinds
     event_kinds = [k for k in kinds if k not in (ALERT_KIND, "alerts")]
     want_events = not kinds or bool(event_kinds)
-    parts, params = [], []
-    if want_events:
-        where, p = _where(query, event_kinds)
-        parts.append("SELECT 0, vm, time_ns, seq, kind, vcpu, pid, comm, NULL, NULL, NULL, details FROM events" + where)
-        params += p
-    if want_alerts:
-        where, p = _where(query, [])
-        parts.append("SELECT 1, vm, time_ns, seq, 'alert', NULL, pid, comm, rule, severity, message, details"
-                     " FROM alerts" + where)
-        params += p
-    if not parts:
+    if not want_events and not want_alerts:
         return []
-    sql = " UNION ALL ".join(parts) + " ORDER BY 3, 4, 1"
-    if query.limit is not None:
-        sql += " LIMIT ?"
-        params.append(query.limit)
     with open_timeline(path) as db:
         try:
+            parts, params = [], []
+            if want_events:
+                host = host_column(db, "events")
+                where, p = _where(query, event_kinds, host)
+                parts.append(f"SELECT 0, vm, time_ns, seq, kind, vcpu, pid, comm, NULL, NULL, NULL, details, {host}"
+                             " FROM events" + where)
+                params += p
+            if want_alerts:
+                host = host_column(db, "alerts")
+                where, p = _where(query, [], host)
+                parts.append("SELECT 1, vm, time_ns, seq, 'alert', NULL, pid, comm, rule, severity, message, details,"
+                             f" {host} FROM alerts" + where)
+                params += p
+            sql = " UNION ALL ".join(parts) + " ORDER BY 3, 4, 1"
+            if query.limit is not None:
+                sql += " LIMIT ?"
+                params.append(query.limit)
             rows = db.execute(sql, params).fetchall()
         except sqlite3.DatabaseError as exc:
             raise TimelineError(f"cannot query {path}: {exc}") from None
@@ -151,15 +165,15 @@ def query_timeline(path: str | Path, query: TimelineQuery = TimelineQuery()) -> 
 
 
 def _entry(row: tuple[Any, ...]) -> TimelineEntry:
-    is_alert, vm, time_ns, seq, kind, vcpu, pid, comm, rule, severity, message, details = row
+    is_alert, vm, time_ns, seq, kind, vcpu, pid, comm, rule, severity, message, details, host = row
     try:
         parsed = json.loads(details) if details else {}
     except (TypeError, ValueError):
         parsed = {"raw": details}
     if not isinstance(parsed, dict):
         parsed = {"value": parsed}
-    return TimelineEntry(source="alert" if is_alert else "event", vm=vm, time_ns=time_ns, seq=seq, kind=kind,
-                         vcpu=vcpu, pid=pid, comm=comm, rule=rule, severity=severity, message=message,
+    return TimelineEntry(source="alert" if is_alert else "event", vm=vm, host=host, time_ns=time_ns, seq=seq,
+                         kind=kind, vcpu=vcpu, pid=pid, comm=comm, rule=rule, severity=severity, message=message,
                          details=parsed)
 
 
@@ -188,14 +202,14 @@ def bucket_counts(path: str | Path, bucket_ns: int, query: TimelineQuery = Timel
     with open_timeline(path) as db:
         try:
             if not kinds or event_kinds:
-                where, params = _where(query, event_kinds)
+                where, params = _where(query, event_kinds, host_column(db, "events"))
                 for b, kind, n in db.execute(
                     f"SELECT (time_ns / ?) * ?, kind, count(*) FROM events{where} GROUP BY 1, 2 ORDER BY 1, 2",
                     [bucket_ns, bucket_ns, *params],
                 ):
                     out.append(BucketCount(b, "event", kind, n))
             if not kinds or len(event_kinds) < len(kinds):
-                where, params = _where(query, [])
+                where, params = _where(query, [], host_column(db, "alerts"))
                 for b, kind, n in db.execute(
                     f"SELECT (time_ns / ?) * ?, severity, count(*) FROM alerts{where} GROUP BY 1, 2 ORDER BY 1, 2",
                     [bucket_ns, bucket_ns, *params],

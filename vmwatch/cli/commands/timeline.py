@@ -8,7 +8,7 @@ import json
 
 HELP = "query the SQLite timeline a watch wrote: events and alerts by time, kind and pid"
 
-CSV_FIELDS = ("time", "time_ns", "source", "vm", "seq", "kind", "vcpu", "pid", "comm", "rule", "severity",
+CSV_FIELDS = ("time", "time_ns", "source", "vm", "host", "seq", "kind", "vcpu", "pid", "comm", "rule", "severity",
               "message", "details")
 
 
@@ -19,7 +19,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", action="append", default=[], metavar="KIND",
                         help="only this event kind (Exec, ProcessStart...) or 'alert'; repeatable")
     parser.add_argument("--pid", action="append", type=int, default=[], help="only this pid; repeatable")
-    parser.add_argument("--vm", help="only this VM (the watched target spec)")
+    parser.add_argument("--vm", help="only this VM (a live guest's QMP -name, else the watched target spec)")
+    parser.add_argument("--host", help="only VMs watched from this host")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N rows")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -35,7 +36,7 @@ def build_query(args: argparse.Namespace):
         since_ns=parse_time(args.since) if args.since else None,
         until_ns=parse_time(args.until) if args.until else None,
         kinds=tuple(args.kind), pids=tuple(args.pid or ()), vm=getattr(args, "vm", None),
-        limit=getattr(args, "limit", None),
+        host=getattr(args, "host", None), limit=getattr(args, "limit", None),
     )
 
 
@@ -60,11 +61,14 @@ def run(args: argparse.Namespace, env) -> int:
 
         # the table is for people: guest strings escaped (--json and --csv keep them exact)
         vms = {entry.vm for entry in entries}
+        hosts = {entry.host for entry in entries}
         for entry in entries:
             who = f"{entry.pid}" if entry.pid is not None else "-"
             if entry.comm:
                 who += f"/{shown(entry.comm)}"
             vm = f"{shown(entry.vm)}  " if len(vms) > 1 else ""
+            if vm and len(hosts) > 1:
+                vm = f"{shown(entry.host)}/{vm}"
             out.write(f"{format_time(entry.time_ns)}  {vm}{shown(entry.kind):<13} {who:<20} {shown(entry.summary())}\n")
         if not entries:
             env.stderr.write("vmwatch: no events or alerts match\n")

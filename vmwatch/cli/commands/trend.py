@@ -18,6 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="only this event kind or 'alert'; repeatable")
     parser.add_argument("--pid", action="append", type=int, default=[], help="only this pid; repeatable")
     parser.add_argument("--vm", help="only this VM")
+    parser.add_argument("--host", help="only VMs watched from this host")
     parser.add_argument("--size", default="1200x700", metavar="WxH", help="image size in pixels (default 1200x700)")
     parser.add_argument("--title", help="chart title")
 

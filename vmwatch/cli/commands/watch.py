@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "watch a live VM (qemu:/path/qmp.sock) or inspect an image with rule packs; alerts as they arrive"
+HELP = "watch live VMs (qemu:/path/qmp.sock, several or a glob) or inspect an image with rule packs; alerts as they arrive"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help="qemu:/path/to/qmp.sock (live) or a memory image file")
+    parser.add_argument("target", nargs="*", help="qemu:/path/to/qmp.sock (live) or a memory image file; several, "
+                        "or a quoted glob such as 'qemu:/run/vms/*/qmp.sock', watch every guest at once")
+    parser.add_argument("--targets", action="append", default=[], metavar="FILE",
+                        help="also watch the targets listed in FILE, one per line (# comments)")
     parser.add_argument("--rules", nargs="+", action="extend", default=[], metavar="PACK", required=True,
                         help="rule packs: .py files, folders, or shipped packs (security, timeline)")
     parser.add_argument("--db", metavar="FILE", help="also write events and alerts to this SQLite timeline")
@@ -65,6 +68,10 @@ def run(args: argparse.Namespace, env) -> int:
 
         check_spec(args.gdb)
     ruleset = build_ruleset(args)
+    from vmwatch.cli.fleet_watch import is_fleet, run_fleet
+
+    if is_fleet(args):
+        return run_fleet(args, env, ruleset)
     return trio.run(_watch, args, env, ruleset)
 
 
@@ -75,6 +82,7 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
 
     from vmwatch.cli.alertview import ScreenSink, make_console, print_summary
     from vmwatch.cpu_aarch64 import refuse_aarch64
+    from vmwatch.engine.fleet import guest_name
     from vmwatch.engine.pump import Engine
     from vmwatch.engine.sinks import JsonLinesSink, SqliteSink
     from vmwatch.engine.sources import source_for
@@ -82,12 +90,12 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
     from vmwatch.target import open_target
 
     console = make_console(env.stdout)
-    async with open_target(args.target) as target:
+    async with open_target(args.target[0]) as target:
         refuse_aarch64((target.live, *target.saved_cpus), "watching")
         if args.stealth and target.live is not None:
             target.live.inline_hooks = False
         with contextlib.ExitStack() as stack:
-            source = source_for(target)
+            source = source_for(target, name=await guest_name(target))
             if args.record:
                 from vmwatch.replay.recorder import recording_source
 
