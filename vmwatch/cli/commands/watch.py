@@ -71,6 +71,8 @@ def run(args: argparse.Namespace, env) -> int:
     from vmwatch.cli.fleet_watch import is_fleet, run_fleet
 
     if is_fleet(args):
+        if args.gdb:
+            raise VmwatchError("--gdb looks at one guest: give one target")
         return run_fleet(args, env, ruleset)
     return trio.run(_watch, args, env, ruleset)
 
