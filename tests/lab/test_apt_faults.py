@@ -143,7 +143,7 @@ def mirror(tmp_path, monkeypatch, fake_apt):
     monkeypatch.setenv("APT_CONFIG", str(etc / "apt.conf"))
     monkeypatch.setattr(apt_mod, "RETRY_DELAYS", (0.01, 0.01, 0.01))
     # A foreign-arch apt (private lists in the test's cache) even on an i386 host.
-    monkeypatch.setattr(apt_mod, "_native_arch", lambda: "vmwatch-none")
+    monkeypatch.setattr(apt_mod, "native_arch", lambda: "vmwatch-none")
     cache = tmp_path / "cache"
     cache.mkdir()
     return cache, fake_apt

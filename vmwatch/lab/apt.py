@@ -52,7 +52,7 @@ class Apt:
 
     @classmethod
     def for_arch(cls, arch: str, cache: Path) -> "Apt":
-        if arch == _native_arch():
+        if arch == native_arch():
             return cls(arch)
         # A foreign arch (i386 kernel on an amd64 host) gets its own apt lists in the cache, so the
         # system's dpkg configuration is never changed.
@@ -221,7 +221,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _native_arch() -> str:
+def native_arch() -> str:
+    """The host's Debian architecture (``dpkg --print-architecture``)."""
     try:
         return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
                               check=True).stdout.strip()

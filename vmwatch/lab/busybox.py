@@ -6,14 +6,14 @@ import tempfile
 from pathlib import Path
 
 from vmwatch.errors import LabError
-from vmwatch.lab.apt import Apt, run
+from vmwatch.lab.apt import Apt, native_arch, run
 from vmwatch.lab.cache import cache_dir, install_dir
 from vmwatch.lab.kernel import ARCHES
 
 
 def busybox_for(arch: str) -> Path:
     """A static busybox binary for lab arch ``arch`` (downloaded and cached for a foreign one)."""
-    if arch == "amd64":
+    if ARCHES[arch][1] == native_arch():
         path = Path("/bin/busybox")
         if not path.exists():
             raise LabError("/bin/busybox is missing (install the Debian package busybox-static)")
