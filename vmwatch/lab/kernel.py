@@ -37,6 +37,7 @@ ARCHES = {
     "rt-amd64": ("linux-image-rt-amd64", "amd64", "qemu-system-x86_64"),  # PREEMPT_RT
     "686": ("linux-image-686", "i386", "qemu-system-i386"),
     "686-pae": ("linux-image-686-pae", "i386", "qemu-system-i386"),
+    "arm64": ("linux-image-arm64", "arm64", "qemu-system-aarch64"),
 }
 
 

@@ -107,7 +107,7 @@ class LabGuest:
         t0 = time.monotonic()
         emulator = ARCHES[config.arch][2]
         if shutil.which(emulator) is None:
-            raise LabError(f"{emulator} is missing (install the Debian package qemu-system-x86)")
+            raise LabError(f"{emulator} is missing (install the Debian package {config.board.debian_package})")
         kernel = ensure_kernel(config.arch)
         initrd = build_initramfs(kernel, busybox_for(config.arch))
         accel = config.accel

@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--no-shared-ram", action="store_true",
                        help="plain guest RAM (vmwatch then reads memory through the gdbstub, slowly)")
     start.add_argument("--no-kaslr", action="store_true",
-                       help="boot the uncompressed kernel (PVH): faster under TCG, no KASLR")
+                       help="no KASLR (x86: the uncompressed kernel through PVH, faster under TCG; arm64: nokaslr)")
     start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the boot")
     symbols = actions.add_parser("symbols", help="print the path of the lab kernel's -dbg vmlinux, for --symbols "
                                                 "(downloaded once, ~760 MB; only the vmlinux is kept)")
@@ -112,7 +112,8 @@ def _status(args: argparse.Namespace, env, guest) -> int:
     info = {
         "pid": guest.pid, "status": guest.status(), "target": guest.target, "accel": guest.accel,
         "arch": guest.config.arch, "memory": guest.config.memory, "cpus": guest.config.cpus,
-        "cpu_model": guest.config.cpu_model, "kernel_release": guest.kernel_release,
+        "cpu_model": guest.config.cpu_model or guest.config.board.cpu_model,
+        "machine": guest.config.machine or guest.config.board.machine, "kernel_release": guest.kernel_release,
         "kernel_dir": str(guest.kernel_dir), "runtime_dir": str(guest.runtime_dir),
         "ram_file": str(guest.ram_path) if guest.ram_path else None,
     }
