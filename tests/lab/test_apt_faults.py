@@ -22,6 +22,7 @@ from vmwatch.errors import LabError
 from vmwatch.lab import apt as apt_mod
 from vmwatch.lab.busybox import busybox_for, ensure_foreign_busybox
 from vmwatch.lab.cache import cache_dir
+from vmwatch.lab import kernel as kernel_mod
 from vmwatch.lab.kernel import ensure_kernel
 from vmwatch.testing.cli import run_cli
 
@@ -297,6 +298,18 @@ class TestWarmCacheOffline:
         _faults(monkeypatch, "offline")
         with pytest.raises(LabError, match=r"no linux-image-686-pae \(i386\) kernel in .*Temporary failure resolving"):
             ensure_kernel("686-pae", cache=cache)
+
+    @pytest.mark.parametrize(("cached", "arch", "found"), [
+        ("linux-image-6.1.0-57-rt-amd64_6.1.192-3_amd64", "amd64", False),
+        ("linux-image-6.1.0-57-rt-amd64_6.1.192-3_amd64", "rt-amd64", True),
+        ("linux-image-6.1.0-57-amd64_6.1.192-3_amd64", "rt-amd64", False),
+        ("linux-image-6.12.43+deb13-rt-amd64_6.12.43-1_amd64", "rt-amd64", True),
+    ])
+    def test_amd64_and_rt_amd64_keep_their_own_kernels(self, tmp_path, cached, arch, found):
+        """The PREEMPT_RT flavour shares the amd64 Debian arch, never its cached kernel."""
+        (tmp_path / cached).mkdir()
+        (tmp_path / cached / ".complete").touch()
+        assert kernel_mod._newest_cached(tmp_path, arch) == (tmp_path / cached if found else None)
 
     def test_cli_offline_with_an_empty_cache_is_one_line_and_exit_2(self, mirror, monkeypatch, tmp_path):
         """``vmwatch lab start --arch 686`` with nothing cached and no network: exit 2, one error line

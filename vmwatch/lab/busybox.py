@@ -40,6 +40,7 @@ def ensure_foreign_busybox(debian_arch: str, cache: Path) -> Path:
 
 
 def _download(apt: Apt, version: str, base: Path) -> Path:
+    """busybox-static ``version`` fetched, unpacked and moved into ``base`` whole."""
     with tempfile.TemporaryDirectory(dir=base, prefix=".dl-") as tmp:
         deb = apt.download("busybox-static", version, Path(tmp))
         unpacked = Path(tmp) / "root"
