@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEBS   := qemu-system-x86 qemu-system-arm busybox-static dwarves gdb
-# apt's own per-file retries and a bound on a stalled mirror. `apt-get update` is tried three times;
-# the install is tried even after a partial update (it may have the lists it needs).
+# apt's own per-file retries and a bound on a stalled mirror. `apt-get update` and the install are
+# each tried three times; the install is tried even after a partial update (it may have the lists it
+# needs). The lab's kernel and busybox come later, from vmwatch/lab (the same code as `vmwatch lab start`).
 APT_OPTS := -o Acquire::Retries=5 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30
 
 .PHONY: demo test bench system venv clean
@@ -31,7 +32,11 @@ system:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    for wait in 5 15 0; do apt-get $(APT_OPTS) update -qq && break; \
 	      [ $$wait = 0 ] || { echo "apt-get update failed; again in $$wait s"; sleep $$wait; }; done; \
-	    DEBIAN_FRONTEND=noninteractive apt-get $(APT_OPTS) install -y -qq --no-install-recommends $$missing; \
+	    for wait in 5 15 0; do DEBIAN_FRONTEND=noninteractive apt-get $(APT_OPTS) install -y -qq \
+	        --no-install-recommends $$missing && break; \
+	      [ $$wait = 0 ] && { echo "vmwatch needs the Debian packages:$$missing (apt-get install failed;" \
+	        "try again when the mirror answers)"; exit 2; }; \
+	      echo "apt-get install failed; again in $$wait s"; sleep $$wait; done; \
 	  else echo "vmwatch needs the Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 2; fi; \
 	fi
 

@@ -1,25 +1,28 @@
 """Provisioning on a bad network day, without the network: the real apt-get and apt-cache work on a
 local file: repository, and a fake ``apt-get`` first on PATH injects the faults (fails N times,
-exits 100 after writing only some lists, writes a truncated .deb, or the network is gone)."""
+exits 100 after writing only some lists, writes a truncated .deb, hangs, is slow, or the network is
+gone); with a warm cache, apt may also be missing from PATH altogether."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from vmwatch.errors import LabError
 from vmwatch.lab import apt as apt_mod
-from vmwatch.lab import LabConfig, LabGuest
 from vmwatch.lab.busybox import busybox_for, ensure_foreign_busybox
 from vmwatch.lab.cache import cache_dir
+from vmwatch.lab import kernel as kernel_mod
 from vmwatch.lab.kernel import ensure_kernel
 from vmwatch.testing.cli import run_cli
 
@@ -46,6 +49,14 @@ def fail(message):
     print(message, file=sys.stderr)
     sys.exit(100)
 
+if command in faults.get("hang", "").split("+") and calls <= int(faults.get("hang-times", 1)):
+    # A stalled mirror: apt-get and a fetch method of its own both sit on the pipes.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    with open(state / f"{{tool}}-{{command}}.pids", "a") as pids:
+        print(os.getpid(), child.pid, file=pids)
+    import time; time.sleep(3600)
+if command == faults.get("slow"):
+    import time; time.sleep(1.0)
 if "offline" in faults:
     fail("E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  "
          "Temporary failure resolving 'deb.debian.org'")
@@ -143,7 +154,7 @@ def mirror(tmp_path, monkeypatch, fake_apt):
     monkeypatch.setenv("APT_CONFIG", str(etc / "apt.conf"))
     monkeypatch.setattr(apt_mod, "RETRY_DELAYS", (0.01, 0.01, 0.01))
     # A foreign-arch apt (private lists in the test's cache) even on an i386 host.
-    monkeypatch.setattr(apt_mod, "_native_arch", lambda: "vmwatch-none")
+    monkeypatch.setattr(apt_mod, "native_arch", lambda: "vmwatch-none")
     cache = tmp_path / "cache"
     cache.mkdir()
     return cache, fake_apt
@@ -166,6 +177,7 @@ class TestResolveAndDownload:
         ("fail-update:2", "update", 3),      # a mirror mid-sync
         ("fail-download:2", "download", 3),  # a dropped connection
         ("truncate:1", "download", 2),       # a .deb cut to half its size is not taken
+        ("slow:download", "download", 1),    # slow is not failed
     ])
     def test_a_fault_that_passes_is_tried_again(self, mirror, monkeypatch, faults, command, tries):
         """A fault that goes away after some tries: the kernel arrives, and unpacks whole."""
@@ -195,6 +207,28 @@ class TestResolveAndDownload:
         assert not list((cache / "kernels").glob("*/.complete"))
         assert not list(cache.rglob("*.deb"))
 
+    def test_a_hung_apt_get_is_killed_with_its_children_and_tried_again(self, mirror, monkeypatch):
+        """apt-get update hangs once (itself and a child on its pipes): killed whole after the timeout,
+        the second try fetches the lists."""
+        cache, calls = mirror
+        monkeypatch.setattr(apt_mod, "UPDATE_TIMEOUT", 5.0)
+        _faults(monkeypatch, "hang:update")
+        assert ensure_kernel("686", cache=cache).vmlinuz.read_bytes() == VMLINUZ
+        assert calls("apt-get-update") == 2
+        _assert_gone(cache.parent / "fake-state")
+
+    def test_an_apt_get_that_stays_hung_ends_in_one_line(self, mirror, monkeypatch):
+        """A download that never ends: four timed-out tries, one line, nothing half-made kept, no process left."""
+        cache, calls = mirror
+        monkeypatch.setattr(apt_mod, "DOWNLOAD_TIMEOUT", 2.0)
+        _faults(monkeypatch, "hang:download,hang-times:99")
+        with pytest.raises(LabError, match=r"^no linux-image-686 \(i386\) kernel in .*4 tries; last: "
+                                           r"apt-get download \S+ took over 2 s\): .*~/\.cache/vmwatch"):
+            ensure_kernel("686", cache=cache)
+        assert calls("apt-get-download") == 4
+        assert not list(cache.rglob("*.deb"))
+        _assert_gone(cache.parent / "fake-state")
+
     def test_partial_update_goes_on_with_the_lists_it_has(self, mirror, monkeypatch):
         """exit 100 after writing only the busybox lists: busybox resolves and downloads after one update."""
         cache, calls = mirror
@@ -218,6 +252,26 @@ class TestWarmCacheOffline:
         resolved.unlink()  # no record of apt's answer at all: the flavour's newest kernel is used
         assert ensure_kernel("686", cache=cache) == kernel
         assert (calls("apt-get-update"), calls("apt-get-download")) == (1, 2)  # from warming it
+
+    def test_kernel_and_busybox_come_from_the_cache_with_no_apt_on_path(self, mirror, monkeypatch, tmp_path):
+        """Warmed once, then no apt-get, apt-cache or dpkg on PATH at all: both still come from the cache."""
+        cache, _ = mirror
+        kernel = ensure_kernel("686", cache=cache)
+        busybox = ensure_foreign_busybox("i386", cache)
+        os.utime(cache / "kernels" / "resolved-686.json", (0, 0))
+        monkeypatch.setenv("PATH", str(_path_without_apt(tmp_path)))
+        assert shutil.which("apt-get") is None and shutil.which("apt-cache") is None
+        assert ensure_kernel("686", cache=cache) == kernel
+        assert ensure_foreign_busybox("i386", cache) == busybox
+
+    def test_no_apt_on_path_and_a_cold_cache_says_what_is_missing(self, mirror, monkeypatch, tmp_path):
+        """Nothing cached and no apt: one line each, naming the package, the cache and the way out."""
+        cache, _ = mirror
+        monkeypatch.setenv("PATH", str(_path_without_apt(tmp_path)))
+        with pytest.raises(LabError, match=r"^no linux-image-686 \(i386\) kernel in .*apt-cache is missing"):
+            ensure_kernel("686", cache=cache)
+        with pytest.raises(LabError, match=r"^no busybox-static \(i386\) in .*apt-cache is missing"):
+            ensure_foreign_busybox("i386", cache)
 
     def test_newer_kernel_listed_but_not_downloadable_uses_the_cached_one(self, mirror, monkeypatch, tmp_path):
         """The lists name a newer kernel, its download fails: one try, then the cached kernel."""
@@ -245,6 +299,18 @@ class TestWarmCacheOffline:
         with pytest.raises(LabError, match=r"no linux-image-686-pae \(i386\) kernel in .*Temporary failure resolving"):
             ensure_kernel("686-pae", cache=cache)
 
+    @pytest.mark.parametrize(("cached", "arch", "found"), [
+        ("linux-image-6.1.0-57-rt-amd64_6.1.192-3_amd64", "amd64", False),
+        ("linux-image-6.1.0-57-rt-amd64_6.1.192-3_amd64", "rt-amd64", True),
+        ("linux-image-6.1.0-57-amd64_6.1.192-3_amd64", "rt-amd64", False),
+        ("linux-image-6.12.43+deb13-rt-amd64_6.12.43-1_amd64", "rt-amd64", True),
+    ])
+    def test_amd64_and_rt_amd64_keep_their_own_kernels(self, tmp_path, cached, arch, found):
+        """The PREEMPT_RT flavour shares the amd64 Debian arch, never its cached kernel."""
+        (tmp_path / cached).mkdir()
+        (tmp_path / cached / ".complete").touch()
+        assert kernel_mod._newest_cached(tmp_path, arch) == (tmp_path / cached if found else None)
+
     def test_cli_offline_with_an_empty_cache_is_one_line_and_exit_2(self, mirror, monkeypatch, tmp_path):
         """``vmwatch lab start --arch 686`` with nothing cached and no network: exit 2, one error line
         (after a warning per retry, so a user waiting on a slow mirror knows why)."""
@@ -264,10 +330,39 @@ class TestWarmCacheOffline:
         assert "Temporary failure resolving" in error and "~/.cache/vmwatch" in error
 
 
+def _path_without_apt(tmp_path: Path) -> Path:
+    """A PATH directory with every command of this PATH except apt's and dpkg's: a host with no apt."""
+    bin_dir = tmp_path / "no-apt-bin"
+    bin_dir.mkdir()
+    for entry in os.environ["PATH"].split(os.pathsep):
+        for tool in Path(entry).glob("*") if Path(entry).is_dir() else ():
+            if not tool.name.startswith(("apt", "dpkg")) and not (bin_dir / tool.name).exists() \
+                    and os.access(tool, os.X_OK):
+                (bin_dir / tool.name).symlink_to(tool)
+    return bin_dir
+
+
+def _assert_gone(state: Path) -> None:
+    """The processes a hung fake apt-get started (pids it wrote) are all gone within a few seconds."""
+    pids = [int(p) for f in state.glob("*.pids") for p in f.read_text().split()]
+    assert pids
+    deadline = time.monotonic() + 10
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.mark.guest
-def test_lab_guest_boots_from_a_warm_cache_with_the_network_cut(fake_apt, monkeypatch, tmp_path):
-    """The real cache's kernel and busybox, seen through a fresh cache with no record of apt's
-    answers, and apt-get and apt-cache failing as offline: busybox is found, the guest boots."""
+def test_lab_start_boots_from_a_warm_cache_with_no_apt_at_all(monkeypatch, tmp_path):
+    """``vmwatch lab start``, the real cache's kernel and busybox seen through a fresh cache with no
+    record of apt's answers, and no apt-get, apt-cache or dpkg on PATH: the guest boots."""
     real = cache_dir()
     warm = ensure_kernel("amd64")  # the real cache, warmed the ordinary way (no fault yet)
     i386_busybox = busybox_for("686")
@@ -275,10 +370,17 @@ def test_lab_guest_boots_from_a_warm_cache_with_the_network_cut(fake_apt, monkey
     (cache / "kernels").mkdir(parents=True)
     (cache / "kernels" / warm.root.name).symlink_to(warm.root)
     (cache / "busybox").symlink_to(real / "busybox")
+    runtime = tmp_path / "rt"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     monkeypatch.setenv("VMWATCH_CACHE", str(cache))
-    _faults(monkeypatch, "offline")
+    monkeypatch.setenv("PATH", str(_path_without_apt(tmp_path)))
     assert busybox_for("686") == cache / i386_busybox.relative_to(real)
-    with LabGuest.start(LabConfig(kaslr=False)) as guest:
-        assert guest.kernel.root == cache / "kernels" / warm.root.name
-        assert guest.shell("uname -r").strip() == warm.release
-    assert fake_apt("apt-get-update") + fake_apt("apt-get-download") == 0
+    started = run_cli("lab", "start", "--no-kaslr")
+    try:
+        assert started.status == 0, started.stderr
+        status = json.loads(run_cli("lab", "status", "--json").stdout)
+        assert status["kernel_dir"] == str(cache / "kernels" / warm.root.name)
+        assert run_cli("lab", "shell", "uname", "-r").stdout.strip() == warm.release
+    finally:
+        assert run_cli("lab", "stop").status == 0

@@ -9,11 +9,13 @@ under a temporary name and is only renamed once its size and SHA256 equal the pa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -52,7 +54,7 @@ class Apt:
 
     @classmethod
     def for_arch(cls, arch: str, cache: Path) -> "Apt":
-        if arch == _native_arch():
+        if arch == native_arch():
             return cls(arch)
         # A foreign arch (i386 kernel on an amd64 host) gets its own apt lists in the cache, so the
         # system's dpkg configuration is never changed.
@@ -171,13 +173,21 @@ class Apt:
     def _apt_get(self, args: list[str], timeout: float, cwd: Path | None = None) -> tuple[int, str]:
         """``(exit status, apt's error in one line)`` of one apt-get run (status -1: could not run)."""
         try:
-            proc = subprocess.run(["apt-get", *self.options, *FETCH_OPTIONS, *args], capture_output=True,
-                                  text=True, cwd=cwd, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return -1, f"apt-get {' '.join(a for a in args if not a.startswith('-'))} took over {timeout:g} s"
+            # Its own session, so a hung apt-get is killed with its fetch methods, which hold the
+            # pipes open: killing apt-get alone would leave communicate() waiting on them.
+            proc = subprocess.Popen(["apt-get", *self.options, *FETCH_OPTIONS, *args], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True)
         except OSError as exc:
             return -1, f"cannot run apt-get: {exc.strerror}"
-        return proc.returncode, error_line(proc.stderr) or f"apt-get exited with {proc.returncode}"
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return -1, f"apt-get {' '.join(a for a in args if not a.startswith('-'))} took over {timeout:g} s"
+        except BaseException:  # KeyboardInterrupt: no apt-get left behind either
+            _kill_group(proc)
+            raise
+        return proc.returncode, error_line(stderr) or f"apt-get exited with {proc.returncode}"
 
     def _retrying(self, what: str, attempt: Callable[[], T | str]) -> T:
         """``attempt()`` until it returns something other than a str (the reason it failed)."""
@@ -213,6 +223,12 @@ def error_line(stderr: str) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -221,7 +237,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _native_arch() -> str:
+def native_arch() -> str:
+    """The host's Debian architecture (``dpkg --print-architecture``)."""
     try:
         return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
                               check=True).stdout.strip()

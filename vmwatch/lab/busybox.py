@@ -6,14 +6,14 @@ import tempfile
 from pathlib import Path
 
 from vmwatch.errors import LabError
-from vmwatch.lab.apt import Apt, run
+from vmwatch.lab.apt import Apt, native_arch, run
 from vmwatch.lab.cache import cache_dir, install_dir
 from vmwatch.lab.kernel import ARCHES
 
 
 def busybox_for(arch: str) -> Path:
     """A static busybox binary for lab arch ``arch`` (downloaded and cached for a foreign one)."""
-    if arch == "amd64":
+    if ARCHES[arch][1] == native_arch():
         path = Path("/bin/busybox")
         if not path.exists():
             raise LabError("/bin/busybox is missing (install the Debian package busybox-static)")
@@ -27,17 +27,25 @@ def ensure_foreign_busybox(debian_arch: str, cache: Path) -> Path:
     done = sorted(base.glob("*/bin/busybox"), key=lambda p: p.stat().st_mtime)
     if done:
         return done[-1]
-    apt = Apt.for_arch(debian_arch, cache)
-    apt.ensure_lists("busybox-static")
-    version = apt.candidate("busybox-static")
-    if not version:
-        raise LabError(f"apt knows no busybox-static for {debian_arch}")
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        apt = Apt.for_arch(debian_arch, cache)
+        apt.ensure_lists("busybox-static")
+        version = apt.candidate("busybox-static")
+        if not version:
+            raise LabError(f"apt knows no busybox-static for {debian_arch}")
+        base.mkdir(parents=True, exist_ok=True)
+        return _download(apt, version, base)
+    except LabError as exc:
+        raise LabError(f"no busybox-static ({debian_arch}) in {base}, and apt cannot get one: {exc}") from exc
+
+
+def _download(apt: Apt, version: str, base: Path) -> Path:
+    """busybox-static ``version`` fetched, unpacked and moved into ``base`` whole."""
     with tempfile.TemporaryDirectory(dir=base, prefix=".dl-") as tmp:
         deb = apt.download("busybox-static", version, Path(tmp))
         unpacked = Path(tmp) / "root"
         run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking busybox-static")
         if not (unpacked / "bin" / "busybox").is_file():
-            raise LabError(f"busybox-static {version} ({debian_arch}) has no bin/busybox")
+            raise LabError(f"busybox-static {version} ({apt.arch}) has no bin/busybox")
         install_dir(unpacked, base / version.replace(":", "_"))
     return base / version.replace(":", "_") / "bin" / "busybox"

@@ -1,6 +1,6 @@
 """The lab guest's kernel: the current Debian kernel package, downloaded and unpacked once per user.
 
-``linux-image-amd64`` (or ``-686``, ``-686-pae``) is a meta package; apt tells which versioned
+``linux-image-amd64`` (or ``-rt-amd64``, ``-686``, ``-686-pae``) is a meta package; apt tells which versioned
 ``linux-image-<release>`` it depends on, so no kernel version is written down anywhere. The
 unpacked package is kept whole (vmlinuz, System.map stub, config, modules) because other parts of
 vmwatch want its modules and config too.
@@ -34,6 +34,7 @@ RESOLVE_TTL = 24 * 3600
 ARCHES = {
     # lab arch -> (meta package, Debian architecture, QEMU system emulator)
     "amd64": ("linux-image-amd64", "amd64", "qemu-system-x86_64"),
+    "rt-amd64": ("linux-image-rt-amd64", "amd64", "qemu-system-x86_64"),  # PREEMPT_RT
     "686": ("linux-image-686", "i386", "qemu-system-i386"),
     "686-pae": ("linux-image-686-pae", "i386", "qemu-system-i386"),
     "arm64": ("linux-image-arm64", "arm64", "qemu-system-aarch64"),

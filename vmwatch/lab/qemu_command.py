@@ -30,7 +30,7 @@ class Board:
 
 _X86 = Board("pc", "ttyS0", None, "qemu-system-x86")
 BOARDS = {
-    "amd64": _X86, "686": _X86, "686-pae": _X86,
+    "amd64": _X86, "rt-amd64": _X86, "686": _X86, "686-pae": _X86,
     # virt's PL011 UART is ttyAMA0. ``max`` has pointer authentication (the Debian kernel uses it);
     # its architected QARMA5 hash is slow under TCG (8.4 s to the shell against 3.3 s measured
     # here), so pauth-impdef=on swaps in QEMU's cheap hash: PAC bits are still signed and checked.

@@ -13,11 +13,13 @@ HELP = "start, stop, inspect or run commands in the lab guest (QEMU + Debian ker
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from vmwatch.lab.kernel import ARCHES
+
     actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
     actions.required = True
     start = actions.add_parser("start", help="boot the lab guest in the background; prints its qemu: target")
-    start.add_argument("--arch", default="amd64", choices=["amd64", "686", "686-pae", "arm64"],
-                       help="guest kernel flavour (default amd64)")
+    start.add_argument("--arch", default="amd64", choices=list(ARCHES),
+                       help="guest kernel flavour (default amd64; rt-amd64 is PREEMPT_RT)")
     start.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
     start.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
     start.add_argument("--cpu-model", help="QEMU -cpu model, e.g. qemu64,+la57 for 5-level paging")
@@ -30,7 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the boot")
     symbols = actions.add_parser("symbols", help="print the path of the lab kernel's -dbg vmlinux, for --symbols "
                                                 "(downloaded once, ~760 MB; only the vmlinux is kept)")
-    symbols.add_argument("--arch", default="686-pae", choices=["amd64", "686", "686-pae"],
+    symbols.add_argument("--arch", default="686-pae", choices=list(ARCHES),
                          help="guest kernel flavour (default 686-pae)")
     actions.add_parser("stop", help="stop the lab guest")
     status = actions.add_parser("status", help="show the running lab guest")

@@ -24,12 +24,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="memory image path or qemu:/path/to/qmp.sock")
     parser.add_argument("address", help="address (0x..., decimal) or kernel symbol name (Linux guests)")
     parser.add_argument("--length", "-n", type=_number, default=256, help="bytes to show (default 256)")
+    add_address_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a hexdump")
+
+
+def add_address_arguments(parser: argparse.ArgumentParser) -> None:
+    """How ADDRESS is translated: --dtb, --mode, --pid, --physical (shared with ``vmwatch write``)."""
     parser.add_argument("--dtb", type=_number, help="page-table root (CR3) to translate with (default: vCPU 0's)")
     parser.add_argument("--mode", choices=["32-bit", "pae", "4-level", "5-level"],
                         help="paging mode (default: from vCPU 0's registers, else 4-level)")
     parser.add_argument("--pid", type=_number, help="read process PID's user address space (Linux guests)")
     parser.add_argument("--physical", action="store_true", help="ADDRESS is a guest-physical address")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a hexdump")
 
 
 def run(args: argparse.Namespace, env) -> int:
@@ -47,7 +52,7 @@ async def _run(args: argparse.Namespace, env) -> int:
         raise GuestDataError(f"--length must be between 1 and {MAX_LENGTH:#x}, not {args.length:#x}")
     async with open_target(args.target) as target:
         cpus = tuple(await target.cpu_state())
-        memory, address, cr3 = _resolve(args, target, cpus)
+        memory, address, cr3 = resolve(args, target, cpus)
         chunks = _read_pages(memory, address, args.length, args.physical, cr3)
     if all(data is None for _, _, data, _ in chunks):
         raise chunks[0][3]
@@ -58,7 +63,7 @@ async def _run(args: argparse.Namespace, env) -> int:
     return 0
 
 
-def _resolve(args, target, cpus):
+def resolve(args, target, cpus):
     """The GuestMemory to read with, the start address (resolving a symbol if given) and the
     page-table root to read with (None: the memory's default)."""
     from vmwatch.cpu import PagingMode
