@@ -1,0 +1,125 @@
+"""AArch64 stage-1 walks over tables the test writes: every granule x VA size, blocks, rights."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmwatch.errors import PageNotPresent, TranslationError
+from vmwatch.memory import BufferMemory
+from vmwatch.memory.aarch64 import (
+    AP_EL0, AP_RO, APTABLE_RO, CONTIGUOUS, PXN, UXN, Aarch64Walker, Region, plan, strip_pac, tcr_regions,
+)
+from vmwatch.memory.physical import CachedPhysicalMemory
+from vmwatch.testing.aarch64tables import Aarch64Tables, tcr_for
+
+LAYOUTS = [(g, va) for g in (12, 14, 16) for va in (39, 42, 47, 48)] + [(16, 52)]
+BLOCK_LEVELS = {12: (1, 2), 14: (2,), 16: (1, 2)}
+
+
+def walker(t: Aarch64Tables) -> Aarch64Walker:
+    return Aarch64Walker(t.tcr, t.ttbr1, CachedPhysicalMemory(BufferMemory(t.ram)))
+
+
+def kernel(va_bits: int, offset: int) -> int:
+    return ((1 << 64) - (1 << va_bits)) + offset
+
+
+@pytest.mark.parametrize(("granule", "va_bits"), LAYOUTS)
+def test_pages_in_both_halves(granule: int, va_bits: int) -> None:
+    t = Aarch64Tables(granule, va_bits)
+    size = 1 << granule
+    user_page, kernel_page = t.alloc(), t.alloc()
+    user_va = (1 << (va_bits - 1)) + 5 * size  # high indexes at every level
+    kern_va = kernel(va_bits, 3 * size)
+    t.map(user_va, user_page)
+    t.map(kern_va, kernel_page)
+    w = walker(t)
+    assert w.translate(user_va + 0x123, t.ttbr0) == user_page + 0x123
+    assert w.translate(kern_va + size - 1, t.ttbr0) == kernel_page + size - 1
+    # The kernel half ignores the user root; the user half follows it.
+    other = Aarch64Tables(granule, va_bits)
+    assert w.translate(kern_va, other.ttbr0 + (1 << 60)) == kernel_page
+    with pytest.raises(PageNotPresent):
+        w.translate(user_va + size, t.ttbr0)
+
+
+@pytest.mark.parametrize(("granule", "va_bits"), LAYOUTS)
+def test_blocks_at_every_allowed_level(granule: int, va_bits: int) -> None:
+    t = Aarch64Tables(granule, va_bits, ram_size=1 << 22)
+    w = walker(t)
+    for shift, _mask, level, block in plan(Region(granule, va_bits, False)):
+        if level not in BLOCK_LEVELS[granule]:
+            assert not block
+            continue
+        assert block
+        va = kernel(va_bits, 1 << shift)  # index 1 at this level
+        pa = 7 << shift
+        t.map(va, pa, level=level)
+        w = walker(t)
+        assert w.translate(va + (1 << shift) - 8, t.ttbr0) == pa + (1 << shift) - 8
+        assert w.lookup(va + 16, t.ttbr0).size == 1 << shift
+
+
+def test_out_of_range_and_tbi() -> None:
+    t = Aarch64Tables(12, 39)
+    page = t.alloc()
+    t.map(0x1000, page)
+    w = walker(t)
+    for bad in (1 << 39, 0xFF00_0000_0000_1000, -1, 1 << 64, (1 << 63) | 0x1000):
+        with pytest.raises(TranslationError):
+            w.translate(bad, t.ttbr0)
+    tagged = Aarch64Walker(tcr_for(12, 39, tbi=True), t.ttbr1, CachedPhysicalMemory(BufferMemory(t.ram)))
+    assert tagged.translate(0x3C00_0000_0000_1008, t.ttbr0) == page + 8
+    assert strip_pac(0x3C7F_0000_0000_1008, 39) == 0x1008
+    assert strip_pac(0xBCFF_FFC0_1234_5678, 39) == 0xFFFF_FFC0_1234_5678
+
+
+def test_rights() -> None:
+    t = Aarch64Tables(12, 48)
+    cases = {
+        0x1000: (AP_EL0 | UXN, (True, True, True, False, True)),
+        0x2000: (AP_EL0 | AP_RO | PXN, (False, True, False, True, False)),
+        0x3000: (PXN | CONTIGUOUS, (True, False, True, True, False)),
+    }
+    for va, (bits, _) in cases.items():
+        t.map(va, t.alloc(), attrs=bits)
+    w = walker(t)
+    for va, (_, (writable, user, nx, pxn, uxn)) in cases.items():
+        m = w.lookup(va + 4, t.ttbr0)
+        assert (m.writable, m.user, m.nx, m.pxn, m.uxn) == (writable, user, nx, pxn, uxn)
+    assert w.lookup(0x3000, t.ttbr0).contiguous
+    # APTable[1] in a table descriptor makes everything below read-only.
+    t2 = Aarch64Tables(12, 48)
+    t2.map(kernel(48, 0), t2.alloc(), tables=APTABLE_RO)
+    assert not walker(t2).lookup(kernel(48, 0), t2.ttbr0).writable
+
+
+def test_invalid_and_reserved_descriptors() -> None:
+    t = Aarch64Tables(12, 48)
+    t.map(0x1000, t.alloc())
+    w = walker(t)
+    leaf = next(a for a in range(0, len(t.ram), 8) if t.get(a) & 3 == 3 and a >= 3 << 12)
+    t.set(leaf, t.get(leaf) & ~2)  # a block descriptor at level 3 is reserved
+    with pytest.raises(TranslationError) as err:
+        walker(t).translate(0x1000, t.ttbr0)
+    assert not isinstance(err.value, PageNotPresent) and err.value.level == 3
+    t.set(leaf, 0x2)  # bit 0 clear: invalid
+    with pytest.raises(PageNotPresent):
+        walker(t).translate(0x1000, t.ttbr0)
+    t.set(t.ttbr0, (1 << 40) | 3)  # next table outside RAM
+    with pytest.raises(TranslationError, match="outside physical memory"):
+        walker(t).translate(0x1000, t.ttbr0)
+    # Level 0 blocks do not exist with the 4 KiB granule (without LPA2).
+    t.set(t.ttbr0, 1)
+    with pytest.raises(TranslationError, match="reserved block"):
+        walker(t).translate(0x1000, t.ttbr0)
+    del w
+
+
+def test_granule_encodings_differ_between_halves() -> None:
+    r0, r1 = tcr_regions(tcr_for(16, 48) & ~(3 << 30) | 1 << 30)
+    assert (r0.granule, r1.granule) == (16, 14)
+    with pytest.raises(TranslationError, match="reserved granule"):
+        tcr_regions(3 << 14)
+    with pytest.raises(TranslationError, match="reserved granule"):
+        tcr_regions(0)  # TG1 = 0 is reserved
