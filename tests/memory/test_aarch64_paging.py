@@ -98,7 +98,8 @@ def test_invalid_and_reserved_descriptors() -> None:
     t = Aarch64Tables(12, 48)
     t.map(0x1000, t.alloc())
     w = walker(t)
-    leaf = next(a for a in range(0, len(t.ram), 8) if t.get(a) & 3 == 3 and a >= 3 << 12)
+    leaf = t.descriptor_address(0x1000, 3)
+    assert t.get(leaf) & 3 == 3
     t.set(leaf, t.get(leaf) & ~2)  # a block descriptor at level 3 is reserved
     with pytest.raises(TranslationError) as err:
         walker(t).translate(0x1000, t.ttbr0)
@@ -122,4 +123,6 @@ def test_granule_encodings_differ_between_halves() -> None:
     with pytest.raises(TranslationError, match="reserved granule"):
         tcr_regions(3 << 14)
     with pytest.raises(TranslationError, match="reserved granule"):
-        tcr_regions(0)  # TG1 = 0 is reserved
+        tcr_regions(16 | 16 << 16)  # valid sizes, but TG1 = 0 is reserved
+    with pytest.raises(TranslationError, match="64-bit region"):
+        tcr_regions(tcr_for(12, 48) & ~0x3F)  # T0SZ = 0

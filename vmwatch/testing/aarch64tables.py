@@ -42,6 +42,16 @@ class Aarch64Tables:
     def get(self, paddr: int) -> int:
         return struct.unpack_from("<Q", self.ram, paddr)[0]
 
+    def descriptor_address(self, vaddr: int, level: int) -> int:
+        """Physical address of the level-``level`` descriptor on ``vaddr``'s walk (tables must exist)."""
+        base = self.ttbr1 if vaddr >> 55 & 1 else self.ttbr0
+        for shift, imask, lvl, _block in self.levels:
+            ea = base + ((vaddr >> shift) & imask) * 8
+            if lvl == level:
+                return ea
+            base = self.get(ea) & 0x0000_FFFF_FFFF_F000 & ~((1 << self.granule) - 1)
+        raise ValueError(f"level {level} is not in this layout")
+
     def map(self, vaddr: int, paddr: int, *, level: int = 3, attrs: int = 0, tables: int = 0) -> None:
         """Map ``vaddr`` to ``paddr`` with a page (level 3) or a block at ``level``.
 
