@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import struct
 
-from vmwatch.errors import PageNotPresent, TranslationError
+import aarch64_reference as reference
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmwatch.errors import GuestDataError, PageNotPresent, TranslationError, VmwatchError
 from vmwatch.memory import BufferMemory
 from vmwatch.memory.aarch64 import (
-    AP_EL0, AP_RO, APTABLE_RO, CONTIGUOUS, PXN, UXN, Aarch64Walker, Region, plan, strip_pac, tcr_regions,
+    AP_EL0, AP_RO, APTABLE_RO, CONTIGUOUS, OA_MASK, PXN, UXN, Aarch64Walker, Region, plan, strip_pac, tcr_regions,
 )
 from vmwatch.memory.physical import CachedPhysicalMemory
 from vmwatch.testing.aarch64tables import Aarch64Tables, tcr_for
@@ -126,3 +131,87 @@ def test_granule_encodings_differ_between_halves() -> None:
         tcr_regions(16 | 16 << 16)  # valid sizes, but TG1 = 0 is reserved
     with pytest.raises(TranslationError, match="64-bit region"):
         tcr_regions(tcr_for(12, 48) & ~0x3F)  # T0SZ = 0
+
+
+# -- hostile tables ------------------------------------------------------------------------------
+
+GRANULES = 10  # the fuzzed memory, in granules
+
+
+def _descriptors(granule: int):
+    """Descriptors that mostly point at granules of the small memory, sometimes anywhere."""
+    inside = st.builds(
+        lambda n, low, high: n << granule | low | high << 48,
+        st.integers(0, GRANULES + 1), st.integers(0, 0xFFF), st.integers(0, 0xFFFF),
+    )
+    return st.one_of(inside, st.integers(0, (1 << 64) - 1))
+
+
+@st.composite
+def hostile(draw):
+    granule, va_bits = draw(st.sampled_from(LAYOUTS))
+    tcr = tcr_for(granule, va_bits, tbi=draw(st.booleans()))
+    buf = bytearray(GRANULES << granule)
+    for _ in range(draw(st.integers(0, 60))):
+        slot = draw(st.integers(0, len(buf) // 8 - 1))
+        struct.pack_into("<Q", buf, slot * 8, draw(_descriptors(granule)))
+    roots = st.integers(0, GRANULES - 1).map(lambda n: n << granule)
+    ttbr0, ttbr1 = draw(roots), draw(roots)
+    wide = 1 << va_bits
+    vaddrs = draw(st.lists(st.one_of(
+        st.integers(0, wide - 1), st.integers((1 << 64) - wide, (1 << 64) - 1),
+        st.integers(0, (1 << 64) - 1), st.integers(-3, 3),
+    ), max_size=20))
+    # Plant walks: along a few addresses' paths, descriptors that are mostly tables and pages.
+    kinds = st.sampled_from((3, 3, 3, 1, 1, 0, 2))
+    for vaddr in draw(st.lists(st.one_of(st.integers(0, wide - 1), st.integers((1 << 64) - wide, (1 << 64) - 1)),
+                               min_size=1, max_size=6)):
+        table = ttbr1 if vaddr >> 55 & 1 else ttbr0
+        shift = granule + (-(-(va_bits - granule) // (granule - 3)) - 1) * (granule - 3)
+        while shift >= granule and table + (1 << granule) <= len(buf):
+            slot = table + ((vaddr >> shift) & ((1 << (granule - 3)) - 1)) * 8
+            out = draw(st.integers(0, GRANULES)) << granule
+            struct.pack_into("<Q", buf, slot, out | draw(kinds) | draw(st.sampled_from((0, 1 << 52, 1 << 54, 3 << 6))))
+            table, shift = out, shift - (granule - 3)
+        vaddrs.append(vaddr)
+    return bytes(buf), tcr, ttbr0, ttbr1, vaddrs
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=hostile())
+def test_random_tables_match_the_reference(case) -> None:
+    """Random descriptors: translate agrees with the naive walker or raises a VmwatchError,
+    lookup agrees with translate, and enumeration ends (bounded) with mappings that translate."""
+    buf, tcr, ttbr0, ttbr1, vaddrs = case
+    w = Aarch64Walker(tcr, ttbr1, CachedPhysicalMemory(BufferMemory(bytearray(buf))))
+    for vaddr in vaddrs:
+        want = reference.walk(buf, tcr, ttbr0, ttbr1, vaddr)
+        try:
+            got = w.translate(vaddr, ttbr0)
+        except VmwatchError:
+            # The reference has no "table outside memory": it says None there too.
+            assert want is None, hex(vaddr)
+            continue
+        assert got == want, hex(vaddr)
+        assert w.lookup(vaddr, ttbr0).paddr + (vaddr - w.lookup(vaddr, ttbr0).vaddr) == got
+    try:
+        found = list(w.mappings(ttbr0, max_tables=200))
+    except GuestDataError:
+        return
+    for m in found[:40]:
+        assert w.translate(m.vaddr, ttbr0) == m.paddr
+        assert w.lookup(m.vaddr, ttbr0).size == m.size
+
+
+def test_looping_tables_end() -> None:
+    """A table whose descriptors all point back at itself or its parent is enumerated once."""
+    t = Aarch64Tables(12, 48)
+    t.map(kernel(48, 0), t.alloc())
+    l1 = t.get(t.ttbr1) & OA_MASK
+    for index in range(512):
+        t.set(l1 + index * 8, l1 | 3)  # level 1 points at itself
+        t.set(t.ttbr1 + index * 8, l1 | 3)  # every level-0 slot shares it
+    found = list(walker(t).mappings(None, max_tables=1 << 16))
+    assert found == []
+    with pytest.raises(GuestDataError, match="more than 100 tables"):
+        list(walker(t).mappings(None, max_tables=100))

@@ -20,16 +20,20 @@ hint only: translation is the same without it, so it is reported but not used.
 
 ``translate(vaddr, ttbr0)`` takes the user root as the x86 walker takes CR3 (a process's
 page-table root); TTBR1 and TCR are fixed at construction, as they are for a running kernel.
-A walk has at most four steps, so a hostile table cannot make it loop.
+As x86's, ``translate`` is generated straight-line code (one block per level, constants as
+literals); ``lookup`` and ``mappings`` walk the same plan in loops. A walk has at most four
+steps, so a hostile table cannot make it loop; ``mappings`` skips tables already on the path
+and caps the tables it reads.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Iterator
 
 import attrs
 
-from vmwatch.errors import PageNotPresent, PhysicalReadError, TranslationError
+from vmwatch.errors import GuestDataError, PageNotPresent, PhysicalReadError, TranslationError
 from vmwatch.memory.paging import Mapping
 from vmwatch.memory.physical import CachedPhysicalMemory
 
@@ -116,80 +120,195 @@ class Aarch64Walker:
         tcr: TCR_EL1.
         ttbr1: TTBR1_EL1 (the kernel half's root).
         phys: the page cache the tables are read through.
+
+    Raises:
+        TranslationError: TCR_EL1 has a reserved granule or an unsupported region size.
     """
 
     def __init__(self, tcr: int, ttbr1: int, phys: CachedPhysicalMemory) -> None:
         self.tcr = tcr
         self.ttbr1 = ttbr1
         self.regions = tcr_regions(tcr)
+        self._page = phys.page
         self._pages_get = phys._pages.get
         self._entry_miss = phys.entry
         self._steps = tuple(plan(r) for r in self.regions)
+        self.source = self._compile()
+        namespace = {
+            "pages_get": self._pages_get, "entry_miss": self._entry_miss, "unpack": _unpack,
+            "PageNotPresent": PageNotPresent, "PhysicalReadError": PhysicalReadError,
+            "region_error": self._region_error, "reserved_error": _reserved, "outside_error": _outside,
+        }
+        exec(compile(self.source, f"<vmwatch aarch64 walk: tcr {tcr:#x}>", "exec"), namespace)
+        self.translate = namespace["translate"]
 
-    def _select(self, vaddr: int, ttbr0: int) -> tuple[int, int, Region]:
-        """Half, root and region of ``vaddr``; TranslationError when it is in neither half."""
-        if vaddr < 0 or vaddr >> 64:
-            raise TranslationError(vaddr, ttbr0, f"{vaddr:#x} is not a 64-bit address")
-        half = vaddr >> 55 & 1
+    def _top_test(self, half: int) -> str:
+        """A Python condition true when ``vaddr`` (whose bit 55 is ``half``) is outside the region."""
         region = self.regions[half]
-        width = (56 if region.tbi else 64) - region.va_bits
-        top = (vaddr >> region.va_bits) & ((1 << width) - 1)
-        if top != (((1 << width) - 1) if half else 0):
-            raise TranslationError(vaddr, ttbr0, f"{vaddr:#x} is outside the {region.va_bits}-bit TTBR{half} region")
-        return half, (self.ttbr1 if half else ttbr0) & TTBR_BADDR, region
+        bits = region.va_bits
+        if region.tbi:
+            mask = (1 << (56 - bits)) - 1
+            return f"(vaddr >> {bits}) & {mask:#x} != {mask if half else 0:#x} or vaddr >> 64 or vaddr < 0"
+        return f"vaddr >> {bits} != {(1 << (64 - bits)) - 1 if half else 0:#x}"
+
+    def _region_error(self, vaddr: int, ttbr0: int) -> TranslationError:
+        if vaddr < 0 or vaddr >> 64:
+            return TranslationError(vaddr, ttbr0, f"{vaddr:#x} is not a 64-bit address")
+        half = vaddr >> 55 & 1
+        bits = self.regions[half].va_bits
+        return TranslationError(vaddr, ttbr0, f"{vaddr:#x} is outside the {bits}-bit TTBR{half} region")
+
+    def _compile(self) -> str:
+        """Generate the walk of both halves as straight-line code, every shift and mask a literal."""
+        lines = ["def translate(vaddr, ttbr0):", "    level = 0", "    try:"]
+        for half in (1, 0):
+            g = self.regions[half].granule
+            oa = OA_MASK & ~((1 << g) - 1)
+            high = " | (desc >> 12 & 0xF) << 48" if g == 16 else ""
+            lines += [
+                "        if vaddr >> 55 & 1:" if half else "        else:",
+                f"            if {self._top_test(half)}:",
+                "                raise region_error(vaddr, ttbr0)",
+                f"            base = {self.ttbr1 & TTBR_BADDR & ~7:#x}" if half else f"            base = ttbr0 & {TTBR_BADDR & ~7:#x}",
+            ]
+            steps = self._steps[half]
+            for depth, (shift, imask, level, block) in enumerate(steps):
+                last = depth == len(steps) - 1
+                lines += [
+                    f"            level = {level}",
+                    f"            ea = base + ((vaddr >> {shift - 3}) & {imask << 3:#x})",
+                    "            table = pages_get(ea >> 12)",
+                    "            if table is None:",
+                    "                table, off = entry_miss(ea, 8)",
+                    "            else:",
+                    "                off = ea & 0xFFF",
+                    "            desc = unpack(table, off)[0]",
+                    "            if not desc & 1:",
+                    f"                raise PageNotPresent(vaddr, ttbr0, level={level}, entry=desc, invalid_bits={shift})",
+                    "            if not desc & 2:",
+                ]
+                if block and not last:
+                    size = 1 << shift
+                    lines.append(f"                return (desc & {oa & ~(size - 1):#x}){high} | (vaddr & {size - 1:#x})")
+                else:
+                    lines.append(f"                raise reserved_error(vaddr, ttbr0, {level}, desc)")
+                if last:
+                    lines.append(f"            return (desc & {oa:#x}){high} | (vaddr & {(1 << g) - 1:#x})")
+                else:
+                    lines.append(f"            base = (desc & {oa:#x}){high}")
+        lines += ["    except PhysicalReadError:", "        raise outside_error(vaddr, ttbr0, level, ea) from None"]
+        return "\n".join(lines) + "\n"
 
     def _walk(self, vaddr: int, ttbr0: int) -> tuple[int, int, int, int]:
-        """(physical address, leaf descriptor, OR of the table descriptors, leaf size)."""
-        half, base, region = self._select(vaddr, ttbr0)
-        g = region.granule
-        steps = self._steps[half]
-        last = len(steps) - 1
-        oa_mask = OA_MASK & ~((1 << g) - 1)
+        """(physical address, leaf descriptor, OR of the table descriptors, leaf size).
+
+        Only called after ``translate`` succeeded, so every descriptor on the way is valid.
+        """
+        paddr = self.translate(vaddr, ttbr0)
+        half = vaddr >> 55 & 1
+        g = self.regions[half].granule
+        base = (self.ttbr1 if half else ttbr0) & TTBR_BADDR & ~7
         table_bits = 0
-        for depth, (shift, imask, level, block) in enumerate(steps):
-            ea = (base & ~7) + ((vaddr >> shift) & imask) * 8
-            try:
-                table = self._pages_get(ea >> 12)
-                if table is None:
-                    table, off = self._entry_miss(ea, 8)
-                else:
-                    off = ea & 0xFFF
-            except PhysicalReadError:
-                raise TranslationError(
-                    vaddr, ttbr0, f"cannot translate {vaddr:#x}: level {level} descriptor at physical "
-                    f"{ea:#x} is outside physical memory", level=level,
-                ) from None
-            desc = _unpack(table, off)[0]
-            if not desc & 1:
-                raise PageNotPresent(vaddr, ttbr0, level=level, entry=desc, invalid_bits=shift)
-            oa = desc & oa_mask
-            if g == 16:
-                oa |= (desc >> 12 & 0xF) << 48
-            if depth == last or not desc & 2:
-                if not desc & 2 and (depth == last or not block):
-                    raise TranslationError(
-                        vaddr, ttbr0, f"cannot translate {vaddr:#x}: reserved block descriptor {desc:#x} "
-                        f"at level {level}", level=level, entry=desc,
-                    )
-                size = 1 << shift
-                return (oa & ~(size - 1)) | (vaddr & (size - 1)), desc, table_bits, size
+        for shift, imask, _level, _block in self._steps[half]:
+            ea = base + ((vaddr >> shift) & imask) * 8
+            desc = _unpack(self._page(ea >> 12), ea & 0xFFF)[0]
+            if shift == g or not desc & 2:
+                return paddr, desc, table_bits, 1 << shift
             table_bits |= desc
-            base = oa
+            base = _output(desc, g)
         raise AssertionError("a walk always ends at its last level")
 
-    def translate(self, vaddr: int, ttbr0: int) -> int:
-        """The physical address of ``vaddr`` (PageNotPresent / TranslationError otherwise)."""
-        return self._walk(vaddr, ttbr0)[0]
-
     def lookup(self, vaddr: int, ttbr0: int) -> ArmMapping:
-        """The leaf mapping holding ``vaddr`` and its effective rights."""
+        """The leaf mapping holding ``vaddr`` and its effective rights (slower than translate)."""
         paddr, desc, tables, size = self._walk(vaddr, ttbr0)
-        user = bool(desc & AP_EL0) and not tables & APTABLE_NO_EL0
-        pxn = bool(desc & PXN or tables & PXNTABLE)
-        uxn = bool(desc & UXN or tables & UXNTABLE)
         start = vaddr & ~(size - 1)
-        return ArmMapping(
-            start, paddr - (vaddr - start), size,
-            writable=not (desc & AP_RO or tables & APTABLE_RO), user=user, nx=uxn if user else pxn,
-            pxn=pxn, uxn=uxn, contiguous=bool(desc & CONTIGUOUS),
-        )
+        return _mapping(start, paddr - (vaddr - start), size, desc, tables)
+
+    def mappings(
+        self, ttbr0: int | None, *, start: int = 0, end: int | None = None, max_tables: int = 1 << 16
+    ) -> Iterator[ArmMapping]:
+        """Every valid leaf with ``start <= vaddr < end``, in address order: the TTBR0 half (if
+        ``ttbr0`` is given), then the TTBR1 half.
+
+        Descriptors pointing at a table on the current path and tables outside physical memory
+        are skipped; reserved descriptors are skipped.
+
+        Raises:
+            GuestDataError: more than ``max_tables`` tables would have to be read.
+        """
+        hi_end = 1 << 64 if end is None else min(end, 1 << 64)
+        budget = [max_tables]
+
+        def expand(steps, depth, base, va_base, tables, path, g):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise GuestDataError(f"page tables at ttbr {base:#x} need more than {max_tables} tables to "
+                                     "enumerate (aliased or looping tables)")
+            shift, imask, _level, block = steps[depth]
+            span = 1 << shift
+            try:
+                raw = self._read_table(base, (imask + 1) * 8)
+            except PhysicalReadError:
+                return
+            first = (start - va_base) >> shift if start > va_base else 0
+            last = min(imask + 1, -(-(hi_end - va_base) // span))
+            for index in range(max(first, 0), last):
+                desc = _unpack(raw, index * 8)[0]
+                if not desc & 1:
+                    continue
+                va = va_base + index * span
+                if depth == len(steps) - 1 or not desc & 2:
+                    if desc & 2 or (block and depth < len(steps) - 1):
+                        yield _mapping(va, _output(desc, g) & ~(span - 1), span, desc, tables)
+                    continue
+                child = _output(desc, g)
+                if child not in path:
+                    yield from expand(steps, depth + 1, child, va, tables | desc, path | {child}, g)
+
+        for half, root in ((0, ttbr0), (1, self.ttbr1)):
+            if root is None:
+                continue
+            region = self.regions[half]
+            va_base = (1 << 64) - (1 << region.va_bits) if half else 0
+            if va_base + (1 << region.va_bits) <= start or va_base >= hi_end:
+                continue
+            base = root & TTBR_BADDR & ~7
+            yield from expand(self._steps[half], 0, base, va_base, 0, frozenset((base,)), region.granule)
+
+    def _read_table(self, base: int, size: int) -> bytes:
+        """``size`` bytes of table at physical ``base``, page by page through the page cache."""
+        out = bytearray()
+        pos = base
+        while len(out) < size:
+            off = pos & 0xFFF
+            step = min(size - len(out), 0x1000 - off)
+            out += self._page(pos >> 12)[off : off + step]
+            pos += step
+        return bytes(out)
+
+
+def _output(desc: int, granule: int) -> int:
+    """The output address of a table or page descriptor (bits 47:granule, 51:48 for 64 KiB)."""
+    oa = desc & OA_MASK & ~((1 << granule) - 1)
+    return oa | (desc >> 12 & 0xF) << 48 if granule == 16 else oa
+
+
+def _mapping(vaddr: int, paddr: int, size: int, desc: int, tables: int) -> ArmMapping:
+    """The leaf ``desc`` under table descriptors ORed into ``tables``, with its effective rights."""
+    user = bool(desc & AP_EL0) and not tables & APTABLE_NO_EL0
+    pxn = bool(desc & PXN or tables & PXNTABLE)
+    uxn = bool(desc & UXN or tables & UXNTABLE)
+    return ArmMapping(
+        vaddr, paddr, size, writable=not (desc & AP_RO or tables & APTABLE_RO), user=user,
+        nx=uxn if user else pxn, pxn=pxn, uxn=uxn, contiguous=bool(desc & CONTIGUOUS),
+    )
+
+
+def _reserved(vaddr: int, ttbr0: int, level: int, desc: int) -> TranslationError:
+    return TranslationError(vaddr, ttbr0, f"cannot translate {vaddr:#x}: reserved block descriptor {desc:#x} "
+                            f"at level {level}", level=level, entry=desc)
+
+
+def _outside(vaddr: int, ttbr0: int, level: int, ea: int) -> TranslationError:
+    return TranslationError(vaddr, ttbr0, f"cannot translate {vaddr:#x}: level {level} descriptor at physical "
+                            f"{ea:#x} is outside physical memory", level=level)
