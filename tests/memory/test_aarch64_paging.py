@@ -9,8 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vmwatch.cpu import PagingMode
+from vmwatch.cpu_aarch64 import Aarch64Registers
 from vmwatch.errors import GuestDataError, PageNotPresent, TranslationError, VmwatchError
-from vmwatch.memory import BufferMemory
+from vmwatch.memory import BufferMemory, GuestMemory
 from vmwatch.memory.aarch64 import (
     AP_EL0, AP_RO, APTABLE_RO, CONTIGUOUS, OA_MASK, PXN, UXN, Aarch64Walker, Region, plan, strip_pac, tcr_regions,
 )
@@ -194,6 +196,14 @@ def test_random_tables_match_the_reference(case) -> None:
             continue
         assert got == want, hex(vaddr)
         assert w.lookup(vaddr, ttbr0).paddr + (vaddr - w.lookup(vaddr, ttbr0).vaddr) == got
+    mem = GuestMemory(BufferMemory(bytearray(buf)), registers=Aarch64Registers(tcr_el1=tcr, ttbr1_el1=ttbr1),
+                      cr3=ttbr0)
+    for vaddr in vaddrs:
+        try:
+            mem.read(vaddr, 0x30)
+            mem.cstring(vaddr, 40)
+        except VmwatchError:
+            pass
     try:
         found = list(w.mappings(ttbr0, max_tables=200))
     except GuestDataError:
@@ -215,3 +225,47 @@ def test_looping_tables_end() -> None:
     assert found == []
     with pytest.raises(GuestDataError, match="more than 100 tables"):
         list(walker(t).mappings(None, max_tables=100))
+
+
+# -- through GuestMemory ------------------------------------------------------------------------
+
+
+def guest_memory(t: Aarch64Tables, **regs) -> GuestMemory:
+    registers = Aarch64Registers(tcr_el1=t.tcr, ttbr1_el1=t.ttbr1, ttbr0_el1=t.ttbr0, **regs)
+    return GuestMemory(BufferMemory(t.ram), registers=registers)
+
+
+@pytest.mark.parametrize(("granule", "va_bits"), [(12, 48), (14, 47), (16, 52)])
+def test_guest_memory_reads_both_halves_with_the_x86_caches(granule: int, va_bits: int) -> None:
+    """Registers of an aarch64 vCPU select the AArch64 walk; reads cross pages, the TLB and the
+    page cache count as they do for x86."""
+    t = Aarch64Tables(granule, va_bits)
+    size = 1 << granule
+    kern = kernel(va_bits, 0x40 * size)
+    frames = [t.alloc(), t.alloc()]
+    for i, frame in enumerate(frames):
+        t.map(kern + i * size, frame)
+        t.ram[frame : frame + size] = bytes([0x41 + i]) * size
+    user = t.alloc()
+    t.map(0x10 * size, user)
+    t.ram[user : user + 5] = b"user\0"
+    mem = guest_memory(t)
+    assert mem.mode is PagingMode.AARCH64 and mem.pointer_size == 8
+    assert mem.read(kern + size - 2, 4) == b"AABB"
+    assert mem.cstring(0x10 * size) == "user"
+    hits = mem.stats()["tlb"]["hits"]
+    mem.u64(kern + size - 16)
+    assert mem.stats()["tlb"]["hits"] == hits + 1
+    assert mem.stats()["pages"]["size"] > 0
+    assert [m.paddr for m in mem.mappings(start=1 << 63)] == frames
+    # Another process: kernel addresses still translate, its user half is its own (empty) table.
+    other = t.alloc()
+    assert mem.read(kern, 2, other) == b"AA"
+    with pytest.raises(PageNotPresent):
+        mem.read(0x10 * size, 1, other)
+
+
+def test_guest_memory_without_tcr_says_what_is_missing() -> None:
+    """A dump's registers have no TCR_EL1/TTBR1_EL1: the error names them, no walk is guessed."""
+    with pytest.raises(TranslationError, match="TCR_EL1/TTBR1_EL1"):
+        GuestMemory(BufferMemory(bytearray(0x1000)), registers=Aarch64Registers(pc=0))
