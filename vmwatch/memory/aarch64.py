@@ -215,7 +215,7 @@ class Aarch64Walker:
             if shift == g or not desc & 2:
                 return paddr, desc, table_bits, 1 << shift
             table_bits |= desc
-            base = _output(desc, g)
+            base = output_address(desc, g)
         raise AssertionError("a walk always ends at its last level")
 
     def lookup(self, vaddr: int, ttbr0: int) -> ArmMapping:
@@ -259,9 +259,9 @@ class Aarch64Walker:
                 va = va_base + index * span
                 if depth == len(steps) - 1 or not desc & 2:
                     if desc & 2 or (block and depth < len(steps) - 1):
-                        yield _mapping(va, _output(desc, g) & ~(span - 1), span, desc, tables)
+                        yield _mapping(va, output_address(desc, g) & ~(span - 1), span, desc, tables)
                     continue
-                child = _output(desc, g)
+                child = output_address(desc, g)
                 if child not in path:
                     yield from expand(steps, depth + 1, child, va, tables | desc, path | {child}, g)
 
@@ -287,7 +287,7 @@ class Aarch64Walker:
         return bytes(out)
 
 
-def _output(desc: int, granule: int) -> int:
+def output_address(desc: int, granule: int) -> int:
     """The output address of a table or page descriptor (bits 47:granule, 51:48 for 64 KiB)."""
     oa = desc & OA_MASK & ~((1 << granule) - 1)
     return oa | (desc >> 12 & 0xF) << 48 if granule == 16 else oa

@@ -106,7 +106,7 @@ class GuestMemory:
         """
         if registers.tcr_el1 is None or registers.ttbr1_el1 is None:
             raise TranslationError(0, 0, "aarch64 registers without TCR_EL1/TTBR1_EL1: the kernel's page tables "
-                                   "are unknown (vmwatch.memory.aarch64_scan finds them in a dump)")
+                                   "are unknown (vmwatch.os.linux.swapper finds them in a dump)")
         self.mode = PagingMode.AARCH64
         self._walker = Aarch64Walker(registers.tcr_el1, registers.ttbr1_el1, self.phys)
         self._walk = self._walker.translate
