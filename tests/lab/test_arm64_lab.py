@@ -1,4 +1,4 @@
-"""The arm64 lab guest (qemu-system-aarch64 -M virt, TCG) boots once for this module.
+"""The arm64 lab guest (qemu-system-aarch64 -M virt, TCG), booted once per session (tests/conftest.py).
 
 Truth comes from the guest's own shell (/proc), the Debian kernel package's config file, and QEMU's
 HMP ``info registers`` (QEMU's own view, not the gdbstub path vmwatch reads).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import mmap
 import re
-import shutil
 import struct
 from pathlib import Path
 
@@ -29,17 +28,6 @@ KERNEL_HALF = 0xFFFF << 48
 """With 48-bit VAs every TTBR1 (kernel) address has its top 16 bits set."""
 TABLE_BASE = ((1 << 48) - 1) & ~1
 """TTBRn_EL1 bits 47:1: the table base (bit 0 is CnP, 63:48 the ASID)."""
-
-
-@pytest.fixture(scope="module")
-def arm64_guest():
-    if shutil.which("qemu-system-aarch64") is None:
-        pytest.skip("qemu-system-aarch64 is missing: install the Debian package qemu-system-arm (make system)")
-    from vmwatch.lab.vm import LabConfig, LabGuest
-
-    guest = LabGuest.start(LabConfig(arch="arm64"))
-    yield guest
-    guest.stop()
 
 
 def kernel_config(guest, option: str) -> str:
@@ -150,7 +138,7 @@ def test_info_shows_arch_and_system_registers(arm64_guest) -> None:
     assert {"x0", "x30", "pc", "pstate", "el", "ttbr1_el1", "tcr_el1", "sp_el0"} <= set(data["registers"][0])
 
 
-@pytest.mark.parametrize("command", [["ps"], ["modules"], ["debug"], ["gdbserver", "--stdio"],
+@pytest.mark.parametrize("command", [["debug"], ["gdbserver", "--stdio"],
                                      ["watch", "--rules", str(RULES / "security.py"), "--duration", "1"]])
 def test_x86_only_commands_refuse_in_one_line(arm64_guest, command) -> None:
     """Commands whose layers are x86-only yet exit 2 with one line naming aarch64; the guest runs on."""
