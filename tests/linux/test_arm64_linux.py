@@ -4,6 +4,7 @@ against the guest's own /proc, and QEMU's own view of SP_EL0 for init_task."""
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import trio
@@ -103,3 +104,54 @@ def test_live_guest(arm64_guest) -> None:
         assert regs.sp_el0 == init_task or regs.sp_el0 in {t.address for t in tasks} | {
             t.address for t in tasks if t.threads}
     assert arm64_guest.status() == "running"
+
+
+def test_corrupted_copies_end_with_one_line(arm64_snap, tmp_path) -> None:
+    """A copy of the dump with the kernel root zeroed, the BTF header zeroed, a cyclic task list or no
+    CPU notes: exit 2 with one line naming what is missing, or (cycle, no notes) a bounded listing."""
+    import shutil
+
+    with open_image(arm64_snap.dump) as image:
+        delta = image.runs[0].file_offset - image.runs[0].start
+        linux = Linux.from_memory(image, image.cpus)
+        tasks = linux.tasks()
+        link = linux.types.member("task_struct", "tasks").offset
+        patches = {
+            "swapper": (linux.kernel.kernel_cr3, bytes(4096)),
+            "btf": (_btf_paddr(image, linux), bytes(8)),
+            "cycle": (linux.memory.translate(tasks[3].address + link), struct.pack("<Q", tasks[1].address + link)),
+        }
+    copy = tmp_path / "copy.elf"
+    shutil.copyfile(arm64_snap.dump, copy)
+    copy.chmod(0o600)
+    results = {}
+    with open(copy, "r+b") as f:
+        for name, (paddr, data) in patches.items():
+            f.seek(paddr + delta)
+            original = f.read(len(data))
+            f.seek(paddr + delta)
+            f.write(data)
+            f.flush()
+            results[name] = run_cli("ps", "--json", str(copy))
+            f.seek(paddr + delta)
+            f.write(original)
+        f.seek(0)
+        note = f.read(8192).find(b"CORE\0")
+        f.seek(note - 4)
+        f.write(struct.pack("<I", 99))  # NT_PRSTATUS -> an unknown note type: no CPU state at all
+    results["no-notes"] = run_cli("ps", "--json", str(copy))
+    for name, words in (("swapper", "swapper_pg_dir"), ("btf", "no BTF")):
+        assert results[name].status == 2 and results[name].stderr.count("\n") == 1, (name, results[name].stderr)
+        assert words in results[name].stderr
+    cycled = json.loads(results["cycle"].stdout)
+    assert results["cycle"].status == 0 and 0 < len(cycled) <= 4 and "init_task.tasks" in results["cycle"].stderr
+    intact = [p["pid"] for p in json.loads(run_cli("ps", "--json", arm64_snap.dump).stdout)]
+    assert results["no-notes"].status == 0 and [p["pid"] for p in json.loads(results["no-notes"].stdout)] == intact
+
+
+def _btf_paddr(image, linux) -> int:
+    from vmwatch.os.linux.arm64 import BTF_HEADER
+
+    start = linux.kernel.text_paddr
+    data = image.read(start, linux.kernel.kernel_cr3 - start)
+    return start + data.index(BTF_HEADER)

@@ -51,8 +51,11 @@ def _print(image, args: argparse.Namespace, env) -> None:
 
 def kernel_tables(image) -> dict | None:
     """For an aarch64 image whose CPU notes lack TTBR1_EL1/TCR_EL1: the kernel tables a scan finds
-    (``found_by: scan``), or the scan's error. None for every other image."""
-    if not any(getattr(c, "arch", None) == "aarch64" and c.tcr_el1 is None for c in image.cpus):
+    (``found_by: scan``) or the scan's error; also for an aarch64 core without CPU notes. None
+    for every other image."""
+    arm = [c for c in image.cpus if getattr(c, "arch", None) == "aarch64"]
+    bare = not image.cpus and (getattr(image, "metadata", None) or {}).get("machine") == "aarch64"
+    if not bare and not any(c.tcr_el1 is None for c in arm):
         return None
     from vmwatch.errors import VmwatchError
     from vmwatch.os.linux.swapper import find_kernel_tables

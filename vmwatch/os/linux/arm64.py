@@ -24,6 +24,7 @@ from array import array
 import structlog
 
 from vmwatch.cpu import PagingMode
+from vmwatch.cpu_aarch64 import Aarch64Registers
 from vmwatch.errors import SymbolError, VmwatchError
 from vmwatch.os.linux import btf, kallsyms
 from vmwatch.os.linux.locate import BANNER, KernelInfo
@@ -51,6 +52,13 @@ REFERENCES = {
 """Text functions (in kallsyms) whose code computes ``&name``, most direct first."""
 
 
+def is_arm64(phys, registers: tuple) -> bool:
+    """Whether the guest is arm64: aarch64 registers, or an aarch64 ELF core without CPU notes."""
+    if registers:
+        return any(getattr(r, "arch", None) == "aarch64" for r in registers)
+    return (getattr(phys, "metadata", None) or {}).get("machine") == "aarch64"
+
+
 def locate(phys, registers: tuple, symbols_file: str | None = None):
     """The pieces of ``Linux`` for an arm64 kernel: (KernelInfo, symbols, types, memory).
 
@@ -63,7 +71,7 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
 
     if symbols_file is not None:
         raise UnsupportedOperation("--symbols: arm64 kernels are found from memory only (kallsyms and BTF)")
-    registers, scanned = complete_registers(phys, registers)
+    registers, scanned = complete_registers(phys, registers or (Aarch64Registers(),))
     regs = next(r for r in registers if getattr(r, "arch", None) == "aarch64")
     memory = GuestMemory(phys, registers=regs)
     anchor = regs.ttbr1_el1 & 0x0000_FFFF_FFFF_F000

@@ -48,12 +48,10 @@ class Linux:
             SymbolError: no kernel found, or it lacks BTF and no symbol file was given.
         """
         from vmwatch.memory import GuestMemory
-        from vmwatch.os.linux import btf
+        from vmwatch.os.linux import arm64, btf
 
         registers = tuple(r for r in registers if r is not None)
-        if any(getattr(r, "arch", None) == "aarch64" for r in registers):
-            from vmwatch.os.linux import arm64
-
+        if arm64.is_arm64(phys, registers):
             kernel, symbols, types, memory = arm64.locate(phys, registers, symbols_file)
             return cls(kernel, symbols, types, memory)
         symbols, hint, token_table_paddr = locate.find_kallsyms(phys, registers)
