@@ -62,6 +62,19 @@ def test_kernel_symbols_and_release(arm64_snap, arm64_guest) -> None:
         assert b"swapper" in init
 
 
+def test_syscalls_on_the_dump(arm64_snap, arm64_guest) -> None:
+    """sys_call_table (from do_el0_svc's code) has __NR_syscalls entries (from el0_svc_common's), all in
+    kernel text; read (63) and write (64) are the handlers /proc/kallsyms names."""
+    truth = proc_kallsyms(arm64_guest, ("__arm64_sys_read", "__arm64_sys_write", "__arm64_sys_io_setup"))
+    result = run_cli("syscalls", arm64_snap.dump, "--json")
+    assert result.status == 0, result.stderr
+    table = json.loads(result.stdout)
+    assert 440 <= len(table) <= 500 and all(e["in_text"] for e in table)
+    assert [table[i]["address"] for i in (0, 63, 64)] == [truth[n] for n in ("__arm64_sys_io_setup",
+                                                                            "__arm64_sys_read", "__arm64_sys_write")]
+    assert all(e["symbol"].startswith("__arm64_sys_") for e in table)
+
+
 def test_symbols_export(arm64_snap, tmp_path) -> None:
     """ISF and ELF exports of the dump carry the recovered data symbols at the addresses ps used."""
     isf = tmp_path / "arm64.json"

@@ -8,7 +8,8 @@ import pytest
 
 from vmwatch.errors import SymbolError
 from vmwatch.os.linux import btf
-from vmwatch.os.linux.arm64 import _is_banner, btf_size, code_references
+from vmwatch.os.linux.arm64 import _is_banner, btf_size, code_references, syscall_count
+from vmwatch.os.linux.kallsyms import Symbols
 
 PC = 0xFFFF_B08A_182E_0A30
 
@@ -55,6 +56,16 @@ class TestCodeReferences:
     def test_garbage_gives_no_references(self) -> None:
         """Bytes that are no instructions decode to nothing, not an error."""
         assert code_references(Code([0xFFFFFFFF] * 8), PC, 32) == []
+
+
+def test_syscall_count_from_the_callee_of_do_el0_svc() -> None:
+    """do_el0_svc calls el0_svc_common.constprop.0, which passes __NR_syscalls as ``mov w2, #N``."""
+    callee = PC + 0x40
+    words = [0x94000000 | ((callee - PC) >> 2), 0xD65F03C0] + [0xD503201F] * 14  # bl callee; ret; nops
+    words += [0x52800000 | 451 << 5 | 1, 0x52800000 | 451 << 5 | 2, 0xD65F03C0]  # mov w1; mov w2, #451; ret
+    symbols = Symbols(["do_el0_svc", "el0_svc_common.constprop.0", "next"], [PC, callee, callee + 12], "ttt")
+    assert syscall_count(Code(words), symbols) == 451
+    assert syscall_count(Code(words), Symbols(["other"], [PC], "t")) is None
 
 
 def test_banner_needs_a_build_number() -> None:

@@ -14,7 +14,9 @@ Theory of operation (arm64 Linux 6.1, Documentation/arm64/memory.rst):
    offset), which capstone decodes; each address so found is accepted only if the object
    there checks out through BTF (init_task: pid 0, comm "swapper", a tasks list whose next
    entry points back; modules: a list_head whose neighbours point back, and module names).
-   ``swapper_pg_dir`` and ``linux_banner`` are the addresses found in steps 1 and 2.
+   ``sys_call_table`` is what ``do_el0_svc`` passes to ``el0_svc_common``, whose ``mov w2, #N``
+   gives ``__NR_syscalls``. ``swapper_pg_dir`` and ``linux_banner`` are the addresses found in
+   steps 1 and 2.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vmwatch.os.linux import btf, kallsyms
 from vmwatch.os.linux.locate import BANNER, KernelInfo
 from vmwatch.os.linux.objects import StructReader, c_string
 from vmwatch.os.linux.swapper import complete_registers
+from vmwatch.os.linux.syscalls import MAX_SYSCALLS
 
 log = structlog.get_logger()
 
@@ -44,10 +47,13 @@ BTF_HEADER = b"\x9f\xeb\x01\x00\x18\x00\x00\x00"
 """magic 0xeB9F, version 1, flags 0, hdr_len 24."""
 CODE_MAX = 16 << 10
 """Bytes of one function decoded when looking for data references."""
+MASK = (1 << 64) - 1
+"""capstone gives immediates signed."""
 REFERENCES = {
     "init_task": ("show_state_filter", "__arm64_sys_setpriority", "__arm64_sys_getpriority",
                   "check_hung_uninterruptible_tasks", "find_lock_later_rq"),
     "modules": ("print_modules", "find_module_all", "m_start", "module_kallsyms_lookup_name"),
+    "sys_call_table": ("do_el0_svc",),
 }
 """Text functions (in kallsyms) whose code computes ``&name``, most direct first."""
 
@@ -60,7 +66,8 @@ def is_arm64(phys, registers: tuple) -> bool:
 
 
 def locate(phys, registers: tuple, symbols_file: str | None = None):
-    """The pieces of ``Linux`` for an arm64 kernel: (KernelInfo, symbols, types, memory).
+    """The pieces of ``Linux`` for an arm64 kernel: (KernelInfo, symbols, types, memory, syscall count
+    or None).
 
     Raises:
         SymbolError: no kernel tables, kallsyms, BTF or a needed data symbol was found.
@@ -91,6 +98,11 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
     found["linux_banner"] = text_vaddr + banner_at - text_paddr
     found["init_task"] = data_symbol(memory, symbols, "init_task", _init_task_check(memory, types))
     found["modules"] = data_symbol(memory, symbols, "modules", _modules_check(memory, types))
+    try:  # syscalls need it; ps and modules do not
+        found["sys_call_table"] = data_symbol(memory, symbols, "sys_call_table", _syscalls_check(memory, symbols))
+    except SymbolError as exc:
+        log.debug("linux.arm64_no_syscall_table", error=str(exc))
+    count = syscall_count(memory, symbols) if "sys_call_table" in found else None
     symbols = with_symbols(symbols, found)
     banner = memory.cstring(found["linux_banner"], 512).rstrip("\n")
     parts = banner.split()
@@ -100,7 +112,7 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
         page_offset=None, kernel_cr3=anchor, mode=PagingMode.AARCH64)
     log.debug("linux.found", arch="arm64", release=kernel.release, slide=hex(kernel.slide),
               tables="scanned" if scanned else "registers", **{k: hex(v) for k, v in found.items()})
-    return kernel, symbols, types, memory
+    return kernel, symbols, types, memory, count
 
 
 def btf_size(header: bytes) -> int:
@@ -133,30 +145,59 @@ def _find(read, start: int, end: int, needle: bytes, accept=lambda data, i: True
     return None
 
 
-def code_references(memory, start: int, size: int) -> list[int]:
-    """Addresses the code at ``start`` forms with ADRP and then ADD or a load/store offset."""
+def _disassemble(memory, start: int, size: int):
+    """capstone's instructions (with operand details) of the kernel code at ``start``."""
     import capstone
 
     arch = getattr(capstone, "CS_ARCH_ARM64", None) or capstone.CS_ARCH_AARCH64
     md = capstone.Cs(arch, capstone.CS_MODE_ARM)
     md.detail = True
-    code = memory.read(start, size, pad=True)
+    return md.disasm(memory.read(start, size, pad=True), start)
+
+
+def code_references(memory, start: int, size: int) -> list[int]:
+    """Addresses the code at ``start`` forms with ADRP and then ADD or a load/store offset."""
+    import capstone
+
     pages: dict[int, int] = {}
     found = []
-    mask = (1 << 64) - 1  # capstone gives immediates signed
-    for insn in md.disasm(code, start):
+    for insn in _disassemble(memory, start, size):
         ops = insn.operands
         if insn.mnemonic == "adrp" and len(ops) == 2:
-            pages[ops[0].reg] = ops[1].imm & mask
+            pages[ops[0].reg] = ops[1].imm & MASK
         elif insn.mnemonic == "add" and len(ops) == 3 and ops[1].reg in pages and ops[2].type == capstone.CS_OP_IMM:
-            target = (pages[ops[1].reg] + ops[2].imm) & mask
-            found.append(target)
+            found.append((pages[ops[1].reg] + ops[2].imm) & MASK)
             pages.pop(ops[0].reg, None)  # now an object's address, not a page: its loads are fields
         elif insn.mnemonic.startswith(("ldr", "str")) and ops and ops[-1].type == capstone.CS_OP_MEM:
             base = ops[-1].mem.base
             if base in pages:
-                found.append((pages[base] + ops[-1].mem.disp) & mask)
+                found.append((pages[base] + ops[-1].mem.disp) & MASK)
     return list(dict.fromkeys(found))
+
+
+def syscall_count(memory, symbols) -> int | None:
+    """``__NR_syscalls``: ``el0_svc_common(regs, scno, __NR_syscalls, sys_call_table)`` is called
+    from ``do_el0_svc``; gcc folds the constant into the callee (``el0_svc_common.constprop.0``),
+    which passes it on as ``mov w2, #N``. None if neither function has it."""
+    import capstone
+
+    start = symbols.get("do_el0_svc")
+    if start is None:
+        return None
+    callees = [insn.operands[0].imm & MASK for insn in _disassemble(memory, start, _length(symbols, start))
+               if insn.mnemonic == "bl" and insn.operands]
+    for function in [start, *callees[:4]]:
+        for insn in _disassemble(memory, function, _length(symbols, function)):
+            ops = insn.operands
+            if (insn.mnemonic == "mov" and len(ops) == 2 and ops[1].type == capstone.CS_OP_IMM
+                    and insn.reg_name(ops[0].reg) == "w2" and 64 <= ops[1].imm <= MAX_SYSCALLS):
+                return ops[1].imm
+    return None
+
+
+def _length(symbols, start: int) -> int:
+    end = symbols.next_address(start)
+    return min(end - start, CODE_MAX) if end else CODE_MAX
 
 
 def data_symbol(memory, symbols, name: str, check) -> int:
@@ -171,8 +212,7 @@ def data_symbol(memory, symbols, name: str, check) -> int:
         if start is None:
             continue
         tried.append(function)
-        end = symbols.next_address(start) or start + CODE_MAX
-        for target in code_references(memory, start, min(end - start, CODE_MAX)):
+        for target in code_references(memory, start, _length(symbols, start)):
             try:
                 if check(target):
                     return target
@@ -191,6 +231,15 @@ def _init_task_check(memory, types):
         if task.int(buf, "pid") or not task.bytes(buf, "comm").startswith(b"swapper"):
             return False
         return memory.u64(task.int(buf, "tasks.next") + 8) == address + tasks
+
+    return check
+
+
+def _syscalls_check(memory, symbols):
+    def check(address: int) -> bool:
+        # Most of the first entries are handlers (one hooked entry must not hide the table).
+        names = [symbols.lookup(memory.u64(address + 8 * i)) for i in range(16)]
+        return sum(1 for n in names if n is not None and n[1] == 0 and n[0].startswith("__arm64_sys_")) >= 12
 
     return check
 

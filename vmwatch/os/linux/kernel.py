@@ -25,10 +25,12 @@ class Linux:
         symbols: name -> runtime virtual address (and address -> nearest name).
         types: the BTF profile (or the one from the symbol file).
         memory: a ``GuestMemory`` on the kernel page tables with symbol and pid->cr3 resolvers.
+        syscall_count: entries of ``sys_call_table`` when the kernel's code says (arm64), else None.
     """
 
-    def __init__(self, kernel: KernelInfo, symbols, types, memory) -> None:
+    def __init__(self, kernel: KernelInfo, symbols, types, memory, *, syscall_count: int | None = None) -> None:
         self.kernel = kernel
+        self.syscall_count = syscall_count
         self.symbols = symbols
         self.types = types
         self.memory = memory
@@ -52,8 +54,8 @@ class Linux:
 
         registers = tuple(r for r in registers if r is not None)
         if arm64.is_arm64(phys, registers):
-            kernel, symbols, types, memory = arm64.locate(phys, registers, symbols_file)
-            return cls(kernel, symbols, types, memory)
+            kernel, symbols, types, memory, syscall_count = arm64.locate(phys, registers, symbols_file)
+            return cls(kernel, symbols, types, memory, syscall_count=syscall_count)
         symbols, hint, token_table_paddr = locate.find_kallsyms(phys, registers)
         extra = None
         if symbols_file is not None:
@@ -127,7 +129,7 @@ class Linux:
     def syscalls(self):
         from vmwatch.os.linux.syscalls import read_syscalls
 
-        return read_syscalls(self)
+        return read_syscalls(self, count=self.syscall_count)
 
     def idt(self, registers: Registers | None = None):
         from vmwatch.os.linux.idt import read_idt
