@@ -160,7 +160,7 @@ class Aarch64Walker:
 
     def _compile(self) -> str:
         """Generate the walk of both halves as straight-line code, every shift and mask a literal."""
-        lines = ["def translate(vaddr, ttbr0):", "    level = 0", "    try:"]
+        lines = ["def translate(vaddr, ttbr0):", "    level = 0", "    root = ttbr0", "    try:"]
         for half in (1, 0):
             g = self.regions[half].granule
             oa = OA_MASK & ~((1 << g) - 1)
@@ -169,7 +169,9 @@ class Aarch64Walker:
                 "        if vaddr >> 55 & 1:" if half else "        else:",
                 f"            if {self._top_test(half)}:",
                 "                raise region_error(vaddr, ttbr0)",
-                f"            base = {self.ttbr1 & TTBR_BADDR & ~7:#x}" if half else f"            base = ttbr0 & {TTBR_BADDR & ~7:#x}",
+                # Errors name the root walked: TTBR1 for the kernel half, whatever TTBR0 was given.
+                f"            root = {self.ttbr1:#x}" if half else "            root = ttbr0",
+                f"            base = root & {TTBR_BADDR & ~7:#x}",
             ]
             steps = self._steps[half]
             for depth, (shift, imask, level, block) in enumerate(steps):
@@ -184,19 +186,19 @@ class Aarch64Walker:
                     "                off = ea & 0xFFF",
                     "            desc = unpack(table, off)[0]",
                     "            if not desc & 1:",
-                    f"                raise PageNotPresent(vaddr, ttbr0, level={level}, entry=desc, invalid_bits={shift})",
+                    f"                raise PageNotPresent(vaddr, root, level={level}, entry=desc, invalid_bits={shift})",
                     "            if not desc & 2:",
                 ]
                 if block and not last:
                     size = 1 << shift
                     lines.append(f"                return (desc & {oa & ~(size - 1):#x}){high} | (vaddr & {size - 1:#x})")
                 else:
-                    lines.append(f"                raise reserved_error(vaddr, ttbr0, {level}, desc)")
+                    lines.append(f"                raise reserved_error(vaddr, root, {level}, desc)")
                 if last:
                     lines.append(f"            return (desc & {oa:#x}){high} | (vaddr & {(1 << g) - 1:#x})")
                 else:
                     lines.append(f"            base = (desc & {oa:#x}){high}")
-        lines += ["    except PhysicalReadError:", "        raise outside_error(vaddr, ttbr0, level, ea) from None"]
+        lines += ["    except PhysicalReadError:", "        raise outside_error(vaddr, root, level, ea) from None"]
         return "\n".join(lines) + "\n"
 
     def _walk(self, vaddr: int, ttbr0: int) -> tuple[int, int, int, int]:
