@@ -33,6 +33,7 @@ def kernel(va_bits: int, offset: int) -> int:
 
 @pytest.mark.parametrize(("granule", "va_bits"), LAYOUTS)
 def test_pages_in_both_halves(granule: int, va_bits: int) -> None:
+    """Pages at high indexes of both halves translate; the kernel half ignores the user root."""
     t = Aarch64Tables(granule, va_bits)
     size = 1 << granule
     user_page, kernel_page = t.alloc(), t.alloc()
@@ -52,6 +53,7 @@ def test_pages_in_both_halves(granule: int, va_bits: int) -> None:
 
 @pytest.mark.parametrize(("granule", "va_bits"), LAYOUTS)
 def test_blocks_at_every_allowed_level(granule: int, va_bits: int) -> None:
+    """A block at each level its granule allows maps its whole span; other levels have none."""
     t = Aarch64Tables(granule, va_bits, ram_size=1 << 22)
     w = walker(t)
     for shift, _mask, level, block in plan(Region(granule, va_bits, False)):
@@ -68,6 +70,7 @@ def test_blocks_at_every_allowed_level(granule: int, va_bits: int) -> None:
 
 
 def test_out_of_range_and_tbi() -> None:
+    """Addresses outside both regions are refused; with TBI a tagged address translates; PAC bits strip."""
     t = Aarch64Tables(12, 39)
     page = t.alloc()
     t.map(0x1000, page)
@@ -82,6 +85,7 @@ def test_out_of_range_and_tbi() -> None:
 
 
 def test_rights() -> None:
+    """AP, UXN and PXN give writable, user and nx as x86 names them; APTable limits what is below."""
     t = Aarch64Tables(12, 48)
     cases = {
         0x1000: (AP_EL0 | UXN, (True, True, True, False, True)),
@@ -102,6 +106,7 @@ def test_rights() -> None:
 
 
 def test_invalid_and_reserved_descriptors() -> None:
+    """Invalid descriptors are PageNotPresent; reserved blocks and tables outside RAM are TranslationError."""
     t = Aarch64Tables(12, 48)
     t.map(0x1000, t.alloc())
     w = walker(t)
@@ -125,6 +130,7 @@ def test_invalid_and_reserved_descriptors() -> None:
 
 
 def test_granule_encodings_differ_between_halves() -> None:
+    """TG0 and TG1 encode granules differently; reserved encodings and sizes are refused."""
     r0, r1 = tcr_regions(tcr_for(16, 48) & ~(3 << 30) | 1 << 30)
     assert (r0.granule, r1.granule) == (16, 14)
     with pytest.raises(TranslationError, match="reserved granule"):
