@@ -55,7 +55,6 @@ def test_pages_in_both_halves(granule: int, va_bits: int) -> None:
 def test_blocks_at_every_allowed_level(granule: int, va_bits: int) -> None:
     """A block at each level its granule allows maps its whole span; other levels have none."""
     t = Aarch64Tables(granule, va_bits, ram_size=1 << 22)
-    w = walker(t)
     for shift, _mask, level, block in plan(Region(granule, va_bits, False)):
         if level not in BLOCK_LEVELS[granule]:
             assert not block
@@ -109,7 +108,6 @@ def test_invalid_and_reserved_descriptors() -> None:
     """Invalid descriptors are PageNotPresent; reserved blocks and tables outside RAM are TranslationError."""
     t = Aarch64Tables(12, 48)
     t.map(0x1000, t.alloc())
-    w = walker(t)
     leaf = t.descriptor_address(0x1000, 3)
     assert t.get(leaf) & 3 == 3
     t.set(leaf, t.get(leaf) & ~2)  # a block descriptor at level 3 is reserved
@@ -126,7 +124,6 @@ def test_invalid_and_reserved_descriptors() -> None:
     t.set(t.ttbr0, 1)
     with pytest.raises(TranslationError, match="reserved block"):
         walker(t).translate(0x1000, t.ttbr0)
-    del w
 
 
 def test_granule_encodings_differ_between_halves() -> None:
