@@ -32,6 +32,20 @@ def lab_guest():
 
 
 @pytest.fixture(scope="session")
+def arm64_guest():
+    """The arm64 lab guest (qemu-system-aarch64 -M virt), booted once per session for every arm64 test."""
+    import shutil
+
+    if shutil.which("qemu-system-aarch64") is None:
+        pytest.skip("qemu-system-aarch64 is missing: install the Debian package qemu-system-arm (make system)")
+    from vmwatch.lab.vm import LabConfig, LabGuest
+
+    guest = LabGuest.start(LabConfig(arch="arm64"))
+    yield guest
+    guest.stop()
+
+
+@pytest.fixture(scope="session")
 def lab_guest_factory():
     """``start(**LabConfig fields)`` boots an extra guest; stop it when done (leftovers stop at session end)."""
     from vmwatch.lab import LabConfig, LabGuest

@@ -74,6 +74,8 @@ class PagingMode(enum.Enum):
     PAE = "pae"
     LEVEL4 = "4-level"
     LEVEL5 = "5-level"
+    AARCH64 = "aarch64"
+    """Not x86: AArch64 stage 1, its shape read from TCR_EL1 (vmwatch.memory.aarch64)."""
 
     @classmethod
     def from_registers(cls, cr0: int, cr4: int, efer: int) -> PagingMode:

@@ -25,13 +25,14 @@ def refuse_aarch64(sources: Iterable[object], what: str) -> None:
     """Raise UnsupportedOperation naming ``what`` if any of ``sources`` is AArch64's: registers, or a
     live backend (both have ``arch``).
 
-    For the x86-only layers (paging walk, Linux locator, debugger, watch) until they learn AArch64.
+    For the x86-only layers (debugger, breakpoints, watchpoints, single steps, MSRs, watch) until they
+    learn AArch64.
     """
     if any(getattr(source, "arch", None) == "aarch64" for source in sources):
         from vmwatch.errors import UnsupportedOperation
 
-        raise UnsupportedOperation(f"{what}: not supported on aarch64 guests yet (registers, physical "
-                                   "memory, info and dump-guest-memory are)")
+        raise UnsupportedOperation(f"{what}: not supported on aarch64 guests yet (info, read, ps, modules, "
+                                   "syscalls and symbols export are)")
 
 
 def _opt() -> int | None:

@@ -329,9 +329,21 @@ class TestDetection:
 
 
 class TestForeignElf:
-    def test_non_x86_core_gives_memory_but_no_registers(self, tmp_path):
-        """An aarch64 core (EM 183) reads as memory; its notes are not misread as x86 registers."""
-        data = build.elf_core([build.Load(0x40000000, b"\x01" * PAGE)], [("CORE", 1, bytes(392))], machine=183)
+    def test_unknown_machine_core_gives_memory_but_no_registers(self, tmp_path):
+        """A 32-bit Arm core (EM 40) reads as memory; its notes are not misread as x86 registers."""
+        data = build.elf_core([build.Load(0x40000000, b"\x01" * PAGE)], [("CORE", 1, bytes(392))], machine=40)
         with open_image(_write(tmp_path, "arm.elf", data)) as img:
             assert img.read(0x40000000, 4) == b"\x01" * 4 and img.cpus == ()
-            assert img.metadata["machine"] == "183"
+            assert img.metadata["machine"] == "40"
+
+    def test_aarch64_prstatus_gives_x_sp_pc_pstate(self, tmp_path):
+        """An aarch64 core's NT_PRSTATUS (user_pt_regs at 112) gives x0..x30, sp, pc, pstate; a short one none."""
+        values = list(range(0x100, 0x100 + 34))
+        note = bytes(112) + struct.pack("<34Q", *values) + bytes(8)
+        data = build.elf_core([build.Load(0x40000000, bytes(PAGE))], [("CORE", 1, note), ("CORE", 1, bytes(200))],
+                              machine=183)
+        with open_image(_write(tmp_path, "arm64.elf", data)) as img:
+            (cpu,) = img.cpus
+            assert cpu.arch == "aarch64" and img.metadata["machine"] == "aarch64"
+            assert (cpu.x, cpu.sp, cpu.pc, cpu.pstate) == (tuple(values[:31]), *values[31:])
+            assert cpu.tcr_el1 is None

@@ -1,4 +1,4 @@
-"""The arm64 lab guest (qemu-system-aarch64 -M virt, TCG) boots once for this module.
+"""The arm64 lab guest (qemu-system-aarch64 -M virt, TCG), booted once per session (tests/conftest.py).
 
 Truth comes from the guest's own shell (/proc), the Debian kernel package's config file, and QEMU's
 HMP ``info registers`` (QEMU's own view, not the gdbstub path vmwatch reads).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import mmap
 import re
-import shutil
 import struct
 from pathlib import Path
 
@@ -29,17 +28,6 @@ KERNEL_HALF = 0xFFFF << 48
 """With 48-bit VAs every TTBR1 (kernel) address has its top 16 bits set."""
 TABLE_BASE = ((1 << 48) - 1) & ~1
 """TTBRn_EL1 bits 47:1: the table base (bit 0 is CnP, 63:48 the ASID)."""
-
-
-@pytest.fixture(scope="module")
-def arm64_guest():
-    if shutil.which("qemu-system-aarch64") is None:
-        pytest.skip("qemu-system-aarch64 is missing: install the Debian package qemu-system-arm (make system)")
-    from vmwatch.lab.vm import LabConfig, LabGuest
-
-    guest = LabGuest.start(LabConfig(arch="arm64"))
-    yield guest
-    guest.stop()
 
 
 def kernel_config(guest, option: str) -> str:
@@ -150,12 +138,11 @@ def test_info_shows_arch_and_system_registers(arm64_guest) -> None:
     assert {"x0", "x30", "pc", "pstate", "el", "ttbr1_el1", "tcr_el1", "sp_el0"} <= set(data["registers"][0])
 
 
-@pytest.mark.parametrize("command", [["ps"], ["modules"], ["read", "--length", "16"], ["debug"], ["gdbserver", "--stdio"],
+@pytest.mark.parametrize("command", [["debug"], ["gdbserver", "--stdio"],
                                      ["watch", "--rules", str(RULES / "security.py"), "--duration", "1"]])
 def test_x86_only_commands_refuse_in_one_line(arm64_guest, command) -> None:
     """Commands whose layers are x86-only yet exit 2 with one line naming aarch64; the guest runs on."""
-    address = ["0xffff800008000000"] if command[0] == "read" else []
-    result = run_cli(*command, arm64_guest.target, *address, stdin="regs\n")
+    result = run_cli(*command, arm64_guest.target, stdin="regs\n")
     assert result.status == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "not supported on aarch64 guests yet" in result.stderr
     assert arm64_guest.status() == "running"
@@ -182,3 +169,52 @@ def test_dump_guest_memory_is_an_aarch64_core(arm64_guest, tmp_path) -> None:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
             found = [view.find(banner, offset, offset + size) for _, offset, size in loads]
     assert max(found) >= 0, "the guest's /proc/version banner is not in the dumped RAM"
+
+
+@pytest.fixture(scope="module")
+def arm64_dump(arm64_guest, tmp_path_factory):
+    """A dump taken while paused in EL1, with the gdbstub's registers of that same moment."""
+
+    async def paused_dump():
+        async with attach_qemu(str(arm64_guest.qmp_path)) as vm:
+            for _ in range(20):
+                await vm.pause()
+                regs = await vm.registers()
+                if regs.el == 1:
+                    break
+                await vm.resume()
+            path = arm64_guest.dump(tmp_path_factory.mktemp("arm64") / "paused.elf")
+            await vm.resume()
+            return path, regs
+
+    return trio.run(paused_dump)
+
+
+def test_dump_registers_and_scanned_tables(arm64_guest, arm64_dump) -> None:
+    """NT_PRSTATUS gives the gdbstub's x0..x30/sp/pc/pstate; the swapper_pg_dir scan finds the
+    gdbstub's TTBR1 base; through it _stext (from /proc/kallsyms) is the iomem "Kernel code" start."""
+    from vmwatch.images import open_image
+    from vmwatch.memory import GuestMemory
+    from vmwatch.os.linux.swapper import find_kernel_tables
+
+    path, live = arm64_dump
+    stext = kallsyms(arm64_guest, "_stext")
+    code = next(int(line.split("-")[0], 16) for line in arm64_guest.shell("cat /proc/iomem", check=True).splitlines()
+                if line.endswith(": Kernel code"))
+    with open_image(path) as image:
+        (cpu,) = image.cpus
+        assert (cpu.x, cpu.sp, cpu.pc, cpu.pstate) == (live.x, live.sp, live.pc, live.pstate)
+        assert cpu.ttbr1_el1 is None and cpu.tcr_el1 is None  # QEMU writes no system registers
+        found = find_kernel_tables(image)
+        assert found.ttbr1 == live.ttbr1_el1 & TABLE_BASE
+        assert (found.tcr >> 16 & 0x3F, found.tcr >> 30 & 3) == (live.tcr_el1 >> 16 & 0x3F, live.tcr_el1 >> 30 & 3)
+        mem = GuestMemory(image, registers=found.registers(cpu))
+        assert mem.translate(stext) == code
+        # The gdbstub's own TCR and TTBR1 walk the dump to the same frames.
+        exact = GuestMemory(image, registers=live)
+        assert exact.read(stext, 4096) == mem.read(stext, 4096)
+    info = run_cli("info", str(path))
+    assert info.status == 0 and f"TTBR1 {found.ttbr1:#x}" in info.stdout and "found by scanning" in info.stdout
+    read = run_cli("read", "--json", str(path), hex(stext), "--length", "16")
+    assert read.status == 0, read.stderr
+    assert json.loads(read.stdout)["chunks"][0]["physical_address"] == code

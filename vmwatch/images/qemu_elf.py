@@ -1,6 +1,9 @@
-"""QEMU ``dump-guest-memory`` ELF cores (ELF64 or ELF32; x86-64 or i386), and other ELF cores.
+"""QEMU ``dump-guest-memory`` ELF cores (ELF64 or ELF32; x86-64, i386 or aarch64), and other ELF cores.
 
-Sources: QEMU ``dump/dump.c``, ``target/i386/arch_dump.c``, ``include/sysemu/dump.h``.
+Sources: QEMU ``dump/dump.c``, ``target/i386/arch_dump.c``, ``target/arm/arch_dump.c``,
+``include/sysemu/dump.h``. An aarch64 dump has per CPU only NT_PRSTATUS (x0..x30, sp, pc, pstate),
+NT_PRFPREG and NT_ARM_SVE: no system registers, so no TTBR1_EL1/TCR_EL1 (the Linux layer finds
+the kernel's tables by scanning, vmwatch.os.linux.swapper).
 Notes come per CPU as ``CORE``/NT_PRSTATUS, then per CPU ``QEMU``/0 (QEMUCPUState: the full
 register file with control registers, segments, GDT/IDT), then an optional ``VMCOREINFO``.
 With ``paging=true`` QEMU writes one PT_LOAD per virtual mapping, so physical ranges repeat;
@@ -13,6 +16,7 @@ import os
 import struct
 
 from vmwatch.cpu import Registers, Segment
+from vmwatch.cpu_aarch64 import Aarch64Registers
 from vmwatch.images import _elf
 from vmwatch.images.base import Image, Reader, Run, map_file
 
@@ -29,7 +33,8 @@ _PRSTATUS32 = ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rax", "ds", "es", "fs"
 
 
 class QemuElfImage(Image):
-    """A QEMU guest-memory dump (format ``qemu-elf``), or any other x86 ELF core (``elf-core``)."""
+    """A QEMU guest-memory dump (format ``qemu-elf``), or any other ELF core (``elf-core``: other
+    producers, and QEMU's aarch64 dumps, which carry no ``QEMU`` note)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         data, _ = map_file(path)
@@ -45,7 +50,10 @@ class QemuElfImage(Image):
         qemu = [n for n in notes if n.name == "QEMU"]
         self.format = "qemu-elf" if qemu else "elf-core"
         cpus = []
-        if core.machine in _elf.MACHINES:  # register layouts below are x86 only
+        if core.machine == _elf.EM_AARCH64:
+            cpus = [registers_from_aarch64_prstatus(n.desc, i) for i, n in enumerate(prstatus)]
+            cpus = [c for c in cpus if c is not None]
+        elif core.machine in _elf.MACHINES:
             cpus = [registers_from_qemu_note(n.desc, i) for i, n in enumerate(qemu)]
             if not cpus:
                 cpus = [registers_from_prstatus(n.desc, i) for i, n in enumerate(prstatus)]
@@ -120,3 +128,11 @@ def registers_from_prstatus(desc: bytes, vcpu: int) -> Registers | None:
     values.pop("orig_rax")
     segs = {name: Segment(selector=values.pop(name)) for name in _QEMU_SEGS}
     return Registers(vcpu=vcpu, **values, **segs)
+
+
+def registers_from_aarch64_prstatus(desc: bytes, vcpu: int) -> Aarch64Registers | None:
+    """x0..x30, sp, pc, pstate from an aarch64 NT_PRSTATUS (392 bytes, user_pt_regs at 112)."""
+    if len(desc) < 112 + 34 * 8:
+        return None
+    values = struct.unpack_from("<34Q", desc, 112)
+    return Aarch64Registers(vcpu=vcpu, x=values[:31], sp=values[31], pc=values[32], pstate=values[33])

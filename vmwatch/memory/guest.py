@@ -18,7 +18,9 @@ import struct
 from typing import Iterable, Iterator
 
 from vmwatch.cpu import PagingMode, Registers
+from vmwatch.cpu_aarch64 import Aarch64Registers
 from vmwatch.errors import GuestDataError, PhysicalReadError, TranslationError, UnsupportedOperation
+from vmwatch.memory.aarch64 import Aarch64Walker
 from vmwatch.memory.cache import PidDtbCache, SymbolCache, Tlb
 from vmwatch.memory.paging import Mapping, Walker, spec_from_registers
 from vmwatch.memory.physical import PAGE_MASK, PAGE_SIZE, CachedPhysicalMemory, PhysicalMemory
@@ -55,7 +57,8 @@ class GuestMemory:
         cr3: default page-table root for kernel reads (else taken from ``registers``).
         mode: paging mode (else from ``registers``; 4-level if only ``cr3`` is given, none if
             neither is).
-        registers: vCPU registers to take CR3, CR4 and the paging mode from.
+        registers: vCPU registers to take CR3, CR4 and the paging mode from; AArch64 ones give
+            TCR_EL1 and TTBR1_EL1 (then ``cr3`` means a TTBR0 value, the user root).
         page_cache: how many 4 KiB pages the page cache keeps.
     """
 
@@ -65,10 +68,18 @@ class GuestMemory:
         *,
         cr3: int | None = None,
         mode: PagingMode | None = None,
-        registers: Registers | None = None,
+        registers: Registers | Aarch64Registers | None = None,
         page_cache: int = 4096,
     ) -> None:
         self.phys = phys if isinstance(phys, CachedPhysicalMemory) else CachedPhysicalMemory(phys, capacity=page_cache)
+        self._page = self.phys.page
+        self.tlb = Tlb()
+        self._tlb_sets = self.tlb.sets
+        self.symbols = SymbolCache()
+        self.pid_dtb = PidDtbCache()
+        if getattr(registers, "arch", None) == "aarch64":
+            self._init_aarch64(registers, cr3)
+            return
         cr4 = None
         if registers is not None:
             cr3 = registers.cr3 if cr3 is None else cr3
@@ -78,13 +89,8 @@ class GuestMemory:
             mode = PagingMode.LEVEL4 if cr3 is not None else PagingMode.NONE
         self.mode = mode
         spec = spec_from_registers(mode, cr4)
-        self._page = self.phys.page
         self._walker = Walker(spec, self.phys) if spec is not None else None
         self._kernel_cr3 = cr3
-        self.tlb = Tlb()
-        self._tlb_sets = self.tlb.sets
-        self.symbols = SymbolCache()
-        self.pid_dtb = PidDtbCache()
         wide = spec is None or spec.entry_size == 8 and mode is not PagingMode.PAE
         self.pointer_size = 8 if wide else 4
         self.pointer = self.u64 if wide else self.u32
@@ -92,6 +98,21 @@ class GuestMemory:
             self.translate = self._identity  # type: ignore[method-assign]
         else:
             self._walk = self._walker.translate
+
+    def _init_aarch64(self, registers: Aarch64Registers, ttbr0: int | None) -> None:
+        """AArch64 stage 1 from TCR_EL1 and TTBR1_EL1; ``cr3`` arguments are TTBR0 values.
+
+        The default root is TTBR0_EL1 (kernel addresses ignore it; user ones follow it).
+        """
+        if registers.tcr_el1 is None or registers.ttbr1_el1 is None:
+            raise TranslationError(0, 0, "aarch64 registers without TCR_EL1/TTBR1_EL1: the kernel's page tables "
+                                   "are unknown (vmwatch.os.linux.swapper finds them in a dump)")
+        self.mode = PagingMode.AARCH64
+        self._walker = Aarch64Walker(registers.tcr_el1, registers.ttbr1_el1, self.phys)
+        self._walk = self._walker.translate
+        self._kernel_cr3 = (registers.ttbr0_el1 or 0) if ttbr0 is None else ttbr0
+        self.pointer_size = 8
+        self.pointer = self.u64
 
     # -- translation --------------------------------------------------------------------------
 

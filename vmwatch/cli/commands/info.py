@@ -41,11 +41,31 @@ def run(args: argparse.Namespace, env) -> int:
 
 def _print(image, args: argparse.Namespace, env) -> None:
     dumped = dump_files(image, args.dump_dir) if args.dump_dir else []
+    tables = kernel_tables(image)
     if args.json:
-        json.dump(as_json(image, verbose=args.verbose, dumped=dumped), env.stdout, indent=2)
+        json.dump(as_json(image, verbose=args.verbose, dumped=dumped, tables=tables), env.stdout, indent=2)
         env.stdout.write("\n")
     else:
-        env.stdout.write(as_text(image, verbose=args.verbose, dumped=dumped))
+        env.stdout.write(as_text(image, verbose=args.verbose, dumped=dumped, tables=tables))
+
+
+def kernel_tables(image) -> dict | None:
+    """For an aarch64 image whose CPU notes lack TTBR1_EL1/TCR_EL1: the kernel tables a scan finds
+    (``found_by: scan``) or the scan's error; also for an aarch64 core without CPU notes. None
+    for every other image."""
+    arm = [c for c in image.cpus if getattr(c, "arch", None) == "aarch64"]
+    bare = not image.cpus and (getattr(image, "metadata", None) or {}).get("machine") == "aarch64"
+    if not bare and not any(c.tcr_el1 is None for c in arm):
+        return None
+    from vmwatch.errors import VmwatchError
+    from vmwatch.os.linux.swapper import find_kernel_tables
+
+    try:
+        found = find_kernel_tables(image)
+    except VmwatchError as exc:
+        return {"found_by": "scan", "error": str(exc)}
+    return {"found_by": "scan", "ttbr1": found.ttbr1, "tcr": found.tcr, "granule": 1 << found.granule,
+            "va_bits": found.va_bits, "swapper_pg_dir": found.vaddr, "text": found.describe()}
 
 
 async def _run_live(args: argparse.Namespace, env) -> int:
@@ -80,7 +100,7 @@ class _LiveView:
                 ("RAM", self.metadata["ram_file"] or "read through the gdbstub")]
 
 
-def as_json(image, *, verbose: bool = False, dumped: list[str] = ()) -> dict:
+def as_json(image, *, verbose: bool = False, dumped: list[str] = (), tables: dict | None = None) -> dict:
     out = {
         "format": image.format,
         "path": image.path,
@@ -91,6 +111,8 @@ def as_json(image, *, verbose: bool = False, dumped: list[str] = ()) -> dict:
         "summary": dict(image.summary()),
         "metadata": image.metadata,
     }
+    if tables is not None:
+        out["kernel_tables"] = tables
     tags = getattr(image, "tags", None)
     if tags is not None:
         out["tags"] = [_tag_json(image, t, verbose) for t in tags]
@@ -112,7 +134,7 @@ def _tag_json(image, tag, verbose: bool) -> dict:
     return entry
 
 
-def as_text(image, *, verbose: bool = False, dumped: list[str] = ()) -> str:
+def as_text(image, *, verbose: bool = False, dumped: list[str] = (), tables: dict | None = None) -> str:
     # what the file says (paths, versions, tag names, config text) is escaped: one line stays one line
     lines = [f"Image: {shown(str(image.path))}", f"Type: {image.format}"]
     for label, text in image.summary():
@@ -141,6 +163,8 @@ def as_text(image, *, verbose: bool = False, dumped: list[str] = ()) -> str:
             lines.append(f"  {msr.upper():>14}: {value:#018x}")
     if not image.cpus:
         lines += ["", "No saved CPU registers in this image."]
+    if tables is not None:
+        lines += ["", f"Kernel page tables: {tables.get('text') or 'not found by scanning: ' + tables['error']}"]
     if verbose:
         lines += ["", "Metadata:"] + _metadata_lines(image.metadata)
     tags = getattr(image, "tags", None)

@@ -30,7 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def add_address_arguments(parser: argparse.ArgumentParser) -> None:
     """How ADDRESS is translated: --dtb, --mode, --pid, --physical (shared with ``vmwatch write``)."""
-    parser.add_argument("--dtb", type=_number, help="page-table root (CR3) to translate with (default: vCPU 0's)")
+    parser.add_argument("--dtb", type=_number,
+                        help="page-table root (CR3; TTBR0 on aarch64) to translate with (default: vCPU 0's)")
     parser.add_argument("--mode", choices=["32-bit", "pae", "4-level", "5-level"],
                         help="paging mode (default: from vCPU 0's registers, else 4-level)")
     parser.add_argument("--pid", type=_number, help="read process PID's user address space (Linux guests)")
@@ -67,7 +68,6 @@ def resolve(args, target, cpus):
     """The GuestMemory to read with, the start address (resolving a symbol if given) and the
     page-table root to read with (None: the memory's default)."""
     from vmwatch.cpu import PagingMode
-    from vmwatch.cpu_aarch64 import refuse_aarch64
     from vmwatch.errors import UnsupportedOperation
     from vmwatch.memory import GuestMemory
 
@@ -91,7 +91,13 @@ def resolve(args, target, cpus):
             return linux.memory, address, None
     if args.physical:
         return GuestMemory(target.memory), address, None
-    refuse_aarch64(cpus, "virtual reads")
+    if getattr(regs, "arch", None) == "aarch64":
+        if mode is not None:
+            raise UnsupportedOperation(f"--mode {args.mode} is an x86 paging mode; {args.target} is an aarch64 guest")
+        from vmwatch.os.linux.swapper import complete_registers
+
+        regs = complete_registers(target.memory, (regs,))[0][0]
+        return GuestMemory(target.memory, cr3=args.dtb, registers=regs), address, None
     cr3 = args.dtb
     if cr3 is None and (regs is None or regs.cr3 is None):
         raise UnsupportedOperation(f"{args.target} has no saved CPU registers: give the page-table root with --dtb")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import structlog
 
 from vmwatch.cpu import Registers
-from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.errors import SymbolError, VmwatchError
 from vmwatch.os.linux import locate
 from vmwatch.os.linux.locate import KernelInfo
@@ -26,10 +25,12 @@ class Linux:
         symbols: name -> runtime virtual address (and address -> nearest name).
         types: the BTF profile (or the one from the symbol file).
         memory: a ``GuestMemory`` on the kernel page tables with symbol and pid->cr3 resolvers.
+        syscall_count: entries of ``sys_call_table`` when the kernel's code says (arm64), else None.
     """
 
-    def __init__(self, kernel: KernelInfo, symbols, types, memory) -> None:
+    def __init__(self, kernel: KernelInfo, symbols, types, memory, *, syscall_count: int | None = None) -> None:
         self.kernel = kernel
+        self.syscall_count = syscall_count
         self.symbols = symbols
         self.types = types
         self.memory = memory
@@ -49,10 +50,12 @@ class Linux:
             SymbolError: no kernel found, or it lacks BTF and no symbol file was given.
         """
         from vmwatch.memory import GuestMemory
-        from vmwatch.os.linux import btf
+        from vmwatch.os.linux import arm64, btf
 
         registers = tuple(r for r in registers if r is not None)
-        refuse_aarch64(registers, "finding the Linux kernel")
+        if arm64.is_arm64(phys, registers):
+            kernel, symbols, types, memory, syscall_count = arm64.locate(phys, registers, symbols_file)
+            return cls(kernel, symbols, types, memory, syscall_count=syscall_count)
         symbols, hint, token_table_paddr = locate.find_kallsyms(phys, registers)
         extra = None
         if symbols_file is not None:
@@ -126,7 +129,7 @@ class Linux:
     def syscalls(self):
         from vmwatch.os.linux.syscalls import read_syscalls
 
-        return read_syscalls(self)
+        return read_syscalls(self, count=self.syscall_count)
 
     def idt(self, registers: Registers | None = None):
         from vmwatch.os.linux.idt import read_idt

@@ -30,12 +30,13 @@ def table_length(symbols, name: str, entry_size: int) -> int:
     return max(1, (end - start) // entry_size)
 
 
-def read_syscalls(linux, name: str = "sys_call_table") -> list[Syscall]:
+def read_syscalls(linux, name: str = "sys_call_table", count: int | None = None) -> list[Syscall]:
+    """The table's entries; ``count`` where the kernel's code says it (arm64), else up to the next symbol."""
     symbols, memory = linux.symbols, linux.memory
     if name not in symbols:
         raise SymbolError(f"kernel has no {name} symbol", name=name)
     size = memory.pointer_size
-    count = table_length(symbols, name, size)
+    count = table_length(symbols, name, size) if count is None else count
     raw = memory.read(symbols[name], count * size)
     while count > 1 and not any(raw[(count - 1) * size:count * size]):
         count -= 1  # alignment padding up to the next symbol, not table entries
