@@ -246,11 +246,20 @@ class WindowsGuest:
     def raw(self) -> bytes:
         return bytes(self.buffer)
 
-    def crashdump(self) -> bytes:
-        """A full 64-bit crash dump of this memory: DirectoryTableBase, KdDebuggerDataBlock, build."""
+    BUGCHECK = (0xE2, (0x11, 0x22, 0x33, 0x44))
+    """MANUALLY_INITIATED_CRASH; its parameters (zero on Windows) distinct so tests see each in place."""
+
+    def crashdump(self, *, kdbg: bool = True, lists: bool = True) -> bytes:
+        """A full 64-bit crash dump of this memory: build, DirectoryTableBase, processors, bugcheck,
+        KdDebuggerDataBlock and the list heads (``kdbg``/``lists`` False leave the PAGE filler)."""
         from vmwatch.testing.imagebuilders import windows_crashdump
 
         out = bytearray(windows_crashdump([(0, bytes(self.buffer))], dtb=self.fake.cr3))
         struct.pack_into("<II", out, 0x8, 15, self.build)
-        struct.pack_into("<Q", out, 0x80, self.kdbg_vaddr)
+        struct.pack_into("<III", out, 0x30, 0x8664, 1, self.BUGCHECK[0])
+        struct.pack_into("<4Q", out, 0x40, *self.BUGCHECK[1])
+        if kdbg:
+            struct.pack_into("<Q", out, 0x80, self.kdbg_vaddr)
+        if lists:
+            struct.pack_into("<QQ", out, 0x20, self.module_head, self.process_head)
         return bytes(out)

@@ -8,6 +8,7 @@ directory, process list. Each step is logged at debug and kept as a :class:`Foun
 from __future__ import annotations
 
 import struct
+import time
 
 import attrs
 import structlog
@@ -23,6 +24,7 @@ log = structlog.get_logger()
 
 _KDBG_READ = 0x400
 _KEYS = ("KiWaitNever", "KiWaitAlways", "KdpDataBlockEncoded")
+_HEADER_LISTS = {"PsActiveProcessHead": "ps_active_process_head", "PsLoadedModuleList": "ps_loaded_module_list"}
 
 
 @attrs.frozen
@@ -51,9 +53,16 @@ class KernelInfo:
 
 
 class _Steps(list):
+    """The Found records so far; each one logged with the milliseconds since the search began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t0 = time.perf_counter()
+
     def add(self, what: str, value, how: str) -> None:
         self.append(Found(what, value, how))
-        log.debug("windows.found", what=what, value=hex(value) if isinstance(value, int) else value, how=how)
+        log.debug("windows.found", what=what, value=hex(value) if isinstance(value, int) else value, how=how,
+                  ms=round((time.perf_counter() - self.t0) * 1000, 1))
 
 
 class Windows:
@@ -147,6 +156,10 @@ class Windows:
                     steps.add("kernel base", vaddr, "crash dump KdDebuggerDataBlock minus its profile RVA")
             except VmwatchError:
                 pass
+        if vaddr is None and memory is not None and meta.get("ps_loaded_module_list"):
+            vaddr = cls._base_from_module_list(memory, meta["ps_loaded_module_list"], profile, paddr)
+            if vaddr is not None:
+                steps.add("kernel base", vaddr, "DllBase of the first entry on the crash dump header's PsLoadedModuleList")
         block, kdbg_how = cls._find_kdbg(phys, memory, meta, profile, vaddr)
         if block is not None and vaddr is None:
             vaddr = block.fields["KernBase"]
@@ -168,17 +181,20 @@ class Windows:
 
         relocated = {name: vaddr + rva for name, rva in exports.rvas.items()}
         extra = {name: vaddr + rva for name, rva in profile.symbols.items()}
+        sources = dict.fromkeys(profile.symbols, "profile symbol")
+        for name in _HEADER_LISTS:  # a dump header copies the list heads: used when KDBG is missing
+            if meta.get(_HEADER_LISTS[name]):
+                extra[name], sources[name] = meta[_HEADER_LISTS[name]], "crash dump header " + name
         if block is not None:
             extra.update({name: value for name, value in block.fields.items() if value})
+            sources.update(dict.fromkeys((n for n, v in block.fields.items() if v), "KDBG"))
             if block.vaddr is not None:
                 extra["KdDebuggerDataBlock"] = block.vaddr
+        sources.update(dict.fromkeys(exports.rvas, "ntoskrnl export"))
         symbols = WindowsSymbols(relocated, extra)
         for name in ("PsActiveProcessHead", "PsLoadedModuleList", "PsInitialSystemProcess", "KeServiceDescriptorTable"):
             if name in symbols:
-                source = "KDBG" if block is not None and name in block.fields else "ntoskrnl export"
-                if name in profile.symbols and name not in exports.rvas:
-                    source = "profile symbol"
-                steps.add(name, symbols[name], source)
+                steps.add(name, symbols[name], sources[name])
         kernel = KernelInfo(base=vaddr, paddr=paddr, size=headers.size_of_image, name=exports.name, build=build,
                             dtb=dtb, kdbg=block.vaddr if block is not None else None, found=tuple(steps))
         return cls(kernel, symbols, profile, memory)
@@ -214,6 +230,16 @@ class Windows:
         if block is None:
             return None, "no KDBG"
         return block, f"physical scan for the KDBG tag (Size {block.size:#x})"
+
+    @staticmethod
+    def _base_from_module_list(memory, head: int, profile: Profile, paddr: int) -> int | None:
+        """ntoskrnl is the first driver loaded: its DllBase, if it maps to the image found."""
+        try:
+            entry = memory.pointer(head)
+            base = memory.pointer(entry + profile.ldr["DllBase"])
+            return base if memory.translate(base) == paddr else None
+        except VmwatchError:
+            return None
 
     @staticmethod
     def _kdbg_vaddr(block, memory, base: int, size: int):
