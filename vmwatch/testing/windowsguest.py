@@ -26,6 +26,9 @@ POOL_PA = 0x1000000
 SPARE_RVA = 0x58400
 """Free bytes in the page of Wine's small .rsrc section: the KDBG block and list heads go here."""
 KDBG_RVA, KEYS_RVA, HEADS_RVA, SSDT_RVA = SPARE_RVA, SPARE_RVA + 0x400, SPARE_RVA + 0x500, SPARE_RVA + 0x600
+EPROCESS_IN_BLOCK = 0x80
+"""_POOL_HEADER 0x10, optional headers 0x40, _OBJECT_HEADER 0x30, then the EPROCESS body."""
+FAKE_DRIVER = ("fakedrv.sys", KERNEL_VA + 0x1000000, 0x7000, "\\??\\C:\\evil\\fakedrv.sys")
 KEYS = (0x1F2E3D4C5B6A7988, 0x0123456789ABCDEF)
 """KiWaitNever, KiWaitAlways of the encoded variant."""
 
@@ -90,7 +93,6 @@ class WindowsGuest:
             self.buffer[hal_pa:hal_pa + len(hal_image)] = hal_image
             self.map_range(hal_va, hal_pa, hal_size)
             self.drivers.append(("hal.dll", hal_va, hal_size, "\\SystemRoot\\system32\\hal.dll"))
-        self.drivers.append(("fakedrv.sys", KERNEL_VA + 0x1000000, 0x7000, "\\??\\C:\\evil\\fakedrv.sys"))
         self.idtr_base = self.pool(0x1000)
         self.idt_handler = KERNEL_VA + 0x1000 + 0x1234
         self.set_gate(0, self.idt_handler)
@@ -150,8 +152,14 @@ class WindowsGuest:
         return KERNEL_VA + KDBG_RVA
 
     def add_process(self, pid: int, ppid: int, name: bytes, *, dtb: int | None = None) -> Proc:
+        """An EPROCESS in its pool block: _POOL_HEADER (tag ``Proc``, or ``Pro\\xe3`` with the
+        protected bit Windows 7 sets), optional and object headers, then the body (Type 3)."""
         o = self.profile.eprocess
-        address = self.pool(0x1000)
+        block = self.pool(0x1000)
+        tag = b"Pro\xe3" if self.build == 7601 else b"Proc"
+        self.put(block, struct.pack("<BBBB4sQ", 0, 2, 0x100 // 16, 0, tag, 0))
+        address = block + EPROCESS_IN_BLOCK
+        self.put(address, b"\x03")  # _DISPATCHER_HEADER.Type: ProcessObject
         dtb = self.fake.cr3 if dtb is None else dtb
         proc = Proc(pid, ppid, name, dtb, 132_000_000_000_000_000 + pid, 0x7FF000000000 + pid * 0x1000 if pid > 4 else 0,
                     address)
@@ -180,8 +188,11 @@ class WindowsGuest:
         self.put(at, struct.pack("<HHIQ", len(raw), len(raw) + 2, 0, buffer))
 
     def build_objects(self, processes=((4, 0, b"System"), (256, 4, b"smss.exe"), (348, 256, b"csrss.exe"),
-                                       (1234, 348, b"explorer.exe"))) -> None:
-        """Processes, drivers, SSDT, KDBG: the default guest."""
+                                       (1234, 348, b"explorer.exe")), *, clean: bool = False) -> None:
+        """Processes, drivers, SSDT, KDBG: the default guest, with a driver loaded from outside the
+        system directories and an SSDT entry hooked into it; ``clean``: neither."""
+        if not clean:
+            self.drivers.append(FAKE_DRIVER)
         for pid, ppid, name in processes:
             self.add_process(pid, ppid, name, dtb=None if pid == 4 else 0x3000000 + pid * 0x1000)
         links = self.profile.eprocess["ActiveProcessLinks"]
@@ -196,8 +207,21 @@ class WindowsGuest:
             self.unicode_string(entry + 0x58, name)
             entries.append(entry)
         self.link(self.module_head, entries)
-        self.write_ssdt(["NtClose", "NtCreateFile", "KeBugCheckEx"], hooked=KERNEL_VA + 0x1001230)
+        self.write_ssdt(["NtClose", "NtCreateFile", "KeBugCheckEx"], hooked=None if clean else KERNEL_VA + 0x1001230)
         self.write_kdbg()
+
+    def unlink(self, pid: int) -> Proc:
+        """Take process ``pid`` off ActiveProcessLinks the way DKOM rootkits do (FU): its
+        neighbours skip it and its own links point to itself; the EPROCESS stays in its pool block."""
+        links = self.profile.eprocess["ActiveProcessLinks"]
+        proc = next(p for p in self.processes if p.pid == pid)
+        node = proc.address + links
+        flink, blink = struct.unpack("<QQ", bytes(self.buffer[self.paddr(node):self.paddr(node) + 16]))
+        self.put_u64(blink, flink)
+        self.put_u64(flink + 8, blink)
+        self.put_u64(node, node)
+        self.put_u64(node + 8, node)
+        return proc
 
     def write_ssdt(self, names: list[str], hooked: int | None = None) -> None:
         table = KERNEL_VA + SSDT_RVA
