@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEBS   := qemu-system-x86 busybox-static dwarves gdb
+DEBS   := qemu-system-x86 qemu-system-arm busybox-static dwarves gdb
+# apt's own per-file retries and a bound on a stalled mirror. `apt-get update` is tried three times;
+# the install is tried even after a partial update (it may have the lists it needs).
+APT_OPTS := -o Acquire::Retries=5 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30
 
 .PHONY: demo test bench system venv clean
 
@@ -20,12 +23,15 @@ bench: system venv
 system:
 	@missing=""; \
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	command -v qemu-system-aarch64 >/dev/null || missing="$$missing qemu-system-arm"; \
 	test -x /bin/busybox -a -n "$$(file -L /bin/busybox 2>/dev/null | grep -i static)" || dpkg -s busybox-static >/dev/null 2>&1 || missing="$$missing busybox-static"; \
 	command -v pahole >/dev/null || missing="$$missing dwarves"; \
 	command -v gdb >/dev/null || missing="$$missing gdb"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	    for wait in 5 15 0; do apt-get $(APT_OPTS) update -qq && break; \
+	      [ $$wait = 0 ] || { echo "apt-get update failed; again in $$wait s"; sleep $$wait; }; done; \
+	    DEBIAN_FRONTEND=noninteractive apt-get $(APT_OPTS) install -y -qq --no-install-recommends $$missing; \
 	  else echo "vmwatch needs the Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 2; fi; \
 	fi
 

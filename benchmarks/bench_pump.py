@@ -12,7 +12,8 @@
    the shared 2-core CI host); the packs' sensors are inline hooks whose stops flush nothing, and
    their periodic checks pause the guest (no flush either).
 
-Run: ``.venv/bin/python benchmarks/bench_pump.py [--events N] [--no-guest]``
+Run: ``.venv/bin/python benchmarks/bench_pump.py [--events N] [--no-guest] [--rules PACK]... [--enable RULE]...``
+(``--events 0`` skips part 1).
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def bench_pump(n: int) -> None:
               f"(pump overhead {bare / best:4.1f}x); goal {goal:,}/s: {verdict}")
 
 
-def bench_guest(writes: int) -> None:
+def bench_guest(writes: int, packs: list[str], enable: list[str]) -> None:
     from vmwatch.lab import LabGuest
 
-    print(f"guest slowdown, lab guest, 'scenario writes {writes}' timed by the guest")
+    names = "+".join(packs) + "".join(f" +{name}" for name in enable)
+    print(f"guest slowdown, lab guest, 'scenario writes {writes}' timed by the guest; rules {names}")
     guest = LabGuest.start()
     try:
         def timed() -> float:
@@ -108,18 +110,20 @@ def bench_guest(writes: int) -> None:
 
         guest.shell("scenario writes 1000")  # warm caches
         bare = min(timed() for _ in range(2))
-        with_watch = trio.run(_timed_under_watch, guest, timed)
-        print(f"  without vmwatch: {bare:.2f} s; with security+timeline packs: {with_watch:.2f} s; "
+        with_watch = trio.run(_timed_under_watch, guest, timed, packs, enable)
+        print(f"  without vmwatch: {bare:.2f} s; with {names}: {with_watch:.2f} s; "
               f"slowdown {with_watch / bare:.2f}x (goal < 2x: {'meets' if with_watch / bare < 2 else 'MISSES'})")
     finally:
         guest.stop()
 
 
-async def _timed_under_watch(guest, timed) -> float:
+async def _timed_under_watch(guest, timed, packs: list[str], enable: list[str]) -> float:
     from vmwatch.engine.sources import source_for
     from vmwatch.target import open_target
 
-    ruleset = RuleSet.load(["security", "timeline"])
+    ruleset = RuleSet.load(packs)
+    for name in enable:
+        ruleset.enable(name)
     async with open_target(guest.target) as target:
         engine = Engine(source_for(target), ruleset, [ListSink()])
         async with trio.open_nursery() as nursery:
@@ -140,10 +144,14 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--writes", type=int, default=200_000)
     parser.add_argument("--no-guest", action="store_true")
+    parser.add_argument("--rules", action="append", help="packs watched (default: security, timeline)")
+    parser.add_argument("--enable", action="append", default=[], help="also enable this rule (e.g. "
+                        "security.control_register_write)")
     args = parse_args(parser)
-    bench_pump(args.events)
+    if args.events:
+        bench_pump(args.events)
     if not args.no_guest:
-        bench_guest(args.writes)
+        bench_guest(args.writes, args.rules or ["security", "timeline"], args.enable)
 
 
 if __name__ == "__main__":

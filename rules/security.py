@@ -182,11 +182,14 @@ def control_register_write(event: RegisterWrite, guest):
     """An instruction cleared CR0.WP, CR4.SMEP or CR4.SMAP.
 
     Off by default (``--enable security.control_register_write``): it needs a gdbstub breakpoint
-    after each of the ~20 ``mov cr0/cr4`` of kernel text, and under TCG breakpoints alone slow
-    the guest (QEMU checks them at every indirect branch; measured: this rule 1.75-1.9x on a
-    write loop, the rest of the security and timeline packs 0.94-0.98x). Those kernel writers
-    pin WP, SMEP and SMAP since Linux 5.3 anyway, and ``control_register_state`` sees a change
-    that stays within 2 s.
+    after the ``mov cr0``/``mov cr4`` of ``native_write_cr0``/``native_write_cr4`` (the only
+    writers a running Linux uses; both open with no ftrace NOP and go on with a 2-byte jump
+    label, so no inline hook fits), and under TCG any armed breakpoint slows the guest, hit or
+    not. Measured with benchmarks/bench_pump.py (600,000 one-byte writes timed by the guest, 3
+    runs each): the security and timeline packs 0.99-1.38x (median 1.04x), with this rule
+    1.24-1.33x (median 1.28x; 1.38x when it broke after all 22 writers of kernel text): over the
+    1.25x a shipped-on rule may cost. Those writers pin WP, SMEP and SMAP since Linux 5.3 anyway,
+    and ``control_register_state`` sees a change that stays within 2 s.
     """
     if event.old is None:
         return

@@ -20,6 +20,7 @@ _EXPORTS = {
     "Run": "vmwatch.images",
     "Registers": "vmwatch.cpu",
     "PagingMode": "vmwatch.cpu",
+    "Aarch64Registers": "vmwatch.cpu_aarch64",
     "open_target": "vmwatch.target",
     "GuestMemory": "vmwatch.memory",
 }

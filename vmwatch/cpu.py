@@ -23,6 +23,7 @@ CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
 CR4_PAE = 1 << 5
 CR4_LA57 = 1 << 12
+CR4_PCIDE = 1 << 17
 CR4_SMEP = 1 << 20
 CR4_SMAP = 1 << 21
 EFER_LME = 1 << 8
@@ -41,6 +42,23 @@ MSR_NAMES = {
 MSR_NUMBERS = {name: number for number, name in MSR_NAMES.items()}
 CS_L = 1 << 21
 """The L (64-bit code) bit of a segment descriptor's attribute word, as QEMU stores it."""
+EXCEPTION_NAMES = {
+    0: "divide_error", 1: "debug", 2: "nmi", 3: "breakpoint", 4: "overflow", 5: "bound_range",
+    6: "invalid_opcode", 7: "device_not_available", 8: "double_fault", 9: "coprocessor_segment_overrun",
+    10: "invalid_tss", 11: "segment_not_present", 12: "stack_fault", 13: "general_protection",
+    14: "page_fault", 16: "x87_fpu_error", 17: "alignment_check", 18: "machine_check", 19: "simd_exception",
+    20: "virtualization", 21: "control_protection", 28: "hypervisor_injection", 29: "vmm_communication",
+    30: "security",
+}  # fmt: skip
+"""The architectural exception vectors (Intel SDM vol. 3A table 6-1; 28-30: AMD APM vol. 2 8.2)."""
+EXCEPTION_VECTORS = {name: vector for vector, name in EXCEPTION_NAMES.items()}
+ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
+"""Vectors for which the CPU pushes an error code below the interrupt frame (SDM 6.13)."""
+
+
+def exception_name(vector: int) -> str:
+    """Name of exception ``vector``: ``page_fault``, or ``vector_15`` for a reserved one."""
+    return EXCEPTION_NAMES.get(vector, f"vector_{vector}")
 
 
 def msr_name(number: int) -> str:

@@ -68,6 +68,53 @@ class Interrupt(Event):
 
 
 @attrs.frozen(kw_only=True)
+class Fault(Event):
+    """The guest took CPU exception ``vector`` (``#PF``, ``#GP``, ``#UD``...) on ``vcpu``.
+
+    Derived from a stop at the exception's handler (vmwatch/engine/exceptions.py): ``rip`` and
+    ``user`` are those of the interrupted code, read from the exception frame the CPU pushed.
+    """
+
+    vector: int
+    name: str
+    """``page_fault``, ``general_protection``... (``vmwatch.cpu.EXCEPTION_NAMES``)."""
+    rip: int
+    """The faulting (or, for traps such as ``#BP``, the next) instruction."""
+    user: bool
+    """Taken in user mode (CPL 3 in the frame's CS)."""
+    error_code: int | None = None
+    """The CPU's error code, for the vectors that push one; else None."""
+    cr2: int | None = None
+    """For page faults: the address whose access faulted."""
+
+    @property
+    def selector(self) -> tuple[int, bool]:
+        """What dispatch indexes listeners by: the vector and the mode."""
+        return (self.vector, self.user)
+
+
+@attrs.frozen(kw_only=True)
+class MmioAccess(Event):
+    """The guest accessed a watched guest-physical device range (``@rule.on_mmio``).
+
+    Derived from a watchpoint on the kernel's mapping of the range (vmwatch/engine/mmio.py).
+    ``paddr``, ``size`` and ``value`` are those of the access when the instruction that made it
+    could be decoded; otherwise ``paddr`` is the watched page's start, ``size`` 0, ``value`` None.
+    """
+
+    access: Access
+    paddr: int
+    size: int = 0
+    value: int | None = None
+    """The value written (writes only: a read's value is not known without reading the device)."""
+    rip: int = 0
+    """The instruction after the access (the CPU reports a data watchpoint once it completed)."""
+    watched: tuple[int | str, int] = (0, 0)
+    """What the rule asked for, ``(start, size)`` or ``(device name, 0)``: what dispatch indexes
+    listeners by."""
+
+
+@attrs.frozen(kw_only=True)
 class SingleStep(Event):
     """One instruction was executed; ``rip`` is the next one."""
 

@@ -121,6 +121,46 @@ def on_interrupt(vector: int) -> Callable[[RuleFunction], RuleFunction]:
     return _adding(Listener(kind=ListenerKind.INTERRUPT, target=vector))
 
 
+def on_exception(vector: int | str, *, user: bool | None = None, pid: int | None = None,
+                 comm: str | None = None) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest takes CPU exception ``vector``: a number (0-31) or a name
+    (``"page_fault"``, ``"general_protection"``, ``"invalid_opcode"``: ``vmwatch.cpu.EXCEPTION_NAMES``).
+
+    ``user=True`` keeps only exceptions taken in user mode, ``False`` only kernel mode, ``None``
+    both. The event is a :class:`~vmwatch.events.Fault` (``rip``, ``error_code``, ``cr2`` of a page fault).
+    """
+    from vmwatch.cpu import EXCEPTION_VECTORS
+
+    number = EXCEPTION_VECTORS.get(vector.strip().lower()) if isinstance(vector, str) else vector
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 32:
+        raise RuleError(f"exception must be a vector 0-31 or one of {', '.join(EXCEPTION_VECTORS)}, not {vector!r}")
+    if user is not None and not isinstance(user, bool):
+        raise RuleError(f"user must be True, False or None, not {user!r}")
+    return _adding(Listener(kind=ListenerKind.EXCEPTION, target=(number, user), narrow=Narrow(pid, comm)))
+
+
+_MMIO_ACCESS = {"r": "r", "w": "w", "rw": "rw", "wr": "rw"}
+
+
+def on_mmio(start: int | str, size: int = 0, access: str = "w") -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest reads (``"r"``), writes (``"w"``) or does either (``"rw"``) to a device's
+    guest-physical range: ``[start, start + size)`` (e.g. the local APIC, 0xfee00000 and 0x1000),
+    or every range the guest's own resource tree names ``start`` (/proc/iomem: ``"Local APIC"``,
+    ``"IOAPIC 0"``; no size). The event is a :class:`~vmwatch.events.MmioAccess`.
+    """
+    if isinstance(start, str):
+        if not start.strip() or size:
+            raise RuleError(f"a device named in /proc/iomem takes no size, not {start!r} and {size!r}")
+    else:
+        for name, value in (("start", start), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "size") or value >> 52:
+                raise RuleError(f"MMIO {name} must be an int in guest-physical range, not {value!r}")
+    kind = _MMIO_ACCESS.get(access) if isinstance(access, str) else None
+    if kind is None:
+        raise RuleError(f"MMIO access must be 'r', 'w' or 'rw', not {access!r}")
+    return _adding(Listener(kind=ListenerKind.MMIO, target=(start, size, kind)))
+
+
 def every(seconds: float) -> Callable[[RuleFunction], RuleFunction]:
     """Run periodically (the guest is paused while the rule runs); the event is a ``Tick``."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
@@ -174,6 +214,8 @@ class _Namespace:
     on_write = staticmethod(on_write)
     on_register = staticmethod(on_register)
     on_interrupt = staticmethod(on_interrupt)
+    on_exception = staticmethod(on_exception)
+    on_mmio = staticmethod(on_mmio)
     every = staticmethod(every)
     on = staticmethod(on)
     on_start = staticmethod(on_start)

@@ -38,6 +38,8 @@ class ListenerKind(enum.Enum):
     WRITE = "write"
     REGISTER = "register"
     INTERRUPT = "interrupt"
+    EXCEPTION = "exception"
+    MMIO = "mmio"
     EVERY = "every"
     EVENT = "event"
     START = "start"
@@ -62,7 +64,9 @@ class Listener:
 
     kind: ListenerKind
     target: Any = None
-    """Symbol (``"name"`` or ``"name+0x10"``) or address; register name; vector; seconds; event class."""
+    """Symbol (``"name"`` or ``"name+0x10"``) or address; register name; vector; ``(vector, user)``
+    of an exception (user None: either mode); ``(start, size, access)`` of an MMIO range; seconds;
+    event class."""
     size: int = 0
     """Watched bytes (``on_write``); 0: up to the next symbol, or the end of a ``"a..b"`` range."""
     narrow: Narrow = Narrow()

@@ -80,3 +80,19 @@ class TestHostileText:
             assert 0 <= offset < len(text) and site.next_address > site.address
             opcode = text[offset:site.next_address - TEXT]
             assert b"\x0f\x22" in opcode or b"\x0f\x30" in opcode
+
+
+class TestRuntimeSites:
+    def test_cr0_cr4_only_in_the_runtime_writers(self):
+        """Boot and resume code's mov cr0/cr4 are dropped when native_write_cr0/4 hold writers; others stay."""
+        from vmwatch.engine.registers import runtime_sites
+        from vmwatch.os.linux.kallsyms import Symbols
+
+        symbols = Symbols(["secondary_startup_64", "native_write_cr0", "native_write_cr4", "_etext"],
+                          [TEXT, TEXT + 0x100, TEXT + 0x200, TEXT + 0x1000], "TTTT")
+        boot_cr0, boot_cr4 = WriteSite(TEXT + 4, TEXT + 7, "cr0", "rax"), WriteSite(TEXT + 8, TEXT + 11, "cr4", "rax")
+        cr0 = WriteSite(TEXT + 0x102, TEXT + 0x105, "cr0", "rdi")
+        cr3, msr = WriteSite(TEXT + 12, TEXT + 15, "cr3", "rax"), WriteSite(TEXT + 16, TEXT + 18, "msr")
+        kept = runtime_sites([boot_cr0, boot_cr4, cr0, cr3, msr], symbols)
+        # no writer in native_write_cr4: every cr4 site stays (a kernel that writes CR4 elsewhere)
+        assert sorted(kept, key=lambda s: s.address) == [boot_cr4, cr3, msr, cr0]

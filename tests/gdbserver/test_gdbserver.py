@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -176,3 +177,38 @@ def test_gdb_controls_the_live_guest(lab_guest):
     assert "Old value" in out and "New value" in out, out
     assert "detached" in out, out
     assert lab_guest.shell("echo alive").strip() == "alive"
+
+
+@pytest.mark.guest
+@needs_gdb
+def test_gdb_looks_at_a_guest_that_a_watch_runs(lab_guest, tmp_path):
+    """``watch --gdb``: a real gdb reads the banner and registers of the guest the watch runs, its
+    breakpoint is refused, its continue returns at once, and the watch still sees an exec after."""
+    sock = tmp_path / "gdb.sock"
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "vmwatch", "watch", lab_guest.target, "--rules", "timeline", "--json",
+         "--duration", "40", "--gdb", f"unix:{sock}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            assert watch.poll() is None and time.monotonic() < deadline, watch.communicate()
+            time.sleep(0.2)
+        banner = int(lab_guest.shell("grep -w linux_banner /proc/kallsyms").split()[0], 16)
+        version = lab_guest.shell("cat /proc/version").strip()
+        out = gdb(f"target remote {sock}", "info registers rip cr3", f"x/s {banner:#x}",
+                  f"break *{banner:#x}", "continue", "delete", "stepi", "info registers rip", "detach")
+        assert version[:60] in out.replace("\\n", "\n"), out
+        assert gdb_value(out, "cr3") != 0 and gdb_value(out, "rip") >> 47 == (1 << 17) - 1, out
+        assert "Cannot insert breakpoint" in out, out
+        assert "the watch runs this guest" in out, out
+        pid = int(lab_guest.shell("sh -c 'echo $$; exec /bin/busybox true'", timeout=120).split()[0])
+        stdout, stderr = watch.communicate(timeout=180)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.communicate()
+    assert watch.returncode == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert "/bin/busybox" in [x["details"]["filename"] for x in lines if x["event"] == "Exec" and x["pid"] == pid]
+    assert lab_guest.qmp().execute("query-status")["status"] == "running"

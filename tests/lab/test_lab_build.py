@@ -127,9 +127,26 @@ def test_qemu_command_line(tmp_path):
     assert kvm[kvm.index("-accel") + 1: kvm.index("-accel") + 4] == ["kvm", "-accel", "tcg"]
 
 
+def test_qemu_command_line_arm64(tmp_path):
+    """arm64 boots the virt board, PL011 console, pointer-authenticating CPU, Image for both KASLR choices."""
+    kernel = KernelPackage(arch="arm64", package="linux-image-x", version="1", release="x", root=tmp_path)
+    argv = qemu_command(LabConfig(arch="arm64"), kernel, tmp_path / "initrd", tmp_path / "rt", "tcg")
+    assert argv[0] == "qemu-system-aarch64"
+    assert argv[argv.index("-machine") + 1] == "virt,memory-backend=ram"
+    assert argv[argv.index("-cpu") + 1] == "max,pauth-impdef=on"
+    assert argv[argv.index("-append") + 1].startswith("console=ttyAMA0 ")
+    assert argv[argv.index("-kernel") + 1] == str(kernel.vmlinuz)
+    plain = qemu_command(LabConfig(arch="arm64", kaslr=False, cpu_model="cortex-a72", machine="virt,gic-version=3"),
+                         kernel, tmp_path, tmp_path, "tcg")
+    assert plain[plain.index("-kernel") + 1] == str(kernel.vmlinuz)  # no vmlinux extraction on arm64
+    assert plain[plain.index("-append") + 1].endswith(" nokaslr")
+    assert plain[plain.index("-cpu") + 1] == "cortex-a72"
+    assert plain[plain.index("-machine") + 1] == "virt,gic-version=3,memory-backend=ram"
+
+
 @pytest.mark.parametrize(("kwargs", "why"), [
     ({"memory": "lots"}, "memory size"), ({"cpus": 0}, "cpus"), ({"accel": "xen"}, "accel"),
-    ({"arch": "arm64"}, "unknown lab arch"),
+    ({"arch": "riscv64"}, "unknown lab arch"), ({"arch": "arm64;rm"}, "unknown lab arch"),
 ])
 def test_bad_config(kwargs, why):
     with pytest.raises(LabError, match=why):
@@ -145,3 +162,14 @@ def test_initramfs_holds_init_scenario_and_modules(lab_kernel):
     assert {"init", "bin/busybox", "bin/scenario", "dev/console", "etc/passwd"} <= set(names)
     assert [n for n in names if n.startswith("lab/modules/")] == [
         "lab/modules/01-tcp_vegas.ko", "lab/modules/02-tcp_yeah.ko"]
+
+
+@pytest.mark.parametrize(("arch", "package"), [("arm64", "qemu-system-arm"), ("686", "qemu-system-x86")])
+def test_missing_emulator_names_its_debian_package(monkeypatch, arch, package):
+    """Without the emulator the lab says which Debian package provides it, before downloading anything."""
+    from vmwatch.lab import vm
+
+    monkeypatch.setattr(vm.shutil, "which", lambda name: None)
+    monkeypatch.setattr(vm, "ensure_kernel", lambda *a, **k: pytest.fail("tried to fetch a kernel"))
+    with pytest.raises(LabError, match=f"install the Debian package {package}"):
+        vm.LabGuest.start(LabConfig(arch=arch))

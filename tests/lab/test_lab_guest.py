@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmwatch.errors import LabError
+from vmwatch.lab import apt as apt_mod
 from vmwatch.lab import kernel as kernel_mod
 from vmwatch.lab.initramfs import build_initramfs
 
@@ -112,7 +113,7 @@ def test_second_provisioning_is_a_cache_hit(lab_guest, monkeypatch):
     def no_apt(*args, **kwargs):
         raise AssertionError("apt was asked again: the kernel cache missed")
 
-    monkeypatch.setattr(kernel_mod.Apt, "resolve", no_apt)
+    monkeypatch.setattr(apt_mod.Apt, "resolve", no_apt)
     monkeypatch.setattr(kernel_mod, "_download_and_unpack", no_apt)
     kernel = kernel_mod.ensure_kernel("amd64")
     assert kernel.root == lab_guest.kernel_dir
@@ -178,7 +179,7 @@ def test_a_killed_owner_leaves_no_guest_running(tmp_path):
     import sys
     import time
 
-    from vmwatch.lab import vm
+    from vmwatch.lab import process
 
     code = ("import os, signal\nfrom vmwatch.lab import LabConfig, LabGuest\n"
             "g = LabGuest.start(LabConfig(kaslr=False))\n"
@@ -187,11 +188,11 @@ def test_a_killed_owner_leaves_no_guest_running(tmp_path):
     assert owner.returncode == -signal.SIGKILL, owner.stderr
     pid, runtime = owner.stdout.splitlines()[-1].split()  # after structlog lines
     deadline = time.monotonic() + 10
-    while vm._is_our_qemu(int(pid), Path(runtime)) and time.monotonic() < deadline:
+    while process.is_our_qemu(int(pid), Path(runtime)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not vm._is_our_qemu(int(pid), Path(runtime)), "QEMU outlived the process that started it"
+    assert not process.is_our_qemu(int(pid), Path(runtime)), "QEMU outlived the process that started it"
     assert (Path(runtime) / "ram").exists()  # nobody cleaned up: the next start does
-    vm._remove_stale_runtime_dirs(min_age=0)
+    process.remove_stale_runtime_dirs(min_age=0)
     assert not Path(runtime).exists()
 
 

@@ -49,6 +49,8 @@ class Control:
     def _need_live(self, what: str) -> Any:
         if self.live is None:
             raise UnsupportedOperation(f"cannot {what}: the target is a memory image (read-only session)")
+        if self.observe:
+            raise UnsupportedOperation(f"cannot {what}: the watch runs this guest (look-only session)")
         return self.live
 
     async def step(self, count: int = 1) -> int:
@@ -59,7 +61,7 @@ class Control:
         rip = 0
         for _ in range(count):
             event = await live.step(self.vcpu)
-            self._ran()
+            self.guest_ran()
             rip = event.rip if getattr(event, "rip", None) else (await self.registers()).rip
             self.last_stop = event
         return rip
@@ -101,10 +103,10 @@ class Control:
         events = live.events()
         try:
             await live.resume()
-            self._ran()
+            self.guest_ran()
             async for event in events:
                 if isinstance(event, (Breakpoint, MemoryAccess)):
-                    self._ran()
+                    self.guest_ran()
                     self.last_stop = event
                     self.vcpu = event.vcpu
                     self._count_hit(event)
@@ -153,14 +155,14 @@ class Control:
         return wp
 
     async def attach(self) -> None:
-        """Stop a live guest, as a debugger attaching does (an image needs nothing)."""
-        if self.live is not None:
+        """Stop a live guest, as a debugger attaching does (an image or an observed guest needs nothing)."""
+        if self.live is not None and not self.observe:
             await self.live.pause()
-            self._ran()
+            self.guest_ran()
 
     async def detach(self) -> None:
         """Remove every breakpoint and watchpoint and let the guest run."""
-        if self.live is None:
+        if self.live is None or self.observe:
             return
         for number in list(self.breakpoints) + list(self.watchpoints):
             try:
@@ -168,4 +170,4 @@ class Control:
             except VmwatchError as exc:
                 log.warning("cannot remove trap", number=number, error=str(exc))
         await self.live.resume()
-        self._ran()
+        self.guest_ran()

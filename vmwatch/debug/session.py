@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 
 from vmwatch.cpu import GPR_NAMES, Registers
+from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.debug.control import BreakpointInfo, Control, WatchpointInfo
 from vmwatch.errors import DebugError, SymbolError, UnsupportedOperation, VmwatchError
 from vmwatch.events import Event
@@ -73,11 +74,15 @@ class DebugSession(Control):
         target: from ``open_target``.
         linux: look for a Linux kernel (symbols, current task); False for other guests, where
             addresses are numbers and registers only.
+        observe: a live guest that something else runs (``vmwatch watch --gdb``): the session
+            reads its registers and memory but never stops, steps, traps or writes it.
     """
 
-    def __init__(self, target: Any, *, linux: bool = True) -> None:
+    def __init__(self, target: Any, *, linux: bool = True, observe: bool = False) -> None:
+        refuse_aarch64((target.live, *target.saved_cpus), "the debugger")
         self.target = target
         self.live = target.live
+        self.observe = observe and self.live is not None
         self.vcpu = 0
         self._regs: Registers | None = None
         self._linux: Any = None
@@ -96,7 +101,7 @@ class DebugSession(Control):
 
     @property
     def read_only(self) -> bool:
-        return self.live is None
+        return self.live is None or self.observe
 
     async def registers(self, refresh: bool = False) -> Registers:
         """The selected vCPU's registers (cached until the guest runs again)."""
@@ -118,8 +123,8 @@ class DebugSession(Control):
             self.vcpu = vcpu
             self._regs = None
 
-    def _ran(self) -> None:
-        """The guest executed: registers and cached memory are stale."""
+    def guest_ran(self) -> None:
+        """The guest executed (or, observed, may have): registers and cached memory are stale."""
         self._regs = None
         if self._memory is not None:
             self._memory.on_resume()

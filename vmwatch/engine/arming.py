@@ -18,7 +18,7 @@ import trio
 from vmwatch.engine import sources as caps
 from vmwatch.engine.dispatch import Handler, RuleRun, Trap
 from vmwatch.errors import SymbolError, VmwatchError
-from vmwatch.events import Access, Breakpoint, Interrupt, MemoryAccess, RegisterWrite, Tick
+from vmwatch.events import Breakpoint, Fault, Interrupt, MemoryAccess, MmioAccess, RegisterWrite, Tick
 from vmwatch.ruletypes import ListenerKind
 
 log = structlog.get_logger()
@@ -49,6 +49,14 @@ class Arming:
                 elif kind is ListenerKind.INTERRUPT:
                     d.add((Interrupt, lst.target), h)
                     wanted[f"interrupt:{lst.target}"].append(h)
+                elif kind is ListenerKind.MMIO:
+                    d.add((MmioAccess, lst.target[:2]), h)
+                    wanted[f"mmio:{lst.target!r}"].append(h)
+                elif kind is ListenerKind.EXCEPTION:
+                    vector, user = lst.target
+                    for mode in (True, False) if user is None else (user,):
+                        d.add((Fault, (vector, mode)), h)
+                        wanted[f"exception:{vector}:{'user' if mode else 'kernel'}"].append(h)
                 else:
                     await self._bind_trap(h)
         if self.options.sensors and wanted:
@@ -140,7 +148,7 @@ class Arming:
         if trap.kind == "breakpoint":
             await self.source.add_breakpoint(trap.address, entry=trap.entry)
         else:
-            await self.source.add_watchpoint(trap.address, trap.size, Access.WRITE)
+            await self.source.add_watchpoint(trap.address, trap.size, trap.access)
         self._armed.add(trap)
 
     async def _disarm(self, trap: Trap) -> None:
@@ -148,12 +156,12 @@ class Arming:
         if trap.kind == "breakpoint":
             await self.source.remove_breakpoint(trap.address)
         else:
-            await self.source.remove_watchpoint(trap.address, trap.size, Access.WRITE)
+            await self.source.remove_watchpoint(trap.address, trap.size, trap.access)
 
     async def _plan_sensors(self, wanted: dict[str, list[Handler]]) -> None:
-        from vmwatch.engine import interrupts, linux_sensors, registers
+        from vmwatch.engine import exceptions, interrupts, linux_sensors, mmio, registers
 
-        for planner in (registers.plan, interrupts.plan, linux_sensors.plan):
+        for planner in (registers.plan, interrupts.plan, exceptions.plan, mmio.plan, linux_sensors.plan):
             await planner(self, wanted)
 
     def sensor_run(self, name: str) -> RuleRun:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import attrs
 
-from vmwatch.events import Breakpoint, Event, Interrupt, MemoryAccess, RegisterWrite
+from vmwatch.events import Access, Breakpoint, Event, Fault, Interrupt, MemoryAccess, MmioAccess, RegisterWrite
 from vmwatch.ruletypes import Listener, Narrow
 
 # event class -> name of the field that selects its listeners
@@ -22,6 +22,8 @@ KEY_FIELD: dict[type, str] = {
     MemoryAccess: "address",
     RegisterWrite: "register",
     Interrupt: "vector",
+    Fault: "selector",
+    MmioAccess: "watched",
 }
 
 
@@ -53,6 +55,8 @@ class Trap:
     size: int = 1
     label: str = ""
     """What the user wrote (symbol) for messages."""
+    access: Access = Access.WRITE
+    """What a watchpoint stops on."""
     entry: bool = False
     """The address is a kernel function's first instruction: a live source may hook it inline
     (much cheaper per hit under TCG, see vmwatch/live/inline_hooks.py)."""

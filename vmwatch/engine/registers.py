@@ -8,8 +8,9 @@ contains it (a linear sweep inside one function; data in x86-64 kernel text is r
 hit is rejected by the boundary check), and break right after it. At that breakpoint the new
 value is in the register file (CRn), or in EDX:EAX with the MSR index in ECX (``wrmsr`` leaves
 them intact); the old value is the last one seen on that vCPU (from the registers at start,
-then from each event). Only the sites of registers some rule listens to are armed: CR3 sites
-fire on every context switch.
+then from each event). Only the sites of registers some rule listens to are armed. CR3, written
+at every switch of process, comes from one inline hook on Linux's switch function where the
+kernel has it (engine/address_spaces.py); the generic sites only serve kernels without it.
 
 MSRs a live source can read (``poll_msrs``: the QEMU backend runs the guest's own ``rdmsr``,
 see vmwatch/live/inline_hooks.py) are polled instead, every :data:`MSR_POLL_SECONDS`, with the
@@ -39,6 +40,8 @@ log = structlog.get_logger()
 
 CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8")
 MSR_POLL_SECONDS = 1.0
+RUNTIME_WRITERS = {"cr0": "native_write_cr0", "cr4": "native_write_cr4"}
+"""The functions a running Linux writes CR0 and CR4 with (arch/x86/kernel/cpu/common.c)."""
 SYSCALL_MSRS = ("msr:lstar", "msr:cstar", "msr:star", "msr:fmask", "msr:sysenter_cs", "msr:sysenter_esp",
                 "msr:sysenter_eip")
 
@@ -145,6 +148,24 @@ def _track_ecx(ecx: int | None, mnemonic: str, operands: str) -> int | None:
     return ecx
 
 
+def runtime_sites(sites: list[WriteSite], symbols: Any) -> list[WriteSite]:
+    """Of the CR0/CR4 writers, only those in the kernel's runtime functions, when it has them.
+
+    A running Linux writes CR0 and CR4 through ``native_write_cr0``/``native_write_cr4`` only;
+    the other ``mov`` sites are boot, kexec, suspend/resume and SME code (20 of the 22 on the
+    lab kernel). Under TCG every armed gdbstub breakpoint costs at each lookup of translated
+    code, whether hit or not: two breakpoints instead of 22 is what lets the security pack keep
+    ``control_register_write`` on.
+    """
+    kept = []
+    for register, writer in RUNTIME_WRITERS.items():
+        address = symbols.get(writer)
+        mine = [s for s in sites if s.register == register]
+        inside = [s for s in mine if address is not None and (symbols.lookup(s.address) or ("",))[0] == writer]
+        kept += inside or mine
+    return [s for s in sites if s.register not in RUNTIME_WRITERS] + kept
+
+
 def kernel_text(guest: Guest) -> tuple[int, bytes]:
     linux = guest.linux
     symbols = linux.symbols
@@ -225,6 +246,7 @@ def initial_values(cpus: tuple) -> dict[str, int]:
 
 async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     """Arm breakpoints after the writers of the registers rules listen to."""
+    from vmwatch.engine import address_spaces
     from vmwatch.engine import sources as caps
     from vmwatch.engine.dispatch import Handler, Trap
 
@@ -245,6 +267,12 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
         log.info("msr polling armed", registers=sorted(polled), seconds=MSR_POLL_SECONDS)
     if not registers:
         return
+    cpus = tuple(await engine.source.all_registers()) if caps.REGISTERS in engine.capabilities else ()
+    initial = initial_values(cpus)
+    if "cr3" in registers and await address_spaces.plan(engine, initial.get("cr3")):
+        registers.discard("cr3")  # one inline hook on the switch function, not a breakpoint per writer
+        if not registers:
+            return
     want_msr = any(r.startswith("msr:") for r in registers)
     try:
         text_start, text = kernel_text(engine.guest)
@@ -257,11 +285,11 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
         sites = [s for s in find_write_sites(text, text_start, function_start)
                  if s.register in registers
                  or (s.register == "msr" and want_msr and (s.msr is None or msr_register(s.msr) in registers))]
+        sites = runtime_sites(sites, symbols)
     except VmwatchError as exc:
         engine.inactive(f"register sensor ({', '.join(sorted(registers))})", str(exc))
         return
-    cpus = tuple(await engine.source.all_registers()) if caps.REGISTERS in engine.capabilities else ()
-    sensor = RegisterSensor({s.next_address: s for s in sites}, initial_values(cpus))
+    sensor = RegisterSensor({s.next_address: s for s in sites}, initial)
     run = engine.sensor_run("sensor.registers")
     run.func = sensor
     for site in sites:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import attrs
 
 from vmwatch.engine.governance import Budget
-from vmwatch.events import Demotion, Exec, ModuleLoad, ProcessExit, ProcessStart, RegisterWrite, SourceEnded
+from vmwatch.events import Demotion, Exec, Fault, MmioAccess, ModuleLoad, ProcessExit, ProcessStart, RegisterWrite, SourceEnded
 
-RECORDED_EVENTS = frozenset({ProcessStart, ProcessExit, Exec, ModuleLoad, RegisterWrite, Demotion, SourceEnded})
-"""Event classes stored in sinks by default (traps are too many; their rules' alerts say what matters)."""
+RECORDED_EVENTS = frozenset({ProcessStart, ProcessExit, Exec, ModuleLoad, RegisterWrite, Fault, MmioAccess,
+                             Demotion, SourceEnded})
+"""Event classes stored in sinks by default (traps are too many; their rules' alerts say what matters;
+a Fault or MmioAccess exists only when a rule listens to its vector or range)."""
 
 
 @attrs.frozen(kw_only=True)

@@ -5,7 +5,10 @@ What gdb sees: one thread per vCPU (thread id = vCPU index + 1), the registers e
 translation layer (kernel addresses through the kernel's page tables, user addresses through the
 thread's CR3), and on a live guest continue, step, breakpoints and watchpoints, forwarded to
 QEMU's gdbstub by vmwatch, which stays its one owner. A dump is read-only: resuming it stops at
-once where it was, with a console line saying why; writes are refused (``E01``).
+once where it was, with a console line saying why; writes are refused (``E01``). A guest that a
+``vmwatch watch --gdb`` runs is looked at, never stopped: registers are read in a brief stop the
+watch's link takes anyway, breakpoints are refused, and each continue or step answers at once with
+the guest as it is now (a fresh snapshot).
 
 While the target runs, the stream is read for the interrupt byte (gdb's Ctrl-C), which cancels
 the continue: the debug session leaves the guest stopped and the stop reply says SIGINT.
@@ -174,7 +177,10 @@ class GdbServer:
         session = self.session
         if session.read_only:
             self.stop_signal = _SIGTRAP
-            return b"vmwatch: this target is a memory image: it cannot run\n", self.stop_reply()
+            if session.live is None:
+                return b"vmwatch: this target is a memory image: it cannot run\n", self.stop_reply()
+            session.guest_ran()
+            return b"vmwatch: the watch runs this guest; gdb now sees it as it is\n", self.stop_reply()
         if request.thread is not None and 0 < request.thread <= self.vcpus:
             session.select_vcpu(request.thread - 1)
         self.stop_signal = _SIGTRAP

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,3 +38,15 @@ def new_runtime_dir(prefix: str = "lab-") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=runtime_base()))
     os.chmod(path, 0o700)
     return path
+
+
+def install_dir(unpacked: Path, final: Path) -> None:
+    """Move a finished directory into place; another process that got there first wins."""
+    if final.exists() and not (final / ".complete").exists() and not (final / "bin").exists():
+        shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt
+    try:
+        os.replace(unpacked, final)
+    except OSError:
+        if not final.exists():
+            raise
+

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import lzma
 import os
-import platform
 import re
 import shutil
 import struct
@@ -24,7 +23,8 @@ import attrs
 import structlog
 
 from vmwatch.errors import LabError
-from vmwatch.lab.cache import cache_dir
+from vmwatch.lab.apt import Apt, run
+from vmwatch.lab.cache import cache_dir, install_dir
 
 log = structlog.get_logger()
 
@@ -36,6 +36,7 @@ ARCHES = {
     "amd64": ("linux-image-amd64", "amd64", "qemu-system-x86_64"),
     "686": ("linux-image-686", "i386", "qemu-system-i386"),
     "686-pae": ("linux-image-686-pae", "i386", "qemu-system-i386"),
+    "arm64": ("linux-image-arm64", "arm64", "qemu-system-aarch64"),
 }
 
 
@@ -210,36 +211,62 @@ def _elf_section(elf: bytes, wanted: str) -> bytes:
 
 
 def ensure_kernel(arch: str = "amd64", *, cache: Path | None = None) -> KernelPackage:
-    """Resolve, download and unpack the current Debian kernel for ``arch`` (cached)."""
+    """Resolve, download and unpack the current Debian kernel for ``arch`` (cached).
+
+    With a kernel of this flavour already unpacked, no network is used unless the local apt lists
+    name a newer one; that download gets one try, and the cached kernel is used if it fails.
+
+    Raises:
+        LabError: no kernel of this flavour in the cache and none to be had (says why, and what to do).
+    """
     if arch not in ARCHES:
         raise LabError(f"unknown lab arch {arch!r} (choose from {', '.join(ARCHES)})")
+    meta, debian_arch, _ = ARCHES[arch]
     base = (cache or cache_dir()) / "kernels"
     base.mkdir(parents=True, exist_ok=True)
     # Asking apt costs seconds; its answer is reused for a day.
     resolved = base / f"resolved-{arch}.json"
+    known = _resolved_dir(base, resolved)
+    if known is not None and time.time() - resolved.stat().st_mtime < RESOLVE_TTL:
+        return _load(arch, known)
+    cached = known or _newest_cached(base, arch)
     try:
-        known = json.loads(resolved.read_text())
-        if time.time() - resolved.stat().st_mtime < RESOLVE_TTL and (base / known["dir"] / ".complete").exists():
-            return _load(arch, base / known["dir"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    apt = Apt.for_arch(ARCHES[arch][1], cache or cache_dir())
-    try:
-        package, version = apt.resolve(ARCHES[arch][0])
+        apt = Apt.for_arch(debian_arch, cache or cache_dir())
+        if cached is not None:
+            apt = attrs.evolve(apt, retry_delays=())
+        package, version = apt.resolve(meta, update=cached is None)
+        root = base / f"{package}_{version}_{debian_arch}"
+        if not (root / ".complete").exists():
+            _download_and_unpack(apt, package, version, root)
     except LabError as exc:
-        # Offline or apt-less host: fall back to the newest kernel already unpacked for this arch.
-        cached = sorted(base.glob(f"*_{ARCHES[arch][1]}/.complete"), key=lambda p: p.stat().st_mtime)
-        if not cached:
-            raise
-        log.warning("lab.kernel.apt_failed_using_cache", error=str(exc), cached=str(cached[-1].parent))
-        return _load(arch, cached[-1].parent)
-    root = base / f"{package}_{version}_{ARCHES[arch][1]}"
-    if not (root / ".complete").exists():
-        _download_and_unpack(apt, package, version, root)
+        if cached is None:
+            raise LabError(f"no {meta} ({debian_arch}) kernel in {base}, and apt cannot get one: {exc}") from exc
+        log.warning("lab.kernel.apt_failed_using_cache", error=str(exc), cached=str(cached))
+        return _load(arch, cached)
     tmp = resolved.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"dir": root.name}))
     os.replace(tmp, resolved)
     return _load(arch, root)
+
+
+def _resolved_dir(base: Path, resolved: Path) -> Path | None:
+    """The unpacked kernel that apt last named for this lab arch, if it is complete."""
+    try:
+        root = base / json.loads(resolved.read_text())["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return root if (root / ".complete").exists() else None
+
+
+def _newest_cached(base: Path, arch: str) -> Path | None:
+    """The newest complete kernel of exactly ``arch``'s flavour: ``amd64`` never takes an
+    ``rt-amd64`` kernel, nor ``686`` a ``686-pae`` one, though each pair shares a Debian arch."""
+    meta, debian_arch, _ = ARCHES[arch]
+    flavour = meta.removeprefix("linux-image-")
+    # linux-image-<ABI>-<flavour>_<version>_<arch>, the ABI as 6.1.0-26 or 6.12.43+deb13.
+    name = re.compile(rf"linux-image-[0-9][^-_]*(?:-[0-9]+)?-{re.escape(flavour)}_[^_]+_{re.escape(debian_arch)}")
+    found = [p.parent for p in base.glob("*/.complete") if name.fullmatch(p.parent.name)]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def ensure_debug_vmlinux(kernel: KernelPackage) -> Path:
@@ -260,7 +287,7 @@ def ensure_debug_vmlinux(kernel: KernelPackage) -> Path:
         if shutil.which(tool) is None:
             raise LabError(f"{tool} is missing (install the Debian package {'dpkg' if tool == 'dpkg-deb' else tool})")
     apt = Apt.for_arch(debian_arch, kernel.root.parent.parent)
-    apt._ensure_lists(package)
+    apt.ensure_lists(package)
     log.info("lab.kernel.debug_download", package=package, version=kernel.version)
     with tempfile.TemporaryDirectory(dir=kernel.root.parent, prefix=".dl-") as tmp:
         started = time.monotonic()
@@ -283,7 +310,7 @@ def ensure_debug_vmlinux(kernel: KernelPackage) -> Path:
             "package": package, "version": kernel.version, "deb_bytes": deb_size,
             "download_s": round(downloaded - started, 2), "extract_s": round(time.monotonic() - downloaded, 2),
             "vmlinux_bytes": (unpacked / vmlinux.name).stat().st_size}) + "\n")
-        _install_dir(unpacked, final)
+        install_dir(unpacked, final)
     log.info("lab.kernel.debug_ready", path=str(vmlinux), deb_bytes=deb_size)
     return vmlinux
 
@@ -322,28 +349,6 @@ def build_id(path: Path) -> str | None:
     return None
 
 
-def ensure_foreign_busybox(debian_arch: str, cache: Path) -> Path:
-    """A static busybox for a guest whose architecture differs from the host's (i386 on amd64)."""
-    base = cache / "busybox" / debian_arch
-    done = sorted(base.glob("*/bin/busybox"), key=lambda p: p.stat().st_mtime)
-    if done:
-        return done[-1]
-    apt = Apt.for_arch(debian_arch, cache)
-    apt._ensure_lists("busybox-static")
-    version = _field(apt._cache("show", "--no-all-versions", "busybox-static"), "Version")
-    if not version:
-        raise LabError(f"apt knows no busybox-static for {debian_arch}")
-    base.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=base, prefix=".dl-") as tmp:
-        deb = apt.download("busybox-static", version, Path(tmp))
-        unpacked = Path(tmp) / "root"
-        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking busybox-static")
-        if not (unpacked / "bin" / "busybox").is_file():
-            raise LabError(f"busybox-static {version} ({debian_arch}) has no bin/busybox")
-        _install_dir(unpacked, base / version.replace(":", "_"))
-    return base / version.replace(":", "_") / "bin" / "busybox"
-
-
 def _load(arch: str, root: Path) -> KernelPackage:
     package, version, _ = root.name.split("_")
     vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
@@ -353,120 +358,14 @@ def _load(arch: str, root: Path) -> KernelPackage:
     return KernelPackage(arch=arch, package=package, version=version, release=release, root=root)
 
 
-def _download_and_unpack(apt: "Apt", package: str, version: str, root: Path) -> None:
+def _download_and_unpack(apt: Apt, package: str, version: str, root: Path) -> None:
     if shutil.which("dpkg-deb") is None:
         raise LabError("dpkg-deb is missing (install the Debian package dpkg)")
     log.info("lab.kernel.download", package=package, version=version)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".dl-") as tmp:
         deb = apt.download(package, version, Path(tmp))
         unpacked = Path(tmp) / "root"
-        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking the kernel package")
+        run(["dpkg-deb", "-x", str(deb), str(unpacked)], "unpacking the kernel package")
         shutil.rmtree(unpacked / "usr" / "share" / "doc", ignore_errors=True)
         (unpacked / ".complete").write_text(f"{package} {version}\n")
-        _install_dir(unpacked, root)
-
-
-def _install_dir(unpacked: Path, final: Path) -> None:
-    """Move a finished directory into place; another process that got there first wins."""
-    if final.exists() and not (final / ".complete").exists() and not (final / "bin").exists():
-        shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt
-    try:
-        os.replace(unpacked, final)
-    except OSError:
-        if not final.exists():
-            raise
-
-
-@attrs.frozen
-class Apt:
-    """apt-cache / apt-get, either the system's (native arch) or a private state for a foreign arch."""
-
-    arch: str
-    options: tuple[str, ...] = ()
-    private_root: Path | None = None
-
-    @classmethod
-    def for_arch(cls, arch: str, cache: Path) -> "Apt":
-        if arch == _native_arch():
-            return cls(arch)
-        # A foreign arch (i386 kernel on an amd64 host) gets its own apt lists in the cache, so the
-        # system's dpkg configuration is never changed.
-        root = cache / "apt" / arch
-        for sub in ("lists/partial", "archives/partial"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        (root / "status").touch()
-        options = (
-            f"-oAPT::Architecture={arch}", f"-oAPT::Architectures={arch}",
-            f"-oDir::State::Lists={root / 'lists'}", f"-oDir::State::status={root / 'status'}",
-            f"-oDir::Cache={root / 'cache'}", f"-oDir::Cache::archives={root / 'archives'}",
-            "-oAPT::Sandbox::User=root" if os.getuid() == 0 else "-oDebug::NoLocking=1",
-        )
-        return cls(arch, options, root)
-
-    def resolve(self, meta: str) -> tuple[str, str]:
-        """The versioned package a kernel meta package depends on, and its candidate version."""
-        self._ensure_lists(meta)
-        show = self._cache("show", "--no-all-versions", meta)
-        depends = _field(show, "Depends")
-        match = re.search(r"\b(linux-image-[0-9][^\s,(|]*)", depends or "")
-        if not match:
-            raise LabError(f"apt-cache show {meta}: no linux-image-<release> dependency in {depends!r}")
-        package = match.group(1)
-        version = _field(self._cache("show", "--no-all-versions", package), "Version")
-        if not version:
-            raise LabError(f"apt-cache show {package}: no Version field")
-        return package, version
-
-    def download(self, package: str, version: str, into: Path) -> Path:
-        # apt's sandbox user cannot enter root's private cache directory: download as root directly.
-        sandbox = ["-oAPT::Sandbox::User=root"] if os.getuid() == 0 and not self.options else []
-        _run(["apt-get", *self.options, *sandbox, "download", "-q", f"{package}={version}"],
-             f"downloading {package}", cwd=into)
-        debs = list(into.glob(f"{package}_*.deb"))
-        if not debs:
-            raise LabError(f"apt-get download {package} produced no .deb in {into}")
-        return debs[0]
-
-    def _ensure_lists(self, meta: str) -> None:
-        policy = self._cache("policy", meta, check=False)
-        if "Candidate:" in policy and "Candidate: (none)" not in policy:
-            return
-        if os.getuid() != 0 and self.private_root is None:
-            raise LabError(f"apt knows no candidate for {meta}: run `sudo apt-get update` once")
-        log.info("lab.kernel.apt_update", arch=self.arch)
-        _run(["apt-get", *self.options, "update", "-q"], "apt-get update")
-        policy = self._cache("policy", meta, check=False)
-        if "Candidate:" not in policy or "Candidate: (none)" in policy:
-            raise LabError(f"apt knows no candidate for {meta} even after apt-get update (check sources.list)")
-
-    def _cache(self, *args: str, check: bool = True) -> str:
-        if shutil.which("apt-cache") is None:
-            raise LabError("apt-cache is missing: the lab guest needs a Debian-like host")
-        proc = subprocess.run(["apt-cache", *self.options, *args], capture_output=True, text=True)
-        if check and proc.returncode != 0:
-            raise LabError(f"apt-cache {' '.join(args)} failed: {proc.stderr.strip()[-300:]}")
-        return proc.stdout
-
-
-def _field(stanza: str, name: str) -> str | None:
-    for line in stanza.splitlines():
-        if line.startswith(f"{name}:"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
-def _native_arch() -> str:
-    try:
-        return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return {"x86_64": "amd64", "i686": "i386", "i386": "i386"}.get(platform.machine(), platform.machine())
-
-
-def _run(argv: list[str], what: str, cwd: Path | None = None) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
-    except OSError as exc:
-        raise LabError(f"{what}: cannot run {argv[0]}: {exc}") from exc
-    if proc.returncode != 0:
-        raise LabError(f"{what} failed ({' '.join(argv[:3])}...): {proc.stderr.strip()[-400:]}")
+        install_dir(unpacked, root)

@@ -7,117 +7,36 @@ listens on TCP.
 
 from __future__ import annotations
 
-import concurrent.futures
-import ctypes
-import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any
 
 import attrs
 import structlog
 
 from vmwatch.errors import LabError, LinkError
-from vmwatch.lab.cache import cache_dir, new_runtime_dir, runtime_base
+from vmwatch.lab.busybox import busybox_for
+from vmwatch.lab.cache import new_runtime_dir, runtime_base
 from vmwatch.lab.initramfs import READY, build_initramfs
 from vmwatch.lab.kernel import ARCHES, KernelPackage, ensure_kernel
+from vmwatch.lab.process import is_our_qemu, kill_qemu, launch, pid_alive, remove_stale_runtime_dirs
+from vmwatch.lab.qemu_command import LabConfig, kvm_usable, qemu_command
+from vmwatch.lab.serial import FileLock, SerialConsole
 from vmwatch.live.qmp._sync import SyncQmp
+
+__all__ = ["KVM_GRACE", "LabConfig", "LabGuest", "default_state_file", "kvm_usable", "qemu_command"]
 
 log = structlog.get_logger()
 
-_SIZE = re.compile(r"^[1-9][0-9]*[KMGT]?$")
-_SUN_PATH_MAX = 107
-_PR_SET_PDEATHSIG = 1
 KVM_GRACE = 30.0
 """Seconds a KVM guest gets to reach its shell before the lab falls back to TCG."""
-
-
-def _check_memory(_: Any, __: Any, value: str) -> None:
-    if not _SIZE.match(value):
-        raise LabError(f"memory size {value!r} is not like 256M or 1G")
-
-
-def _check_arch(_: Any, __: Any, value: str) -> None:
-    if value not in ARCHES:
-        raise LabError(f"unknown lab arch {value!r} (choose from {', '.join(ARCHES)})")
-
-
-@attrs.frozen(kw_only=True)
-class LabConfig:
-    arch: str = attrs.field(default="amd64", validator=_check_arch)
-    memory: str = attrs.field(default="256M", validator=_check_memory)
-    cpus: int = 1
-    cpu_model: str | None = None
-    """QEMU ``-cpu`` model, e.g. ``qemu64,+la57`` for 5-level paging; QEMU's default if None."""
-    accel: str = "tcg"
-    """``tcg`` or ``kvm`` (falls back to TCG, with a warning, where KVM does not work)."""
-    shared_ram: bool = True
-    """Guest RAM in a ``memory-backend-file`` (share=on) that the host can mmap."""
-    kaslr: bool = True
-    """Boot vmlinuz as Debian does (KASLR on). False boots the uncompressed vmlinux through its PVH
-    entry: several seconds faster under TCG, kernel at its link address (no KASLR)."""
-    machine: str = "pc"
-    append: str = ""
-    """Extra kernel command-line words."""
-
-    def __attrs_post_init__(self) -> None:
-        if not 1 <= self.cpus <= 64:
-            raise LabError(f"cpus must be 1..64, not {self.cpus}")
-        if self.accel not in ("tcg", "kvm"):
-            raise LabError(f"accel must be tcg or kvm, not {self.accel!r}")
-
-    @property
-    def memory_bytes(self) -> int:
-        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(self.memory[-1], 1)
-        return int(self.memory.rstrip("KMGT")) * unit
-
-
-def kvm_usable() -> str | None:
-    """None if /dev/kvm can be opened read-write, else why not."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"/dev/kvm: {exc.strerror}"
-    os.close(fd)
-    return None
-
-
-def qemu_command(config: LabConfig, kernel: KernelPackage, initrd: Path, runtime: Path,
-                 accel: str) -> list[str]:
-    """The QEMU command line for a lab guest (pure, for tests and for ``vmwatch lab start --dry-run``)."""
-    emulator = ARCHES[config.arch][2]
-    machine = config.machine + (",memory-backend=ram" if config.shared_ram else "")
-    argv = [emulator, "-name", "vmwatch-lab", "-machine", machine, "-m", config.memory,
-            "-smp", str(config.cpus), "-nodefaults", "-no-user-config", "-display", "none",
-            "-no-reboot"]
-    argv += ["-accel", "kvm", "-accel", "tcg"] if accel == "kvm" else ["-accel", "tcg"]
-    if config.cpu_model:
-        argv += ["-cpu", config.cpu_model]
-    if config.shared_ram:
-        argv += ["-object", f"memory-backend-file,id=ram,size={config.memory},"
-                            f"mem-path={runtime / 'ram'},share=on"]
-    append = f"console=ttyS0 quiet loglevel=1 panic=-1 {config.append}".strip()
-    image = kernel.vmlinuz if config.kaslr else kernel.vmlinux()
-    argv += ["-kernel", str(image), "-initrd", str(initrd), "-append", append,
-             "-chardev", f"socket,id=serial0,path={runtime / 'serial.sock'},server=on,wait=off",
-             "-serial", "chardev:serial0",
-             "-qmp", f"unix:{runtime / 'qmp.sock'},server=on,wait=off",
-             # A second monitor for LabGuest itself: a QMP socket serves one client at a time, and
-             # qmp.sock must stay free for vmwatch's backends (and users).
-             "-chardev", f"socket,id=labqmp,path={runtime / 'lab-qmp.sock'},server=on,wait=off",
-             "-mon", "chardev=labqmp,mode=control",
-             "-pidfile", str(runtime / "qemu.pid")]
-    return argv
 
 
 class LabGuest:
@@ -136,10 +55,10 @@ class LabGuest:
         """The guest's own uptime when its shell came up (the rest of boot_seconds is firmware,
         kernel decompression and provisioning)."""
         self._qmp: SyncQmp | None = None
-        self._serial: _Serial | None = None
+        self._serial: SerialConsole | None = None
         self._lock = threading.Lock()
         self._process = process
-        self._finalizer = weakref.finalize(self, _kill, pid, runtime_dir, process)
+        self._finalizer = weakref.finalize(self, kill_qemu, pid, runtime_dir, process)
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -188,9 +107,9 @@ class LabGuest:
         t0 = time.monotonic()
         emulator = ARCHES[config.arch][2]
         if shutil.which(emulator) is None:
-            raise LabError(f"{emulator} is missing (install the Debian package qemu-system-x86)")
+            raise LabError(f"{emulator} is missing (install the Debian package {config.board.debian_package})")
         kernel = ensure_kernel(config.arch)
-        initrd = build_initramfs(kernel, _busybox(config.arch))
+        initrd = build_initramfs(kernel, busybox_for(config.arch))
         accel = config.accel
         if accel == "kvm" and (why := kvm_usable()):
             log.warning("lab.kvm_unavailable", reason=why, fallback="tcg")
@@ -213,11 +132,11 @@ class LabGuest:
     @classmethod
     def _boot(cls, config: LabConfig, kernel: KernelPackage, initrd: Path, accel: str,
               timeout: float, detached: bool) -> "LabGuest":
-        _remove_stale_runtime_dirs()
+        remove_stale_runtime_dirs()
         runtime = new_runtime_dir()
         deadline = time.monotonic() + timeout
         try:
-            pid, process = _launch(qemu_command(config, kernel, initrd, runtime, accel), runtime, timeout,
+            pid, process = launch(qemu_command(config, kernel, initrd, runtime, accel), runtime, timeout,
                                    detached=detached)
         except BaseException:
             shutil.rmtree(runtime, ignore_errors=True)
@@ -270,10 +189,10 @@ class LabGuest:
             try:
                 self.qmp().execute("quit", timeout=3)
             except LinkError:
-                pass  # _kill below makes sure
+                pass  # kill_qemu below makes sure
         self.close()
         self._finalizer.detach()
-        _kill(self.pid, self.runtime_dir, self._process)
+        kill_qemu(self.pid, self.runtime_dir, self._process)
 
     def detach(self) -> None:
         """Leave QEMU running after this object goes away (``vmwatch lab start``)."""
@@ -327,7 +246,7 @@ class LabGuest:
         # A subshell: `exit`, `cd` or a stray `exec` cannot take the console's shell down.
         script = f'echo "{tag[:3]}""{tag[3:]}B"\n(\n{command}\n) </dev/null\necho "{tag[:3]}""{tag[3:]}E$?"\n'
         begin, end = f"{tag}B\n".encode(), re.compile(rb"%sE(\d+)\n" % tag.encode())
-        with self._lock, _FileLock(self.runtime_dir / "serial.lock"):
+        with self._lock, FileLock(self.runtime_dir / "serial.lock"):
             serial = self._serial_link()
             mark = serial.mark()
             serial.send(script.encode())
@@ -343,9 +262,9 @@ class LabGuest:
             output = data[start + len(begin):match.start()]
             return int(match.group(1)), output.decode(errors="replace")
 
-    def _serial_link(self) -> "_Serial":
+    def _serial_link(self) -> "SerialConsole":
         if self._serial is None or self._serial.closed:
-            self._serial = _Serial.connect(self.serial_path, self.runtime_dir / "serial.log")
+            self._serial = SerialConsole.connect(self.serial_path, self.runtime_dir / "serial.log")
         return self._serial
 
     def dump(self, path: str | os.PathLike[str], *, paging: bool = False, timeout: float = 120.0) -> Path:
@@ -384,245 +303,9 @@ class LabGuest:
     def alive(self) -> bool:
         if self._process is not None:
             return self._process.poll() is None
-        return _pid_alive(self.pid) and _is_our_qemu(self.pid, self.runtime_dir)
-
-
-def _launch(argv: list[str], runtime: Path, timeout: float, *,
-            detached: bool) -> tuple[int, subprocess.Popen[bytes] | None]:
-    """Start QEMU; returns its pid and, unless detached, its Popen.
-
-    Attached: a child that gets SIGTERM when the starting thread dies (PR_SET_PDEATHSIG), so a
-    killed test run leaves no guest behind. Detached: -daemonize, QEMU detaches once its sockets
-    are up and outlives `vmwatch lab start`. umask 077: sockets and RAM file private from birth.
-    """
-    if len(str(runtime / "lab-qmp.sock")) > _SUN_PATH_MAX:
-        raise LabError(f"runtime directory {runtime} is too long for unix socket paths")
-    log.info("lab.start", argv=" ".join(argv))
-    if not detached:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: nothing to load after
-
-        def spawn() -> subprocess.Popen[bytes]:
-            with open(runtime / "qemu.log", "wb") as qemu_log:
-                return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                        stderr=subprocess.STDOUT, umask=0o077, start_new_session=True,
-                                        preexec_fn=lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM))
-
-        try:
-            process = _forker().submit(spawn).result()
-        except OSError as exc:
-            raise LabError(f"cannot run {argv[0]}: {exc}") from exc
-        return process.pid, process
-    try:
-        with open(runtime / "qemu.log", "wb") as qemu_log:
-            launcher = subprocess.run([*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                      stderr=subprocess.STDOUT, timeout=timeout, umask=0o077)
-    except subprocess.TimeoutExpired:
-        _kill_from_pidfile(runtime)
-        raise LabError(f"QEMU did not finish starting in {timeout:g} s") from None
-    except OSError as exc:
-        raise LabError(f"cannot run {argv[0]}: {exc}") from exc
-    if launcher.returncode != 0:
-        log_text = (runtime / "qemu.log").read_text(errors="replace").strip()
-        raise LabError(f"QEMU failed to start (status {launcher.returncode}): {log_text[-600:]}")
-    try:
-        return int((runtime / "qemu.pid").read_text()), None
-    except (OSError, ValueError) as exc:
-        raise LabError(f"QEMU started but wrote no pid file: {exc}") from exc
-
-
-def _kill_from_pidfile(runtime: Path) -> None:
-    try:
-        _kill(int((runtime / "qemu.pid").read_text()), runtime)
-    except (OSError, ValueError):
-        pass
+        return pid_alive(self.pid) and is_our_qemu(self.pid, self.runtime_dir)
 
 
 def default_state_file() -> Path:
     return runtime_base() / "lab.json"
 
-
-def _busybox(arch: str) -> Path:
-    if arch == "amd64":
-        path = Path("/bin/busybox")
-        if not path.exists():
-            raise LabError("/bin/busybox is missing (install the Debian package busybox-static)")
-        return path
-    from vmwatch.lab.kernel import ensure_foreign_busybox
-
-    return ensure_foreign_busybox(ARCHES[arch][1], cache_dir())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_our_qemu(pid: int, runtime: Path) -> bool:
-    """Guards against signalling a recycled pid: QEMU's command line names our runtime dir."""
-    try:
-        return str(runtime).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-_FORKER: concurrent.futures.ThreadPoolExecutor | None = None
-_FORKER_LOCK = threading.Lock()
-
-
-def _forker() -> concurrent.futures.ThreadPoolExecutor:
-    """The one thread that forks attached QEMUs. PR_SET_PDEATHSIG fires when the *thread* that
-    forked exits, so it must not be a short-lived worker (e.g. trio.to_thread); this one lives
-    until the interpreter shuts down."""
-    global _FORKER
-    with _FORKER_LOCK:
-        if _FORKER is None:
-            _FORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lab-qemu-parent")
-        return _FORKER
-
-
-def _remove_stale_runtime_dirs(min_age: float = 120.0) -> None:
-    """Runtime directories (with their RAM files) left by runs that were killed before cleaning up."""
-    for path in runtime_base().glob("lab-*"):
-        try:
-            if time.time() - path.stat().st_mtime < min_age:
-                continue  # maybe a guest being launched right now
-            pid = int((path / "qemu.pid").read_text())
-        except (OSError, ValueError):
-            pid = 0
-        if pid and _is_our_qemu(pid, path):
-            continue
-        log.info("lab.stale_runtime_removed", path=str(path))
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _kill(pid: int, runtime: Path, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Make sure QEMU is gone (SIGTERM, then SIGKILL) and its runtime directory (with the RAM file) removed."""
-    if process is not None:
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    deadline = time.monotonic() + 5
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _is_our_qemu(pid, runtime):
-            break
-        os.kill(pid, sig)
-        while _is_our_qemu(pid, runtime) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        deadline += 5
-    shutil.rmtree(runtime, ignore_errors=True)
-
-
-class _FileLock:
-    """One user of the serial console at a time, across processes (CLI and library)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._fd = -1
-
-    def __enter__(self) -> None:
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self._fd)
-
-
-class _Serial:
-    """The serial console socket, drained by a thread so the guest never blocks on its console."""
-
-    _KEEP = 1 << 20
-    """Bytes kept from before the current command (diagnostics)."""
-    _MAX = 64 << 20
-    """A command printing more than this loses its begin marker (and fails) rather than eating RAM."""
-
-    def __init__(self, sock: socket.socket, log_path: Path) -> None:
-        self._sock = sock
-        self._buf = bytearray()
-        self._dropped = 0
-        self._floor = 0
-        self._cond = threading.Condition()
-        self.closed = False
-        self._log = open(log_path, "ab")
-        self._thread = threading.Thread(target=self._reader, name="lab-serial", daemon=True)
-        self._thread.start()
-
-    @classmethod
-    def connect(cls, path: Path, log_path: Path) -> "_Serial":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-        except OSError as exc:
-            sock.close()
-            raise LabError(f"cannot connect to the guest's serial console {path}: {exc}") from exc
-        return cls(sock, log_path)
-
-    def _reader(self) -> None:
-        while True:
-            try:
-                data = self._sock.recv(65536)
-            except OSError:
-                data = b""
-            with self._cond:
-                if not data:
-                    self.closed = True
-                    self._cond.notify_all()
-                    return
-                self._buf += data
-                # Keep everything since the current command's mark, up to _MAX.
-                droppable = max(self._floor - self._dropped - self._KEEP, len(self._buf) - self._MAX)
-                if droppable > self._KEEP:
-                    self._dropped += droppable
-                    del self._buf[:droppable]
-                self._cond.notify_all()
-            try:
-                self._log.write(data)
-                self._log.flush()
-            except (OSError, ValueError):
-                pass
-
-    def mark(self) -> int:
-        """A position in the stream; later searches start there."""
-        with self._cond:
-            self._floor = self._dropped + len(self._buf)
-            return self._floor
-
-    def send(self, data: bytes) -> None:
-        try:
-            self._sock.sendall(data)
-        except OSError as exc:
-            raise LabError(f"serial console write failed: {exc}") from exc
-
-    def wait_for_pattern(self, pattern: re.Pattern[bytes], deadline: float, *, start: int,
-                         alive: Any) -> tuple[bytes, re.Match[bytes]] | None:
-        with self._cond:
-            while True:
-                data = bytes(self._buf[max(0, start - self._dropped):])
-                match = pattern.search(data)
-                if match:
-                    return data, match
-                if self.closed:
-                    alive()
-                    raise LabError("the guest's serial console closed")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._cond.wait(min(remaining, 0.5))
-                alive()
-
-    def close(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        self._thread.join(timeout=2)
-        self._log.close()

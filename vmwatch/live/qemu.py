@@ -34,6 +34,7 @@ import capstone
 import trio
 
 from vmwatch.cpu import Registers
+from vmwatch.cpu_aarch64 import Aarch64Registers
 from vmwatch.errors import LinkClosedError, LinkError, ProtocolError
 from vmwatch.events import Access, Event
 from vmwatch.live import inline_hooks as ih
@@ -47,7 +48,7 @@ from vmwatch.live.qemu_liveness import Liveness
 from vmwatch.live.qemu_msrs import MsrAccess
 from vmwatch.live.qemu_points import BP, WATCH_KIND, Points
 from vmwatch.live.qemu_ram import GdbMemory, overlay
-from vmwatch.live.qemu_registers import g_decoder, parse_descriptor_tables, with_descriptors
+from vmwatch.live.qemu_registers import Aarch64Layout, g_decoder, parse_descriptor_tables, with_descriptors
 from vmwatch.live.qemu_stepping import Hop, Stepping
 from vmwatch.live.qmp import open_qmp
 
@@ -58,7 +59,7 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
     """A live QEMU guest. Get one from :func:`attach_qemu`."""
 
     def __init__(self, qmp: object, gdb: GdbConnection, *, layout: list[p.RegisterInfo],
-                 threads: list[p.ThreadId], gdb_path: str) -> None:
+                 threads: list[p.ThreadId], gdb_path: str, arch: str | None = None) -> None:
         self.qmp = qmp
         self.gdb = gdb
         self.gdb_path = gdb_path
@@ -69,9 +70,17 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
         self.step_over = "auto"
         """How to continue past a breakpoint: ``"emulate"`` (NOP/``push``: move RIP by hand, else
         step), ``"hop"``, ``"step"``, or ``"auto"`` (emulate, else hop on one vCPU, else step)."""
+        self.arch = arch
+        """The gdbstub's ``<architecture>``: ``i386:x86-64``, ``i386``, ``aarch64`` (None if it names none)."""
         self._layout = {r.name: r for r in layout}
-        self._g_size = sum(r.size for r in layout)
-        self._decode_g = g_decoder(self._layout)
+        self._a64: Aarch64Layout | None = None
+        if arch == "aarch64":
+            self._a64 = Aarch64Layout.from_layout(self._layout)
+            self._g_size = self._a64.g_size
+        else:
+            self._g_size = sum(r.size for r in layout)
+            self._decode_g = g_decoder(self._layout)
+        self._pc_name = "pc" if self._a64 else "rip"
         self._threads = threads
         self._lock = trio.Lock()
         self._pending: collections.deque[Event] = collections.deque()
@@ -108,8 +117,9 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
         self._next_insn: dict[int, int | None] = {}
         self._insns: dict[int, capstone.CsInsn | None] = {}
         self._descriptors: dict[int, tuple[int, int, int, int]] = {}
-        self._regs_cache: dict[int, Registers] = {}
-        self._md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._regs_cache: dict[int, Registers | Aarch64Registers] = {}
+        self._md = capstone.Cs(*((capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM) if self._a64
+                                 else (capstone.CS_ARCH_X86, capstone.CS_MODE_64)))
         self._md.detail = True
         self.stats = collections.Counter()
         """Counts of internal stops, hops and steps (for benchmarks)."""
@@ -218,7 +228,7 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
             await self.gdb.request(p.set_thread(thread, "g"))
             self._selected = thread
 
-    async def _read_g(self, vcpu: int) -> Registers:
+    async def _read_g(self, vcpu: int) -> Registers | Aarch64Registers:
         """Registers of a stopped vCPU, cached until the guest runs again."""
         regs = self._regs_cache.get(vcpu)
         if regs is None:
@@ -226,6 +236,10 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
             data = p.decode_hex(await self.gdb.request(p.read_registers()))
             if len(data) < self._g_size:
                 raise ProtocolError(f"g packet of {len(data)} bytes, expected {self._g_size}")
+            if self._a64 is not None:
+                regs = self._a64.decode(data, await self._read_system_registers(), vcpu)
+                self._regs_cache[vcpu] = regs
+                return regs
             regs = self._decode_g(data, vcpu)
             stopped = self._hook_stops.get(vcpu)
             if stopped is not None:  # as at the hooked address: before the call and the push
@@ -233,29 +247,49 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
             self._regs_cache[vcpu] = regs
         return regs
 
+    async def _read_system_registers(self) -> dict[str, int]:
+        """The AArch64 system registers of the selected vCPU, one pipelined ``p`` packet each (they are
+        not in ``g``): a whole uncached read (``g`` and 14 ``p``) took 0.67 ms here, 0.83 ms with a
+        round trip per register (x86's ``g`` alone: 0.11 ms).
+
+        A register the stub refuses to read (``Exx``, empty) stays unknown.
+        """
+        values: dict[str, int] = {}
+        if not self._a64.system:  # a stub without the system-register feature (QEMU before 7.1)
+            return values
+        replies = await self.gdb.batch([p.read_register(regnum) for _, regnum, _ in self._a64.system], check=False)
+        for (field, _, size), reply in zip(self._a64.system, replies):
+            try:
+                data = p.decode_hex(reply)
+            except ProtocolError:
+                continue
+            if len(data) == size:
+                values[field] = int.from_bytes(data, "little")
+        return values
+
     async def _rip(self, vcpu: int) -> int:
         await self._select(vcpu)
-        info = self._layout["rip"]
+        info = self._layout[self._pc_name]
         return int.from_bytes(p.decode_hex(await self.gdb.request(p.read_register(info.regnum))), "little")
 
     # ------------------------------------------------------------------ registers
 
-    async def registers(self, vcpu: int = 0, *, descriptors: bool = True) -> Registers:
-        """All registers of one vCPU (GDT/IDT bases from HMP, cached: they change only at boot).
+    async def registers(self, vcpu: int = 0, *, descriptors: bool = True) -> Registers | Aarch64Registers:
+        """All registers of one vCPU (x86: GDT/IDT bases from HMP, cached: they change only at boot).
 
         Stops the guest for the read if it runs, and lets it go again afterwards.
         """
         self._thread(vcpu)
         async with self._stopped_link():
             regs = await self._read_g(vcpu)
-        if descriptors:
+        if descriptors and self._a64 is None:
             desc = self._descriptors.get(vcpu)
             if desc is None:
                 desc = self._descriptors[vcpu] = await self._read_descriptors(vcpu)
             regs = with_descriptors(regs, desc)
         return regs
 
-    async def all_registers(self) -> tuple[Registers, ...]:
+    async def all_registers(self) -> tuple[Registers | Aarch64Registers, ...]:
         return tuple([await self.registers(v) for v in range(self.vcpu_count)])
 
     async def _read_descriptors(self, vcpu: int) -> tuple[int, int, int, int]:
@@ -358,12 +392,12 @@ async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator
             with answered_within("the gdbstub"):
                 await gdb.request(p.query_supported())
                 await gdb.query_stop()
-                layout = await fetch_layout(gdb)
+                arch, layout = await fetch_layout(gdb)
                 threads = await thread_list(gdb)
                 await gdb.request(p.set_physical_mode(False))
-            vm = QemuVM(qmp, gdb, layout=layout, threads=threads, gdb_path=gdb_path)
+            vm = QemuVM(qmp, gdb, layout=layout, threads=threads, gdb_path=gdb_path, arch=arch)
             with contextlib.suppress(LinkError, KeyError, TypeError), answered_within("QMP"):
-                vm.inline_hooks = not (await qmp.execute("query-kvm"))["enabled"]
+                vm.inline_hooks = vm._a64 is None and not (await qmp.execute("query-kvm"))["enabled"]
             vm.memory = open_memory(vm, ram, mtree, writable)
             stack.callback(close_memory, vm)
             if was_running:

@@ -108,7 +108,8 @@ async def connect_gdb(path: str) -> GdbConnection:
     return GdbConnection(stream)
 
 
-async def fetch_layout(gdb: GdbConnection) -> list[p.RegisterInfo]:
+async def fetch_layout(gdb: GdbConnection) -> tuple[str | None, list[p.RegisterInfo]]:
+    """The target's ``<architecture>`` and its registers, from target.xml and what it includes."""
     docs: dict[str, bytes] = {}
 
     async def fetch(name: str, depth: int) -> None:
@@ -119,7 +120,7 @@ async def fetch_layout(gdb: GdbConnection) -> list[p.RegisterInfo]:
             await fetch(inc, depth + 1)
 
     await fetch("target.xml", 0)
-    return p.register_layout(docs.__getitem__)
+    return p.target_architecture(docs["target.xml"]), p.register_layout(docs.__getitem__)
 
 
 async def thread_list(gdb: GdbConnection) -> list[p.ThreadId]:

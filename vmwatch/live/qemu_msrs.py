@@ -12,6 +12,7 @@ import attrs
 import trio
 
 from vmwatch.cpu import COMMON_MSRS, Registers
+from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.errors import ProtocolError
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
@@ -58,6 +59,7 @@ class MsrAccess:
 
     async def _msr_access(self, access: dict[int, int | None], vcpu: int | None) -> dict[int, int] | None:
         """Read (value None) or write each MSR of ``access`` on one suitable vCPU."""
+        refuse_aarch64((self,), "MSRs")
         unknown = [f"{n:#x}" for n in access if n not in COMMON_MSRS]
         if unknown:
             raise ValueError(f"MSR {', '.join(unknown)} is not one vmwatch reads (see vmwatch.cpu.COMMON_MSRS)")

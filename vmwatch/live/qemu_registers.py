@@ -1,4 +1,12 @@
-"""Decoding QEMU's gdbstub register views: the ``g`` packet by its target.xml layout, HMP descriptor tables."""
+"""Decoding QEMU's gdbstub register views: the ``g`` packet by its target.xml layout, HMP descriptor tables.
+
+x86 keeps everything vmwatch reads in the ``g`` packet. AArch64 does not: QEMU 7.2 sends
+``org.gnu.gdb.aarch64.core`` (x0..x30, sp, pc, cpsr: the 268-byte ``g`` packet), then either
+``org.gnu.gdb.aarch64.fpu`` or, on SVE CPUs such as ``max``, ``org.gnu.gdb.aarch64.sve``, then
+``org.qemu.gdb.arm.sys.regs``: ~200 system registers with explicit regnums, read one ``p`` packet
+each and never part of ``g``. Names are QEMU's cpreg names, so a register that AArch32 shares
+is called without its ``_EL1`` (``SCTLR``, ``VBAR``). Everything is looked up by name.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from typing import Callable
 import attrs
 
 from vmwatch.cpu import SEGMENT_NAMES, Registers, Segment
+from vmwatch.cpu_aarch64 import SYSTEM_REGISTERS, Aarch64Registers
 from vmwatch.errors import ProtocolError
 from vmwatch.live.gdbrsp import _proto as p
 
@@ -49,6 +58,49 @@ def g_decoder(layout: dict[str, p.RegisterInfo]) -> Callable[[bytes, int], Regis
         return Registers(vcpu=vcpu, **values)
 
     return decode
+
+
+_A64_CORE = tuple(f"x{i}" for i in range(31)) + ("sp", "pc", "cpsr")
+_A64_SHARED_NAMES = {"SCTLR": "sctlr_el1", "VBAR": "vbar_el1"}
+"""QEMU names of EL1 registers that AArch32 shares (see the module comment)."""
+
+
+@attrs.frozen
+class Aarch64Layout:
+    """Where an AArch64 gdbstub keeps the registers :class:`Aarch64Registers` holds."""
+
+    g_size: int
+    """Bytes of the ``g`` packet that hold the core registers."""
+    system: tuple[tuple[str, int, int], ...]
+    """``(field, regnum, bytes)`` of each system register the stub has, read with ``p``."""
+    _unpack: struct.Struct
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, p.RegisterInfo]) -> "Aarch64Layout":
+        """Raises: ProtocolError: the target description lacks a core register or sizes it oddly."""
+        fmt, pos = "<", 0
+        for name in _A64_CORE:
+            info = layout.get(name)
+            want = 4 if name == "cpsr" else 8
+            if info is None or info.size != want:
+                raise ProtocolError(f"aarch64 target description: core register {name!r} "
+                                    f"{'missing' if info is None else f'is {info.bitsize} bits'}")
+            if info.offset < pos:
+                raise ProtocolError(f"aarch64 target description: {name!r} overlaps the register before it")
+            fmt += (f"{info.offset - pos}x" if info.offset > pos else "") + _INT_FORMATS[want]
+            pos = info.offset + want
+        system = {}
+        for name, info in layout.items():
+            field = _A64_SHARED_NAMES.get(name) or name.lower()
+            # the _EL1 spelling wins when a stub has both
+            if field in SYSTEM_REGISTERS and info.size in _INT_FORMATS and (field not in system or name.lower() == field):
+                system[field] = (field, info.regnum, info.size)
+        return cls(pos, tuple(system[f] for f in SYSTEM_REGISTERS if f in system), struct.Struct(fmt))
+
+    def decode(self, g_data: bytes, system: dict[str, int], vcpu: int) -> Aarch64Registers:
+        """Registers from a ``g`` packet (at least :attr:`g_size` bytes) and the ``p`` values read."""
+        values = self._unpack.unpack_from(g_data)
+        return Aarch64Registers(vcpu=vcpu, x=values[:31], sp=values[31], pc=values[32], pstate=values[33], **system)
 
 
 def registers_from_g(data: bytes, layout: dict[str, p.RegisterInfo], vcpu: int) -> Registers:

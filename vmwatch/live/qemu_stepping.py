@@ -20,6 +20,7 @@ import capstone
 import structlog
 import trio
 
+from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.events import SingleStep
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
@@ -163,6 +164,7 @@ class Stepping:
         The guest is stopped before and after (a running guest is paused first and stays paused).
         """
         self._check_open()
+        refuse_aarch64((self,), "single steps")
         async with self._lock:
             self._held = True
             await self._stop_locked()

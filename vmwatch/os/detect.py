@@ -15,9 +15,11 @@ def from_memory(phys, registers=(), symbols_file: str | None = None):
     Raises:
         SymbolError: no usable kernel of either OS.
     """
+    from vmwatch.cpu_aarch64 import refuse_aarch64
     from vmwatch.os.linux.kernel import Linux
     from vmwatch.os.windows.kernel import Windows
 
+    refuse_aarch64(registers, "finding the kernel")
     if getattr(phys, "format", None) == "windows-crashdump":
         return Windows.from_memory(phys, registers, symbols_file)
     try:

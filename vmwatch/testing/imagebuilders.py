@@ -153,13 +153,27 @@ def vbox_cpu(regs: Mapping[str, int], size: int = 0x2248) -> bytes:
             "r15", "rip", "rsp", "rbp", "rflags")  # fmt: skip
     struct.pack_into("<18Q", out, 0, *(regs.get(r, 0) for r in gprs))
     for seg, off in (("cs", 0x90), ("ds", 0xA8), ("es", 0xC0), ("fs", 0xD8), ("gs", 0xF0), ("ss", 0x108)):
-        struct.pack_into("<QIIH", out, off, regs.get(f"{seg}_base", 0), 0xFFFFFFFF, 0, regs.get(seg, 0))
+        struct.pack_into("<QIIH", out, off, regs.get(f"{seg}_base", 0), 0xFFFFFFFF, regs.get(f"{seg}_attr", 0),
+                         regs.get(seg, 0))
     struct.pack_into("<4Q", out, 0x120, *(regs.get(n, 0) for n in ("cr0", "cr2", "cr3", "cr4")))
     struct.pack_into("<QI", out, 0x180, regs.get("gdtr_base", 0), regs.get("gdtr_limit", 0))
     struct.pack_into("<QI", out, 0x190, regs.get("idtr_base", 0), regs.get("idtr_limit", 0))
     msrs = ("efer", "star", "pat", "lstar", "cstar", "sfmask", "kernel_gs_base", "apic_base")
     struct.pack_into("<8Q", out, 0x1E8, *(regs.get(m, 0) for m in msrs))
     return bytes(out)
+
+
+def registers_dict(cpu) -> dict[str, int]:
+    """The fields of a :class:`vmwatch.cpu.Registers` the builders take, to re-wrap a real image's
+    CPU state in another format (segments as ``cs``/``cs_base``/``cs_attr``)."""
+    names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+             "rip", "rsp", "rbp", "rflags", "cr0", "cr2", "cr3", "cr4", "gdtr_base", "gdtr_limit",
+             "idtr_base", "idtr_limit", "kernel_gs_base", "efer")  # fmt: skip
+    regs = {name: getattr(cpu, name) for name in names if getattr(cpu, name) is not None}
+    for seg in ("cs", "ds", "es", "fs", "gs", "ss"):
+        selector = getattr(cpu, seg)
+        regs.update({seg: selector.selector, f"{seg}_base": selector.base, f"{seg}_attr": selector.attributes})
+    return regs
 
 
 def vbox_core(loads: Sequence[Load], cpus: Sequence[Mapping[str, int]] = ({},), *, fmt: int = 0x00010006,

@@ -24,10 +24,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, env) -> int:
     import trio
 
-    from vmwatch.errors import VmwatchError
+    from vmwatch.gdbserver.listen import check_spec
 
-    if args.listen and not args.listen.startswith(("unix:", "tcp:")):
-        raise VmwatchError(f"--listen {args.listen!r}: expected unix:PATH or tcp:HOST:PORT")
+    if args.listen:
+        check_spec(args.listen)
     trio.run(_main, args, env)
     return 0
 
@@ -38,6 +38,7 @@ async def _main(args: argparse.Namespace, env) -> None:
     import trio
 
     from vmwatch.debug.session import DebugSession
+    from vmwatch.gdbserver.listen import open_listener, serve_each
     from vmwatch.gdbserver.serve import serve
     from vmwatch.target import open_target
 
@@ -50,32 +51,7 @@ async def _main(args: argparse.Namespace, env) -> None:
             async with stream:
                 await serve(stream, session, vcpus)
             return
-        listener = await _listen(args.listen)
+        listener = await open_listener(args.listen)
         print(f"vmwatch gdbserver: listening on {args.listen} (gdb: target remote "
               f"{args.listen.partition(':')[2]})", file=env.stderr, flush=True)
-        async with listener:
-            while True:
-                stream = await listener.accept()
-                await session.attach()
-                async with stream:
-                    await serve(stream, session, vcpus)
-
-
-async def _listen(spec: str):
-    import os
-
-    import trio
-
-    kind, _, where = spec.partition(":")
-    if kind == "unix":
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        if os.path.exists(where):
-            os.unlink(where)
-        await sock.bind(where)
-    else:
-        host, _, port = where.rpartition(":")
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-        await sock.bind((host or "127.0.0.1", int(port)))
-    sock.listen(1)
-    return trio.SocketListener(sock)
+        await serve_each(listener, session, vcpus)

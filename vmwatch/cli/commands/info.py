@@ -71,7 +71,7 @@ async def _run_live(args: argparse.Namespace, env) -> int:
         status = await vm.status()
         cpus = await target.cpu_state()
         facts = os_facts(target.memory, cpus, args.symbols) if args.os else None
-        _print(_LiveView(target.spec, target.memory, cpus, status), args, env, facts)
+        _print(_LiveView(target.spec, target.memory, cpus, status, vm.arch), args, env, facts)
     return 0
 
 
@@ -80,17 +80,18 @@ class _LiveView:
 
     format = "qemu-live"
 
-    def __init__(self, spec: str, memory, cpus, status: str) -> None:
+    def __init__(self, spec: str, memory, cpus, status: str, arch: str | None) -> None:
         self.path = spec
         self.runs = tuple(memory.runs)
         self.size = max((r.start + r.size for r in self.runs), default=0)
         self.cpus = tuple(cpus)
         backing = getattr(memory, "path", None)
-        self.metadata = {"status": status, "ram_file": backing,
+        self.metadata = {"status": status, "arch": arch, "ram_file": backing,
                          "reads": "shared RAM file (mmap)" if backing else "gdbstub"}
 
     def summary(self) -> list[tuple[str, str]]:
-        return [("Status", self.metadata["status"]), ("vCPUs", str(len(self.cpus))),
+        return [("Status", self.metadata["status"]), ("Arch", self.metadata["arch"] or "unknown"),
+                ("vCPUs", str(len(self.cpus))),
                 ("RAM", self.metadata["ram_file"] or "read through the gdbstub")]
 
 
@@ -142,6 +143,9 @@ def as_text(image, *, verbose: bool = False, dumped: list[str] = ()) -> str:
         lines.append("")
         lines.append(f"CPU {cpu.vcpu}:")
         regs = cpu.as_dict()
+        if getattr(cpu, "arch", None) == "aarch64":
+            lines += _aarch64_lines(regs)
+            continue
         cells = [f"{name.upper():>14}: {regs[name]:#018x}" for name in _REG_ORDER if name in regs]
         for name in ("cs", "ss", "ds", "es", "fs", "gs"):
             if name in regs:
@@ -161,6 +165,17 @@ def as_text(image, *, verbose: bool = False, dumped: list[str] = ()) -> str:
     for path in dumped:
         lines.append(f"Wrote {path}")
     return "\n".join(lines) + "\n"
+
+
+def _aarch64_lines(regs: dict) -> list[str]:
+    """x0..x30 four to a line, then pc, sp, PSTATE with its EL, then the system registers."""
+    lines = ["  " + "  ".join(f"{f'X{i}':>4}: {regs[f'x{i}']:#018x}" for i in range(row, min(row + 4, 31)))
+             for row in range(0, 31, 4) if "x0" in regs]
+    cells = [f"{name.upper():>14}: {value:#018x}" for name, value in regs.items()
+             if name not in ("vcpu", "el") and not (name[0] == "x" and name[1:].isdigit())]
+    if "el" in regs:
+        cells.append(f"{'EL':>14}: {regs['el']}")
+    return lines + ["  " + "  ".join(cells[i:i + 3]) for i in range(0, len(cells), 3)]
 
 
 def _metadata_lines(metadata: dict) -> list[str]:

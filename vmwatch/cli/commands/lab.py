@@ -16,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
     actions.required = True
     start = actions.add_parser("start", help="boot the lab guest in the background; prints its qemu: target")
-    start.add_argument("--arch", default="amd64", choices=["amd64", "686", "686-pae"],
+    start.add_argument("--arch", default="amd64", choices=["amd64", "686", "686-pae", "arm64"],
                        help="guest kernel flavour (default amd64)")
     start.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
     start.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--no-shared-ram", action="store_true",
                        help="plain guest RAM (vmwatch then reads memory through the gdbstub, slowly)")
     start.add_argument("--no-kaslr", action="store_true",
-                       help="boot the uncompressed kernel (PVH): faster under TCG, no KASLR")
+                       help="no KASLR (x86: the uncompressed kernel through PVH, faster under TCG; arm64: nokaslr)")
     start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the boot")
     symbols = actions.add_parser("symbols", help="print the path of the lab kernel's -dbg vmlinux, for --symbols "
                                                 "(downloaded once, ~760 MB; only the vmlinux is kept)")
@@ -110,7 +110,8 @@ def _status(args: argparse.Namespace, env, guest) -> int:
     info = {
         "pid": guest.pid, "status": guest.status(), "target": guest.target, "accel": guest.accel,
         "arch": guest.config.arch, "memory": guest.config.memory, "cpus": guest.config.cpus,
-        "cpu_model": guest.config.cpu_model, "kernel_release": guest.kernel_release,
+        "cpu_model": guest.config.cpu_model or guest.config.board.cpu_model,
+        "machine": guest.config.machine or guest.config.board.machine, "kernel_release": guest.kernel_release,
         "kernel_dir": str(guest.kernel_dir), "runtime_dir": str(guest.runtime_dir),
         "ram_file": str(guest.ram_path) if guest.ram_path else None,
     }

@@ -62,6 +62,7 @@ def _resolve(args, target, cpus):
     """The GuestMemory to read with, the start address (resolving a symbol if given) and the
     page-table root to read with (None: the memory's default)."""
     from vmwatch.cpu import PagingMode
+    from vmwatch.cpu_aarch64 import refuse_aarch64
     from vmwatch.errors import UnsupportedOperation
     from vmwatch.memory import GuestMemory
 
@@ -85,6 +86,7 @@ def _resolve(args, target, cpus):
             return linux.memory, address, None
     if args.physical:
         return GuestMemory(target.memory), address, None
+    refuse_aarch64(cpus, "virtual reads")
     cr3 = args.dtb
     if cr3 is None and (regs is None or regs.cr3 is None):
         raise UnsupportedOperation(f"{args.target} has no saved CPU registers: give the page-table root with --dtb")

@@ -25,6 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stealth", action="store_true",
                         help="live QEMU: gdbstub breakpoints only, never inline hooks in guest code "
                              "(invisible to the guest, but every hit costs a TCG guest a translation flush)")
+    parser.add_argument("--gdb", metavar="unix:PATH|tcp:HOST:PORT",
+                        help="live QEMU: let gdbs look at the watched guest there (registers, memory, "
+                             "symbols; the watch keeps running it: no breakpoints or steps)")
 
 
 def build_ruleset(args: argparse.Namespace):
@@ -57,6 +60,10 @@ def run(args: argparse.Namespace, env) -> int:
 
     if args.duration is not None and not args.duration > 0:
         raise VmwatchError(f"--duration must be positive, not {args.duration}")
+    if args.gdb:
+        from vmwatch.gdbserver.listen import check_spec
+
+        check_spec(args.gdb)
     ruleset = build_ruleset(args)
     return trio.run(_watch, args, env, ruleset)
 
@@ -67,6 +74,7 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
     import trio
 
     from vmwatch.cli.alertview import ScreenSink, make_console, print_summary
+    from vmwatch.cpu_aarch64 import refuse_aarch64
     from vmwatch.engine.pump import Engine
     from vmwatch.engine.sinks import JsonLinesSink, SqliteSink
     from vmwatch.engine.sources import source_for
@@ -75,6 +83,7 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
 
     console = make_console(env.stdout)
     async with open_target(args.target) as target:
+        refuse_aarch64((target.live, *target.saved_cpus), "watching")
         if args.stealth and target.live is not None:
             target.live.inline_hooks = False
         with contextlib.ExitStack() as stack:
@@ -92,11 +101,14 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
             if args.db:
                 sinks.append(SqliteSink(args.db))
             engine = Engine(source, ruleset, sinks)
+            gdb = await _gdb_beside(target, args.gdb, env) if args.gdb else None
             if screen is not None:
                 console.print(f"watching {target.spec} with {len(ruleset.active())} rules "
                               f"({', '.join(args.rules)}); Ctrl-C to stop")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_sigint, engine)
+                if gdb is not None:
+                    nursery.start_soon(gdb)
                 summary = await engine.run(duration=args.duration)
                 nursery.cancel_scope.cancel()
     if screen is not None:
@@ -108,6 +120,22 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
         print(f"vmwatch: the guest went away: {shown(summary.end_reason)}", file=env.stderr)
         return ExitStatus.GUEST_GONE
     return 0
+
+
+async def _gdb_beside(target, spec: str, env):
+    """Listen for gdbs on the watched guest; return the task that serves them look-only."""
+    import functools
+
+    from vmwatch.debug.session import DebugSession
+    from vmwatch.errors import VmwatchError
+    from vmwatch.gdbserver.listen import open_listener, serve_each
+
+    if target.live is None:
+        raise VmwatchError("--gdb needs a live qemu: target (for an image, use vmwatch gdbserver)")
+    listener = await open_listener(spec)
+    print(f"vmwatch: gdb can look at this guest: target remote {spec.partition(':')[2]}", file=env.stderr, flush=True)
+    session = DebugSession(target, observe=True)
+    return functools.partial(serve_each, listener, session, target.live.vcpu_count, survive=True)
 
 
 async def _stop_on_sigint(engine) -> None:

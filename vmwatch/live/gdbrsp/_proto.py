@@ -101,6 +101,7 @@ from vmwatch.live.gdbrsp._registers import (  # noqa: F401 (re-exported: callers
     parse_target_xml,
     register_layout,
     parse_xfer,
+    target_architecture,
 )
 
 

@@ -28,6 +28,16 @@ class RegisterInfo:
         return self.bitsize // 8
 
 
+def _declare_xi(document: bytes) -> bytes:
+    """QEMU's target.xml uses xi:include without declaring the prefix: declare it."""
+    if b"xi:" in document and b"xmlns:xi" not in document:
+        start = document.find(b"<target")
+        if start >= 0:
+            cut = start + len(b"<target")
+            document = document[:cut] + b' xmlns:xi="http://www.w3.org/2001/XInclude"' + document[cut:]
+    return document
+
+
 def parse_target_xml(document: bytes) -> tuple[list[str], list[tuple[str, int, int | None]]]:
     """Parse one target-description document.
 
@@ -38,14 +48,8 @@ def parse_target_xml(document: bytes) -> tuple[list[str], list[tuple[str, int, i
     Raises:
         RemoteProtocolError: not well-formed XML or a register without name/bitsize.
     """
-    if b"xi:" in document and b"xmlns:xi" not in document:
-        # QEMU's target.xml uses xi:include without declaring the prefix: declare it.
-        start = document.find(b"<target")
-        if start >= 0:
-            cut = start + len(b"<target")
-            document = document[:cut] + b' xmlns:xi="http://www.w3.org/2001/XInclude"' + document[cut:]
     try:
-        root = ElementTree.fromstring(document)
+        root = ElementTree.fromstring(_declare_xi(document))
     except ElementTree.ParseError as exc:
         raise RemoteProtocolError(f"bad gdb target description: {exc}") from None
     includes: list[str] = []
@@ -65,6 +69,16 @@ def parse_target_xml(document: bytes) -> tuple[list[str], list[tuple[str, int, i
                 raise RemoteProtocolError(f"register {name!r} has odd bitsize {bitsize}")
             regs.append((name, bitsize, regnum))
     return includes, regs
+
+
+def target_architecture(document: bytes) -> str | None:
+    """The ``<architecture>`` of a target description (``aarch64``, ``i386:x86-64``), or None."""
+    try:
+        root = ElementTree.fromstring(_declare_xi(document))
+    except ElementTree.ParseError as exc:
+        raise RemoteProtocolError(f"bad gdb target description: {exc}") from None
+    found = root.find("architecture")
+    return found.text.strip() if found is not None and found.text else None
 
 
 def register_layout(fetch: Callable[[str], bytes], annex: str = "target.xml") -> list[RegisterInfo]:

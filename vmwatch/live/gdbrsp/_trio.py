@@ -135,11 +135,11 @@ class GdbConnection:
             raise RemoteError(command, reply.payload)
         return reply.payload
 
-    async def batch(self, commands: list[p.Command]) -> list[bytes]:
+    async def batch(self, commands: list[p.Command], *, check: bool = True) -> list[bytes]:
         """Pipeline commands (the last may resume the target); replies of the plain ones.
 
         Raises:
-            RemoteError: one of them failed (the resume, if any, was still sent).
+            RemoteError: ``check`` and one of them failed (the resume, if any, was still sent).
         """
         await self._send(self.core.send_batch(commands))
         plain = [c for c in commands if c.reply is p.ReplyKind.PLAIN]
@@ -147,7 +147,7 @@ class GdbConnection:
         for command in plain:
             reply = await self._finish(p.Reply)
             assert isinstance(reply, p.Reply), reply
-            if reply.is_error or reply.unsupported:
+            if check and (reply.is_error or reply.unsupported):
                 raise RemoteError(command, reply.payload)
             replies.append(reply.payload)
         return replies

@@ -10,6 +10,7 @@ from __future__ import annotations
 import structlog
 
 from vmwatch.cpu import Registers
+from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.errors import SymbolError, VmwatchError
 from vmwatch.os.linux import locate
 from vmwatch.os.linux.locate import KernelInfo
@@ -51,6 +52,7 @@ class Linux:
         from vmwatch.os.linux import btf
 
         registers = tuple(r for r in registers if r is not None)
+        refuse_aarch64(registers, "finding the Linux kernel")
         symbols, hint, token_table_paddr = locate.find_kallsyms(phys, registers)
         extra = None
         if symbols_file is not None:
