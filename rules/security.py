@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 
 from vmwatch.cpu import CR0_WP, CR4_SMAP, CR4_SMEP
+from vmwatch.errors import UnsupportedOperation
 from vmwatch.events import Exec, MemoryAccess, ModuleLoad, RegisterWrite
 from vmwatch.rules import rule
 
@@ -437,3 +438,102 @@ def exec_from_scratch_dir(event: Exec, guest):
     if hidden or scratch:
         why = "a hidden directory" if hidden else "a scratch directory"
         guest.alert("warning", f"pid {event.pid} executed {path} from {why}", filename=path)
+
+
+# -- Windows guests -----------------------------------------------------------------------------
+# The Linux rules above set themselves aside on a Windows guest (guest.linux raises OtherGuestOS)
+# and these on a Linux one. Windows exports no service table or IDT symbol to watch: these check
+# periodically, which sees a tamper by any path.
+
+def _table_changes(guest, current: dict) -> list[tuple[object, int, int]]:
+    """(key, old, new) of entries that changed since the baseline (taken on the first call)."""
+    baseline = guest.state.setdefault("baseline", {})
+    changes = [(key, baseline[key], new) for key, new in current.items() if key in baseline and baseline[key] != new]
+    baseline.update(current)
+    return changes
+
+
+@rule.on_start
+@rule.every(2.0)
+def ssdt(event, guest):
+    """Windows SSDT entries pointing outside ntoskrnl, or changed (system service hooking)."""
+    win = guest.windows
+    services = win.syscalls()
+    first = "baseline" not in guest.state
+    for index, old, new in _table_changes(guest, {s.index: s.address for s in services}):
+        guest.alert("critical", f"SSDT[{index}] changed: {win.describe(old)} -> {win.describe(new)}",
+                    index=index, old=hex(old), new=hex(new), trigger=type(event).__name__)
+    if first:
+        for s in services:
+            if not s.in_text:
+                guest.alert("critical", f"SSDT[{s.index}] points outside ntoskrnl: {win.describe(s.address)}",
+                            index=s.index, address=hex(s.address))
+
+
+@rule.on_start
+@rule.every(2.0)
+def windows_idt(event, guest):
+    """Windows IDT gates (each vCPU has its own table) changed, or pointing outside every driver."""
+    win = guest.windows
+    cpus = [r for r in guest.cpus or (guest.registers,) if r is not None and r.idtr_base]
+    if not cpus:
+        raise UnsupportedOperation("no vCPU state with an IDTR (a Windows kernel exports no IDT address)")
+    gates = {(r.vcpu, e.vector): e.address for r in cpus for e in win.idt(r) if e.present}
+    first = "baseline" not in guest.state
+    for (vcpu, vector), old, new in _table_changes(guest, gates):
+        guest.alert("critical", f"vCPU {vcpu} IDT vector {vector} handler changed: {win.describe(old)} -> "
+                                f"{win.describe(new)}", vcpu=vcpu, vector=vector, old=hex(old), new=hex(new))
+    if first:
+        for (vcpu, vector), address in gates.items():
+            if win.driver_at(address) is None:
+                guest.alert("critical", f"vCPU {vcpu} IDT vector {vector} points outside every loaded driver: "
+                                        f"{address:#x}", vcpu=vcpu, vector=vector, address=hex(address))
+
+
+@rule.on_start
+@rule.every(5.0)
+@rule.configure(allow=[], trust_start=True)
+def driver_allowlist(event, guest):
+    """A Windows driver loaded that is not in the allowlist.
+
+    ``allow``: driver names (BaseDllName, any case) always allowed; ``trust_start`` (default on):
+    the drivers loaded when the watch starts are allowed too. With it off, an image is checked
+    against ``allow`` alone.
+    """
+    state = guest.state
+    if "allowed" not in state:
+        state["allowed"] = {name.lower() for name in guest.config["allow"]}
+        state["reported"] = set()
+        if guest.config["trust_start"]:
+            state["allowed"] |= {d.name.lower() for d in guest.windows.modules()}
+            return
+    for driver in guest.windows.modules():
+        name = driver.name.lower()
+        if name not in state["allowed"] and name not in state["reported"]:
+            state["reported"].add(name)
+            guest.alert("warning", f"driver {driver.name} loaded (not in the allowlist) at {driver.base:#x}: "
+                                   f"{driver.path}", driver=driver.name, path=driver.path, base=hex(driver.base))
+
+
+@rule.on_start
+@rule.every(60.0)
+def unlinked_process(event, guest):
+    """A Windows process alive in pool memory (psscan) but missing from ActiveProcessLinks (DKOM).
+
+    The pool scan reads all guest RAM: it runs once a minute (about a second per GiB read from
+    an image or a shared RAM file).
+    """
+    win = guest.windows
+    listed = win.tasks()
+    addresses = {p.address for p in listed}
+    keys = {(p.pid, p.create_time) for p in listed}
+    reported = guest.state.setdefault("reported", set())
+    for hit in win.scan_processes():
+        p = hit.process
+        if p.address in addresses or (p.pid, p.create_time) in keys or hit.paddr in reported:
+            continue
+        reported.add(hit.paddr)
+        where = f"{p.address:#x}" if p.address is not None else f"physical {hit.paddr:#x}"
+        guest.alert("critical", f"hidden process: pid {p.pid} ({p.name}) is alive in pool memory at {where} "
+                                "but not on ActiveProcessLinks", pid=p.pid, comm=p.name,
+                    eprocess=hex(p.address) if p.address is not None else None, paddr=hex(hit.paddr))

@@ -40,7 +40,10 @@ class ImageFormatError(VmwatchError):
 
 
 class UnsupportedOperation(VmwatchError):
-    """The source cannot do this (e.g. writing to a dump, or breakpoints on an image)."""
+    """The source cannot do this (e.g. writing to a dump, or breakpoints on an image).
+
+    A rule raising it is set aside for the run and reported inactive (not a rule error).
+    """
 
 
 class OtherGuestOS(UnsupportedOperation):

@@ -102,7 +102,7 @@ class TestInit:
         g.build_objects()
         win = Windows.from_memory(BufferMemory(g.buffer), (g.registers,))
         assert "KDBG" not in _how(win)
-        assert [t.pid for t in win.tasks()] == [4, 256, 348, 1234]
+        assert [t.pid for t in win.tasks()] == [4, 256, 348, 1236]
         with pytest.raises(SymbolError, match="PsLoadedModuleList"):
             win.modules()
 

@@ -46,7 +46,7 @@ from vmwatch.engine.sinks import EventRecord, Sink
 from vmwatch.engine.stopping import Stopping
 from vmwatch.engine.ticks import Ticking
 from vmwatch.engine.watch_options import WatchOptions, WatchSummary
-from vmwatch.errors import OtherGuestOS, VmwatchError
+from vmwatch.errors import UnsupportedOperation, VmwatchError
 from vmwatch.events import Demotion, Event, SourceEnded, Tick
 from vmwatch.ruletypes import ActiveRules, Severity
 
@@ -299,7 +299,7 @@ class Engine(Arming, Ticking, Stopping):
             run.calls += 1
             try:
                 run.func(event, guest)
-            except OtherGuestOS as exc:  # a Linux rule on a Windows guest (or back): not a failure
+            except UnsupportedOperation as exc:  # a Linux rule on a Windows guest, no IDTR...: not a failure
                 run.active = False
                 self.inactive(f"rule {run.name}", str(exc))
             except Exception as exc:  # a rule is user code: report and isolate, never die

@@ -188,7 +188,7 @@ class WindowsGuest:
         self.put(at, struct.pack("<HHIQ", len(raw), len(raw) + 2, 0, buffer))
 
     def build_objects(self, processes=((4, 0, b"System"), (256, 4, b"smss.exe"), (348, 256, b"csrss.exe"),
-                                       (1234, 348, b"explorer.exe")), *, clean: bool = False) -> None:
+                                       (1236, 348, b"explorer.exe")), *, clean: bool = False) -> None:
         """Processes, drivers, SSDT, KDBG: the default guest, with a driver loaded from outside the
         system directories and an SSDT entry hooked into it; ``clean``: neither."""
         if not clean:

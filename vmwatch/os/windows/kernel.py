@@ -267,6 +267,30 @@ class Windows:
 
         return walk_modules(self)
 
+    def scan_processes(self):
+        """Processes found by their pool tag in physical memory, linked or not (a second view).
+
+        Returns:
+            A Listing of :class:`vmwatch.os.windows.psscan.PoolProcess`.
+        """
+        from vmwatch.os.windows.psscan import scan_processes
+
+        return scan_processes(self)
+
+    def driver_at(self, address: int):
+        """The loaded driver (ntoskrnl, hal, ...) whose image holds ``address``, or None."""
+        return next((d for d in self.modules() if d.base <= address < d.base + d.size), None)
+
+    def describe(self, address: int) -> str:
+        """``export+off (address)`` inside ntoskrnl, else the driver holding it, else "outside every driver"."""
+        if self.in_kernel(address):
+            hit = self.symbols.lookup(address)
+            if hit is not None:
+                return f"{hit[0]}+{hit[1]:#x} ({address:#x})" if hit[1] else f"{hit[0]} ({address:#x})"
+            return f"{address:#x} in {self.kernel.name}"
+        driver = self.driver_at(address)
+        return f"{address:#x} in {driver.name}" if driver is not None else f"{address:#x}, outside every loaded driver"
+
     def syscalls(self):
         """The SSDT (KeServiceDescriptorTable), each entry resolved or flagged outside ntoskrnl."""
         from vmwatch.os.windows.ssdt import read_ssdt

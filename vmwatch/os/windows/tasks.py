@@ -31,8 +31,8 @@ class Process:
     create_time: int | None
     """CreateTime: 100 ns units since 1601-01-01 UTC (a FILETIME)."""
     peb: int | None
-    address: int
-    """Virtual address of the EPROCESS."""
+    address: int | None
+    """Virtual address of the EPROCESS (None: found by the pool scan, and no link leads back to it)."""
 
     def as_dict(self) -> dict[str, object]:
         return attrs.asdict(self)
