@@ -1,5 +1,8 @@
 """Security pack: kernel integrity, control registers, modules, hidden processes, credentials, sysctls.
 
+Linux and Windows guests: the Windows rules (SSDT, per-vCPU IDT, drivers, unlinked processes) are
+at the end; each rule of one OS is set aside, reported inactive, on a guest of the other.
+
 Every check takes a baseline when the watch starts (``on_start``) and compares against it, both
 when the guest writes the watched memory (watchpoints: instant, the writer is stopped in the
 act) and periodically (a tamper by any other path: DMA, another mapping, an outside debugger).
@@ -93,41 +96,6 @@ def idt(event, guest):
 
 # -- kernel text --------------------------------------------------------------------------------
 
-def _patch_sites(linux) -> list[tuple[int, int]]:
-    """Code the kernel legitimately patches at run time: static keys, static calls, ftrace sites.
-
-    Jump-table entries are ``{s32 code, s32 target, long key}`` relative to the field; static
-    call sites ``{s32 addr, s32 key}``; mcount_loc is a list of absolute addresses.
-    """
-    symbols, memory = linux.symbols, linux.memory
-    sites: list[tuple[int, int]] = []
-
-    def table(start: str, stop: str) -> tuple[int, bytes]:
-        lo, hi = symbols.get(start), symbols.get(stop)
-        if lo is None or hi is None or not 0 <= hi - lo <= 16 << 20:
-            return 0, b""
-        return lo, memory.read(lo, hi - lo, pad=True)
-
-    lo, raw = table("__start___jump_table", "__stop___jump_table")
-    for off in range(0, len(raw) - 15, 16):
-        sites.append((lo + off + int.from_bytes(raw[off:off + 4], "little", signed=True), 5))
-    lo, raw = table("__start_static_call_sites", "__stop_static_call_sites")
-    for off in range(0, len(raw) - 7, 8):
-        sites.append((lo + off + int.from_bytes(raw[off:off + 4], "little", signed=True), 5))
-    lo, raw = table("__start_mcount_loc", "__stop_mcount_loc")
-    for off in range(0, len(raw) - 7, 8):
-        sites.append((int.from_bytes(raw[off:off + 8], "little"), 5))
-    sites.sort()
-    return sites
-
-
-def _explained(sites: list[tuple[int, int]], address: int) -> bool:
-    import bisect
-
-    k = bisect.bisect_right(sites, (address, 1 << 62)) - 1
-    return k >= 0 and sites[k][0] <= address < sites[k][0] + sites[k][1]
-
-
 @rule.on_start
 @rule.every(10.0)
 @rule.on_write("_stext.._etext")
@@ -138,7 +106,7 @@ def kernel_text(event, guest):
     text = linux.memory.read(start, end - start, pad=True)
     state = guest.state
     if "text" not in state:
-        state["text"], state["sites"] = text, _patch_sites(linux)
+        state["text"], state["sites"] = text, linux.patch_sites()
         return
     old = state["text"]
     if text == old:
@@ -149,7 +117,7 @@ def kernel_text(event, guest):
     hooks: list[int] = []
     for page in changed_pages:
         for i in range(page, min(page + PAGE, len(text))):
-            if text[i] != old[i] and not _explained(sites, start + i):
+            if text[i] != old[i] and not sites.covers(start + i):
                 if not hooks or start + i > hooks[-1] + 16:  # one report per patched spot
                     hooks.append(start + i)
     for address in hooks[:20]:
@@ -269,31 +237,6 @@ def module_allowlist(event, guest):
 
 # -- hidden processes ---------------------------------------------------------------------------
 
-def _runnable_tasks(linux, cpus: int) -> set[int]:
-    """Task addresses the scheduler knows: each CPU's current task and its CFS run-queue tree."""
-    types, memory = linux.types, linux.memory
-    rq_curr = types.offset("rq", "curr")
-    rq_cfs = types.offset("rq", "cfs")
-    timeline = types.offset("cfs_rq", "tasks_timeline")  # rb_root_cached: rb_root first
-    left, right = types.offset("rb_node", "rb_left"), types.offset("rb_node", "rb_right")
-    run_node = types.offset("task_struct", "se") + types.offset("sched_entity", "run_node")
-    found: set[int] = set()
-    for cpu in range(cpus):
-        rq = linux.per_cpu("runqueues", cpu)
-        found.add(memory.pointer(rq + rq_curr))
-        stack = [memory.pointer(rq + rq_cfs + timeline)]
-        budget = 100_000  # a cyclic tree in hostile memory must not hang us
-        while stack and budget:
-            node = stack.pop()
-            budget -= 1
-            if not node:
-                continue
-            found.add(node - run_node)
-            stack.append(memory.pointer(node + left))
-            stack.append(memory.pointer(node + right))
-    return found
-
-
 @rule.every(2.0)
 def hidden_process(event, guest):
     """A task the scheduler runs whose process is missing from the task list (unlinked, DKOM)."""
@@ -304,7 +247,7 @@ def hidden_process(event, guest):
     pid_off, tgid_off = types.offset("task_struct", "pid"), types.offset("task_struct", "tgid")
     comm_off = types.offset("task_struct", "comm")
     reported = guest.state.setdefault("reported", set())
-    for task in _runnable_tasks(linux, max(1, len(guest.cpus))):
+    for task in linux.runnable_tasks(max(1, len(guest.cpus))):
         if memory.s32(task + pid_off) == 0:
             continue  # idle tasks are nobody's child
         leader = memory.pointer(task + leader_off)

@@ -1,11 +1,13 @@
-"""Windows crash dumps (``PAGEDUMP`` / ``PAGEDU64``): full and bitmap kernel dumps.
+"""Windows crash dumps (``PAGEDUMP`` / ``PAGEDU64``): full, bitmap, kernel-bitmap and triage dumps.
 
 Layout (public ``_DUMP_HEADER32``/``_DUMP_HEADER64``, as read by Volatility 3 and memflow's
 coredump connector): the header is one page (32-bit) or two (64-bit). PhysicalMemoryBlock
 lists the physical runs (BasePage, PageCount). DumpType 1 (full): the pages of every run follow
 the header, run after run. DumpType 5 (bitmap): an ``SDMP``/``FDMP`` header follows; a set bit
-``i`` in its bitmap means physical page ``i`` is stored, in order, from its first-page offset.
-Kernel (2) and triage (4) dumps keep only some pages and are rejected.
+``i`` in its bitmap means physical page ``i`` is stored, in order, from its first-page offset;
+DumpType 6 (kernel memory, Windows 8+) has the same bitmap header, with kernel pages only.
+DumpType 4 (triage) holds no physical memory: its saved pieces are read by windows_triage.py.
+The legacy DumpType 2 (summary) has an older bitmap header and is rejected, as Volatility 3 does.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import attrs
 
 from vmwatch.cpu import Registers, Segment
 from vmwatch.images.base import Image, Reader, Run, map_file
+from vmwatch.images.windows_triage import Triage, parse_triage
 
 PAGE = 4096
 FULL = 1
-BITMAP = 5
+TRIAGE = 4
+BITMAPS = (5, 6)
 _DUMP_TYPES = {1: "full", 2: "kernel", 4: "triage", 5: "bitmap", 6: "bitmap (kernel)"}
 MAX_RUNS = 4096
 MAX_BITMAP_RUNS = 1 << 21
@@ -109,19 +113,25 @@ class CrashDumpImage(Image):
         try:
             r = Reader(data, str(path))
             hdr = parse_header(r)
+            triage = None
             if hdr.dump_type == FULL:
                 runs = full_runs(hdr)
-            elif hdr.dump_type == BITMAP:
+            elif hdr.dump_type in BITMAPS:
                 runs = bitmap_runs(r, hdr.header_size)
+            elif hdr.dump_type == TRIAGE:
+                runs = []
+                triage = parse_triage(r, hdr.bits, hdr.header_size)
             else:
                 kind = _DUMP_TYPES.get(hdr.dump_type, "unknown")
                 raise r.error(f"{kind} crash dump (DumpType {hdr.dump_type}) keeps only some pages: "
-                              "not supported; take a full or bitmap dump", 0xF98 if hdr.bits == 64 else 0xF88)
+                              "not supported; take a full, bitmap, kernel or small (triage) dump", 0xF98 if hdr.bits == 64 else 0xF88)
             cpus = [context_registers(r, hdr)]
         except BaseException:
             data.close()
             raise
         self.header = hdr
+        self.triage: Triage | None = triage
+        """What a triage dump holds (drivers, the current process, KDBG copy); None for other dumps."""
         metadata = {
             "bits": hdr.bits, "version": f"{hdr.major}.{hdr.minor}", "dump_type": _DUMP_TYPES.get(hdr.dump_type),
             "directory_table_base": hdr.dtb, "machine": hdr.machine, "processors": hdr.processors,
@@ -129,6 +139,11 @@ class CrashDumpImage(Image):
             "kd_debugger_data_block": hdr.kdbg, "pae": hdr.pae, "ps_loaded_module_list": hdr.ps_loaded_module_list,
             "ps_active_process_head": hdr.ps_active_process_head, "pfn_database": hdr.pfn_database,
         }
+        if self.triage is not None:
+            t = self.triage
+            metadata.update(triage_drivers=len(t.drivers), triage_driver_list_cut=t.overflowed,
+                            triage_process=t.process is not None, triage_thread=t.thread is not None,
+                            triage_kdbg=t.kdbg is not None, triage_memory_blocks=len(t.blocks))
         super().__init__(path, data=data, runs=runs, cpus=cpus, metadata=metadata)
 
     def summary(self) -> list[tuple[str, str]]:
@@ -139,6 +154,13 @@ class CrashDumpImage(Image):
                 ("PsActiveProcessHead", _hex(h.ps_active_process_head)),
                 ("PsLoadedModuleList", _hex(h.ps_loaded_module_list)),
                 ("Processors", "-" if h.processors is None else str(h.processors))]
+        if self.triage is not None:
+            t = self.triage
+            saved = [what for what, there in (("current process", t.process), ("thread", t.thread),
+                                              ("KPRCB", t.prcb), ("KDBG", t.kdbg)) if there is not None]
+            rows.append(("Triage", f"{len(t.drivers)} drivers{' (list cut short)' if t.overflowed else ''}, "
+                                   f"{len(t.blocks)} memory blocks, {', '.join(saved) or 'no structures'}; "
+                                   "no physical memory"))
         if h.bugcheck is not None:
             params = ", ".join(_hex(p) for p in h.bugcheck_parameters)
             rows.append(("BugCheck", f"{h.bugcheck:#010x} ({params})"))

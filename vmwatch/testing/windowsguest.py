@@ -287,3 +287,17 @@ class WindowsGuest:
         if lists:
             struct.pack_into("<QQ", out, 0x20, self.module_head, self.process_head)
         return bytes(out)
+
+    def triage_dump(self, pid: int | None = None, **options) -> bytes:
+        """A triage (DumpType 4) dump of this guest: its driver list (saved names are the paths),
+        the EPROCESS of ``pid`` (default: the last process) as the current process's copy, and
+        the KDBG block; ``options`` go to ``imagebuilders.windows_triage_dump``."""
+        from vmwatch.testing.imagebuilders import windows_triage_dump
+
+        proc = next(p for p in self.processes if p.pid == pid) if pid is not None else self.processes[-1]
+        pa = self.paddr(proc.address)
+        kd = self.paddr(self.kdbg_vaddr)
+        options.setdefault("drivers", [(path, base, size) for _name, base, size, path in self.drivers])
+        return windows_triage_dump(build=self.build, dtb=self.fake.cr3, kdbg_vaddr=self.kdbg_vaddr,
+                                   process=bytes(self.buffer[pa:pa + 0xA00]), kdbg=bytes(self.buffer[kd:kd + 0x340]),
+                                   **options)

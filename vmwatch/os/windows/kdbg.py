@@ -72,7 +72,7 @@ def parse(raw: bytes, *, vaddr: int | None, paddr: int | None, encoded: bool = F
     Raises:
         GuestDataError: no ``KDBG`` tag, an absurd size, or a KernBase that is not a kernel image.
     """
-    where = f"{vaddr:#x}" if vaddr is not None else f"physical {paddr:#x}"
+    where = f"{vaddr:#x}" if vaddr is not None else f"physical {paddr:#x}" if paddr is not None else "a copy"
     if raw[0x10:0x14] != TAG:
         raise GuestDataError(f"no KDBG tag at {where}" + (" after decoding" if encoded else ""))
     size = struct.unpack_from("<I", raw, 0x14)[0]

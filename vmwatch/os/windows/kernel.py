@@ -98,6 +98,10 @@ class Windows:
             registers: CPU state, if the source has some (CR3, IDTR).
             symbols_file: a Volatility 3 Windows ISF or a libvmi.conf Windows entry.
 
+        Returns:
+            A Windows; for a triage dump (no physical memory) a
+            :class:`vmwatch.os.windows.triage.TriageWindows` with what the dump holds.
+
         Raises:
             SymbolError: no ntoskrnl, no way to its virtual base or DTB, or an unknown build
                 without a profile.
@@ -105,6 +109,10 @@ class Windows:
         """
         from vmwatch.memory import GuestMemory
 
+        if getattr(phys, "triage", None) is not None:  # a triage dump: saved pieces, no memory to search
+            from vmwatch.os.windows.triage import TriageWindows
+
+            return TriageWindows.from_image(phys, symbols_file)
         steps = _Steps()
         registers = tuple(r for r in registers if r is not None)
         meta = getattr(phys, "metadata", None) or {}
