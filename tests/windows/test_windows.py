@@ -44,7 +44,7 @@ class TestInit:
         how = _how(win)
         assert how["kernel physical base"][0] == KERNEL_PA
         assert how["build"][0] == 7601
-        assert how["KDBG"] == (guest.kdbg_vaddr, "physical scan for the KDBG tag (Size 0x340)")
+        assert how["KDBG"] == (guest.kdbg_vaddr, "physical scan for the KDBG tag (Size 0x340), in ntoskrnl's own pages")
         assert how["kernel base"] == (KERNEL_VA, "KDBG KernBase")
         assert how["DTB"][0] == guest.fake.cr3 and "System EPROCESS" in how["DTB"][1]
         assert how["PsActiveProcessHead"] == (guest.process_head, "KDBG")

@@ -301,3 +301,31 @@ class WindowsGuest:
         return windows_triage_dump(build=self.build, dtb=self.fake.cr3, kdbg_vaddr=self.kdbg_vaddr,
                                    process=bytes(self.buffer[pa:pa + 0xA00]), kdbg=bytes(self.buffer[kd:kd + 0x340]),
                                    **options)
+
+    def write_sparse(self, path, size: int, at: int) -> int:
+        """Write this guest as a sparse raw image of ``size`` bytes with its memory moved up to
+        physical ``at`` (page aligned): every physical address it holds (page-table entries, the
+        EPROCESS DirectoryTableBases) is moved with it, the bytes below ``at`` are a hole.
+        Returns the moved CR3 (kernel base, KDBG and lists keep their virtual addresses)."""
+        buf = bytearray(self.buffer)
+        mask = 0x000FFFFFFFFFF000
+
+        def move(table: int, level: int) -> None:
+            for ea in range(table, table + 0x1000, 8):
+                entry = int.from_bytes(buf[ea:ea + 8], "little")
+                if not entry & 1:
+                    continue
+                buf[ea:ea + 8] = (entry + at).to_bytes(8, "little")
+                if level > 1 and not entry & 0x80:
+                    move(entry & mask, level - 1)
+
+        move(self.fake.cr3, 4)
+        dtb = self.profile.eprocess["DirectoryTableBase"]
+        for proc in self.processes:
+            pa = self.paddr(proc.address) + dtb
+            buf[pa:pa + 8] = (proc.dtb + at).to_bytes(8, "little")
+        with open(path, "wb") as f:
+            f.truncate(size)
+            f.seek(at)
+            f.write(buf)
+        return self.fake.cr3 + at

@@ -85,15 +85,29 @@ def parse(raw: bytes, *, vaddr: int | None, paddr: int | None, encoded: bool = F
     return Kdbg(vaddr, paddr, size, encoded, fields)
 
 
-def scan_physical(phys, kernel_base: int | None = None, limit: int = 64) -> tuple[Kdbg | None, list[str]]:
+def scan_physical(phys, kernel_base: int | None = None, limit: int = 64,
+                  first: tuple[int, int] | None = None) -> tuple[Kdbg | None, list[str]]:
     """The first plain block in physical memory (the ``KDBG`` tag sits 8-byte aligned at +0x10).
+
+    ``first``: a (paddr, size) range searched before the rest: ntoskrnl's own pages, as the block
+    is in its data section (on a multi-GB image this skips reading all of RAM).
 
     Returns the block (or None) and one line per candidate that was rejected (at most ``limit``).
     """
+    import itertools
+    import re
+
     from vmwatch.os.windows.scan import find_all
 
+    def in_first():
+        start, size = first
+        data = phys.read(start, size, pad=True)
+        for m in re.finditer(re.escape(TAG), data):
+            if (start + m.start()) % 8 == 0:
+                yield start + m.start()
+
     rejected: list[str] = []
-    for hit in find_all(phys, TAG, 8, 0):
+    for hit in itertools.chain(in_first() if first else (), find_all(phys, TAG, 8, 0)):
         paddr = hit - 0x10
         try:
             raw = phys.read(paddr, FIELDS["MmPfnDatabase"] + 8)

@@ -168,7 +168,7 @@ class Windows:
             vaddr = cls._base_from_module_list(memory, meta["ps_loaded_module_list"], profile, paddr)
             if vaddr is not None:
                 steps.add("kernel base", vaddr, "DllBase of the first entry on the crash dump header's PsLoadedModuleList")
-        block, kdbg_how = cls._find_kdbg(phys, memory, meta, profile, vaddr)
+        block, kdbg_how = cls._find_kdbg(phys, memory, meta, profile, vaddr, (paddr, headers.size_of_image))
         if block is not None and vaddr is None:
             vaddr = block.fields["KernBase"]
             steps.add("kernel base", vaddr, "KDBG KernBase")
@@ -208,7 +208,7 @@ class Windows:
         return cls(kernel, symbols, profile, memory)
 
     @staticmethod
-    def _find_kdbg(phys, memory, meta, profile, vaddr):
+    def _find_kdbg(phys, memory, meta, profile, vaddr, image: tuple[int, int]):
         """The KDBG block and how it was found, or (None, why not)."""
         candidates = []
         if meta.get("kd_debugger_data_block"):
@@ -232,12 +232,14 @@ class Windows:
                     return kdbg_mod.parse(raw, vaddr=address, paddr=None, kernel_base=vaddr), how
                 except VmwatchError as exc:
                     log.debug("windows.kdbg_candidate_rejected", address=hex(address), error=str(exc))
-        block, rejected = kdbg_mod.scan_physical(phys, vaddr)
+        block, rejected = kdbg_mod.scan_physical(phys, vaddr, first=image)
         for line in rejected[:8]:
             log.debug("windows.kdbg_rejected", reason=line)
         if block is None:
             return None, "no KDBG"
-        return block, f"physical scan for the KDBG tag (Size {block.size:#x})"
+        inside = image[0] <= block.paddr < image[0] + image[1]
+        return block, (f"physical scan for the KDBG tag (Size {block.size:#x})"
+                       + (", in ntoskrnl's own pages" if inside else ""))
 
     @staticmethod
     def _base_from_module_list(memory, head: int, profile: Profile, paddr: int) -> int | None:
