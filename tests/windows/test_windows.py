@@ -191,3 +191,30 @@ class TestHostile:
         guest.buffer[KERNEL_PA + lfanew + 0x18:KERNEL_PA + 0x1000] = bytes(0x1000 - lfanew - 0x18)
         with pytest.raises(KernelNotFound):
             Windows.from_memory(BufferMemory(guest.buffer))
+
+
+class TestDetect:
+    def test_mapped_image_with_ntoskrnl_skips_the_linux_search(self, guest, tmp_path, monkeypatch):
+        """A raw image holding ntoskrnl is Windows without Linux's whole-memory search running."""
+        from vmwatch.images import open_image
+        from vmwatch.os import detect
+        from vmwatch.os.linux.kernel import Linux
+
+        def no_linux(*args, **kwargs):
+            raise AssertionError("the Linux search ran")
+
+        monkeypatch.setattr(Linux, "from_memory", no_linux)
+        (tmp_path / "win.raw").write_bytes(guest.raw())
+        with open_image(tmp_path / "win.raw") as image:
+            assert detect.from_memory(image).kernel.base == KERNEL_VA
+
+    def test_unusable_ntoskrnl_tries_linux_then_names_windows(self, guest, tmp_path):
+        """ntoskrnl's image but no KDBG and no CPU state (a stray file in page cache): Linux is tried,
+        and the error is Windows' own."""
+        from vmwatch.images import open_image
+        from vmwatch.os import detect
+
+        guest.buffer[guest.paddr(guest.kdbg_vaddr) + 0x10:guest.paddr(guest.kdbg_vaddr) + 0x14] = b"XXXX"
+        (tmp_path / "win.raw").write_bytes(guest.raw())
+        with open_image(tmp_path / "win.raw") as image, pytest.raises(SymbolError, match="neither CPU state"):
+            detect.from_memory(image)

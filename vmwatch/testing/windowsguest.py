@@ -302,11 +302,11 @@ class WindowsGuest:
                                    process=bytes(self.buffer[pa:pa + 0xA00]), kdbg=bytes(self.buffer[kd:kd + 0x340]),
                                    **options)
 
-    def write_sparse(self, path, size: int, at: int) -> int:
-        """Write this guest as a sparse raw image of ``size`` bytes with its memory moved up to
-        physical ``at`` (page aligned): every physical address it holds (page-table entries, the
-        EPROCESS DirectoryTableBases) is moved with it, the bytes below ``at`` are a hole.
-        Returns the moved CR3 (kernel base, KDBG and lists keep their virtual addresses)."""
+    def write_raw(self, path, size: int, at: int, *, sparse: bool = True) -> int:
+        """Write this guest as a raw image of ``size`` bytes with its memory moved up to physical
+        ``at`` (page aligned): every physical address it holds (page-table entries, the EPROCESS
+        DirectoryTableBases) is moved with it; the bytes below ``at`` are zeros, a hole when
+        ``sparse``. Returns the moved CR3 (kernel base, KDBG and lists keep their virtual addresses)."""
         buf = bytearray(self.buffer)
         mask = 0x000FFFFFFFFFF000
 
@@ -326,6 +326,10 @@ class WindowsGuest:
             buf[pa:pa + 8] = (proc.dtb + at).to_bytes(8, "little")
         with open(path, "wb") as f:
             f.truncate(size)
+            if not sparse:
+                zeros = bytes(64 << 20)
+                for start in range(0, at, len(zeros)):
+                    f.write(zeros[:min(len(zeros), at - start)])
             f.seek(at)
             f.write(buf)
         return self.fake.cr3 + at
