@@ -218,3 +218,14 @@ class TestDetect:
         (tmp_path / "win.raw").write_bytes(guest.raw())
         with open_image(tmp_path / "win.raw") as image, pytest.raises(SymbolError, match="neither CPU state"):
             detect.from_memory(image)
+
+    def test_unmapped_memory_with_windows_cpu_state_skips_linux(self, guest, monkeypatch):
+        """No mapping (as a live gdbstub source) but CR3 + IDTR: the IDT handler's range says Windows."""
+        from vmwatch.os import detect
+        from vmwatch.os.linux.kernel import Linux
+
+        def no_linux(*args, **kwargs):
+            raise AssertionError("the Linux search ran")
+
+        monkeypatch.setattr(Linux, "from_memory", no_linux)
+        assert detect.from_memory(BufferMemory(guest.buffer), (guest.registers,)).kernel.base == KERNEL_VA
