@@ -14,7 +14,7 @@ from __future__ import annotations
 import posixpath
 
 from vmwatch.cpu import CR0_WP, CR4_SMAP, CR4_SMEP
-from vmwatch.errors import UnsupportedOperation
+from vmwatch.errors import SymbolError, UnsupportedOperation
 from vmwatch.events import Exec, MemoryAccess, ModuleLoad, RegisterWrite
 from vmwatch.rules import rule
 
@@ -416,12 +416,13 @@ def ssdt(event, guest):
 @rule.on_start
 @rule.every(2.0)
 def windows_idt(event, guest):
-    """Windows IDT gates (each vCPU has its own table) changed, or pointing outside every driver."""
+    """Windows IDT gates (each processor has its own table) changed, or pointing outside every driver."""
     win = guest.windows
-    cpus = [r for r in guest.cpus or (guest.registers,) if r is not None and r.idtr_base]
-    if not cpus:
-        raise UnsupportedOperation("no vCPU state with an IDTR (a Windows kernel exports no IDT address)")
-    gates = {(r.vcpu, e.vector): e.address for r in cpus for e in win.idt(r) if e.present}
+    try:  # each vCPU's IDTR, else each processor's KPCR (a crash dump saves no IDTR)
+        bases = win.idt_bases(guest.cpus or ((guest.registers,) if guest.registers else ()))
+    except SymbolError as exc:
+        raise UnsupportedOperation(str(exc)) from None
+    gates = {(vcpu, e.vector): e.address for vcpu, base in bases.items() for e in win.idt_at(base) if e.present}
     first = "baseline" not in guest.state
     for (vcpu, vector), old, new in _table_changes(guest, gates):
         guest.alert("critical", f"vCPU {vcpu} IDT vector {vector} handler changed: {win.describe(old)} -> "

@@ -114,6 +114,23 @@ class TestImage:
                                   f"{hidden.address:#x} but not on ActiveProcessLinks")]
         assert [a.pid for a in alerts if a.rule == "security.unlinked_process"] == [348]
 
+    def test_idt_gate_on_a_crash_dump(self, guest, tmp_path):
+        """A crash dump (no IDTR): the rule reads processor 0's IDT through its KPCR and catches the gate."""
+        guest.set_gate(0, ROOTKIT)
+        path = tmp_path / "win.dmp"
+        path.write_bytes(guest.crashdump())
+
+        async def main():
+            with open_image(path) as image:
+                sink = ListSink()
+                summary = await Engine(ImageSource(image, cpus=tuple(image.cpus)), _ruleset(), [sink]).run()
+                return summary, sink.alerts
+
+        summary, alerts = trio.run(main)
+        assert not summary.rule_errors, summary
+        assert _loud(alerts) == [("security.windows_idt",
+                                  f"vCPU 0 IDT vector 0 points outside every loaded driver: {ROOTKIT:#x}")]
+
     def test_linux_rules_stand_aside(self, guest, tmp_path):
         """On a Windows guest the Linux-only rules are reported inactive, not failed."""
         async def main():

@@ -229,3 +229,27 @@ class TestDetect:
 
         monkeypatch.setattr(Linux, "from_memory", no_linux)
         assert detect.from_memory(BufferMemory(guest.buffer), (guest.registers,)).kernel.base == KERNEL_VA
+
+
+class TestProcessors:
+    def test_crash_dump_idt_through_the_kpcr(self, guest, tmp_path):
+        """A crash dump saves no IDTR: KDBG's KiProcessorBlock leads to the KPCR's IdtBase."""
+        from vmwatch.testing.cli import run_cli
+
+        (tmp_path / "win.dmp").write_bytes(guest.crashdump())
+        r = run_cli("idt", tmp_path / "win.dmp", "--json", "--all")
+        assert r.status == 0, r.stderr
+        gates = {g["vector"]: g for g in json.loads(r.stdout)}
+        assert gates[0]["address"] == guest.idt_handler and gates[0]["present"]
+        assert not gates[1]["present"]
+
+    def test_kpcr_that_does_not_point_back_is_one_line(self, guest, tmp_path):
+        """KiProcessorBlock[0] aimed at pool garbage: exit 2, one line naming the KPCR."""
+        from vmwatch.testing.cli import run_cli
+        from vmwatch.testing.windowsguest import PRCBS_RVA
+
+        guest.put_u64(KERNEL_VA + PRCBS_RVA, guest.kpcr + 0x1000)
+        (tmp_path / "win.dmp").write_bytes(guest.crashdump())
+        r = run_cli("idt", tmp_path / "win.dmp")
+        assert r.status == 2 and "does not point back at itself" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

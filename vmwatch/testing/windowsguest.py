@@ -26,6 +26,8 @@ POOL_PA = 0x1000000
 SPARE_RVA = 0x58400
 """Free bytes in the page of Wine's small .rsrc section: the KDBG block and list heads go here."""
 KDBG_RVA, KEYS_RVA, HEADS_RVA, SSDT_RVA = SPARE_RVA, SPARE_RVA + 0x400, SPARE_RVA + 0x500, SPARE_RVA + 0x600
+PRCBS_RVA = SPARE_RVA + 0x700
+"""KiProcessorBlock: the KPRCB pointer of each processor, then a null."""
 EPROCESS_IN_BLOCK = 0x80
 """_POOL_HEADER 0x10, optional headers 0x40, _OBJECT_HEADER 0x30, then the EPROCESS body."""
 FAKE_DRIVER = ("fakedrv.sys", KERNEL_VA + 0x1000000, 0x7000, "\\??\\C:\\evil\\fakedrv.sys")
@@ -208,6 +210,11 @@ class WindowsGuest:
             entries.append(entry)
         self.link(self.module_head, entries)
         self.write_ssdt(["NtClose", "NtCreateFile", "KeBugCheckEx"], hooked=None if clean else KERNEL_VA + 0x1001230)
+        self.kpcr = self.pool(0x1000)
+        """Processor 0's KPCR: Self, CurrentPrcb (its embedded KPRCB at 0x180) and IdtBase, as x64 lays it out."""
+        self.put(self.kpcr + 0x18, struct.pack("<QQ", self.kpcr, self.kpcr + 0x180))
+        self.put_u64(self.kpcr + 0x38, self.idtr_base)
+        self.put(KERNEL_VA + PRCBS_RVA, struct.pack("<QQ", self.kpcr + 0x180, 0))
         self.write_kdbg()
 
     def unlink(self, pid: int) -> Proc:
@@ -238,6 +245,7 @@ class WindowsGuest:
         struct.pack_into("<Q", raw, 0x18, KERNEL_VA)
         struct.pack_into("<Q", raw, 0x48, self.module_head)
         struct.pack_into("<Q", raw, 0x50, self.process_head)
+        struct.pack_into("<Q", raw, 0x218, KERNEL_VA + PRCBS_RVA)
         if self.encoded:
             never, always = KEYS
             self.put_u64(KERNEL_VA + KEYS_RVA, never)

@@ -2,7 +2,8 @@
 
 Layout (public in the Windows SDK's wdbgexts.h, x64): a DBGKD_DEBUG_DATA_HEADER64 (LIST_ENTRY64,
 OwnerTag ``KDBG`` at 0x10, Size at 0x14), then KernBase 0x18, PsLoadedModuleList 0x48,
-PsActiveProcessHead 0x50, PspCidTable 0x58, ObpRootDirectoryObject 0x98, MmPfnDatabase 0xC0.
+PsActiveProcessHead 0x50, PspCidTable 0x58, ObpRootDirectoryObject 0x98, MmPfnDatabase 0xC0,
+KiProcessorBlock 0x218 (also in Volatility 3's kdbg.json).
 
 Encoded blocks: when no debugger is attached at boot, Windows 8+ x64 scrambles the block with
 per-boot keys (``KdEncodeDataBlock``); ``KdCopyDataBlock`` undoes it per 8-byte word as
@@ -23,7 +24,7 @@ TAG = b"KDBG"
 MIN_SIZE, MAX_SIZE = 0x290, 0x1000
 """Windows XP x64's block is 0x290 bytes; later ones grow a little (Win10 ~0x370)."""
 FIELDS = {"KernBase": 0x18, "PsLoadedModuleList": 0x48, "PsActiveProcessHead": 0x50,
-          "PspCidTable": 0x58, "ObpRootDirectoryObject": 0x98, "MmPfnDatabase": 0xC0}
+          "PspCidTable": 0x58, "ObpRootDirectoryObject": 0x98, "MmPfnDatabase": 0xC0, "KiProcessorBlock": 0x218}
 _MASK = (1 << 64) - 1
 KERNEL_SPACE = 0xFFFF800000000000
 
@@ -110,7 +111,7 @@ def scan_physical(phys, kernel_base: int | None = None, limit: int = 64,
     for hit in itertools.chain(in_first() if first else (), find_all(phys, TAG, 8, 0)):
         paddr = hit - 0x10
         try:
-            raw = phys.read(paddr, FIELDS["MmPfnDatabase"] + 8)
+            raw = phys.read(paddr, max(FIELDS.values()) + 8)
             return parse(raw, vaddr=None, paddr=paddr, kernel_base=kernel_base), rejected
         except VmwatchError as exc:
             rejected.append(str(exc))

@@ -307,17 +307,36 @@ class Windows:
 
         return read_ssdt(self)
 
-    def idt(self, registers: Registers | None = None):
-        """The IDT at IDTR.base of ``registers``.
+    def idt_bases(self, registers=()) -> dict[int, int]:
+        """The IDT base of each processor: IDTR of each vCPU given, else each KPCR's IdtBase.
 
         Raises:
-            SymbolError: no IDTR in the CPU state (Windows exports no IDT symbol).
+            SymbolError: no IDTR and no KDBG (KiProcessorBlock) to find the KPCRs by.
         """
+        bases = {r.vcpu: r.idtr_base for r in registers if r is not None and getattr(r, "idtr_base", None)}
+        if bases:
+            return bases
+        from vmwatch.os.windows.processors import processors
+
+        try:
+            return {p.number: p.idt_base for p in processors(self)}
+        except SymbolError:
+            raise SymbolError("no IDTR in the CPU state and no KDBG to find the processors' KPCRs by "
+                              "(a Windows kernel exports no IDT address)") from None
+
+    def idt(self, registers: Registers | None = None):
+        """The IDT of the vCPU of ``registers`` (its IDTR), or of processor 0 (its KPCR's IdtBase).
+
+        Raises:
+            SymbolError: neither an IDTR nor a KDBG to find the KPCR by.
+        """
+        bases = self.idt_bases((registers,) if registers is not None else ())
+        return self.idt_at(bases.get(getattr(registers, "vcpu", 0), next(iter(bases.values()))))
+
+    def idt_at(self, base: int):
+        """The 256 gates of the IDT at virtual ``base``, handlers resolved to exports."""
         from vmwatch.os.linux.idt import GATE_SIZE, decode_gate
 
-        base = getattr(registers, "idtr_base", None) if registers is not None else None
-        if not base:
-            raise SymbolError("this target's CPU state has no IDTR (a Windows kernel exports no IDT address)")
         raw = self.memory.read(base, 256 * GATE_SIZE)
         return [decode_gate(v, raw[v * GATE_SIZE:(v + 1) * GATE_SIZE], self.symbols) for v in range(256)]
 

@@ -110,8 +110,11 @@ class TriageWindows:
     def syscalls(self):
         raise UnsupportedOperation("a triage dump holds no kernel image: the service table (SSDT) is not in it")
 
-    def idt(self, registers=None):
+    def idt_bases(self, registers=()):
         raise UnsupportedOperation("a triage dump holds no IDT (no physical memory and no IDTR)")
+
+    def idt(self, registers=None):
+        return self.idt_bases()
 
     def scan_processes(self):
         raise UnsupportedOperation("a triage dump holds no physical memory to scan for processes")
