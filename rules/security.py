@@ -428,8 +428,9 @@ def windows_idt(event, guest):
         guest.alert("critical", f"vCPU {vcpu} IDT vector {vector} handler changed: {win.describe(old)} -> "
                                 f"{win.describe(new)}", vcpu=vcpu, vector=vector, old=hex(old), new=hex(new))
     if first:
+        drivers = win.modules()
         for (vcpu, vector), address in gates.items():
-            if win.driver_at(address) is None:
+            if win.driver_at(address, drivers) is None:
                 guest.alert("critical", f"vCPU {vcpu} IDT vector {vector} points outside every loaded driver: "
                                         f"{address:#x}", vcpu=vcpu, vector=vector, address=hex(address))
 

@@ -14,12 +14,13 @@ def from_memory(phys, registers=(), symbols_file: str | None = None):
     """The ``Linux`` or ``Windows`` kernel in ``phys``.
 
     A Windows crash dump is Windows. Otherwise a cheap probe picks which OS to try first (the
-    other is tried if it fails): memory read through a mapping (an image file) is searched for an
-    ntoskrnl image (one strided pass over the first bytes of every page: 0.05 s on 5 GiB, where
-    Linux's zero-config search without CPU state reads all of memory: 23 s); else, with CPU
-    state, IDT vector 0's handler in Windows x64's kernel range (0xfffff800'00000000, PML4 slot
-    0x1f0; Linux's text is in slot 0x1ff) says Windows. Else Linux is tried first. When neither finds a kernel, the first error is raised with the second added;
-    a Windows kernel that was found but cannot be used raises its own error.
+    other is tried if it fails): memory read through a mapping (an image, a shared RAM file) is
+    searched for an ntoskrnl image (one strided pass over the first bytes of every page: 0.05 s
+    on 5 GiB, where Linux's zero-config search without CPU state reads all of memory: 23 s);
+    else (a gdbstub), with CPU state, IDT vector 0's handler in Windows x64's kernel range
+    (0xfffff800'00000000, PML4 slot 0x1f0; Linux's text is in slot 0x1ff) says Windows. Else
+    Linux is tried first. When neither finds a kernel, the first error is raised with the second
+    added; a Windows kernel that was found but cannot be used raises its own error.
 
     Raises:
         SymbolError: no usable kernel of either OS.

@@ -287,9 +287,12 @@ class Windows:
 
         return scan_processes(self)
 
-    def driver_at(self, address: int):
-        """The loaded driver (ntoskrnl, hal, ...) whose image holds ``address``, or None."""
-        return next((d for d in self.modules() if d.base <= address < d.base + d.size), None)
+    def driver_at(self, address: int, drivers=None):
+        """The loaded driver (ntoskrnl, hal, ...) whose image holds ``address``, or None.
+
+        ``drivers``: a ``modules()`` listing already read (a rule checking many addresses).
+        """
+        return next((d for d in drivers or self.modules() if d.base <= address < d.base + d.size), None)
 
     def describe(self, address: int) -> str:
         """``export+off (address)`` inside ntoskrnl, else the driver holding it, else "outside every driver"."""

@@ -19,7 +19,7 @@ import struct
 
 import attrs
 
-from vmwatch.errors import VmwatchError
+from vmwatch.errors import UnsupportedOperation, VmwatchError
 from vmwatch.os.linux.tasks import Listing
 from vmwatch.os.windows.scan import find_regex
 from vmwatch.os.windows.tasks import _CR3_MASK, Process, _field, _process
@@ -43,9 +43,16 @@ class PoolProcess:
 
 def scan_processes(win) -> Listing:
     """Every live-looking EPROCESS in physical memory (:class:`PoolProcess`); ``.skipped`` says
-    when the scan stopped early (more than MAX_HITS tags: hostile or huge memory)."""
+    when the scan stopped early (more than MAX_HITS tags: hostile or huge memory).
+
+    Raises:
+        UnsupportedOperation: the memory is read through a gdbstub (minutes per GiB).
+    """
     o = win.profile.eprocess
     phys = win.memory.phys.inner  # bulk reads bypass (and do not flush) the page cache
+    if getattr(phys, "slow_bulk_reads", False):
+        raise UnsupportedOperation("the pool scan reads all guest RAM: not through the gdbstub "
+                                   "(let vmwatch map the guest's RAM file)")
     span = max(v for v in o.values() if v is not None) + 16
     skipped: list[str] = []
     found: list[PoolProcess] = []
