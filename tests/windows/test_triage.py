@@ -63,11 +63,13 @@ class TestTriage:
 
     def test_info_lists_what_it_holds(self, guest, dump):
         """info: the Triage row and the KDBG copy's list heads, each with how it was found."""
-        r = run_cli("info", dump(), "--json")
+        r = run_cli("info", dump(blocks=[(guest.kdbg_vaddr, b"\x01" * 0x40), (guest.process_head, b"\x02" * 16)]),
+                    "--json")
         assert r.status == 0, r.stderr
         doc = json.loads(r.stdout)
         assert doc["metadata"]["dump_type"] == "triage" and doc["metadata"]["triage_drivers"] == len(guest.drivers)
-        assert doc["summary"]["Triage"].startswith(f"{len(guest.drivers)} drivers, 0 memory blocks, current process")
+        assert doc["metadata"]["triage_memory_blocks"] == 2
+        assert doc["summary"]["Triage"].startswith(f"{len(guest.drivers)} drivers, 2 memory blocks, current process")
         how = {f["what"]: (f["value"], f["how"]) for f in doc["kernel"]["found"]}
         assert how["PsActiveProcessHead"][0] == guest.process_head and how["kernel base"][1] == "KDBG KernBase"
 

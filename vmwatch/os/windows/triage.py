@@ -21,6 +21,7 @@ from vmwatch.os.windows.tasks import _process
 ONLY_CURRENT = ("a triage dump holds one process, the crashing thread's: the other processes "
                 "are not in it (take a kernel or full dump for them)")
 ONLY_LISTED = "a triage dump holds the driver list, not the drivers' KLDR entries in memory"
+NO_IDT = "a triage dump holds no IDT (no physical memory and no IDTR)"
 
 
 class TriageWindows:
@@ -111,10 +112,10 @@ class TriageWindows:
         raise UnsupportedOperation("a triage dump holds no kernel image: the service table (SSDT) is not in it")
 
     def idt_bases(self, registers=()):
-        raise UnsupportedOperation("a triage dump holds no IDT (no physical memory and no IDTR)")
+        raise UnsupportedOperation(NO_IDT)
 
     def idt(self, registers=None):
-        return self.idt_bases()
+        raise UnsupportedOperation(NO_IDT)
 
     def scan_processes(self):
         raise UnsupportedOperation("a triage dump holds no physical memory to scan for processes")
