@@ -60,3 +60,23 @@ class TestHostile:
         g.build_objects(clean=True)
         g.buffer[len(g.buffer) - 12:len(g.buffer) - 8] = b"Proc"
         assert len(_scan(g)) == len(g.processes)
+
+
+class TestCrossView:
+    def test_thread_pointing_nowhere_is_flagged(self, ntoskrnl):
+        """Processor 0's current thread aimed at unmapped memory: one flagged entry, no exception."""
+        g = WindowsGuest(ntoskrnl)
+        g.build_objects(clean=True)
+        g.put_u64(g.kpcr + 0x180 + 0x8, 0xFFFFFA80DEAD0000)
+        hidden = Windows.from_memory(BufferMemory(g.buffer), (g.registers,)).hidden_processes(pool=True)
+        assert [(h.process, h.view) for h in hidden] == [(None, "the processors")]
+        assert "0xfffffa80dead0070" in hidden[0].error
+
+    def test_process_pointer_unreadable_is_flagged(self, ntoskrnl):
+        """The running thread's ApcState.Process aimed at unmapped memory: flagged with its address."""
+        g = WindowsGuest(ntoskrnl)
+        g.build_objects(clean=True)
+        thread = g.run_on_cpu(4)
+        g.put_u64(thread + 0x70, 0xFFFFFA80BEEF0000)
+        hidden = Windows.from_memory(BufferMemory(g.buffer), (g.registers,)).hidden_processes(pool=False)
+        assert [(h.process, h.view, h.address) for h in hidden] == [(None, "processor 0", 0xFFFFFA80BEEF0000)]

@@ -131,6 +131,33 @@ class TestImage:
         assert _loud(alerts) == [("security.windows_idt",
                                   f"vCPU 0 IDT vector 0 points outside every loaded driver: {ROOTKIT:#x}")]
 
+    def test_running_unlinked_process_over_a_gdbstub(self, guest, tmp_path):
+        """explorer.exe unlinked and running on processor 0, memory a gdbstub (no pool scan): the
+        KPRCB's current thread shows it; the Idle process (pid 0, never listed) running is quiet."""
+        class GdbLike(BufferMemory):
+            slow_bulk_reads = True
+
+        hidden = guest.unlink(1236)
+        guest.run_on_cpu(1236)
+
+        async def main(memory):
+            sink = ListSink()
+            source = SyntheticSource([Tick(seq=1)], memory=memory, registers={0: guest.registers})
+            summary = await Engine(source, _ruleset(), [sink]).run()
+            return summary, sink.alerts
+
+        summary, alerts = trio.run(main, GdbLike(guest.buffer))
+        assert not summary.rule_errors, summary
+        assert _loud(alerts) == [("security.unlinked_process", "hidden process: pid 1236 (explorer.exe) runs on "
+                                                               "processor 0 but is not on ActiveProcessLinks")]
+        assert alerts[-1].details["eprocess"] == hex(hidden.address)
+        idle = guest.add_process(0, 0, b"Idle")
+        guest.run_on_cpu(idle.pid)
+        guest.link(guest.process_head, [p.address + guest.profile.eprocess["ActiveProcessLinks"]
+                                        for p in guest.processes if p.pid not in (0,)])
+        summary, alerts = trio.run(main, GdbLike(guest.buffer))
+        assert not summary.rule_errors and _loud(alerts) == [], (summary, alerts)
+
     def test_linux_rules_stand_aside(self, guest, tmp_path):
         """On a Windows guest the Linux-only rules are reported inactive, not failed."""
         async def main():

@@ -28,6 +28,8 @@ SPARE_RVA = 0x58400
 KDBG_RVA, KEYS_RVA, HEADS_RVA, SSDT_RVA = SPARE_RVA, SPARE_RVA + 0x400, SPARE_RVA + 0x500, SPARE_RVA + 0x600
 PRCBS_RVA = SPARE_RVA + 0x700
 """KiProcessorBlock: the KPRCB pointer of each processor, then a null."""
+THREAD_APC_PROCESS, PRCB_CURRENT_THREAD = 0x70, 0x8
+"""KTHREAD.ApcState.Process and KPRCB.CurrentThread on Windows 7 SP1 x64 (ApcState 0x50 + 0x20)."""
 EPROCESS_IN_BLOCK = 0x80
 """_POOL_HEADER 0x10, optional headers 0x40, _OBJECT_HEADER 0x30, then the EPROCESS body."""
 FAKE_DRIVER = ("fakedrv.sys", KERNEL_VA + 0x1000000, 0x7000, "\\??\\C:\\evil\\fakedrv.sys")
@@ -215,7 +217,17 @@ class WindowsGuest:
         self.put(self.kpcr + 0x18, struct.pack("<QQ", self.kpcr, self.kpcr + 0x180))
         self.put_u64(self.kpcr + 0x38, self.idtr_base)
         self.put(KERNEL_VA + PRCBS_RVA, struct.pack("<QQ", self.kpcr + 0x180, 0))
+        self.run_on_cpu(self.processes[0].pid)
         self.write_kdbg()
+
+    def run_on_cpu(self, pid: int) -> int:
+        """Make a thread of process ``pid`` processor 0's current thread (KPRCB.CurrentThread,
+        its KTHREAD.ApcState.Process at the offsets the KDBG block states); returns the ETHREAD."""
+        proc = next(p for p in self.processes if p.pid == pid)
+        thread = self.pool(0x1000)
+        self.put_u64(thread + THREAD_APC_PROCESS, proc.address)
+        self.put_u64(self.kpcr + 0x180 + PRCB_CURRENT_THREAD, thread)
+        return thread
 
     def unlink(self, pid: int) -> Proc:
         """Take process ``pid`` off ActiveProcessLinks the way DKOM rootkits do (FU): its
@@ -246,6 +258,9 @@ class WindowsGuest:
         struct.pack_into("<Q", raw, 0x48, self.module_head)
         struct.pack_into("<Q", raw, 0x50, self.process_head)
         struct.pack_into("<Q", raw, 0x218, KERNEL_VA + PRCBS_RVA)
+        struct.pack_into("<H", raw, 0x2A0, THREAD_APC_PROCESS)   # OffsetKThreadApcProcess
+        struct.pack_into("<H", raw, 0x2B4, PRCB_CURRENT_THREAD)  # OffsetPrcbCurrentThread
+        struct.pack_into("<H", raw, 0x2E6, 0x180)                # OffsetPcrContainedPrcb
         if self.encoded:
             never, always = KEYS
             self.put_u64(KERNEL_VA + KEYS_RVA, never)

@@ -25,6 +25,10 @@ MIN_SIZE, MAX_SIZE = 0x290, 0x1000
 """Windows XP x64's block is 0x290 bytes; later ones grow a little (Win10 ~0x370)."""
 FIELDS = {"KernBase": 0x18, "PsLoadedModuleList": 0x48, "PsActiveProcessHead": 0x50,
           "PspCidTable": 0x58, "ObpRootDirectoryObject": 0x98, "MmPfnDatabase": 0xC0, "KiProcessorBlock": 0x218}
+OFFSETS = {"OffsetKThreadApcProcess": 0x2A0, "OffsetPrcbCurrentThread": 0x2B4, "OffsetPcrContainedPrcb": 0x2E6}
+"""USHORT layout facts the block carries about its own kernel (wdbgexts.h): read when Size covers them."""
+READ = 0x2F0
+"""Bytes of a candidate block read: every field and offset above."""
 _MASK = (1 << 64) - 1
 KERNEL_SPACE = 0xFFFF800000000000
 
@@ -39,6 +43,8 @@ class Kdbg:
     size: int
     encoded: bool
     fields: dict[str, int]
+    offsets: dict[str, int] = attrs.field(factory=dict)
+    """The OFFSETS the block holds (non-zero, inside its Size)."""
 
 
 def _rol(value: int, count: int) -> int:
@@ -83,7 +89,9 @@ def parse(raw: bytes, *, vaddr: int | None, paddr: int | None, encoded: bool = F
     base = fields["KernBase"]
     if base < KERNEL_SPACE or base & 0xFFF or kernel_base is not None and base != kernel_base:
         raise GuestDataError(f"KDBG at {where}: KernBase {base:#x} is not the kernel image")
-    return Kdbg(vaddr, paddr, size, encoded, fields)
+    offsets = {name: struct.unpack_from("<H", raw, off)[0] for name, off in OFFSETS.items()
+               if off + 2 <= min(size, len(raw))}
+    return Kdbg(vaddr, paddr, size, encoded, fields, {k: v for k, v in offsets.items() if v})
 
 
 def scan_physical(phys, kernel_base: int | None = None, limit: int = 64,
@@ -111,7 +119,7 @@ def scan_physical(phys, kernel_base: int | None = None, limit: int = 64,
     for hit in itertools.chain(in_first() if first else (), find_all(phys, TAG, 8, 0)):
         paddr = hit - 0x10
         try:
-            raw = phys.read(paddr, max(FIELDS.values()) + 8)
+            raw = phys.read(paddr, READ, pad=True)
             return parse(raw, vaddr=None, paddr=paddr, kernel_base=kernel_base), rejected
         except VmwatchError as exc:
             rejected.append(str(exc))

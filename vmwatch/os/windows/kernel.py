@@ -50,6 +50,8 @@ class KernelInfo:
     kdbg: int | None
     """Virtual address of the KDBG block (None when none was found)."""
     found: tuple[Found, ...]
+    kdbg_offsets: dict[str, int] = attrs.field(factory=dict)
+    """Structure offsets the KDBG block states (OffsetPrcbCurrentThread, ...)."""
 
 
 class _Steps(list):
@@ -204,7 +206,8 @@ class Windows:
             if name in symbols:
                 steps.add(name, symbols[name], sources[name])
         kernel = KernelInfo(base=vaddr, paddr=paddr, size=headers.size_of_image, name=exports.name, build=build,
-                            dtb=dtb, kdbg=block.vaddr if block is not None else None, found=tuple(steps))
+                            dtb=dtb, kdbg=block.vaddr if block is not None else None, found=tuple(steps),
+                            kdbg_offsets=dict(block.offsets) if block is not None else {})
         return cls(kernel, symbols, profile, memory)
 
     @staticmethod
@@ -286,6 +289,32 @@ class Windows:
         from vmwatch.os.windows.psscan import scan_processes
 
         return scan_processes(self)
+
+    def hidden_processes(self, *, pool: bool = True):
+        """Processes another view sees (running, or in pool memory) but ActiveProcessLinks lacks.
+
+        Returns:
+            A list of :class:`vmwatch.os.windows.crossview.Hidden`.
+        """
+        from vmwatch.os.windows.crossview import hidden_processes
+
+        return hidden_processes(self, pool=pool)
+
+    def process_at(self, address: int):
+        """The EPROCESS at virtual ``address``, read at the profile's offsets (a :class:`Process`)."""
+        from vmwatch.os.windows.tasks import read_process
+
+        return read_process(self, address)
+
+    def running_processes(self) -> dict[int, int]:
+        """The EPROCESS address of the thread running on each processor (KPRCB.CurrentThread).
+
+        Raises:
+            SymbolError: no KDBG, or one that states no thread offsets.
+        """
+        from vmwatch.os.windows.processors import running_processes
+
+        return running_processes(self)
 
     def driver_at(self, address: int, drivers=None):
         """The loaded driver (ntoskrnl, hal, ...) whose image holds ``address``, or None.

@@ -22,6 +22,7 @@ ONLY_CURRENT = ("a triage dump holds one process, the crashing thread's: the oth
                 "are not in it (take a kernel or full dump for them)")
 ONLY_LISTED = "a triage dump holds the driver list, not the drivers' KLDR entries in memory"
 NO_IDT = "a triage dump holds no IDT (no physical memory and no IDTR)"
+NO_MEMORY = "a triage dump holds no physical memory: no other view of processes to compare with"
 
 
 class TriageWindows:
@@ -118,7 +119,10 @@ class TriageWindows:
         raise UnsupportedOperation(NO_IDT)
 
     def scan_processes(self):
-        raise UnsupportedOperation("a triage dump holds no physical memory to scan for processes")
+        raise UnsupportedOperation(NO_MEMORY)
+
+    def hidden_processes(self, *, pool: bool = True):
+        raise UnsupportedOperation(NO_MEMORY)
 
     def in_kernel(self, address: int) -> bool:
         return self.kernel.base <= address < self.kernel.base + self.kernel.size
