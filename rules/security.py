@@ -1,5 +1,8 @@
 """Security pack: kernel integrity, control registers, modules, hidden processes, credentials, sysctls.
 
+Linux and Windows guests: the Windows rules (SSDT, per-vCPU IDT, drivers, unlinked processes) are
+at the end; each rule of one OS is set aside, reported inactive, on a guest of the other.
+
 Every check takes a baseline when the watch starts (``on_start``) and compares against it, both
 when the guest writes the watched memory (watchpoints: instant, the writer is stopped in the
 act) and periodically (a tamper by any other path: DMA, another mapping, an outside debugger).
@@ -11,6 +14,7 @@ from __future__ import annotations
 import posixpath
 
 from vmwatch.cpu import CR0_WP, CR4_SMAP, CR4_SMEP
+from vmwatch.errors import SymbolError, UnsupportedOperation
 from vmwatch.events import Exec, MemoryAccess, ModuleLoad, RegisterWrite
 from vmwatch.rules import rule
 
@@ -92,41 +96,6 @@ def idt(event, guest):
 
 # -- kernel text --------------------------------------------------------------------------------
 
-def _patch_sites(linux) -> list[tuple[int, int]]:
-    """Code the kernel legitimately patches at run time: static keys, static calls, ftrace sites.
-
-    Jump-table entries are ``{s32 code, s32 target, long key}`` relative to the field; static
-    call sites ``{s32 addr, s32 key}``; mcount_loc is a list of absolute addresses.
-    """
-    symbols, memory = linux.symbols, linux.memory
-    sites: list[tuple[int, int]] = []
-
-    def table(start: str, stop: str) -> tuple[int, bytes]:
-        lo, hi = symbols.get(start), symbols.get(stop)
-        if lo is None or hi is None or not 0 <= hi - lo <= 16 << 20:
-            return 0, b""
-        return lo, memory.read(lo, hi - lo, pad=True)
-
-    lo, raw = table("__start___jump_table", "__stop___jump_table")
-    for off in range(0, len(raw) - 15, 16):
-        sites.append((lo + off + int.from_bytes(raw[off:off + 4], "little", signed=True), 5))
-    lo, raw = table("__start_static_call_sites", "__stop_static_call_sites")
-    for off in range(0, len(raw) - 7, 8):
-        sites.append((lo + off + int.from_bytes(raw[off:off + 4], "little", signed=True), 5))
-    lo, raw = table("__start_mcount_loc", "__stop_mcount_loc")
-    for off in range(0, len(raw) - 7, 8):
-        sites.append((int.from_bytes(raw[off:off + 8], "little"), 5))
-    sites.sort()
-    return sites
-
-
-def _explained(sites: list[tuple[int, int]], address: int) -> bool:
-    import bisect
-
-    k = bisect.bisect_right(sites, (address, 1 << 62)) - 1
-    return k >= 0 and sites[k][0] <= address < sites[k][0] + sites[k][1]
-
-
 @rule.on_start
 @rule.every(10.0)
 @rule.on_write("_stext.._etext")
@@ -137,7 +106,7 @@ def kernel_text(event, guest):
     text = linux.memory.read(start, end - start, pad=True)
     state = guest.state
     if "text" not in state:
-        state["text"], state["sites"] = text, _patch_sites(linux)
+        state["text"], state["sites"] = text, linux.patch_sites()
         return
     old = state["text"]
     if text == old:
@@ -148,7 +117,7 @@ def kernel_text(event, guest):
     hooks: list[int] = []
     for page in changed_pages:
         for i in range(page, min(page + PAGE, len(text))):
-            if text[i] != old[i] and not _explained(sites, start + i):
+            if text[i] != old[i] and not sites.covers(start + i):
                 if not hooks or start + i > hooks[-1] + 16:  # one report per patched spot
                     hooks.append(start + i)
     for address in hooks[:20]:
@@ -268,31 +237,6 @@ def module_allowlist(event, guest):
 
 # -- hidden processes ---------------------------------------------------------------------------
 
-def _runnable_tasks(linux, cpus: int) -> set[int]:
-    """Task addresses the scheduler knows: each CPU's current task and its CFS run-queue tree."""
-    types, memory = linux.types, linux.memory
-    rq_curr = types.offset("rq", "curr")
-    rq_cfs = types.offset("rq", "cfs")
-    timeline = types.offset("cfs_rq", "tasks_timeline")  # rb_root_cached: rb_root first
-    left, right = types.offset("rb_node", "rb_left"), types.offset("rb_node", "rb_right")
-    run_node = types.offset("task_struct", "se") + types.offset("sched_entity", "run_node")
-    found: set[int] = set()
-    for cpu in range(cpus):
-        rq = linux.per_cpu("runqueues", cpu)
-        found.add(memory.pointer(rq + rq_curr))
-        stack = [memory.pointer(rq + rq_cfs + timeline)]
-        budget = 100_000  # a cyclic tree in hostile memory must not hang us
-        while stack and budget:
-            node = stack.pop()
-            budget -= 1
-            if not node:
-                continue
-            found.add(node - run_node)
-            stack.append(memory.pointer(node + left))
-            stack.append(memory.pointer(node + right))
-    return found
-
-
 @rule.every(2.0)
 def hidden_process(event, guest):
     """A task the scheduler runs whose process is missing from the task list (unlinked, DKOM)."""
@@ -303,7 +247,7 @@ def hidden_process(event, guest):
     pid_off, tgid_off = types.offset("task_struct", "pid"), types.offset("task_struct", "tgid")
     comm_off = types.offset("task_struct", "comm")
     reported = guest.state.setdefault("reported", set())
-    for task in _runnable_tasks(linux, max(1, len(guest.cpus))):
+    for task in linux.runnable_tasks(max(1, len(guest.cpus))):
         if memory.s32(task + pid_off) == 0:
             continue  # idle tasks are nobody's child
         leader = memory.pointer(task + leader_off)
@@ -437,3 +381,115 @@ def exec_from_scratch_dir(event: Exec, guest):
     if hidden or scratch:
         why = "a hidden directory" if hidden else "a scratch directory"
         guest.alert("warning", f"pid {event.pid} executed {path} from {why}", filename=path)
+
+
+# -- Windows guests -----------------------------------------------------------------------------
+# The Linux rules above set themselves aside on a Windows guest (guest.linux raises OtherGuestOS)
+# and these on a Linux one. Windows exports no service table or IDT symbol to watch: these check
+# periodically, which sees a tamper by any path.
+
+def _table_changes(guest, current: dict) -> list[tuple[object, int, int]]:
+    """(key, old, new) of entries that changed since the baseline (taken on the first call)."""
+    baseline = guest.state.setdefault("baseline", {})
+    changes = [(key, baseline[key], new) for key, new in current.items() if key in baseline and baseline[key] != new]
+    baseline.update(current)
+    return changes
+
+
+@rule.on_start
+@rule.every(2.0)
+def ssdt(event, guest):
+    """Windows SSDT entries pointing outside ntoskrnl, or changed (system service hooking)."""
+    win = guest.windows
+    services = win.syscalls()
+    first = "baseline" not in guest.state
+    for index, old, new in _table_changes(guest, {s.index: s.address for s in services}):
+        guest.alert("critical", f"SSDT[{index}] changed: {win.describe(old)} -> {win.describe(new)}",
+                    index=index, old=hex(old), new=hex(new), trigger=type(event).__name__)
+    if first:
+        for s in services:
+            if not s.in_text:
+                guest.alert("critical", f"SSDT[{s.index}] points outside ntoskrnl: {win.describe(s.address)}",
+                            index=s.index, address=hex(s.address))
+
+
+@rule.on_start
+@rule.every(2.0)
+def windows_idt(event, guest):
+    """Windows IDT gates (each processor has its own table) changed, or pointing outside every driver."""
+    win = guest.windows
+    try:  # each vCPU's IDTR, else each processor's KPCR (a crash dump saves no IDTR)
+        bases = win.idt_bases(guest.cpus or ((guest.registers,) if guest.registers else ()))
+    except SymbolError as exc:
+        raise UnsupportedOperation(str(exc)) from None
+    gates = {(vcpu, e.vector): e.address for vcpu, base in bases.items() for e in win.idt_at(base) if e.present}
+    first = "baseline" not in guest.state
+    for (vcpu, vector), old, new in _table_changes(guest, gates):
+        guest.alert("critical", f"vCPU {vcpu} IDT vector {vector} handler changed: {win.describe(old)} -> "
+                                f"{win.describe(new)}", vcpu=vcpu, vector=vector, old=hex(old), new=hex(new))
+    if first:
+        drivers = win.modules()
+        for (vcpu, vector), address in gates.items():
+            if win.driver_at(address, drivers) is None:
+                guest.alert("critical", f"vCPU {vcpu} IDT vector {vector} points outside every loaded driver: "
+                                        f"{address:#x}", vcpu=vcpu, vector=vector, address=hex(address))
+
+
+@rule.on_start
+@rule.every(5.0)
+@rule.configure(allow=[], trust_start=True)
+def driver_allowlist(event, guest):
+    """A Windows driver loaded that is not in the allowlist.
+
+    ``allow``: driver names (BaseDllName, any case) always allowed; ``trust_start`` (default on):
+    the drivers loaded when the watch starts are allowed too. With it off, an image is checked
+    against ``allow`` alone.
+    """
+    state = guest.state
+    if "allowed" not in state:
+        state["allowed"] = {name.lower() for name in guest.config["allow"]}
+        state["reported"] = set()
+        if guest.config["trust_start"]:
+            state["allowed"] |= {d.name.lower() for d in guest.windows.modules()}
+            return
+    for driver in guest.windows.modules():
+        name = driver.name.lower()
+        if name not in state["allowed"] and name not in state["reported"]:
+            state["reported"].add(name)
+            guest.alert("warning", f"driver {driver.name} loaded (not in the allowlist) at {driver.base:#x}: "
+                                   f"{driver.path}", driver=driver.name, path=driver.path, base=hex(driver.base))
+
+
+@rule.on_start
+@rule.every(2.0)
+def unlinked_process(event, guest):
+    """A Windows process missing from ActiveProcessLinks (DKOM) yet running or alive by another view.
+
+    Views: the process of the thread each processor runs (every check: a few reads) and the pool
+    scan (psscan: all of RAM at about 3 GiB/s, so at most once a minute; refused over a gdbstub,
+    where the running view still works). Each process is reported once.
+    """
+    state = guest.state
+    now = event.time_ns
+    pool = not now or now - state.get("scanned", -(1 << 62)) >= 60 * 10**9
+    try:
+        found = guest.windows.hidden_processes(pool=pool)
+    except UnsupportedOperation:  # no pool scan on this source
+        found, pool = guest.windows.hidden_processes(pool=False), False
+    if pool:
+        state["scanned"] = now
+    reported = state.setdefault("reported", set())
+    for h in found:
+        key = h.address or h.paddr or h.view
+        if key in reported:
+            continue
+        reported.add(key)
+        where = f"{h.address:#x}" if h.address is not None else f"physical {h.paddr:#x}" if h.paddr else "?"
+        if h.process is None:
+            guest.alert("warning", f"the running thread's process on {h.view} is unreadable ({where}): {h.error}",
+                        eprocess=where, view=h.view)
+            continue
+        p = h.process
+        seen = f"runs on {h.view} but is" if h.view != "pool" else f"is alive in pool memory at {where} but"
+        guest.alert("critical", f"hidden process: pid {p.pid} ({p.name}) {seen} not on ActiveProcessLinks",
+                    pid=p.pid, comm=p.name, eprocess=where, view=h.view)

@@ -40,7 +40,23 @@ class ImageFormatError(VmwatchError):
 
 
 class UnsupportedOperation(VmwatchError):
-    """The source cannot do this (e.g. writing to a dump, or breakpoints on an image)."""
+    """The source cannot do this (e.g. writing to a dump, or breakpoints on an image).
+
+    A rule raising it is set aside for the run and reported inactive (not a rule error).
+    """
+
+
+class OtherGuestOS(UnsupportedOperation):
+    """A rule asked for one OS layer (``guest.linux``) of a guest that runs another (Windows).
+
+    Unlike a rule failing on bad guest data, this is no fault: the engine sets the rule aside for
+    the run and reports it inactive, with no error alert.
+    """
+
+    def __init__(self, wanted: str, running: str) -> None:
+        self.wanted = wanted
+        self.running = running
+        super().__init__(f"the guest runs {running}, not {wanted}")
 
 
 class PhysicalReadError(VmwatchError):

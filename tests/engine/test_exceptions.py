@@ -81,7 +81,7 @@ class _Linux:
 
 def _guest(stack: bytes) -> Guest:
     linux = _Linux(_Memory(STACK, stack))
-    return Guest(vm="t", phys=None, linux_factory=lambda guest: linux)
+    return Guest(vm="t", phys=None, os_factory=lambda guest: linux)
 
 
 class TestExceptionSensor:

@@ -28,7 +28,7 @@ async def _run(events):
     rs.enable("security.syscall_msr")
     rs.enable("security.control_register_write")
     sink = ListSink()
-    summary = await Engine(SyntheticSource(events, honour_traps=False), rs, [sink], linux_factory=lambda guest: _Kernel()).run()
+    summary = await Engine(SyntheticSource(events, honour_traps=False), rs, [sink], os_factory=lambda guest: _Kernel()).run()
     assert not summary.rule_errors, summary
     return [(a.severity, a.message) for a in sink.alerts]
 

@@ -102,7 +102,9 @@ def qemu(tmp_path):
         q.close()
 
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "samples"
+# ../shared/samples of the checkout; a worktree one level deeper (/work/wt/NAME) finds it too
+SAMPLES = next((p / "shared" / "samples" for p in Path(__file__).resolve().parents[2:5]
+                if (p / "shared" / "samples").is_dir()), Path(__file__).resolve().parents[3] / "shared" / "samples")
 
 
 @pytest.fixture

@@ -266,10 +266,16 @@ class TestWindowsCrashDump:
         assert (h.bits, h.dtb, h.machine, h.processors, h.dump_type, h.kdbg) == (
             64, 0x3E6B1A000, 0x8664, 8, 1, 0xFFFFF80510A00B20)
         assert h.runs == ((0x1, 0x9F), (0x100, 0x7F7EF), (0x7FBFF, 0x3E1), (0x100000, 0x380000))
+        assert (h.minor, h.ps_loaded_module_list, h.ps_active_process_head, h.pfn_database) == (
+            9200, 0xFFFFF80510A2A2B0, 0xFFFFF80510A1E060, 0xFFFFDF8000000000)
+        assert (h.bugcheck, h.bugcheck_parameters) == (0, (0, 0, 0, 0))
         d32 = (samples / "windows-crashdump" / "coredump_win7_32bit_stripped.raw").read_bytes()
         h = parse_header(Reader(d32, "w7"))
         assert (h.bits, h.dtb, h.machine, h.dump_type, h.pae) == (32, 0xBF62F2E0, 0x14C, 1, True)
         assert h.runs == ((0x1, 0x9E), (0x100, 0xBFEDF))
+        assert (h.minor, h.processors, h.ps_loaded_module_list, h.ps_active_process_head, h.pfn_database) == (
+            7601, 2, 0x82999850, 0x82991F18, 0x829B9700)
+        assert h.kdbg is None  # this header keeps the PAGE filler at KdDebuggerDataBlock
         with pytest.raises(ImageFormatError, match="past the end|needs file bytes"):
             open_image(samples / "windows-crashdump" / "coredump_win10_64bit_stripped.raw")
 

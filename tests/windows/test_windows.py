@@ -44,7 +44,7 @@ class TestInit:
         how = _how(win)
         assert how["kernel physical base"][0] == KERNEL_PA
         assert how["build"][0] == 7601
-        assert how["KDBG"] == (guest.kdbg_vaddr, "physical scan for the KDBG tag (Size 0x340)")
+        assert how["KDBG"] == (guest.kdbg_vaddr, "physical scan for the KDBG tag (Size 0x340), in ntoskrnl's own pages")
         assert how["kernel base"] == (KERNEL_VA, "KDBG KernBase")
         assert how["DTB"][0] == guest.fake.cr3 and "System EPROCESS" in how["DTB"][1]
         assert how["PsActiveProcessHead"] == (guest.process_head, "KDBG")
@@ -102,7 +102,7 @@ class TestInit:
         g.build_objects()
         win = Windows.from_memory(BufferMemory(g.buffer), (g.registers,))
         assert "KDBG" not in _how(win)
-        assert [t.pid for t in win.tasks()] == [4, 256, 348, 1234]
+        assert [t.pid for t in win.tasks()] == [4, 256, 348, 1236]
         with pytest.raises(SymbolError, match="PsLoadedModuleList"):
             win.modules()
 
@@ -191,3 +191,65 @@ class TestHostile:
         guest.buffer[KERNEL_PA + lfanew + 0x18:KERNEL_PA + 0x1000] = bytes(0x1000 - lfanew - 0x18)
         with pytest.raises(KernelNotFound):
             Windows.from_memory(BufferMemory(guest.buffer))
+
+
+class TestDetect:
+    def test_mapped_image_with_ntoskrnl_skips_the_linux_search(self, guest, tmp_path, monkeypatch):
+        """A raw image holding ntoskrnl is Windows without Linux's whole-memory search running."""
+        from vmwatch.images import open_image
+        from vmwatch.os import detect
+        from vmwatch.os.linux.kernel import Linux
+
+        def no_linux(*args, **kwargs):
+            raise AssertionError("the Linux search ran")
+
+        monkeypatch.setattr(Linux, "from_memory", no_linux)
+        (tmp_path / "win.raw").write_bytes(guest.raw())
+        with open_image(tmp_path / "win.raw") as image:
+            assert detect.from_memory(image).kernel.base == KERNEL_VA
+
+    def test_unusable_ntoskrnl_tries_linux_then_names_windows(self, guest, tmp_path):
+        """ntoskrnl's image but no KDBG and no CPU state (a stray file in page cache): Linux is tried,
+        and the error is Windows' own."""
+        from vmwatch.images import open_image
+        from vmwatch.os import detect
+
+        guest.buffer[guest.paddr(guest.kdbg_vaddr) + 0x10:guest.paddr(guest.kdbg_vaddr) + 0x14] = b"XXXX"
+        (tmp_path / "win.raw").write_bytes(guest.raw())
+        with open_image(tmp_path / "win.raw") as image, pytest.raises(SymbolError, match="neither CPU state"):
+            detect.from_memory(image)
+
+    def test_unmapped_memory_with_windows_cpu_state_skips_linux(self, guest, monkeypatch):
+        """No mapping (as a live gdbstub source) but CR3 + IDTR: the IDT handler's range says Windows."""
+        from vmwatch.os import detect
+        from vmwatch.os.linux.kernel import Linux
+
+        def no_linux(*args, **kwargs):
+            raise AssertionError("the Linux search ran")
+
+        monkeypatch.setattr(Linux, "from_memory", no_linux)
+        assert detect.from_memory(BufferMemory(guest.buffer), (guest.registers,)).kernel.base == KERNEL_VA
+
+
+class TestProcessors:
+    def test_crash_dump_idt_through_the_kpcr(self, guest, tmp_path):
+        """A crash dump saves no IDTR: KDBG's KiProcessorBlock leads to the KPCR's IdtBase."""
+        from vmwatch.testing.cli import run_cli
+
+        (tmp_path / "win.dmp").write_bytes(guest.crashdump())
+        r = run_cli("idt", tmp_path / "win.dmp", "--json", "--all")
+        assert r.status == 0, r.stderr
+        gates = {g["vector"]: g for g in json.loads(r.stdout)}
+        assert gates[0]["address"] == guest.idt_handler and gates[0]["present"]
+        assert not gates[1]["present"]
+
+    def test_kpcr_that_does_not_point_back_is_one_line(self, guest, tmp_path):
+        """KiProcessorBlock[0] aimed at pool garbage: exit 2, one line naming the KPCR."""
+        from vmwatch.testing.cli import run_cli
+        from vmwatch.testing.windowsguest import PRCBS_RVA
+
+        guest.put_u64(KERNEL_VA + PRCBS_RVA, guest.kpcr + 0x1000)
+        (tmp_path / "win.dmp").write_bytes(guest.crashdump())
+        r = run_cli("idt", tmp_path / "win.dmp")
+        assert r.status == 2 and "does not point back at itself" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

@@ -71,11 +71,11 @@ class Arming:
         log.info("listener inactive", what=what, why=why)
 
     def resolve(self, target: str | int) -> int:
-        """A symbol (``name`` or ``name+0x10``) or address -> address (symbols from the Linux layer)."""
+        """A symbol (``name`` or ``name+0x10``) or address -> address (symbols of the guest's OS layer)."""
         if isinstance(target, int):
             return target
         name, _, off = target.partition("+")
-        return resolve_symbol(self.guest.linux, name.strip()) + (int(off, 0) if off else 0)
+        return resolve_symbol(self.guest.kernel, name.strip()) + (int(off, 0) if off else 0)
 
     def _is_function(self, target: str) -> bool:
         """``target`` names a kernel function itself (no offset): its address is an entry."""
@@ -97,7 +97,8 @@ class Arming:
         address = self.resolve(target)
         if size:
             return address, size
-        following = self.guest.linux.symbols.next_address(address)
+        next_address = getattr(self.guest.kernel.symbols, "next_address", None)  # Windows: exports only
+        following = next_address(address) if next_address is not None else None
         if following is None or not 0 < following - address <= 1 << 20:
             raise ValueError(f"cannot size {target!r} from the symbol table: give a size")
         return address, following - address
@@ -178,9 +179,9 @@ class Arming:
                 log.info("trap re-armed", trap=trap.name)
 
 
-def resolve_symbol(linux: Any, name: str) -> int:
-    """Address of a kernel symbol through the Linux layer's symbol table."""
-    address = linux.symbols.get(name)
+def resolve_symbol(kernel: Any, name: str) -> int:
+    """Address of a kernel symbol through the OS layer's symbol table (Linux or Windows)."""
+    address = kernel.symbols.get(name)
     if address is None:
         raise SymbolError(f"unknown kernel symbol {name!r}", name=name)
     return int(address)

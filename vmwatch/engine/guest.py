@@ -1,6 +1,6 @@
 """The guest handle rules receive: cached reads, OS objects, the event's vCPU, ``alert(...)``.
 
-One handle per run, so caches and the Linux profile are shared by every rule; the per-event
+One handle per run, so caches and the OS layer (Linux or Windows, detected once) are shared by every rule; the per-event
 fields (event, registers, current task) are reset before each dispatch. While rules run the
 guest is paused (live sources), so everything a rule reads is consistent.
 """
@@ -45,7 +45,7 @@ class Guest:
         host: str = "",
         phys: object | None,
         capabilities: frozenset[str] = frozenset(),
-        linux_factory: Callable[[Guest], Any] | None = None,
+        os_factory: Callable[[Guest], Any] | None = None,
         current_resolver: Callable[[Guest], Current | None] | None = None,
     ) -> None:
         self.vm = vm
@@ -60,10 +60,10 @@ class Guest:
         self.cpus: tuple[Registers, ...] = ()
         """Registers of every vCPU at ticks and start (when the source gives registers)."""
         self.rule: RuleRun | None = None
-        self._linux_factory = linux_factory
+        self._os_factory = os_factory
         self._current_resolver = current_resolver
-        self._linux: Any = None
-        self._linux_error: Exception | None = None
+        self._kernel: Any = None
+        self._kernel_error: Exception | None = None
         self._memory: Any = None
         self._current: Current | None = None
         self._current_known = False
@@ -99,26 +99,62 @@ class Guest:
         return self.rule.config  # type: ignore[union-attr]
 
     @property
-    def linux(self) -> Any:
-        """The guest's Linux kernel (:class:`vmwatch.os.linux.Linux`), built on first use.
+    def kernel(self) -> Any:
+        """The guest's OS layer, Linux or Windows (detected from memory), built on first use.
 
         Raises:
-            VmwatchError: the guest is not a Linux the OS layer understands.
+            VmwatchError: no kernel the OS layer understands.
         """
-        if self._linux is None:
-            if self._linux_error is not None:
-                raise self._linux_error
-            if self._linux_factory is None:
+        if self._kernel is None:
+            if self._kernel_error is not None:
+                raise self._kernel_error
+            if self._os_factory is None:
                 from vmwatch.errors import UnsupportedOperation
 
                 raise UnsupportedOperation("this source has no guest OS to inspect")
             try:
-                self._linux = self._linux_factory(self)
+                self._kernel = self._os_factory(self)
             except Exception as exc:
-                self._linux_error = exc
+                self._kernel_error = exc
                 raise
-            self._memory = self._linux.memory
-        return self._linux
+            self._memory = self._kernel.memory
+        return self._kernel
+
+    @property
+    def linux(self) -> Any:
+        """The guest's Linux kernel (:class:`vmwatch.os.linux.Linux`).
+
+        Raises:
+            OtherGuestOS: the guest runs Windows (the engine then sets the asking rule aside).
+            VmwatchError: no kernel the OS layer understands.
+        """
+        return self._kernel_of("linux")
+
+    @property
+    def windows(self) -> Any:
+        """The guest's Windows kernel (:class:`vmwatch.os.windows.Windows`).
+
+        Raises:
+            OtherGuestOS: the guest runs Linux (the engine then sets the asking rule aside).
+            VmwatchError: no kernel the OS layer understands.
+        """
+        return self._kernel_of("windows")
+
+    def _runs_windows(self) -> bool:
+        """Whether the guest's kernel is known to be Windows (the resolver reads Linux tasks)."""
+        try:
+            return getattr(self.kernel, "os_name", "linux") == "windows"
+        except Exception:  # no kernel: the resolver says why, as before
+            return False
+
+    def _kernel_of(self, wanted: str) -> Any:
+        kernel = self.kernel
+        running = getattr(kernel, "os_name", "linux")
+        if running != wanted:
+            from vmwatch.errors import OtherGuestOS
+
+            raise OtherGuestOS(wanted.capitalize(), running.capitalize())
+        return kernel
 
     @property
     def memory(self) -> Any:
@@ -143,7 +179,7 @@ class Guest:
             if pid is not None:
                 self._current = Current(pid, getattr(event, "comm", None) or None,
                                         cr3_root(self.registers.cr3) if self.registers else None)
-            elif self._current_resolver is not None:
+            elif self._current_resolver is not None and not self._runs_windows():
                 self._current = self._current_resolver(self)
             else:
                 cr3 = cr3_root(self.registers.cr3) if self.registers is not None else None
@@ -185,8 +221,8 @@ class Guest:
             self._memory.on_resume()
 
 
-def default_linux_factory(guest: Guest) -> Any:
-    """The Linux layer of a source with memory: located from the guest's memory and registers."""
-    from vmwatch.os.linux import Linux
+def default_os_factory(guest: Guest) -> Any:
+    """The OS layer of a source with memory: Linux or Windows, found from its memory and registers."""
+    from vmwatch.os import detect
 
-    return Linux.from_memory(guest.phys, registers=guest.cpus or ((guest.registers,) if guest.registers else ()))
+    return detect.from_memory(guest.phys, guest.cpus or ((guest.registers,) if guest.registers else ()))

@@ -45,7 +45,7 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
         cpus = tuple(await engine.source.all_registers()) if caps.REGISTERS in engine.capabilities else ()
         if not cpus:
             raise VmwatchError("the source gives no registers (IDTR)")
-        entries = {e.vector: e for e in engine.guest.linux.idt(cpus[0])}
+        entries = {e.vector: e for e in engine.guest.kernel.idt(cpus[0])}
     except VmwatchError as exc:
         engine.inactive(f"interrupt sensor (vectors {vectors})", str(exc))
         return

@@ -41,13 +41,13 @@ from vmwatch.engine.alerts import Alert
 from vmwatch.engine.arming import Arming
 from vmwatch.engine.dispatch import KEY_FIELD, Dispatcher, Handler, RuleRun, Trap, key_of
 from vmwatch.engine.governance import Decision, governor_for
-from vmwatch.engine.guest import Current, Guest, cr3_root, default_linux_factory
+from vmwatch.engine.guest import Current, Guest, cr3_root, default_os_factory
 from vmwatch.engine.sink_links import SinkLink
 from vmwatch.engine.sinks import EventRecord, Sink
 from vmwatch.engine.stopping import Stopping
 from vmwatch.engine.ticks import Ticking
 from vmwatch.engine.watch_options import WatchOptions, WatchSummary
-from vmwatch.errors import VmwatchError
+from vmwatch.errors import UnsupportedOperation, VmwatchError
 from vmwatch.events import Demotion, Event, SourceEnded, Tick
 from vmwatch.ruletypes import ActiveRules, Severity
 
@@ -68,7 +68,7 @@ class Engine(Arming, Ticking, Stopping):
         sinks: Iterable[Sink],
         *,
         options: WatchOptions = WatchOptions(),
-        linux_factory: Callable[[Guest], Any] | None = None,
+        os_factory: Callable[[Guest], Any] | None = None,
         current_resolver: Callable[[Guest], Current | None] | None = None,
     ) -> None:
         self.source = source
@@ -83,15 +83,15 @@ class Engine(Arming, Ticking, Stopping):
         can_unhook = caps.BREAKPOINTS in self.capabilities or caps.WATCHPOINTS in self.capabilities
         self.governor = governor_for(source, options.budget, can_unhook=can_unhook)
         self.dispatcher = Dispatcher()
-        if linux_factory is None and getattr(source, "memory", None) is not None:
-            linux_factory = default_linux_factory
-        if current_resolver is None and linux_factory is not None:
+        if os_factory is None and getattr(source, "memory", None) is not None:
+            os_factory = default_os_factory
+        if current_resolver is None and os_factory is not None:
             from vmwatch.engine.linux_sensors import current_task
 
             current_resolver = current_task
         self.guest = Guest(vm=self.vm, host=self.host, phys=getattr(source, "memory", None),
                            capabilities=self.capabilities,
-                           linux_factory=linux_factory, current_resolver=current_resolver)
+                           os_factory=os_factory, current_resolver=current_resolver)
         hooks = getattr(source, "on_resume", None)
         if hooks is not None:  # the source tells us when the guest ran: caches may be stale
             hooks.append(self.guest.on_resume)
@@ -304,6 +304,9 @@ class Engine(Arming, Ticking, Stopping):
             run.calls += 1
             try:
                 run.func(event, guest)
+            except UnsupportedOperation as exc:  # a Linux rule on a Windows guest, no IDTR...: not a failure
+                run.active = False
+                self.inactive(f"rule {run.name}", str(exc))
             except Exception as exc:  # a rule is user code: report and isolate, never die
                 self._rule_failures.append((run, event, exc))
         guest.rule = None

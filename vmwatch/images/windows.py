@@ -1,11 +1,13 @@
-"""Windows crash dumps (``PAGEDUMP`` / ``PAGEDU64``): full and bitmap kernel dumps.
+"""Windows crash dumps (``PAGEDUMP`` / ``PAGEDU64``): full, bitmap, kernel-bitmap and triage dumps.
 
 Layout (public ``_DUMP_HEADER32``/``_DUMP_HEADER64``, as read by Volatility 3 and memflow's
 coredump connector): the header is one page (32-bit) or two (64-bit). PhysicalMemoryBlock
 lists the physical runs (BasePage, PageCount). DumpType 1 (full): the pages of every run follow
 the header, run after run. DumpType 5 (bitmap): an ``SDMP``/``FDMP`` header follows; a set bit
-``i`` in its bitmap means physical page ``i`` is stored, in order, from its first-page offset.
-Kernel (2) and triage (4) dumps keep only some pages and are rejected.
+``i`` in its bitmap means physical page ``i`` is stored, in order, from its first-page offset;
+DumpType 6 (kernel memory, Windows 8+) has the same bitmap header, with kernel pages only.
+DumpType 4 (triage) holds no physical memory: its saved pieces are read by windows_triage.py.
+The legacy DumpType 2 (summary) has an older bitmap header and is rejected, as Volatility 3 does.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import attrs
 
 from vmwatch.cpu import Registers, Segment
 from vmwatch.images.base import Image, Reader, Run, map_file
+from vmwatch.images.windows_triage import Triage, parse_triage
 
 PAGE = 4096
 FULL = 1
-BITMAP = 5
+TRIAGE = 4
+BITMAPS = (5, 6)
 _DUMP_TYPES = {1: "full", 2: "kernel", 4: "triage", 5: "bitmap", 6: "bitmap (kernel)"}
 MAX_RUNS = 4096
 MAX_BITMAP_RUNS = 1 << 21
+_FILLER = (0x45474150, 0x4547415045474150)
+"""``PAGE`` (u32 and u64): Windows fills the header with it before writing the fields it knows."""
 _BITMAP_STRETCHES = re.compile(rb"\x00+|\xff+|[\x01-\xfe]")
 
 
@@ -36,44 +42,65 @@ class Header:
     major: int
     minor: int
     dtb: int
-    machine: int
-    processors: int
-    bugcheck: int
-    kdbg: int
+    machine: int | None
+    processors: int | None
+    bugcheck: int | None
+    kdbg: int | None
     dump_type: int
     header_size: int
     runs: tuple[tuple[int, int], ...]
     """(BasePage, PageCount) pairs from PhysicalMemoryBlock."""
     pae: bool = False
+    bugcheck_parameters: tuple[int, ...] = ()
+    ps_loaded_module_list: int | None = None
+    ps_active_process_head: int | None = None
+    pfn_database: int | None = None
+
+
+def _set(value: int) -> int | None:
+    """A header field, or None when Windows left its ``PAGE`` filler there (never written)."""
+    return None if value in _FILLER else value
 
 
 def parse_header(r: Reader) -> Header:
-    """Parse the fixed header; does not look at page data."""
+    """Parse the fixed header; does not look at page data.
+
+    Offsets of _DUMP_HEADER64 / _DUMP_HEADER32 (Volatility 2's crash_vtypes, MoonSols' dmp.h):
+    DirectoryTableBase, PfnDataBase, PsLoadedModuleList, PsActiveProcessHead, MachineImageType,
+    NumberProcessors, BugCheckCode and its four parameters, KdDebuggerDataBlock.
+    """
     sig = r.bytes(0, 8, "crash dump signature")
     if sig == b"PAGEDU64":
         r.need(0, 0x2000, "64-bit dump header")
-        major, minor, dtb = struct.unpack_from("<IIQ", r.buf, 0x8)
+        major, minor, dtb, pfn, modules, processes = struct.unpack_from("<IIQQQQ", r.buf, 0x8)
         machine, cpus, bugcheck = struct.unpack_from("<III", r.buf, 0x30)
+        params = struct.unpack_from("<4Q", r.buf, 0x40)
         kdbg = r.u64(0x80)
         n_runs = r.u32(0x88)
         dump_type = r.u32(0xF98)
         if n_runs > MAX_RUNS or 0x98 + n_runs * 16 > 0x2000:
             raise r.error(f"absurd NumberOfRuns {n_runs}", 0x88)
         runs = tuple(struct.unpack_from("<QQ", r.buf, 0x98 + 16 * i) for i in range(n_runs))
-        return Header(64, major, minor, dtb, machine, cpus, bugcheck, kdbg, dump_type, 0x2000, runs)
-    if sig == b"PAGEDUMP":
+        pae = False
+        size = 0x2000
+    elif sig == b"PAGEDUMP":
         r.need(0, 0x1000, "32-bit dump header")
-        major, minor, dtb = struct.unpack_from("<III", r.buf, 0x8)
+        major, minor, dtb, pfn, modules, processes = struct.unpack_from("<6I", r.buf, 0x8)
         machine, cpus, bugcheck = struct.unpack_from("<III", r.buf, 0x20)
-        pae = bool(r.buf[0x5C])
+        params = struct.unpack_from("<4I", r.buf, 0x2C)
+        pae = r.buf[0x5C] == 1
         kdbg = r.u32(0x60)
         n_runs = r.u32(0x64)
         dump_type = r.u32(0xF88)
         if n_runs > MAX_RUNS or 0x6C + n_runs * 8 > 0x1000:
             raise r.error(f"absurd NumberOfRuns {n_runs}", 0x64)
         runs = tuple(struct.unpack_from("<II", r.buf, 0x6C + 8 * i) for i in range(n_runs))
-        return Header(32, major, minor, dtb, machine, cpus, bugcheck, kdbg, dump_type, 0x1000, runs, pae)
-    raise r.error(f"bad crash dump signature {sig!r}", 0)
+        size = 0x1000
+    else:
+        raise r.error(f"bad crash dump signature {sig!r}", 0)
+    return Header(64 if size == 0x2000 else 32, major, minor, dtb, _set(machine), _set(cpus), _set(bugcheck),
+                  _set(kdbg), dump_type, size, runs, pae, tuple(map(_set, params)), _set(modules), _set(processes),
+                  _set(pfn))
 
 
 class CrashDumpImage(Image):
@@ -86,32 +113,62 @@ class CrashDumpImage(Image):
         try:
             r = Reader(data, str(path))
             hdr = parse_header(r)
+            triage = None
             if hdr.dump_type == FULL:
                 runs = full_runs(hdr)
-            elif hdr.dump_type == BITMAP:
+            elif hdr.dump_type in BITMAPS:
                 runs = bitmap_runs(r, hdr.header_size)
+            elif hdr.dump_type == TRIAGE:
+                runs = []
+                triage = parse_triage(r, hdr.bits, hdr.header_size)
             else:
                 kind = _DUMP_TYPES.get(hdr.dump_type, "unknown")
                 raise r.error(f"{kind} crash dump (DumpType {hdr.dump_type}) keeps only some pages: "
-                              "not supported; take a full or bitmap dump", 0xF98 if hdr.bits == 64 else 0xF88)
+                              "not supported; take a full, bitmap, kernel or small (triage) dump", 0xF98 if hdr.bits == 64 else 0xF88)
             cpus = [context_registers(r, hdr)]
         except BaseException:
             data.close()
             raise
         self.header = hdr
+        self.triage: Triage | None = triage
+        """What a triage dump holds (drivers, the current process, KDBG copy); None for other dumps."""
         metadata = {
             "bits": hdr.bits, "version": f"{hdr.major}.{hdr.minor}", "dump_type": _DUMP_TYPES.get(hdr.dump_type),
             "directory_table_base": hdr.dtb, "machine": hdr.machine, "processors": hdr.processors,
-            "bugcheck_code": hdr.bugcheck, "kd_debugger_data_block": hdr.kdbg, "pae": hdr.pae,
+            "bugcheck_code": hdr.bugcheck, "bugcheck_parameters": list(hdr.bugcheck_parameters),
+            "kd_debugger_data_block": hdr.kdbg, "pae": hdr.pae, "ps_loaded_module_list": hdr.ps_loaded_module_list,
+            "ps_active_process_head": hdr.ps_active_process_head, "pfn_database": hdr.pfn_database,
         }
+        if self.triage is not None:
+            t = self.triage
+            metadata.update(triage_drivers=len(t.drivers), triage_driver_list_cut=t.overflowed,
+                            triage_process=t.process is not None, triage_thread=t.thread is not None,
+                            triage_kdbg=t.kdbg is not None, triage_memory_blocks=len(t.blocks))
         super().__init__(path, data=data, runs=runs, cpus=cpus, metadata=metadata)
 
     def summary(self) -> list[tuple[str, str]]:
         h = self.header
-        return [("Signature", "PAGEDU64" if h.bits == 64 else "PAGEDUMP"),
-                ("Version", f"{h.major}.{h.minor}"), ("DumpType", _DUMP_TYPES.get(h.dump_type, "?")),
-                ("DirectoryTableBase", f"{h.dtb:#x}"), ("KdDebuggerDataBlock", f"{h.kdbg:#x}"),
-                ("Processors", str(h.processors))]
+        rows = [("Signature", "PAGEDU64" if h.bits == 64 else "PAGEDUMP"),
+                ("Version", f"{h.major}.{h.minor} (build {h.minor})"), ("DumpType", _DUMP_TYPES.get(h.dump_type, "?")),
+                ("DirectoryTableBase", f"{h.dtb:#x}"), ("KdDebuggerDataBlock", _hex(h.kdbg)),
+                ("PsActiveProcessHead", _hex(h.ps_active_process_head)),
+                ("PsLoadedModuleList", _hex(h.ps_loaded_module_list)),
+                ("Processors", "-" if h.processors is None else str(h.processors))]
+        if self.triage is not None:
+            t = self.triage
+            saved = [what for what, there in (("current process", t.process), ("thread", t.thread),
+                                              ("KPRCB", t.prcb), ("KDBG", t.kdbg)) if there is not None]
+            rows.append(("Triage", f"{len(t.drivers)} drivers{' (list cut short)' if t.overflowed else ''}, "
+                                   f"{len(t.blocks)} memory blocks, {', '.join(saved) or 'no structures'}; "
+                                   "no physical memory"))
+        if h.bugcheck is not None:
+            params = ", ".join(_hex(p) for p in h.bugcheck_parameters)
+            rows.append(("BugCheck", f"{h.bugcheck:#010x} ({params})"))
+        return rows
+
+
+def _hex(value: int | None) -> str:
+    return "-" if value is None else f"{value:#x}"
 
 
 def full_runs(hdr: Header) -> list[Run]:

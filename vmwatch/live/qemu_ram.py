@@ -182,6 +182,8 @@ class GdbMemory(MaskedReads, PhysicalReads):
     """
 
     volatile = True
+    slow_bulk_reads = True
+    """Reading all of RAM this way stops the guest for minutes: whole-memory scans refuse it."""
 
     def __init__(self, core: p.Client, sock: socket.socket, runs: tuple[Run, ...], *,
                  link_idle: Callable[[], bool], on_stop: Callable[[p.StopReply | p.Exited], bool],

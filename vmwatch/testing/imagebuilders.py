@@ -291,7 +291,8 @@ def vmware_checkpoint(
 def windows_crashdump(runs: Sequence[tuple[int, bytes]], *, bits: int = 64, dtb: int = 0x1AD000,
                       dump_type: int = 1, header: bytes | None = None,
                       regs: Mapping[str, int] | None = None) -> bytes:
-    """A full (1) or bitmap (5) dump of (base page, page data) runs, ``PAGE``-filled as Windows does.
+    """A full (1), bitmap (5) or kernel-bitmap (6) dump of (base page, page data) runs, ``PAGE``-filled
+    as Windows does.
 
     ``header`` reuses a real header page(s) and rewrites only the fields set here.
     """
@@ -323,7 +324,7 @@ def windows_crashdump(runs: Sequence[tuple[int, bytes]], *, bits: int = 64, dtb:
         for i, (base, data) in enumerate(runs):
             struct.pack_into("<II", out, 0x6C + 8 * i, base, len(data) // 4096)
         struct.pack_into("<I", out, 0xF88, dump_type)
-    if dump_type == 5:
+    if dump_type in (5, 6):
         max_page = max(base + len(d) // 4096 for base, d in runs)
         bitmap = bytearray((max_page + 7) // 8)
         for base, data in runs:
@@ -336,4 +337,64 @@ def windows_crashdump(runs: Sequence[tuple[int, bytes]], *, bits: int = 64, dtb:
         out += bytes(first - len(out))
     for _, data in runs:
         out += data
+    return bytes(out)
+
+
+def windows_triage_dump(*, bits: int = 64, build: int = 7601, dtb: int = 0x1AD000, kdbg_vaddr: int = 0,
+                        drivers: Sequence[tuple[str, int, int]] = (), process: bytes | None = None,
+                        thread: bytes | None = None, kdbg: bytes | None = None,
+                        blocks: Sequence[tuple[int, bytes]] = (), stride: int | None = None,
+                        overflowed: bool = False) -> bytes:
+    """A triage (DumpType 4) dump as ntiodump.h lays it out: header, TRIAGE_DUMP, the driver list
+    (``(saved name, base, size)``, entries ``stride`` bytes apart) with its string pool, the raw
+    copies, the KDBG copy, and ``blocks`` of kernel memory saved by virtual address."""
+    out = bytearray(windows_crashdump([(0, bytes(4096))], bits=bits, dtb=dtb, dump_type=4))
+    size = 0x2000 if bits == 64 else 0x1000
+    del out[size:]
+    struct.pack_into("<II", out, 8, 15, build)
+    struct.pack_into("<Q" if bits == 64 else "<I", out, 0x80 if bits == 64 else 0x60,
+                     kdbg_vaddr if bits == 64 else kdbg_vaddr & 0xFFFFFFFF)
+    stride = stride or (0xA8 if bits == 64 else 0x50)
+    base_at, size_at, word = (0x38, 0x48, "<Q") if bits == 64 else (0x1C, 0x24, "<I")
+    triage = size
+    out += bytes(0x100)
+    f: dict[str, int] = {}
+
+    def put(data: bytes) -> int:
+        out.extend(bytes(-len(out) % 8))
+        at = len(out)
+        out.extend(data)
+        return at
+
+    f["DriverListOffset"] = put(bytes(stride * len(drivers)))
+    f["DriverCount"] = len(drivers)
+    pool = len(out)
+    f["StringPoolOffset"] = pool
+    for i, (name, base, image_size) in enumerate(drivers):
+        raw = name.encode("utf-16-le")
+        at = put(struct.pack("<I", len(raw)) + raw + b"\0\0")
+        entry = f["DriverListOffset"] + i * stride
+        struct.pack_into("<I", out, entry, at)
+        struct.pack_into(word, out, entry + base_at, base)
+        struct.pack_into("<I", out, entry + size_at, image_size)
+    f["StringPoolSize"] = len(out) - pool
+    for key, data in (("ProcessOffset", process), ("ThreadOffset", thread)):
+        if data is not None:
+            f[key] = put(data)
+    kd = put(kdbg) if kdbg is not None else 0
+    table = [(vaddr, put(data), len(data)) for vaddr, data in blocks]
+    blocks_at = put(b"".join(struct.pack("<QII", *b) for b in table)) if table else 0
+    f["ValidOffset"] = put(b"DGRT")
+    f["TriageOptions"] = 0x100 if overflowed else 0
+    f["SizeOfDump"] = len(out)
+    names = ("ServicePackBuild", "SizeOfDump", "ValidOffset", "ContextOffset", "ExceptionOffset", "MmOffset",
+             "UnloadedDriversOffset", "PrcbOffset", "ProcessOffset", "ThreadOffset", "CallStackOffset",
+             "SizeOfCallStack", "DriverListOffset", "DriverCount", "StringPoolOffset", "StringPoolSize",
+             "BrokenDriverOffset", "TriageOptions")
+    struct.pack_into("<18I", out, triage, *(f.get(n, 0) for n in names))
+    tail = (kd, len(kdbg or b""), blocks_at, len(table))
+    if bits == 64:
+        struct.pack_into("<IIIIII", out, triage + 0x68, 0, 0, *tail)
+    else:
+        struct.pack_into("<IIIIII", out, triage + 0x50, 0, 0, *tail)
     return bytes(out)

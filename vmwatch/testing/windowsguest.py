@@ -26,6 +26,13 @@ POOL_PA = 0x1000000
 SPARE_RVA = 0x58400
 """Free bytes in the page of Wine's small .rsrc section: the KDBG block and list heads go here."""
 KDBG_RVA, KEYS_RVA, HEADS_RVA, SSDT_RVA = SPARE_RVA, SPARE_RVA + 0x400, SPARE_RVA + 0x500, SPARE_RVA + 0x600
+PRCBS_RVA = SPARE_RVA + 0x700
+"""KiProcessorBlock: the KPRCB pointer of each processor, then a null."""
+THREAD_APC_PROCESS, PRCB_CURRENT_THREAD = 0x70, 0x8
+"""KTHREAD.ApcState.Process and KPRCB.CurrentThread on Windows 7 SP1 x64 (ApcState 0x50 + 0x20)."""
+EPROCESS_IN_BLOCK = 0x80
+"""_POOL_HEADER 0x10, optional headers 0x40, _OBJECT_HEADER 0x30, then the EPROCESS body."""
+FAKE_DRIVER = ("fakedrv.sys", KERNEL_VA + 0x1000000, 0x7000, "\\??\\C:\\evil\\fakedrv.sys")
 KEYS = (0x1F2E3D4C5B6A7988, 0x0123456789ABCDEF)
 """KiWaitNever, KiWaitAlways of the encoded variant."""
 
@@ -90,7 +97,6 @@ class WindowsGuest:
             self.buffer[hal_pa:hal_pa + len(hal_image)] = hal_image
             self.map_range(hal_va, hal_pa, hal_size)
             self.drivers.append(("hal.dll", hal_va, hal_size, "\\SystemRoot\\system32\\hal.dll"))
-        self.drivers.append(("fakedrv.sys", KERNEL_VA + 0x1000000, 0x7000, "\\??\\C:\\evil\\fakedrv.sys"))
         self.idtr_base = self.pool(0x1000)
         self.idt_handler = KERNEL_VA + 0x1000 + 0x1234
         self.set_gate(0, self.idt_handler)
@@ -150,8 +156,14 @@ class WindowsGuest:
         return KERNEL_VA + KDBG_RVA
 
     def add_process(self, pid: int, ppid: int, name: bytes, *, dtb: int | None = None) -> Proc:
+        """An EPROCESS in its pool block: _POOL_HEADER (tag ``Proc``, or ``Pro\\xe3`` with the
+        protected bit Windows 7 sets), optional and object headers, then the body (Type 3)."""
         o = self.profile.eprocess
-        address = self.pool(0x1000)
+        block = self.pool(0x1000)
+        tag = b"Pro\xe3" if self.build == 7601 else b"Proc"
+        self.put(block, struct.pack("<BBBB4sQ", 0, 2, 0x100 // 16, 0, tag, 0))
+        address = block + EPROCESS_IN_BLOCK
+        self.put(address, b"\x03")  # _DISPATCHER_HEADER.Type: ProcessObject
         dtb = self.fake.cr3 if dtb is None else dtb
         proc = Proc(pid, ppid, name, dtb, 132_000_000_000_000_000 + pid, 0x7FF000000000 + pid * 0x1000 if pid > 4 else 0,
                     address)
@@ -180,8 +192,11 @@ class WindowsGuest:
         self.put(at, struct.pack("<HHIQ", len(raw), len(raw) + 2, 0, buffer))
 
     def build_objects(self, processes=((4, 0, b"System"), (256, 4, b"smss.exe"), (348, 256, b"csrss.exe"),
-                                       (1234, 348, b"explorer.exe"))) -> None:
-        """Processes, drivers, SSDT, KDBG: the default guest."""
+                                       (1236, 348, b"explorer.exe")), *, clean: bool = False) -> None:
+        """Processes, drivers, SSDT, KDBG: the default guest, with a driver loaded from outside the
+        system directories and an SSDT entry hooked into it; ``clean``: neither."""
+        if not clean:
+            self.drivers.append(FAKE_DRIVER)
         for pid, ppid, name in processes:
             self.add_process(pid, ppid, name, dtb=None if pid == 4 else 0x3000000 + pid * 0x1000)
         links = self.profile.eprocess["ActiveProcessLinks"]
@@ -196,8 +211,36 @@ class WindowsGuest:
             self.unicode_string(entry + 0x58, name)
             entries.append(entry)
         self.link(self.module_head, entries)
-        self.write_ssdt(["NtClose", "NtCreateFile", "KeBugCheckEx"], hooked=KERNEL_VA + 0x1001230)
+        self.write_ssdt(["NtClose", "NtCreateFile", "KeBugCheckEx"], hooked=None if clean else KERNEL_VA + 0x1001230)
+        self.kpcr = self.pool(0x1000)
+        """Processor 0's KPCR: Self, CurrentPrcb (its embedded KPRCB at 0x180) and IdtBase, as x64 lays it out."""
+        self.put(self.kpcr + 0x18, struct.pack("<QQ", self.kpcr, self.kpcr + 0x180))
+        self.put_u64(self.kpcr + 0x38, self.idtr_base)
+        self.put(KERNEL_VA + PRCBS_RVA, struct.pack("<QQ", self.kpcr + 0x180, 0))
+        self.run_on_cpu(self.processes[0].pid)
         self.write_kdbg()
+
+    def run_on_cpu(self, pid: int) -> int:
+        """Make a thread of process ``pid`` processor 0's current thread (KPRCB.CurrentThread,
+        its KTHREAD.ApcState.Process at the offsets the KDBG block states); returns the ETHREAD."""
+        proc = next(p for p in self.processes if p.pid == pid)
+        thread = self.pool(0x1000)
+        self.put_u64(thread + THREAD_APC_PROCESS, proc.address)
+        self.put_u64(self.kpcr + 0x180 + PRCB_CURRENT_THREAD, thread)
+        return thread
+
+    def unlink(self, pid: int) -> Proc:
+        """Take process ``pid`` off ActiveProcessLinks the way DKOM rootkits do (FU): its
+        neighbours skip it and its own links point to itself; the EPROCESS stays in its pool block."""
+        links = self.profile.eprocess["ActiveProcessLinks"]
+        proc = next(p for p in self.processes if p.pid == pid)
+        node = proc.address + links
+        flink, blink = struct.unpack("<QQ", bytes(self.buffer[self.paddr(node):self.paddr(node) + 16]))
+        self.put_u64(blink, flink)
+        self.put_u64(flink + 8, blink)
+        self.put_u64(node, node)
+        self.put_u64(node + 8, node)
+        return proc
 
     def write_ssdt(self, names: list[str], hooked: int | None = None) -> None:
         table = KERNEL_VA + SSDT_RVA
@@ -214,6 +257,10 @@ class WindowsGuest:
         struct.pack_into("<Q", raw, 0x18, KERNEL_VA)
         struct.pack_into("<Q", raw, 0x48, self.module_head)
         struct.pack_into("<Q", raw, 0x50, self.process_head)
+        struct.pack_into("<Q", raw, 0x218, KERNEL_VA + PRCBS_RVA)
+        struct.pack_into("<H", raw, 0x2A0, THREAD_APC_PROCESS)   # OffsetKThreadApcProcess
+        struct.pack_into("<H", raw, 0x2B4, PRCB_CURRENT_THREAD)  # OffsetPrcbCurrentThread
+        struct.pack_into("<H", raw, 0x2E6, 0x180)                # OffsetPcrContainedPrcb
         if self.encoded:
             never, always = KEYS
             self.put_u64(KERNEL_VA + KEYS_RVA, never)
@@ -246,11 +293,66 @@ class WindowsGuest:
     def raw(self) -> bytes:
         return bytes(self.buffer)
 
-    def crashdump(self) -> bytes:
-        """A full 64-bit crash dump of this memory: DirectoryTableBase, KdDebuggerDataBlock, build."""
+    BUGCHECK = (0xE2, (0x11, 0x22, 0x33, 0x44))
+    """MANUALLY_INITIATED_CRASH; its parameters (zero on Windows) distinct so tests see each in place."""
+
+    def crashdump(self, *, kdbg: bool = True, lists: bool = True) -> bytes:
+        """A full 64-bit crash dump of this memory: build, DirectoryTableBase, processors, bugcheck,
+        KdDebuggerDataBlock and the list heads (``kdbg``/``lists`` False leave the PAGE filler)."""
         from vmwatch.testing.imagebuilders import windows_crashdump
 
         out = bytearray(windows_crashdump([(0, bytes(self.buffer))], dtb=self.fake.cr3))
         struct.pack_into("<II", out, 0x8, 15, self.build)
-        struct.pack_into("<Q", out, 0x80, self.kdbg_vaddr)
+        struct.pack_into("<III", out, 0x30, 0x8664, 1, self.BUGCHECK[0])
+        struct.pack_into("<4Q", out, 0x40, *self.BUGCHECK[1])
+        if kdbg:
+            struct.pack_into("<Q", out, 0x80, self.kdbg_vaddr)
+        if lists:
+            struct.pack_into("<QQ", out, 0x20, self.module_head, self.process_head)
         return bytes(out)
+
+    def triage_dump(self, pid: int | None = None, **options) -> bytes:
+        """A triage (DumpType 4) dump of this guest: its driver list (saved names are the paths),
+        the EPROCESS of ``pid`` (default: the last process) as the current process's copy, and
+        the KDBG block; ``options`` go to ``imagebuilders.windows_triage_dump``."""
+        from vmwatch.testing.imagebuilders import windows_triage_dump
+
+        proc = next(p for p in self.processes if p.pid == pid) if pid is not None else self.processes[-1]
+        pa = self.paddr(proc.address)
+        kd = self.paddr(self.kdbg_vaddr)
+        options.setdefault("drivers", [(path, base, size) for _name, base, size, path in self.drivers])
+        return windows_triage_dump(build=self.build, dtb=self.fake.cr3, kdbg_vaddr=self.kdbg_vaddr,
+                                   process=bytes(self.buffer[pa:pa + 0xA00]), kdbg=bytes(self.buffer[kd:kd + 0x340]),
+                                   **options)
+
+    def write_raw(self, path, size: int, at: int, *, sparse: bool = True) -> int:
+        """Write this guest as a raw image of ``size`` bytes with its memory moved up to physical
+        ``at`` (page aligned): every physical address it holds (page-table entries, the EPROCESS
+        DirectoryTableBases) is moved with it; the bytes below ``at`` are zeros, a hole when
+        ``sparse``. Returns the moved CR3 (kernel base, KDBG and lists keep their virtual addresses)."""
+        buf = bytearray(self.buffer)
+        mask = 0x000FFFFFFFFFF000
+
+        def move(table: int, level: int) -> None:
+            for ea in range(table, table + 0x1000, 8):
+                entry = int.from_bytes(buf[ea:ea + 8], "little")
+                if not entry & 1:
+                    continue
+                buf[ea:ea + 8] = (entry + at).to_bytes(8, "little")
+                if level > 1 and not entry & 0x80:
+                    move(entry & mask, level - 1)
+
+        move(self.fake.cr3, 4)
+        dtb = self.profile.eprocess["DirectoryTableBase"]
+        for proc in self.processes:
+            pa = self.paddr(proc.address) + dtb
+            buf[pa:pa + 8] = (proc.dtb + at).to_bytes(8, "little")
+        with open(path, "wb") as f:
+            f.truncate(size)
+            if not sparse:
+                zeros = bytes(64 << 20)
+                for start in range(0, at, len(zeros)):
+                    f.write(zeros[:min(len(zeros), at - start)])
+            f.seek(at)
+            f.write(buf)
+        return self.fake.cr3 + at

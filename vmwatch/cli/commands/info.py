@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from vmwatch.cli.commands._os_facts import as_lines, os_facts
 from vmwatch.text import shown
 
 HELP = "show a memory image's (or a live QEMU's) format, physical runs, registers and metadata"
@@ -23,6 +24,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dump-dir", metavar="DIR", help="write the screenshot (PNG) and saved config here")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--vmem", metavar="PATH", help="VMware: the file holding RAM (default: IMAGE.vmem)")
+    parser.add_argument("--os", action="store_true",
+                        help="also find the guest kernel (Linux or Windows) and say how each fact was found "
+                             "(on by default for Windows crash dumps)")
+    parser.add_argument("--symbols", metavar="FILE", help="with --os: a symbol file or profile, as for ps")
 
 
 def run(args: argparse.Namespace, env) -> int:
@@ -35,18 +40,27 @@ def run(args: argparse.Namespace, env) -> int:
     from vmwatch.images import open_image
 
     with open_image(args.image, vmem=args.vmem) as image:
-        _print(image, args, env)
+        facts = None
+        if args.os or image.format == "windows-crashdump":
+            facts = os_facts(image, image.cpus, args.symbols)
+        _print(image, args, env, facts)
     return 0
 
 
-def _print(image, args: argparse.Namespace, env) -> None:
+def _print(image, args: argparse.Namespace, env, facts: dict | None = None) -> None:
     dumped = dump_files(image, args.dump_dir) if args.dump_dir else []
     tables = kernel_tables(image)
     if args.json:
-        json.dump(as_json(image, verbose=args.verbose, dumped=dumped, tables=tables), env.stdout, indent=2)
+        doc = as_json(image, verbose=args.verbose, dumped=dumped, tables=tables)
+        if facts is not None:
+            doc["kernel"] = facts
+        json.dump(doc, env.stdout, indent=2)
         env.stdout.write("\n")
     else:
-        env.stdout.write(as_text(image, verbose=args.verbose, dumped=dumped, tables=tables))
+        text = as_text(image, verbose=args.verbose, dumped=dumped, tables=tables)
+        if facts is not None:
+            text += "\n" + "\n".join(as_lines(facts)) + "\n"
+        env.stdout.write(text)
 
 
 def kernel_tables(image) -> dict | None:
@@ -76,7 +90,8 @@ async def _run_live(args: argparse.Namespace, env) -> int:
         vm = target.live
         status = await vm.status()
         cpus = await target.cpu_state()
-        _print(_LiveView(target.spec, target.memory, cpus, status, vm.arch), args, env)
+        facts = os_facts(target.memory, cpus, args.symbols) if args.os else None
+        _print(_LiveView(target.spec, target.memory, cpus, status, vm.arch), args, env, facts)
     return 0
 
 

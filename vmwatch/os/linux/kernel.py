@@ -136,6 +136,18 @@ class Linux:
 
         return read_idt(self, registers)
 
+    def runnable_tasks(self, cpus: int) -> set[int]:
+        """task_struct addresses the scheduler knows on CPUs 0..cpus-1 (current + CFS run queue)."""
+        from vmwatch.os.linux.sched import runnable_tasks
+
+        return runnable_tasks(self, cpus)
+
+    def patch_sites(self):
+        """The code the kernel patches itself (static keys, static calls, ftrace): a ``PatchSites``."""
+        from vmwatch.os.linux.patch_sites import patch_sites
+
+        return patch_sites(self)
+
     def per_cpu(self, name: str, cpu: int = 0) -> int:
         """Address of per-CPU variable ``name`` on ``cpu`` (per-CPU symbols are offsets)."""
         offsets = self.symbols["__per_cpu_offset"]

@@ -2,7 +2,8 @@
 
 Layout (public in the Windows SDK's wdbgexts.h, x64): a DBGKD_DEBUG_DATA_HEADER64 (LIST_ENTRY64,
 OwnerTag ``KDBG`` at 0x10, Size at 0x14), then KernBase 0x18, PsLoadedModuleList 0x48,
-PsActiveProcessHead 0x50, PspCidTable 0x58, ObpRootDirectoryObject 0x98, MmPfnDatabase 0xC0.
+PsActiveProcessHead 0x50, PspCidTable 0x58, ObpRootDirectoryObject 0x98, MmPfnDatabase 0xC0,
+KiProcessorBlock 0x218 (also in Volatility 3's kdbg.json).
 
 Encoded blocks: when no debugger is attached at boot, Windows 8+ x64 scrambles the block with
 per-boot keys (``KdEncodeDataBlock``); ``KdCopyDataBlock`` undoes it per 8-byte word as
@@ -23,7 +24,11 @@ TAG = b"KDBG"
 MIN_SIZE, MAX_SIZE = 0x290, 0x1000
 """Windows XP x64's block is 0x290 bytes; later ones grow a little (Win10 ~0x370)."""
 FIELDS = {"KernBase": 0x18, "PsLoadedModuleList": 0x48, "PsActiveProcessHead": 0x50,
-          "PspCidTable": 0x58, "ObpRootDirectoryObject": 0x98, "MmPfnDatabase": 0xC0}
+          "PspCidTable": 0x58, "ObpRootDirectoryObject": 0x98, "MmPfnDatabase": 0xC0, "KiProcessorBlock": 0x218}
+OFFSETS = {"OffsetKThreadApcProcess": 0x2A0, "OffsetPrcbCurrentThread": 0x2B4, "OffsetPcrContainedPrcb": 0x2E6}
+"""USHORT layout facts the block carries about its own kernel (wdbgexts.h): read when Size covers them."""
+READ = 0x2F0
+"""Bytes of a candidate block read: every field and offset above."""
 _MASK = (1 << 64) - 1
 KERNEL_SPACE = 0xFFFF800000000000
 
@@ -38,6 +43,8 @@ class Kdbg:
     size: int
     encoded: bool
     fields: dict[str, int]
+    offsets: dict[str, int] = attrs.field(factory=dict)
+    """The OFFSETS the block holds (non-zero, inside its Size)."""
 
 
 def _rol(value: int, count: int) -> int:
@@ -72,7 +79,7 @@ def parse(raw: bytes, *, vaddr: int | None, paddr: int | None, encoded: bool = F
     Raises:
         GuestDataError: no ``KDBG`` tag, an absurd size, or a KernBase that is not a kernel image.
     """
-    where = f"{vaddr:#x}" if vaddr is not None else f"physical {paddr:#x}"
+    where = f"{vaddr:#x}" if vaddr is not None else f"physical {paddr:#x}" if paddr is not None else "a copy"
     if raw[0x10:0x14] != TAG:
         raise GuestDataError(f"no KDBG tag at {where}" + (" after decoding" if encoded else ""))
     size = struct.unpack_from("<I", raw, 0x14)[0]
@@ -82,21 +89,37 @@ def parse(raw: bytes, *, vaddr: int | None, paddr: int | None, encoded: bool = F
     base = fields["KernBase"]
     if base < KERNEL_SPACE or base & 0xFFF or kernel_base is not None and base != kernel_base:
         raise GuestDataError(f"KDBG at {where}: KernBase {base:#x} is not the kernel image")
-    return Kdbg(vaddr, paddr, size, encoded, fields)
+    offsets = {name: struct.unpack_from("<H", raw, off)[0] for name, off in OFFSETS.items()
+               if off + 2 <= min(size, len(raw))}
+    return Kdbg(vaddr, paddr, size, encoded, fields, {k: v for k, v in offsets.items() if v})
 
 
-def scan_physical(phys, kernel_base: int | None = None, limit: int = 64) -> tuple[Kdbg | None, list[str]]:
+def scan_physical(phys, kernel_base: int | None = None, limit: int = 64,
+                  first: tuple[int, int] | None = None) -> tuple[Kdbg | None, list[str]]:
     """The first plain block in physical memory (the ``KDBG`` tag sits 8-byte aligned at +0x10).
+
+    ``first``: a (paddr, size) range searched before the rest: ntoskrnl's own pages, as the block
+    is in its data section (on a multi-GB image this skips reading all of RAM).
 
     Returns the block (or None) and one line per candidate that was rejected (at most ``limit``).
     """
+    import itertools
+    import re
+
     from vmwatch.os.windows.scan import find_all
 
+    def in_first():
+        start, size = first
+        data = phys.read(start, size, pad=True)
+        for m in re.finditer(re.escape(TAG), data):
+            if (start + m.start()) % 8 == 0:
+                yield start + m.start()
+
     rejected: list[str] = []
-    for hit in find_all(phys, TAG, 8, 0):
+    for hit in itertools.chain(in_first() if first else (), find_all(phys, TAG, 8, 0)):
         paddr = hit - 0x10
         try:
-            raw = phys.read(paddr, FIELDS["MmPfnDatabase"] + 8)
+            raw = phys.read(paddr, READ, pad=True)
             return parse(raw, vaddr=None, paddr=paddr, kernel_base=kernel_base), rejected
         except VmwatchError as exc:
             rejected.append(str(exc))

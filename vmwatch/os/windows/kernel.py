@@ -8,6 +8,7 @@ directory, process list. Each step is logged at debug and kept as a :class:`Foun
 from __future__ import annotations
 
 import struct
+import time
 
 import attrs
 import structlog
@@ -23,6 +24,7 @@ log = structlog.get_logger()
 
 _KDBG_READ = 0x400
 _KEYS = ("KiWaitNever", "KiWaitAlways", "KdpDataBlockEncoded")
+_HEADER_LISTS = {"PsActiveProcessHead": "ps_active_process_head", "PsLoadedModuleList": "ps_loaded_module_list"}
 
 
 @attrs.frozen
@@ -48,12 +50,21 @@ class KernelInfo:
     kdbg: int | None
     """Virtual address of the KDBG block (None when none was found)."""
     found: tuple[Found, ...]
+    kdbg_offsets: dict[str, int] = attrs.field(factory=dict)
+    """Structure offsets the KDBG block states (OffsetPrcbCurrentThread, ...)."""
 
 
 class _Steps(list):
+    """The Found records so far; each one logged with the milliseconds since the search began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t0 = time.perf_counter()
+
     def add(self, what: str, value, how: str) -> None:
         self.append(Found(what, value, how))
-        log.debug("windows.found", what=what, value=hex(value) if isinstance(value, int) else value, how=how)
+        log.debug("windows.found", what=what, value=hex(value) if isinstance(value, int) else value, how=how,
+                  ms=round((time.perf_counter() - self.t0) * 1000, 1))
 
 
 class Windows:
@@ -89,6 +100,10 @@ class Windows:
             registers: CPU state, if the source has some (CR3, IDTR).
             symbols_file: a Volatility 3 Windows ISF or a libvmi.conf Windows entry.
 
+        Returns:
+            A Windows; for a triage dump (no physical memory) a
+            :class:`vmwatch.os.windows.triage.TriageWindows` with what the dump holds.
+
         Raises:
             SymbolError: no ntoskrnl, no way to its virtual base or DTB, or an unknown build
                 without a profile.
@@ -96,6 +111,10 @@ class Windows:
         """
         from vmwatch.memory import GuestMemory
 
+        if getattr(phys, "triage", None) is not None:  # a triage dump: saved pieces, no memory to search
+            from vmwatch.os.windows.triage import TriageWindows
+
+            return TriageWindows.from_image(phys, symbols_file)
         steps = _Steps()
         registers = tuple(r for r in registers if r is not None)
         meta = getattr(phys, "metadata", None) or {}
@@ -147,7 +166,11 @@ class Windows:
                     steps.add("kernel base", vaddr, "crash dump KdDebuggerDataBlock minus its profile RVA")
             except VmwatchError:
                 pass
-        block, kdbg_how = cls._find_kdbg(phys, memory, meta, profile, vaddr)
+        if vaddr is None and memory is not None and meta.get("ps_loaded_module_list"):
+            vaddr = cls._base_from_module_list(memory, meta["ps_loaded_module_list"], profile, paddr)
+            if vaddr is not None:
+                steps.add("kernel base", vaddr, "DllBase of the first entry on the crash dump header's PsLoadedModuleList")
+        block, kdbg_how = cls._find_kdbg(phys, memory, meta, profile, vaddr, (paddr, headers.size_of_image))
         if block is not None and vaddr is None:
             vaddr = block.fields["KernBase"]
             steps.add("kernel base", vaddr, "KDBG KernBase")
@@ -168,23 +191,27 @@ class Windows:
 
         relocated = {name: vaddr + rva for name, rva in exports.rvas.items()}
         extra = {name: vaddr + rva for name, rva in profile.symbols.items()}
+        sources = dict.fromkeys(profile.symbols, "profile symbol")
+        for name in _HEADER_LISTS:  # a dump header copies the list heads: used when KDBG is missing
+            if meta.get(_HEADER_LISTS[name]):
+                extra[name], sources[name] = meta[_HEADER_LISTS[name]], "crash dump header " + name
         if block is not None:
             extra.update({name: value for name, value in block.fields.items() if value})
+            sources.update(dict.fromkeys((n for n, v in block.fields.items() if v), "KDBG"))
             if block.vaddr is not None:
                 extra["KdDebuggerDataBlock"] = block.vaddr
+        sources.update(dict.fromkeys(exports.rvas, "ntoskrnl export"))
         symbols = WindowsSymbols(relocated, extra)
         for name in ("PsActiveProcessHead", "PsLoadedModuleList", "PsInitialSystemProcess", "KeServiceDescriptorTable"):
             if name in symbols:
-                source = "KDBG" if block is not None and name in block.fields else "ntoskrnl export"
-                if name in profile.symbols and name not in exports.rvas:
-                    source = "profile symbol"
-                steps.add(name, symbols[name], source)
+                steps.add(name, symbols[name], sources[name])
         kernel = KernelInfo(base=vaddr, paddr=paddr, size=headers.size_of_image, name=exports.name, build=build,
-                            dtb=dtb, kdbg=block.vaddr if block is not None else None, found=tuple(steps))
+                            dtb=dtb, kdbg=block.vaddr if block is not None else None, found=tuple(steps),
+                            kdbg_offsets=dict(block.offsets) if block is not None else {})
         return cls(kernel, symbols, profile, memory)
 
     @staticmethod
-    def _find_kdbg(phys, memory, meta, profile, vaddr):
+    def _find_kdbg(phys, memory, meta, profile, vaddr, image: tuple[int, int]):
         """The KDBG block and how it was found, or (None, why not)."""
         candidates = []
         if meta.get("kd_debugger_data_block"):
@@ -208,12 +235,24 @@ class Windows:
                     return kdbg_mod.parse(raw, vaddr=address, paddr=None, kernel_base=vaddr), how
                 except VmwatchError as exc:
                     log.debug("windows.kdbg_candidate_rejected", address=hex(address), error=str(exc))
-        block, rejected = kdbg_mod.scan_physical(phys, vaddr)
+        block, rejected = kdbg_mod.scan_physical(phys, vaddr, first=image)
         for line in rejected[:8]:
             log.debug("windows.kdbg_rejected", reason=line)
         if block is None:
             return None, "no KDBG"
-        return block, f"physical scan for the KDBG tag (Size {block.size:#x})"
+        inside = image[0] <= block.paddr < image[0] + image[1]
+        return block, (f"physical scan for the KDBG tag (Size {block.size:#x})"
+                       + (", in ntoskrnl's own pages" if inside else ""))
+
+    @staticmethod
+    def _base_from_module_list(memory, head: int, profile: Profile, paddr: int) -> int | None:
+        """ntoskrnl is the first driver loaded: its DllBase, if it maps to the image found."""
+        try:
+            entry = memory.pointer(head)
+            base = memory.pointer(entry + profile.ldr["DllBase"])
+            return base if memory.translate(base) == paddr else None
+        except VmwatchError:
+            return None
 
     @staticmethod
     def _kdbg_vaddr(block, memory, base: int, size: int):
@@ -241,23 +280,95 @@ class Windows:
 
         return walk_modules(self)
 
+    def scan_processes(self):
+        """Processes found by their pool tag in physical memory, linked or not (a second view).
+
+        Returns:
+            A Listing of :class:`vmwatch.os.windows.psscan.PoolProcess`.
+        """
+        from vmwatch.os.windows.psscan import scan_processes
+
+        return scan_processes(self)
+
+    def hidden_processes(self, *, pool: bool = True):
+        """Processes another view sees (running, or in pool memory) but ActiveProcessLinks lacks.
+
+        Returns:
+            A list of :class:`vmwatch.os.windows.crossview.Hidden`.
+        """
+        from vmwatch.os.windows.crossview import hidden_processes
+
+        return hidden_processes(self, pool=pool)
+
+    def process_at(self, address: int):
+        """The EPROCESS at virtual ``address``, read at the profile's offsets (a :class:`Process`)."""
+        from vmwatch.os.windows.tasks import read_process
+
+        return read_process(self, address)
+
+    def running_processes(self) -> dict[int, int]:
+        """The EPROCESS address of the thread running on each processor (KPRCB.CurrentThread).
+
+        Raises:
+            SymbolError: no KDBG, or one that states no thread offsets.
+        """
+        from vmwatch.os.windows.processors import running_processes
+
+        return running_processes(self)
+
+    def driver_at(self, address: int, drivers=None):
+        """The loaded driver (ntoskrnl, hal, ...) whose image holds ``address``, or None.
+
+        ``drivers``: a ``modules()`` listing already read (a rule checking many addresses).
+        """
+        return next((d for d in drivers or self.modules() if d.base <= address < d.base + d.size), None)
+
+    def describe(self, address: int) -> str:
+        """``export+off (address)`` inside ntoskrnl, else the driver holding it, else "outside every driver"."""
+        if self.in_kernel(address):
+            hit = self.symbols.lookup(address)
+            if hit is not None:
+                return f"{hit[0]}+{hit[1]:#x} ({address:#x})" if hit[1] else f"{hit[0]} ({address:#x})"
+            return f"{address:#x} in {self.kernel.name}"
+        driver = self.driver_at(address)
+        return f"{address:#x} in {driver.name}" if driver is not None else f"{address:#x}, outside every loaded driver"
+
     def syscalls(self):
         """The SSDT (KeServiceDescriptorTable), each entry resolved or flagged outside ntoskrnl."""
         from vmwatch.os.windows.ssdt import read_ssdt
 
         return read_ssdt(self)
 
-    def idt(self, registers: Registers | None = None):
-        """The IDT at IDTR.base of ``registers``.
+    def idt_bases(self, registers=()) -> dict[int, int]:
+        """The IDT base of each processor: IDTR of each vCPU given, else each KPCR's IdtBase.
 
         Raises:
-            SymbolError: no IDTR in the CPU state (Windows exports no IDT symbol).
+            SymbolError: no IDTR and no KDBG (KiProcessorBlock) to find the KPCRs by.
         """
+        bases = {r.vcpu: r.idtr_base for r in registers if r is not None and getattr(r, "idtr_base", None)}
+        if bases:
+            return bases
+        from vmwatch.os.windows.processors import processors
+
+        try:
+            return {p.number: p.idt_base for p in processors(self)}
+        except SymbolError:
+            raise SymbolError("no IDTR in the CPU state and no KDBG to find the processors' KPCRs by "
+                              "(a Windows kernel exports no IDT address)") from None
+
+    def idt(self, registers: Registers | None = None):
+        """The IDT of the vCPU of ``registers`` (its IDTR), or of processor 0 (its KPCR's IdtBase).
+
+        Raises:
+            SymbolError: neither an IDTR nor a KDBG to find the KPCR by.
+        """
+        bases = self.idt_bases((registers,) if registers is not None else ())
+        return self.idt_at(bases.get(getattr(registers, "vcpu", 0), next(iter(bases.values()))))
+
+    def idt_at(self, base: int):
+        """The 256 gates of the IDT at virtual ``base``, handlers resolved to exports."""
         from vmwatch.os.linux.idt import GATE_SIZE, decode_gate
 
-        base = getattr(registers, "idtr_base", None) if registers is not None else None
-        if not base:
-            raise SymbolError("this target's CPU state has no IDTR (a Windows kernel exports no IDT address)")
         raw = self.memory.read(base, 256 * GATE_SIZE)
         return [decode_gate(v, raw[v * GATE_SIZE:(v + 1) * GATE_SIZE], self.symbols) for v in range(256)]
 

@@ -23,8 +23,8 @@ class Driver:
     base: int
     size: int
     path: str
-    address: int
-    """Virtual address of the KLDR_DATA_TABLE_ENTRY."""
+    address: int | None
+    """Virtual address of the KLDR_DATA_TABLE_ENTRY (None: a triage dump's list, which saves no entry)."""
 
     def as_dict(self) -> dict[str, object]:
         return attrs.asdict(self)

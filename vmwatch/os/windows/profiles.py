@@ -27,7 +27,7 @@ class Profile:
     name: str
     eprocess: dict[str, int]
     """_EPROCESS members: DirectoryTableBase (Pcb), CreateTime, UniqueProcessId,
-    ActiveProcessLinks, InheritedFromUniqueProcessId, ImageFileName, Peb (missing ones: None)."""
+    ActiveProcessLinks, InheritedFromUniqueProcessId, ImageFileName, Peb, ExitTime (missing ones: None)."""
     ldr: dict[str, int] = attrs.field(factory=lambda: dict(_LDR_X64))
     symbols: dict[str, int] = attrs.field(factory=dict)
     """Kernel symbols as RVAs from the kernel base (ISF), for what the exports lack."""
@@ -38,10 +38,10 @@ class Profile:
 
 _WIN7_SP1 = {"DirectoryTableBase": 0x28, "CreateTime": 0x168, "UniqueProcessId": 0x180,
              "ActiveProcessLinks": 0x188, "InheritedFromUniqueProcessId": 0x290,
-             "ImageFileName": 0x2E0, "Peb": 0x338}
+             "ImageFileName": 0x2E0, "Peb": 0x338, "ExitTime": 0x170}
 _WIN10_19041 = {"DirectoryTableBase": 0x28, "CreateTime": 0x468, "UniqueProcessId": 0x440,
                 "ActiveProcessLinks": 0x448, "InheritedFromUniqueProcessId": 0x540,
-                "ImageFileName": 0x5A8, "Peb": 0x550}
+                "ImageFileName": 0x5A8, "Peb": 0x550, "ExitTime": 0x840}
 
 BUILTIN: dict[int, Profile] = {
     7601: Profile("Windows 7 SP1 x64 (7601)", _WIN7_SP1),

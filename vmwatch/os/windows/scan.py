@@ -44,14 +44,19 @@ def page_signatures(phys, signature: bytes) -> Iterator[int]:
 
 def find_all(phys, pattern: bytes, align: int = 1, phase: int = 0) -> Iterator[int]:
     """Physical addresses where ``pattern`` starts with ``paddr % align == phase``."""
-    regex = re.compile(re.escape(pattern))
-    overlap = len(pattern) - 1
+    return find_regex(phys, re.compile(re.escape(pattern)), len(pattern), align, phase)
+
+
+def find_regex(phys, regex: re.Pattern, length: int, align: int = 1, phase: int = 0) -> Iterator[int]:
+    """Physical addresses where ``regex`` (matching ``length`` bytes) matches, ``paddr % align == phase``.
+
+    A match split across two chunks is not found: CHUNK is a multiple of every ``align`` used
+    here and the patterns sit at aligned offsets, so none straddles a chunk boundary.
+    """
     for start, buf in _chunks(phys):
         for m in regex.finditer(buf):
             paddr = start + m.start()
             if paddr % align == phase:
                 yield paddr
-        if overlap and isinstance(buf, memoryview):
+        if length > 1 and isinstance(buf, memoryview):
             buf.release()
-    # A pattern split across two chunks is not found: CHUNK is a multiple of every ``align``
-    # used here and the patterns sit at aligned offsets, so none straddles a chunk boundary.

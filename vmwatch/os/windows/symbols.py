@@ -32,6 +32,10 @@ class WindowsSymbols:
             raise SymbolError(f"no kernel symbol {name!r} (not an ntoskrnl export, KDBG field or profile "
                               "symbol)", name=name) from None
 
+    def get(self, name: str, default: int | None = None) -> int | None:
+        """The address of ``name``, or ``default`` (as ``LinuxSymbols.get``: rules resolve either)."""
+        return self._all.get(name, default)
+
     def __contains__(self, name: object) -> bool:
         return name in self._all
 

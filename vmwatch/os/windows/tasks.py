@@ -31,8 +31,8 @@ class Process:
     create_time: int | None
     """CreateTime: 100 ns units since 1601-01-01 UTC (a FILETIME)."""
     peb: int | None
-    address: int
-    """Virtual address of the EPROCESS."""
+    address: int | None
+    """Virtual address of the EPROCESS (None: found by the pool scan, and no link leads back to it)."""
 
     def as_dict(self) -> dict[str, object]:
         return attrs.asdict(self)
@@ -64,16 +64,24 @@ def walk_processes(win) -> Listing:
     links = offsets["ActiveProcessLinks"]
     skipped: list[str] = []
     head = process_head(win, skipped)
-    span = max(v for v in offsets.values() if v is not None) + 16
     found = []
     for address in walk_list(win.memory, head, links, name="PsActiveProcessHead", skipped=skipped, limit=MAX_PROCESSES):
         try:
-            buf = win.memory.read(address, span)
+            found.append(read_process(win, address))
         except VmwatchError as exc:
             skipped.append(f"process at {address:#x}: {exc}")
-            continue
-        found.append(_process(buf, address, offsets))
     return Listing(found, skipped)
+
+
+def read_process(win, address: int) -> Process:
+    """The EPROCESS at virtual ``address``.
+
+    Raises:
+        VmwatchError: it is not readable.
+    """
+    offsets = win.profile.eprocess
+    span = max(v for v in offsets.values() if v is not None) + 16
+    return _process(win.memory.read(address, span), address, offsets)
 
 
 def _field(buf: bytes, offset: int | None, fmt: str = "<Q") -> int | None:
