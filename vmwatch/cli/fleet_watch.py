@@ -34,7 +34,7 @@ async def _watch_fleet(args: argparse.Namespace, env, ruleset, specs: list[str])
 
     from vmwatch.cli.alertview import ScreenSink, make_console
     from vmwatch.cli.app import ExitStatus
-    from vmwatch.cli.commands.watch import _stop_on_sigint
+    from vmwatch.cli.sigint import stop_on_sigint
     from vmwatch.engine.fleet import Fleet
     from vmwatch.engine.sinks import JsonLinesSink, SqliteSink
     from vmwatch.rules import Severity
@@ -54,7 +54,7 @@ async def _watch_fleet(args: argparse.Namespace, env, ruleset, specs: list[str])
         console.print(f"watching {len(specs)} guests with {len(ruleset.active())} rules "
                       f"({', '.join(args.rules)}); Ctrl-C to stop")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_sigint, fleet)
+        nursery.start_soon(stop_on_sigint, fleet)
         runs = await fleet.run(duration=args.duration)
         nursery.cancel_scope.cancel()
     if screen is not None:

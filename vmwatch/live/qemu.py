@@ -40,7 +40,7 @@ from vmwatch.events import Access, Event
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import GdbConnection, RemoteError
-from vmwatch.live.qemu_connect import (answered_within, close_memory, connect_gdb, fetch_layout, find_ram,
+from vmwatch.live.qemu_connect import (answered_within, connect_gdb, fetch_layout, find_ram,
                                        gdb_socket, open_memory, thread_list)
 from vmwatch.live.qemu_events import EventDelivery, EventStream as EventStream
 from vmwatch.live.qemu_hooks import InlineHooking
@@ -214,6 +214,13 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
             self._held = False
             if self.gdb.state is p.State.STOPPED and not self._pending:
                 await self._resume_locked()
+
+    def _link_idle(self) -> bool:
+        """No request or event wait holds the gdb link: a synchronous read may use it."""
+        return not self._lock.locked() and not self._waiting
+
+    def _note_phys_mode(self, on: bool) -> None:
+        self._phys_mode = on
 
     async def _set_phys(self, on: bool) -> None:
         if self._phys_mode != on:
@@ -398,8 +405,9 @@ async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator
             vm = QemuVM(qmp, gdb, layout=layout, threads=threads, gdb_path=gdb_path, arch=arch)
             with contextlib.suppress(LinkError, KeyError, TypeError), answered_within("QMP"):
                 vm.inline_hooks = vm._a64 is None and not (await qmp.execute("query-kvm"))["enabled"]
-            vm.memory = open_memory(vm, ram, mtree, writable)
-            stack.callback(close_memory, vm)
+            vm.memory = open_memory(gdb, ram, mtree, writable, link_idle=vm._link_idle,
+                                    keep_stop=vm._raw_stops.append, set_phys_mode=vm._note_phys_mode)
+            stack.callback(vm.memory.close)
             if was_running:
                 await vm.gdb.resume(p.cont())
             try:

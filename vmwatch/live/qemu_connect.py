@@ -11,7 +11,7 @@ import secrets
 import socket
 import tempfile
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import Callable, Iterator
 
 import structlog
 import trio
@@ -21,9 +21,6 @@ from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import GdbConnection
 from vmwatch.live.qemu_events import SIGINT
 from vmwatch.live.qemu_ram import GdbMemory, SharedRam, ram_runs
-
-if TYPE_CHECKING:
-    from vmwatch.live.qemu import QemuVM
 
 log = structlog.get_logger()
 
@@ -147,7 +144,11 @@ _WARNED: list[bool] = []
 """Say once per process that memory goes through the gdbstub."""
 
 
-def open_memory(vm: QemuVM, ram: list[tuple[str, str]], mtree: str, writable: bool) -> object:
+def open_memory(gdb: GdbConnection, ram: list[tuple[str, str]], mtree: str, writable: bool, *,
+                link_idle: Callable[[], bool], keep_stop: Callable[[p.StopReply | p.Exited], None],
+                set_phys_mode: Callable[[bool], None]) -> SharedRam | GdbMemory:
+    """Guest RAM: the shared memory-backend-file when QEMU has one, else reads over the gdbstub
+    (``link_idle``, ``keep_stop`` and ``set_phys_mode`` let those share the link with the event loop)."""
     if ram:
         paths = {path for _, path in ram}
         if len(paths) == 1:
@@ -159,26 +160,13 @@ def open_memory(vm: QemuVM, ram: list[tuple[str, str]], mtree: str, writable: bo
         log.warning("qemu.slow_memory", reason="no shared memory-backend-file: reading guest RAM through the gdbstub",
                     hint="start QEMU with -object memory-backend-file,share=on,... -machine memory-backend=...")
 
-    def link_idle() -> bool:
-        return not vm._lock.locked() and not vm._waiting
-
     def on_stop(stop: p.StopReply | p.Exited) -> bool:
         # called from a synchronous read that interrupted the guest: a real event stays queued
         if isinstance(stop, p.StopReply) and stop.signal == SIGINT:
             return True
-        vm._raw_stops.append(stop)
+        keep_stop(stop)
         return False
 
-    def set_phys(on: bool) -> None:
-        vm._phys_mode = on
-
-    sock = socket.fromfd(vm.gdb.stream.socket.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
-    return GdbMemory(vm.gdb.core, sock, ram_runs(mtree, None),
-                     link_idle=link_idle, on_stop=on_stop, set_phys_mode=set_phys, writable=writable)
-
-
-def close_memory(vm: QemuVM) -> None:
-    if isinstance(vm.memory, SharedRam):
-        vm.memory.close()
-    elif isinstance(vm.memory, GdbMemory):
-        vm.memory.close()
+    sock = socket.fromfd(gdb.stream.socket.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+    return GdbMemory(gdb.core, sock, ram_runs(mtree, None),
+                     link_idle=link_idle, on_stop=on_stop, set_phys_mode=set_phys_mode, writable=writable)

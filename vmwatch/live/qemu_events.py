@@ -7,8 +7,6 @@ mixin of :class:`vmwatch.live.qemu.QemuVM`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import attrs
 import trio
 
@@ -19,9 +17,6 @@ from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import RemoteError
 from vmwatch.live.qemu_points import BP
 from vmwatch.live.qemu_stepping import SIGTRAP
-
-if TYPE_CHECKING:
-    from vmwatch.live.qemu import QemuVM
 
 SIGINT = 2
 _WATCH_ACCESS = {"watch": Access.WRITE, "rwatch": Access.READ, "awatch": Access.READ_WRITE}
@@ -149,7 +144,7 @@ class EventStream:
     """Async iterator over a :class:`QemuVM`'s events (a class, not an async generator, so
     leaving the loop early needs no ``aclosing``)."""
 
-    def __init__(self, vm: QemuVM) -> None:
+    def __init__(self, vm: EventDelivery) -> None:
         self._vm = vm
         self._ended = False
 

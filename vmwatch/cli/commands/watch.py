@@ -83,6 +83,7 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
     import trio
 
     from vmwatch.cli.alertview import ScreenSink, make_console, print_summary
+    from vmwatch.cli.sigint import stop_on_sigint
     from vmwatch.cpu_aarch64 import refuse_aarch64
     from vmwatch.engine.fleet import guest_name
     from vmwatch.engine.pump import Engine
@@ -116,7 +117,7 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
                 console.print(f"watching {target.spec} with {len(ruleset.active())} rules "
                               f"({', '.join(args.rules)}); Ctrl-C to stop")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_sigint, engine)
+                nursery.start_soon(stop_on_sigint, engine)
                 if gdb is not None:
                     nursery.start_soon(gdb)
                 summary = await engine.run(duration=args.duration)
@@ -146,16 +147,3 @@ async def _gdb_beside(target, spec: str, env):
     print(f"vmwatch: gdb can look at this guest: target remote {spec.partition(':')[2]}", file=env.stderr, flush=True)
     session = DebugSession(target, observe=True)
     return functools.partial(serve_each, listener, session, target.live.vcpu_count, survive=True)
-
-
-async def _stop_on_sigint(engine) -> None:
-    """First Ctrl-C: end the watch cleanly (alerts flushed). Second: interrupt at once."""
-    import signal
-
-    import trio
-
-    with trio.open_signal_receiver(signal.SIGINT) as signals:
-        async for _ in signals:
-            engine.stop()
-            break
-    await trio.sleep_forever()

@@ -8,7 +8,6 @@ directory, process list. Each step is logged at debug and kept as a :class:`Foun
 from __future__ import annotations
 
 import struct
-import time
 
 import attrs
 import structlog
@@ -17,6 +16,7 @@ from vmwatch.cpu import PagingMode, Registers
 from vmwatch.errors import SymbolError, VmwatchError
 from vmwatch.os.windows import kdbg as kdbg_mod
 from vmwatch.os.windows import locate, pe
+from vmwatch.os.windows.facts import KernelInfo, Steps
 from vmwatch.os.windows.profiles import Profile, builtin, load_profile
 from vmwatch.os.windows.symbols import WindowsSymbols
 
@@ -25,46 +25,6 @@ log = structlog.get_logger()
 _KDBG_READ = 0x400
 _KEYS = ("KiWaitNever", "KiWaitAlways", "KdpDataBlockEncoded")
 _HEADER_LISTS = {"PsActiveProcessHead": "ps_active_process_head", "PsLoadedModuleList": "ps_loaded_module_list"}
-
-
-@attrs.frozen
-class Found:
-    """One initialisation step: what was found, its value, and how."""
-
-    what: str
-    value: int | str | None
-    how: str
-
-
-@attrs.frozen(kw_only=True)
-class KernelInfo:
-    """Where ntoskrnl is and what it is."""
-
-    base: int
-    """Virtual base of ntoskrnl."""
-    paddr: int | None
-    size: int
-    name: str
-    build: int | None
-    dtb: int
-    kdbg: int | None
-    """Virtual address of the KDBG block (None when none was found)."""
-    found: tuple[Found, ...]
-    kdbg_offsets: dict[str, int] = attrs.field(factory=dict)
-    """Structure offsets the KDBG block states (OffsetPrcbCurrentThread, ...)."""
-
-
-class _Steps(list):
-    """The Found records so far; each one logged with the milliseconds since the search began."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.t0 = time.perf_counter()
-
-    def add(self, what: str, value, how: str) -> None:
-        self.append(Found(what, value, how))
-        log.debug("windows.found", what=what, value=hex(value) if isinstance(value, int) else value, how=how,
-                  ms=round((time.perf_counter() - self.t0) * 1000, 1))
 
 
 class Windows:
@@ -115,7 +75,7 @@ class Windows:
             from vmwatch.os.windows.triage import TriageWindows
 
             return TriageWindows.from_image(phys, symbols_file)
-        steps = _Steps()
+        steps = Steps()
         registers = tuple(r for r in registers if r is not None)
         meta = getattr(phys, "metadata", None) or {}
         dtb = meta.get("directory_table_base") or None

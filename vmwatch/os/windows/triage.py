@@ -12,7 +12,7 @@ from __future__ import annotations
 from vmwatch.errors import GuestDataError, SymbolError, UnsupportedOperation
 from vmwatch.os.linux.tasks import Listing
 from vmwatch.os.windows import kdbg as kdbg_mod
-from vmwatch.os.windows.kernel import KernelInfo, _Steps
+from vmwatch.os.windows.facts import KernelInfo, Steps
 from vmwatch.os.windows.modules import Driver
 from vmwatch.os.windows.profiles import Profile, builtin, load_profile
 from vmwatch.os.windows.symbols import WindowsSymbols
@@ -47,7 +47,7 @@ class TriageWindows:
             SymbolError: ``symbols_file`` is given but is not a Windows profile.
         """
         t, meta = image.triage, image.metadata
-        steps = _Steps()
+        steps = Steps()
         build = image.header.minor
         steps.add("build", build, "crash dump header MinorVersion")
         steps.add("DTB", meta["directory_table_base"], "crash dump header DirectoryTableBase")
