@@ -46,10 +46,16 @@ class TimelineEntry:
         """One readable line: the alert's message, or the event's details as key=value."""
         if self.source == "alert":
             return f"[{self.severity}] {self.rule}: {self.message}"
-        return " ".join(f"{k}={_short(v)}" for k, v in self.details.items())
+        hexed = _HEX_FIELDS.get(self.kind, ())
+        return " ".join(f"{k}={_short(hex(v) if k in hexed and type(v) is int else v)}" for k, v in self.details.items())
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+_HEX_FIELDS = {"Fault": ("rip", "cr2", "error_code"), "MmioAccess": ("paddr", "value", "rip"),
+               "RegisterWrite": ("old", "new", "rip")}
+"""Addresses and register values, shown in hex."""
 
 
 def _short(value: Any) -> str:
