@@ -7,7 +7,9 @@ is a real instruction boundary by disassembling (capstone) from the start of the
 contains it (a linear sweep inside one function; data in x86-64 kernel text is rare and a false
 hit is rejected by the boundary check), and break right after it. At that breakpoint the new
 value is in the register file (CRn), or in EDX:EAX with the MSR index in ECX (``wrmsr`` leaves
-them intact); the old value is the last one seen on that vCPU (from the registers at start,
+them intact); the ``mov``s of ``native_write_cr0/4`` take an inline hook on the instruction
+itself instead (:func:`hookable`), whose stop comes before it with the new value in its source
+register; the old value is the last one seen on that vCPU (from the registers at start,
 then from each event). Only the sites of registers some rule listens to are armed. CR3, written
 at every switch of process, comes from one inline hook on Linux's switch function where the
 kernel has it (engine/address_spaces.py); the generic sites only serve kernels without it.
@@ -154,7 +156,8 @@ def runtime_sites(sites: list[WriteSite], symbols: Any) -> list[WriteSite]:
     A running Linux writes CR0 and CR4 through ``native_write_cr0``/``native_write_cr4`` only;
     the other ``mov`` sites are boot, kexec, suspend/resume and SME code (20 of the 22 on the
     lab kernel). Under TCG every armed gdbstub breakpoint costs at each lookup of translated
-    code, whether hit or not: two breakpoints instead of 22 is what lets the security pack keep
+    code, whether hit or not: two sites instead of 22, each an inline hook on the ``mov``
+    itself where :func:`hookable` (no breakpoint at all), is what lets the security pack keep
     ``control_register_write`` on.
     """
     kept = []
