@@ -28,13 +28,21 @@ async def open_timeline_sink(db: str | None, **pg_options: Any) -> AsyncIterator
         yield None
         return
     if pg_schema.is_postgres_url(db):
-        async with trio.open_nursery() as nursery:
-            sink = await PostgresSink.open(db, nursery, **pg_options)
-            try:
-                yield sink
-            finally:
-                if not sink.closed:
-                    await sink.aclose()
+        sink = PostgresSink(db, **pg_options)
+        await sink.connect()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sink.write)
+                try:
+                    yield sink
+                finally:
+                    if not sink.closed:
+                        await sink.aclose()
+        except BaseExceptionGroup as group:
+            # the writer never raises, so the group holds the body's one exception: give it back bare
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         return
     if "://" in db:
         raise TimelineError(f"unknown database URL {pg_schema.redacted(db)} (a SQLite file, or postgresql://...)")

@@ -77,7 +77,7 @@ _COPY = {table: f"COPY {table} ({', '.join(columns)}) FROM STDIN"
 
 
 class PostgresSink:
-    """See the module docstring. Open it with :meth:`open` (connects, migrates, starts the writer)."""
+    """See the module docstring. :meth:`connect`, then run :meth:`write` in a task (open_sink.py does both)."""
 
     def __init__(self, url: str, *, batch: int = 2000, max_queue: int = 100_000, backoff: float = 0.1,
                  max_backoff: float = 5.0, close_timeout: float = 30.0, name: str = "postgresql") -> None:
@@ -104,14 +104,10 @@ class PostgresSink:
         """The batch number last handed to the server (a reconnect then re-sends it)."""
         self._partitions: set[tuple[str, int]] = set()
 
-    @classmethod
-    async def open(cls, url: str, nursery: trio.Nursery, **kwargs: Any) -> PostgresSink:
-        """Connect and migrate (raises :class:`~vmwatch.errors.TimelineError`: one line for the CLI),
-        then start the writer in ``nursery``."""
-        sink = cls(url, **kwargs)
-        sink._conn = await trio.to_thread.run_sync(sink._connect)
-        nursery.start_soon(sink._writer)
-        return sink
+    async def connect(self) -> None:
+        """Connect and create or migrate the schema (raises :class:`~vmwatch.errors.TimelineError`:
+        one line for the CLI); then run :meth:`write` in a task."""
+        self._conn = await trio.to_thread.run_sync(self._connect)
 
     def _connect(self) -> Any:
         """The first connection: the schema is created or migrated here."""
@@ -163,7 +159,9 @@ class PostgresSink:
 
     # -- the writer ---------------------------------------------------------------------------
 
-    async def _writer(self) -> None:
+    async def write(self) -> None:
+        """The writer task: batches out of the queue into the database until :meth:`aclose`.
+        Never raises (an unexpected error is logged, and what is queued counted as unwritten)."""
         try:
             while True:
                 if not self._queue:
@@ -179,6 +177,9 @@ class PostgresSink:
                 for _ in batch:
                     if isinstance(self._queue.popleft(), EventRecord):
                         self._queued_events -= 1
+        except Exception as exc:
+            log.error("postgresql sink failed", db=self.shown, error=f"{type(exc).__name__}: {exc}")
+            self._give_up()
         finally:
             self._done.set()
             if self._conn is not None:
