@@ -72,6 +72,8 @@ def _row(item: Alert | EventRecord) -> tuple[str, tuple[Any, ...]]:
                       json.dumps(item.details))
 
 
+_GAVE_UP = object()
+
 _COPY = {table: f"COPY {table} ({', '.join(columns)}) FROM STDIN"
          for table, columns in (("events", pg_schema.EVENT_COLUMNS), ("alerts", pg_schema.ALERT_COLUMNS))}
 
@@ -194,6 +196,8 @@ class PostgresSink:
         while chunks and not self._done.is_set():
             chunk = chunks[0]
             refusal = await self._commit([row for _, row in chunk])
+            if refusal is _GAVE_UP:
+                return
             if refusal is None:
                 self.stats.batches += 1
                 self.stats.committed += len(chunk)
@@ -209,9 +213,9 @@ class PostgresSink:
                           error=pg_schema.first_line(refusal))
                 chunks.pop(0)
 
-    async def _commit(self, rows: list[tuple[str, tuple[Any, ...]]]) -> Exception | None:
-        """One transaction for ``rows``, through as many reconnects as it takes (until
-        :meth:`aclose` gives up); returns the server's refusal of the data, or None once committed."""
+    async def _commit(self, rows: list[tuple[str, tuple[Any, ...]]]) -> Exception | object | None:
+        """One transaction for ``rows``, through as many reconnects as it takes; returns None once
+        committed, the server's refusal of the data, or ``_GAVE_UP`` when :meth:`aclose` stopped waiting."""
         import psycopg
 
         self._batch_no += 1
@@ -233,7 +237,7 @@ class PostgresSink:
             except psycopg.Error as exc:
                 self._partitions.clear()
                 return exc
-        return None
+        return _GAVE_UP
 
     async def _lost(self, exc: Exception) -> None:
         self._partitions.clear()
