@@ -77,7 +77,8 @@ def bench_writes(n: int, url: str, tmp: Path) -> None:
     print(f"  {'pump alone (list)':20} {base:>10,.0f} events/s")
     print(f"  {'SQLite (WAL)':20} {sqlite:>10,.0f} events/s   {base / sqlite:5.1f}x slower than the pump alone")
     print(f"  {'PostgreSQL (COPY)':20} {pg:>10,.0f} events/s   {base / pg:5.1f}x slower; {sqlite / pg:4.2f}x SQLite's time; "
-          f"{stats.batches} batches, longest put {stats.longest_put_s * 1e6:,.0f} µs")
+          f"{stats.batches} batches; put: mean {stats.put_s / stats.puts * 1e6:.1f} µs, "
+          f"longest {stats.longest_put_s * 1e6:,.0f} µs")
 
 
 def _generate_pg(url: str, rows: int) -> float:
@@ -94,10 +95,10 @@ def _generate_pg(url: str, rows: int) -> float:
         sevs = "ARRAY[" + ",".join(f"'{s}'" for s in SEVERITIES) + "]"
         conn.execute(f"""INSERT INTO events SELECT 'vm-' || (g % 50), 'hv-' || (g % 50 / 10), {T0} + g * {step}, g,
             ({kinds})[1 + g % 6], g % 4, g % 5000, 'comm' || (g % 100), json_build_object('n', g, 'f', '/bin/ls')
-            FROM generate_series(0, {rows - 1}) AS g""")
+            FROM generate_series(0::bigint, {rows - 1}) AS g""")
         conn.execute(f"""INSERT INTO alerts SELECT 'vm-' || (g % 50), 'hv-' || (g % 50 / 10), {T0} + g * {step * 100}, g,
             'security.rule' || (g % 7), ({sevs})[1 + g % 4], g % 5000, 'sh', 'finding ' || g, '{{}}'
-            FROM generate_series(0, {rows // 100 - 1}) AS g""")
+            FROM generate_series(0::bigint, {rows // 100 - 1}) AS g""")
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE events")

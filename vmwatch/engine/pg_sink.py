@@ -58,6 +58,9 @@ class PostgresStats:
     batches: int = 0
     longest_put_s: float = 0.0
     """The longest :meth:`PostgresSink.send`: what the pump waited for the sink at worst."""
+    puts: int = 0
+    put_s: float = 0.0
+    """Seconds spent in all the puts (``put_s / puts``: the mean)."""
     longest_queue: int = 0
     unwritten: int = 0
     """Rows still queued when :meth:`PostgresSink.aclose` gave up waiting for the server."""
@@ -135,7 +138,10 @@ class PostgresSink:
         self._wake.set()
         stats = self.stats
         stats.longest_queue = max(stats.longest_queue, len(self._queue))
-        stats.longest_put_s = max(stats.longest_put_s, time.perf_counter() - started)
+        spent = time.perf_counter() - started
+        stats.puts += 1
+        stats.put_s += spent
+        stats.longest_put_s = max(stats.longest_put_s, spent)
 
     async def flush(self) -> None:
         """Nothing to wait for: the writer commits as rows arrive."""
