@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import psycopg
 import pytest
@@ -228,3 +229,36 @@ class TestBadInput:
         with pytest.raises(TimelineError, match="cannot connect"):
             async with open_timeline_sink("postgresql://vmwatch@/x?host=/nonexistent/dir"):
                 pass
+
+
+@pytest.mark.guest
+def test_live_watch_into_postgres(lab_guest, pg_url):
+    """A live watch of the lab guest with --json and --db postgresql://: the database holds exactly
+    the events and alerts the JSON lines showed, including the exec whose pid the guest's own
+    shell reported."""
+    import threading
+
+    from vmwatch.testing.cli import run_cli
+
+    truth: list[str] = []
+
+    def act() -> None:
+        time.sleep(4)
+        truth.append(lab_guest.shell("sh -c 'echo $$; exec /bin/busybox true'", timeout=120).split()[0])
+
+    worker = threading.Thread(target=act)
+    worker.start()
+    result = run_cli("watch", lab_guest.target, "--rules", "security", "timeline", "--duration", "12", "--json",
+                     "--db", pg_url)
+    worker.join()
+    assert result.status == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    shown = sorted((x["vm"], x["host"], x["seq"], x["event"], x["pid"], x["comm"], json.dumps(x["details"]))
+                   for x in lines if x["event"] != "alert")
+    events, alerts = _pg_rows(pg_url)
+    stored = sorted((vm, host, seq, kind, pid, comm, json.dumps(json.loads(details)))
+                    for vm, host, _, seq, kind, _, pid, comm, details in events)
+    assert stored == shown
+    assert len(alerts) == sum(x["event"] == "alert" for x in lines)
+    pid = int(truth[0])
+    assert any(kind == "Exec" and row_pid == pid for _, _, _, kind, row_pid, _, _ in stored)
