@@ -13,7 +13,7 @@ queue, so the pump never waits on the network:
   the batch in flight is re-sent, unless ``vmwatch_writers`` shows its COMMIT got through
   before the link broke (so it is neither lost nor written twice).
 * A row the server refuses as data (not a connection problem) is rejected alone: the batch is
-  written row by row and the refused rows are counted (``stats.rejected``) and logged.
+  split in halves until it is, the others commit, and it is counted (``stats.rejected``) and logged.
 * :meth:`aclose` waits up to ``close_timeout`` s for the queue to empty; what is left is counted
   in ``stats.unwritten`` (``stats.unwritten_alerts`` for alerts) and reported by the CLI.
 """
@@ -21,6 +21,7 @@ queue, so the pump never waits on the network:
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import random
 import socket
@@ -178,7 +179,7 @@ class PostgresSink:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                batch = [self._queue[i] for i in range(min(self._batch, len(self._queue)))]
+                batch = list(itertools.islice(self._queue, self._batch))
                 await self._deliver(batch)
                 if self._done.is_set():  # aclose gave up while we retried
                     return
@@ -196,31 +197,32 @@ class PostgresSink:
                     await trio.to_thread.run_sync(conn.close)
 
     async def _deliver(self, batch: list[Alert | EventRecord]) -> None:
-        """Commit ``batch``: whole, or, when the server refuses a row as data, row by row (the
-        refused rows counted). Connection problems are retried inside :meth:`_commit`."""
-        chunks = [[(item, _row(item)) for item in batch]]
-        while chunks and not self._done.is_set():
+        """Commit ``batch``: whole, or, when the server refuses a row as data, in halves until the
+        refused rows are alone (counted and logged). Connection problems are retried in :meth:`_commit`."""
+        chunks = [batch]
+        while chunks:
             chunk = chunks[0]
-            refusal = await self._commit([row for _, row in chunk])
+            refusal = await self._commit(chunk)
             if refusal is _GAVE_UP:
                 return
             if refusal is None:
                 self.stats.batches += 1
                 self.stats.committed += len(chunk)
-                self.stats.committed_alerts += sum(isinstance(item, Alert) for item, _ in chunk)
+                self.stats.committed_alerts += sum(isinstance(item, Alert) for item in chunk)
                 chunks.pop(0)
             elif len(chunk) > 1:
-                chunks[0:1] = [[pair] for pair in chunk]
+                half = len(chunk) // 2
+                chunks[0:1] = [chunk[:half], chunk[half:]]
             else:
-                item, (table, _) = chunk[0]
+                item = chunk[0]
                 self.stats.rejected += 1
                 self.stats.rejected_alerts += isinstance(item, Alert)
-                log.error("postgresql refused a row", db=self.shown, table=table, vm=item.vm,
+                log.error("postgresql refused a row", db=self.shown, table=_row(item)[0], vm=item.vm,
                           error=pg_schema.first_line(refusal))
                 chunks.pop(0)
 
-    async def _commit(self, rows: list[tuple[str, tuple[Any, ...]]]) -> Exception | object | None:
-        """One transaction for ``rows``, through as many reconnects as it takes; returns None once
+    async def _commit(self, items: list[Alert | EventRecord]) -> Exception | object | None:
+        """One transaction for ``items``, through as many reconnects as it takes; returns None once
         committed, the server's refusal of the data, or ``_GAVE_UP`` when :meth:`aclose` stopped waiting."""
         import psycopg
 
@@ -234,7 +236,7 @@ class PostgresSink:
                     if await trio.to_thread.run_sync(self._committed, number):
                         return None  # its COMMIT got through before the link broke
                     self.stats.resent += self._sent == number
-                await trio.to_thread.run_sync(self._copy, rows, number)
+                await trio.to_thread.run_sync(self._copy, items, number)
                 return None
             except (psycopg.OperationalError, psycopg.InterfaceError, TimelineError) as exc:
                 await self._lost(exc)
@@ -260,10 +262,12 @@ class PostgresSink:
             row = cur.fetchone()
         return row is not None and row[0] >= number
 
-    def _copy(self, rows: list[tuple[str, tuple[Any, ...]]], number: int) -> None:
-        """One transaction: missing day partitions, COPY per table, this writer's batch number."""
+    def _copy(self, items: list[Alert | EventRecord], number: int) -> None:
+        """One transaction (in a worker thread): missing day partitions, COPY per table, this
+        writer's batch number."""
         self._sent = number
         conn = self._conn
+        rows = [_row(item) for item in items]  # JSON encoding here, not in trio's thread
         by_table: dict[str, list[tuple[Any, ...]]] = {"events": [], "alerts": []}
         for table, values in rows:
             by_table[table].append(values)
