@@ -201,6 +201,19 @@ class TestServerAway:
         assert [r[3] for r in _pg_rows(pg_url)[0]] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
 
 
+    async def test_commit_seen_after_reconnect(self, pg_url):
+        """The check a reconnect makes before re-sending: a batch whose COMMIT got through is known
+        as committed (not sent twice), the next one is not (sent again)."""
+        async with open_timeline_sink(pg_url) as sink:
+            await sink.send(EventRecord(vm="g", time_ns=1, seq=1, kind="Exec"))
+            while sink.stats.committed < 1:
+                await trio.sleep(0.01)
+            number = sink._batch_no
+            assert await trio.to_thread.run_sync(sink._committed, number)
+            assert not await trio.to_thread.run_sync(sink._committed, number + 1)
+            await sink.aclose()
+
+
 class TestBadInput:
     @pytest.mark.parametrize(("url", "says"), [
         ("postgresql://vmwatch@/x?bogus_option=1", "bad database URL"),
