@@ -14,7 +14,8 @@ from vmwatch.timeline import pg_schema
 
 
 @contextlib.asynccontextmanager
-async def open_timeline_sink(db: str | None, **pg_options: Any) -> AsyncIterator[SqliteSink | PostgresSink | None]:
+async def open_timeline_sink(db: str | None,
+                             **pg_options: Any) -> AsyncIterator[SqliteSink | PostgresSink | None]:
     """Open the sink for ``db`` (None: no timeline, yields None); a watch (single or fleet) closes it, else leaving the block does.
 
     A PostgreSQL sink's writer runs in a nursery of this block, so the block ends when the rows

@@ -247,4 +247,5 @@ def breakdown(db: str | Path, by: str, query: TimelineQuery = TimelineQuery()) -
                     f"SELECT {store.hosts['alerts']}, vm, severity, count(*), min(time_ns), max(time_ns)"
                     f" FROM alerts{where} GROUP BY 1, 2, 3", params):
                 add(host, vm, n, first, last, severity)
-    return [GroupCounts(host=host, vm=vm, **g) for (host, vm), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))]
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+    return [GroupCounts(host=host, vm=vm, **g) for (host, vm), g in ordered]

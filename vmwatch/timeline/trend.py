@@ -61,7 +61,8 @@ def draw_trend(
     """
     counts = bucket_counts(db, bucket_ns, query, by=by)
     if not counts:
-        raise TimelineError(f"nothing to draw: {redacted(db) if is_postgres_url(db) else db} has no events or alerts in the selected range")
+        name = redacted(db) if is_postgres_url(db) else db
+        raise TimelineError(f"nothing to draw: {name} has no events or alerts in the selected range")
     first = min(c.bucket_ns for c in counts)
     last = max(c.bucket_ns for c in counts)
     nbuckets = (last - first) // bucket_ns + 1
