@@ -303,9 +303,9 @@ class TestWindowsCrashDump:
             assert img.read(20 * PAGE, PAGE) == b and img.read(4 * PAGE, 8) == a[PAGE:PAGE + 8]
 
     def test_kernel_dump_rejected(self, tmp_path):
-        """Kernel and triage dumps are refused with a reason."""
+        """The legacy summary (kernel) dump is refused, saying what to take instead."""
         data = build.windows_crashdump([(1, bytes(PAGE))], dump_type=2)
-        with pytest.raises(ImageFormatError, match="kernel crash dump"):
+        with pytest.raises(ImageFormatError, match="DumpType 2 is a legacy summary.*take a complete memory dump"):
             open_image(_write(tmp_path, "k.dmp", data))
 
 
