@@ -142,8 +142,8 @@ class Windows:
                 steps.add("paging", mode.value, "the System DirectoryTableBase maps the kernel in this mode "
                           + ("(PAE tried first)" if mode is PagingMode.PAE else "(not as PAE)"))
             memory = GuestMemory(phys, cr3=dtb, mode=mode)
-        if paddr is not None and memory.translate(vaddr) != paddr:
-            raise SymbolError(f"DTB {dtb:#x} maps the kernel base {vaddr:#x} elsewhere than physical {paddr:#x}")
+        if paddr is not None:
+            cls._check_dtb(memory, dtb, mode, vaddr, paddr)
         if block is not None:
             if block.vaddr is None:
                 block = cls._kdbg_vaddr(block, memory, vaddr, headers.size_of_image)
@@ -169,6 +169,23 @@ class Windows:
                             dtb=dtb, kdbg=block.vaddr if block is not None else None, found=tuple(steps),
                             kdbg_offsets=dict(block.offsets) if block is not None else {}, bits=bits)
         return cls(kernel, symbols, profile, memory)
+
+    @staticmethod
+    def _check_dtb(memory, dtb: int, mode: PagingMode, vaddr: int, paddr: int) -> None:
+        """The DTB must map the kernel's virtual base onto the ntoskrnl image that was found.
+
+        Raises:
+            SymbolError: it maps it nowhere or elsewhere (a wrong DTB, or a wrong paging mode:
+                a dump header whose PaeEnabled lies).
+        """
+        try:
+            mapped = memory.translate(vaddr)
+        except VmwatchError as exc:
+            raise SymbolError(f"DTB {dtb:#x} in {mode.value} paging does not map the kernel base {vaddr:#x} "
+                              f"({exc})") from None
+        if mapped != paddr:
+            raise SymbolError(f"DTB {dtb:#x} in {mode.value} paging maps the kernel base {vaddr:#x} to physical "
+                              f"{mapped:#x}, not to ntoskrnl at {paddr:#x}")
 
     @staticmethod
     def _page_tables(meta: dict, registers, steps: Steps) -> tuple[int | None, PagingMode | None]:
