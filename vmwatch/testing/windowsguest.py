@@ -433,15 +433,15 @@ class WindowsGuest:
         ``sparse``. Returns the moved CR3 (kernel base, KDBG and lists keep their virtual addresses)."""
         buf = bytearray(self.buffer)
         spec = self.fake.spec
-        size = spec.entry_size
+        width = spec.entry_size
 
         def move(table: int, depth: int) -> None:
             level = spec.levels[depth]
-            for ea in range(table, table + (size << level.bits), size):
-                entry = int.from_bytes(buf[ea:ea + size], "little")
+            for ea in range(table, table + (width << level.bits), width):
+                entry = int.from_bytes(buf[ea:ea + width], "little")
                 if not entry & 1:
                     continue
-                buf[ea:ea + size] = (entry + at).to_bytes(size, "little")
+                buf[ea:ea + width] = (entry + at).to_bytes(width, "little")
                 if depth + 1 < len(spec.levels) and not (level.large and entry & 0x80):
                     move(entry & spec.addr_mask, depth + 1)
 
