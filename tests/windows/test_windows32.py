@@ -172,3 +172,36 @@ class TestCli:
 
         monkeypatch.setattr(Linux, "from_memory", no_linux)
         assert detect.from_memory(BufferMemory(guest.buffer), (guest.registers,)).kernel.base == X86.kernel_va
+
+
+class TestRules:
+    def test_security_pack_on_a_32_bit_dump(self, guest, tmp_path):
+        """The security pack on a PAGEDUMP of the x86 guest (no IDTR: the KPCR's IDT): the SSDT
+        entry hooked into fakedrv.sys (an absolute x86 address), an 8-byte IDT gate aimed at pool
+        memory, and csrss.exe unlinked from ActiveProcessLinks each give their alert."""
+        import trio
+
+        from vmwatch.engine import Engine, ImageSource, ListSink
+        from vmwatch.rules import RuleSet, Severity
+
+        rootkit = X86.pool_va + 0x100000
+        guest.set_gate(0, rootkit)
+        hidden = guest.unlink(348)
+        path = tmp_path / "x86.dmp"
+        path.write_bytes(guest.crashdump())
+
+        async def main():
+            with open_image(path) as image:
+                sink = ListSink()
+                engine = Engine(ImageSource(image, cpus=tuple(image.cpus)), RuleSet.load(["security"]), [sink])
+                return await engine.run(), sink.alerts
+
+        summary, alerts = trio.run(main)
+        assert not summary.rule_errors, summary
+        name, base = guest.drivers[-1][:2]
+        assert sorted((a.rule, a.message) for a in alerts if a.severity >= Severity.WARNING) == sorted([
+            ("security.ssdt", f"SSDT[3] points outside ntoskrnl: {base + 0x1230:#x} in {name}"),
+            ("security.windows_idt", f"vCPU 0 IDT vector 0 points outside every loaded driver: {rootkit:#x}"),
+            ("security.unlinked_process", f"hidden process: pid 348 (csrss.exe) is alive in pool memory at "
+                                          f"{hidden.address:#x} but not on ActiveProcessLinks"),
+        ])
