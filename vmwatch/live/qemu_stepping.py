@@ -20,8 +20,8 @@ import capstone
 import structlog
 import trio
 
-from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.events import SingleStep
+from vmwatch.live import aarch64_steps as a64
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import RemoteError
@@ -112,6 +112,8 @@ class Stepping:
         breakpoint by hand needs no single step and no breakpoint change, and QEMU 7.2 flushes
         its whole translation cache on both (measured: 2 flushes per hop, ~5 ms each).
         """
+        if self._a64 is not None:
+            return await self._emulate_aarch64(vcpu, addr)
         rip = self._layout["rip"]
         hook = self._hooks.get(addr)
         if hook is not None:  # the NOPs up to and including the patched site
@@ -135,6 +137,23 @@ class Stepping:
                     p.write_register(rsp_info.regnum, rsp.to_bytes(8, "little")), *after]
         return None
 
+    async def _emulate_aarch64(self, vcpu: int, addr: int) -> list[p.Command] | None:
+        """``nop`` and ``mov xD, xN`` (the ``mov x9, x30`` that opens ftrace-patched functions) by hand."""
+        insn = await self._decode(vcpu, addr)
+        if insn is None:
+            return None
+        after = [p.write_register(self._layout["pc"].regnum, (addr + 4).to_bytes(8, "little"))]
+        if a64.emulates_as_nop(insn):
+            await self._select(vcpu)
+            return after
+        move = a64.register_move(insn)
+        if move is None:
+            return None
+        regs = await self._read_g(vcpu)
+        await self._select(vcpu)
+        value = regs.x[move[1]]
+        return [p.write_register(self._layout[f"x{move[0]}"].regnum, value.to_bytes(8, "little")), *after]
+
     def _is_plain_step(self, stop: p.StopReply | p.Exited) -> bool:
         return isinstance(stop, p.StopReply) and stop.signal == SIGTRAP and stop.watch is None
 
@@ -144,7 +163,9 @@ class Stepping:
             return self._next_insn[addr]
         nxt = None
         insn = await self._decode(vcpu, addr)
-        if insn is not None and not any(insn.group(g) for g in _BRANCH_GROUPS) and \
+        if self._a64 is not None:
+            nxt = addr + 4 if insn is not None and a64.falls_through(insn) else None
+        elif insn is not None and not any(insn.group(g) for g in _BRANCH_GROUPS) and \
                 not any(f"{insn.mnemonic} {insn.op_str}".startswith(s) for s in _SERIALIZING) and \
                 insn.mnemonic not in ("loop", "loope", "loopne", "jrcxz", "jecxz", "xbegin", "xend") \
                 and not insn.mnemonic.startswith("rep"):
@@ -164,7 +185,6 @@ class Stepping:
         The guest is stopped before and after (a running guest is paused first and stays paused).
         """
         self._check_open()
-        refuse_aarch64((self,), "single steps")
         async with self._lock:
             self._held = True
             await self._stop_locked()
