@@ -26,10 +26,13 @@ class Linux:
         types: the BTF profile (or the one from the symbol file).
         memory: a ``GuestMemory`` on the kernel page tables with symbol and pid->cr3 resolvers.
         syscall_count: entries of ``sys_call_table`` when the kernel's code says (arm64), else None.
+        arch: ``x86`` or ``aarch64``.
     """
 
-    def __init__(self, kernel: KernelInfo, symbols, types, memory, *, syscall_count: int | None = None) -> None:
+    def __init__(self, kernel: KernelInfo, symbols, types, memory, *, syscall_count: int | None = None,
+                 arch: str = "x86") -> None:
         self.kernel = kernel
+        self.arch = arch
         self.syscall_count = syscall_count
         self.symbols = symbols
         self.types = types
@@ -55,7 +58,7 @@ class Linux:
         registers = tuple(r for r in registers if r is not None)
         if arm64.is_arm64(phys, registers):
             kernel, symbols, types, memory, syscall_count = arm64.locate(phys, registers, symbols_file)
-            return cls(kernel, symbols, types, memory, syscall_count=syscall_count)
+            return cls(kernel, symbols, types, memory, syscall_count=syscall_count, arch="aarch64")
         symbols, hint, token_table_paddr = locate.find_kallsyms(phys, registers)
         extra = None
         if symbols_file is not None:
