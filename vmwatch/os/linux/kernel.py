@@ -152,9 +152,10 @@ class Linux:
         return patch_sites(self)
 
     def per_cpu(self, name: str, cpu: int = 0) -> int:
-        """Address of per-CPU variable ``name`` on ``cpu`` (per-CPU symbols are offsets)."""
+        """Address of per-CPU variable ``name`` on ``cpu`` (x86 per-CPU symbols are offsets; arm64's
+        are addresses in the image's per-CPU section, and the offset added wraps around)."""
         offsets = self.symbols["__per_cpu_offset"]
-        return self.symbols[name] + self.memory.pointer(offsets + cpu * self.memory.pointer_size)
+        return (self.symbols[name] + self.memory.pointer(offsets + cpu * self.memory.pointer_size)) & 0xFFFFFFFFFFFFFFFF
 
     @staticmethod
     def gs_base(registers: Registers) -> int | None:
