@@ -10,7 +10,6 @@ import json
 import mmap
 import re
 import struct
-from pathlib import Path
 
 import pytest
 import trio

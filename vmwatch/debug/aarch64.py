@@ -18,7 +18,7 @@ KERNEL_BIT = 1 << 55
 """Bit 55 selects TTBR1 (the kernel half) whatever the tag and PAC bits above it hold."""
 VA_BITS = 48
 THREAD_SIZE = 16 << 10
-"""arm64 kernel stacks (THREAD_SIZE with KASAN off; VMAP stacks are 2 x THREAD_SIZE aligned)."""
+"""arm64 kernel stacks (THREAD_SIZE with KASAN off): a walk stops at their top."""
 MAX_FRAMES_WALKED = 256
 CALLS = frozenset(("bl", "blr", "blraa", "blraaz", "blrab", "blrabz"))
 ALIASES = {"lr": "x30", "fp": "x29", "cpsr": "pstate"}
@@ -98,7 +98,7 @@ async def frame_records(regs: Aarch64Registers, read_u64: Callable[[int], Awaita
         return []  # a user-mode vCPU: no kernel stack to walk
     bits = va_bits(regs)
     sp = regs.sp
-    top = (sp | (2 * THREAD_SIZE - 1)) + 1
+    top = (sp | (THREAD_SIZE - 1)) + 1  # stacks are THREAD_SIZE long at a 2 x THREAD_SIZE-aligned base
     chain: list[tuple[int, int | None]] = []
     at = regs.fp
     while at and sp <= at <= top - 16 and len(chain) < min(limit, MAX_FRAMES_WALKED):

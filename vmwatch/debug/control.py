@@ -155,10 +155,16 @@ class Control:
         return wp
 
     async def attach(self) -> None:
-        """Stop a live guest, as a debugger attaching does (an image or an observed guest needs nothing)."""
+        """Stop a live guest, as a debugger attaching does (an image or an observed guest needs nothing).
+
+        An AArch64 guest's registers are read at once: its kernel is found from TTBR1_EL1/TCR_EL1,
+        and symbols may be asked for before anything else.
+        """
         if self.live is not None and not self.observe:
             await self.live.pause()
             self.guest_ran()
+        if self.live is not None and self.aarch64:
+            await self.registers()
 
     async def detach(self) -> None:
         """Remove every breakpoint and watchpoint and let the guest run."""
