@@ -11,11 +11,9 @@ from __future__ import annotations
 import re
 
 import pytest
-import trio
 
 from vmwatch.debug import Debugger
-from vmwatch.live.qemu import attach_qemu
-from vmwatch.testing.arm64truth import has_pac, hmp_registers, hmp_words, kallsyms, pac_stripped
+from vmwatch.testing.arm64truth import has_pac, hmp_registers, hmp_words, kallsyms, pac_stripped, stack_words
 from vmwatch.testing.cli import run_cli
 
 pytestmark = pytest.mark.guest
@@ -23,15 +21,6 @@ pytestmark = pytest.mark.guest
 WRITE_PATH = ["__arm64_sys_write", "invoke_syscall", "el0_svc_common.constprop.0", "do_el0_svc", "el0_svc",
               "el0t_64_sync_handler", "el0t_64_sync"]
 """Callers of ksys_write for a write(2) from user space, innermost first."""
-STACK_WORDS = 128
-THREAD_SIZE = 16 << 10
-
-
-def stack_words(sp: int) -> int:
-    """Words of the stack from ``sp`` to its top, at most STACK_WORDS (past the top is a guard page)."""
-    return min(STACK_WORDS, (((sp | (THREAD_SIZE - 1)) + 1) - sp) // 8)
-
-
 def symbol_parts(label: str) -> tuple[str, int]:
     name, _, offset = label.partition("+")
     return name, int(offset, 16) if offset else 0
@@ -87,33 +76,11 @@ def test_live_break_bt_step_next(arm64_guest) -> None:
     assert arm64_guest.status() == "running"
 
 
-@pytest.fixture(scope="module")
-def idle_dump(arm64_guest, tmp_path_factory):
-    """A dump taken paused in EL1, with QEMU's registers (and SP_EL0, through the gdbstub) and 1 KiB of
-    stack from HMP at that same moment."""
-
-    async def paused_dump():
-        async with attach_qemu(str(arm64_guest.qmp_path)) as vm:
-            for _ in range(50):
-                await vm.pause()
-                regs = await vm.registers()
-                if regs.el == 1:
-                    break
-                await vm.resume()
-            hmp = hmp_registers(arm64_guest)
-            stack = hmp_words(arm64_guest, hmp["SP"], stack_words(hmp["SP"]))
-            path = arm64_guest.dump(tmp_path_factory.mktemp("arm64") / "idle.elf")
-            await vm.resume()
-            return path, regs, hmp, stack
-
-    return trio.run(paused_dump)
-
-
-def test_dump_registers_bt_task_and_refusals(arm64_guest, idle_dump) -> None:
+def test_dump_registers_bt_task_and_refusals(arm64_guest, arm64_idle_dump) -> None:
     """On the dump (read-only): registers are QEMU's; bt's frames from stacked records are those words
     with the PAC stripped, each at its kallsyms offset; task is the task QEMU's SP_EL0 named (found from
     the stack that holds SP, as the dump has no SP_EL0); step is refused with one error line."""
-    path, live, hmp, stack = idle_dump
+    path, live, hmp, stack = arm64_idle_dump
     script = "regs pc sp x30 pstate\nbt\ntask\ndis $pc 2\nstep\nx/2gx $sp\n"
     result = run_cli("debug", str(path), stdin=script)
     out = result.stdout

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 
+import trio
+
 VA_BITS = 48
+THREAD_SIZE = 16 << 10
 
 
 def kallsyms(guest, *names: str) -> dict[str, int]:
@@ -51,3 +54,30 @@ def pac_stripped(value: int, va_bits: int = VA_BITS) -> int:
 
 def has_pac(value: int, va_bits: int = VA_BITS) -> bool:
     return pac_stripped(value, va_bits) != value
+
+
+def stack_words(sp: int, most: int = 128) -> int:
+    """Words of the kernel stack from ``sp`` to its top, at most ``most`` (past the top is a guard page)."""
+    return min(most, (((sp | (THREAD_SIZE - 1)) + 1) - sp) // 8)
+
+
+def paused_dump(guest, path):
+    """A dump taken paused in EL1, with what QEMU says at that moment: ``(path, gdbstub registers (with
+    SP_EL0), HMP registers, the stack words from SP to its top (at most 1 KiB))``."""
+    from vmwatch.live.qemu import attach_qemu
+
+    async def take():
+        async with attach_qemu(str(guest.qmp_path)) as vm:
+            for _ in range(50):  # an idle guest is nearly always in EL1; a stop may land in EL0
+                await vm.pause()
+                regs = await vm.registers()
+                if regs.el == 1:
+                    break
+                await vm.resume()
+            hmp_regs = hmp_registers(guest)
+            stack = hmp_words(guest, hmp_regs["SP"], stack_words(hmp_regs["SP"]))
+            dumped = guest.dump(path)
+            await vm.resume()
+            return dumped, regs, hmp_regs, stack
+
+    return trio.run(take)
