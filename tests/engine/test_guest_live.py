@@ -30,9 +30,10 @@ milliseconds, so allow what a busy CI machine needs."""
 class Watcher:
     """A running watch on the lab guest, driven from synchronous tests."""
 
-    def __init__(self, guest) -> None:
+    def __init__(self, guest, sinks=()) -> None:
         self.guest = guest
         self.sink = ListSink()
+        self.sinks = [self.sink, *sinks]
         self.engine: Engine | None = None
         self.token: trio.lowlevel.TrioToken | None = None
         self.error: BaseException | None = None
@@ -58,7 +59,7 @@ class Watcher:
         async with open_target(self.guest.target, writable=True) as target:
             self.target = target
             packs = ["security", "timeline", NARROW_PACK]
-            self.engine = Engine(source_for(target), RuleSet.load(packs), [self.sink])
+            self.engine = Engine(source_for(target), RuleSet.load(packs), self.sinks)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.engine.run)
                 while self.engine.summary.traps == 0:

@@ -23,6 +23,13 @@ def kallsyms(guest, *names: str) -> dict[str, int]:
     return {parts[2]: int(parts[0], 16) for parts in (line.split() for line in lines) if len(parts) == 3}
 
 
+def kernel_text_paddr(guest, vaddr: int) -> int:
+    """The physical address of kernel text at ``vaddr``: /proc/iomem's "Kernel code" starts at ``_stext``."""
+    code = next(int(line.split("-")[0], 16) for line in guest.shell("cat /proc/iomem", check=True).splitlines()
+                if line.endswith(": Kernel code"))
+    return code + vaddr - kallsyms(guest, "_stext")["_stext"]
+
+
 def parse_hmp_registers(text: str) -> dict[str, int]:
     """PC, SP, X00..X30 and PSTATE from QEMU's aarch64 ``info registers``."""
     return {name: int(value, 16) for name, value in re.findall(r"\b(PC|SP|X\d\d|PSTATE)=([0-9a-f]+)", text)}
@@ -37,10 +44,11 @@ def hmp_registers(guest) -> dict[str, int]:
     return parse_hmp_registers(hmp(guest, "info registers"))
 
 
-def hmp_words(guest, vaddr: int, count: int, unit: str = "g") -> list[int]:
-    """``count`` words (``g``: 64-bit, ``w``: 32-bit) at virtual ``vaddr`` through QEMU's own MMU (``x /Nxg``)."""
+def hmp_words(guest, vaddr: int, count: int, unit: str = "g", *, physical: bool = False) -> list[int]:
+    """``count`` words (``g``: 64-bit, ``w``: 32-bit) at virtual ``vaddr`` through QEMU's own MMU (``x /Nxg``),
+    or at a physical address (``xp``)."""
     words: list[int] = []
-    for line in hmp(guest, f"x /{count}x{unit} {vaddr:#x}").splitlines():
+    for line in hmp(guest, f"{'xp' if physical else 'x'} /{count}x{unit} {vaddr:#x}").splitlines():
         if ":" in line:
             words += [int(w, 16) for w in line.split(":", 1)[1].split()]
     assert len(words) == count, (vaddr, count, words)
