@@ -181,6 +181,9 @@ class DebugSession(Control):
             regs = await self.registers()
             if self.aarch64:
                 cr3 = regs.ttbr0_el1  # the user half's root (GuestMemory takes TTBR0 values)
+                if cr3 is None:
+                    raise DebugError(f"{vaddr:#x} is a user address and this source has no TTBR0_EL1 "
+                                     "(a dump's notes hold none)")
             else:
                 cr3 = regs.cr3 & ~0xFFF & ((1 << 52) - 1) if regs.cr3 is not None else None
         return memory.read(vaddr & 0xFFFFFFFFFFFFFFFF, size, cr3=cr3)
