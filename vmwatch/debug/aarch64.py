@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from vmwatch.cpu_aarch64 import SYSTEM_REGISTERS, Aarch64Registers
+from vmwatch.memory.aarch64 import strip_pac
 
 KERNEL_BIT = 1 << 55
 """Bit 55 selects TTBR1 (the kernel half) whatever the tag and PAC bits above it hold."""
@@ -28,12 +29,6 @@ _BRANCH_WITH_TARGET = frozenset(("b", "bl", "cbz", "cbnz", "tbz", "tbnz"))
 
 def is_kernel(address: int) -> bool:
     return bool(address & KERNEL_BIT)
-
-
-def strip_pac(address: int, va_bits: int = VA_BITS) -> int:
-    """A code pointer without its PAC (and tag): the upper bits made copies of bit 55, as ``xpaci`` does."""
-    high = ~((1 << va_bits) - 1) & 0xFFFFFFFFFFFFFFFF
-    return address | high if address & KERNEL_BIT else address & ~high
 
 
 def va_bits(regs: Aarch64Registers) -> int:
