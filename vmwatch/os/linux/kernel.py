@@ -135,6 +135,15 @@ class Linux:
         return read_syscalls(self, count=self.syscall_count)
 
     def idt(self, registers: Registers | None = None):
+        """The IDT's gates (x86 only).
+
+        Raises:
+            UnsupportedOperation: an aarch64 kernel (its exception vectors are at VBAR_EL1).
+        """
+        if self.arch == "aarch64":
+            from vmwatch.errors import UnsupportedOperation
+
+            raise UnsupportedOperation("the IDT is x86's: an aarch64 kernel's exception vectors are at VBAR_EL1")
         from vmwatch.os.linux.idt import read_idt
 
         return read_idt(self, registers)
