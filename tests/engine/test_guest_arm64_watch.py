@@ -28,7 +28,9 @@ FTRACE_ENTRY = 0xAA1E03E9
 
 @pytest.fixture(scope="module")
 def arm64_watcher(arm64_guest, tmp_path_factory):
-    arm64_guest.shell("scenario unmodule 2>/dev/null; scenario busy stop 2>/dev/null; true", timeout=SLOW)
+    # kallsyms reads below expose pointers (kptr_restrict 0): make that the baseline, not a finding
+    arm64_guest.shell("scenario unmodule 2>/dev/null; scenario busy stop 2>/dev/null; "
+                      "echo 0 > /proc/sys/kernel/kptr_restrict", timeout=SLOW)
     db = tmp_path_factory.mktemp("arm64-watch") / "timeline.db"
     w = Watcher(arm64_guest, [SqliteSink(db, batch=1)])
     w.db = db
@@ -111,3 +113,29 @@ def test_syscall_table_entry_changed_from_outside(arm64_watcher, arm64_guest) ->
     assert message.startswith(f"sys_call_table[{NR_GETPID}] changed: ")
     assert f"__arm64_sys_getpid ({truth['__arm64_sys_getpid']:#x})" in message
     assert f"__arm64_sys_getppid ({truth['__arm64_sys_getppid']:#x})" in message
+
+
+def test_security_sysctls_weakened(arm64_watcher, arm64_guest) -> None:
+    """dmesg_restrict lowered and the modprobe helper redirected (variables found from their ctl_table
+    entries, kallsyms has no data): warnings with the values the guest's /proc/sys showed."""
+    w = arm64_watcher
+    files = {"dmesg_restrict": "/proc/sys/kernel/dmesg_restrict", "modprobe": "/proc/sys/kernel/modprobe"}
+    old = {name: arm64_guest.shell(f"cat {path}", check=True).strip() for name, path in files.items()}
+    assert int(old["dmesg_restrict"]) > 0
+    mark = w.mark()
+    arm64_guest.shell(f"echo 0 > {files['dmesg_restrict']}; echo /tmp/.x/modprobe > {files['modprobe']}", check=True)
+    try:
+        new = {name: arm64_guest.shell(f"cat {path}", check=True).strip() for name, path in files.items()}
+        w.wait_for("security.security_sysctl", mark)
+        deadline = time.monotonic() + 60  # strings count once two periodic checks agree
+        while time.monotonic() < deadline:
+            messages = sorted(a.message for a in w.serious_since(mark) if a.rule == "security.security_sysctl")
+            if len(messages) >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        arm64_guest.shell(f"echo {old['dmesg_restrict']} > {files['dmesg_restrict']}; "
+                          f"echo {old['modprobe']} > {files['modprobe']}", check=True)
+    assert messages == [f"sysctl kernel.dmesg_restrict weakened: {old['dmesg_restrict']} -> {new['dmesg_restrict']}",
+                        f"sysctl kernel.modprobe weakened: '{old['modprobe']}' -> '{new['modprobe']}'"]
+

@@ -18,7 +18,8 @@ Theory of operation (arm64 Linux 6.1, Documentation/arm64/memory.rst):
    gives ``__NR_syscalls`` (and so the table's size). ``__per_cpu_offset`` and ``runqueues`` are
    the two addresses ``idle_cpu``'s ``cpu_rq(cpu)`` computes, accepted when CPU 0's ``struct rq``
    there says cpu 0 and has the ``swapper`` idle task. ``swapper_pg_dir`` and ``linux_banner`` are
-   the addresses found in steps 1 and 2.
+   the addresses found in steps 1 and 2. The sysctl variables (kptr_restrict, modprobe_path, ...)
+   come from their ``ctl_table`` entries, when first asked for (sysctl_vars.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vmwatch.os.linux import btf, kallsyms
 from vmwatch.os.linux.locate import BANNER, KernelInfo
 from vmwatch.os.linux.objects import StructReader, c_string
 from vmwatch.os.linux.swapper import complete_registers
+from vmwatch.os.linux.sysctl_vars import IMAGE_SPAN, SymbolsWithSysctls, find_sysctl_variables
 from vmwatch.os.linux.syscalls import MAX_SYSCALLS
 
 log = structlog.get_logger()
@@ -110,7 +112,9 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
         found.update(per_cpu_symbols(memory, symbols, types))
     except SymbolError as exc:
         log.debug("linux.arm64_no_runqueues", error=str(exc))
-    symbols = with_symbols(symbols, found, {"sys_call_table": 8 * count} if count else {})
+    span = min(IMAGE_SPAN, max(r.start + r.size for r in phys.runs) - text_paddr)
+    symbols = with_symbols(symbols, found, {"sys_call_table": 8 * count} if count else {},
+                           lambda: find_sysctl_variables(read, text_paddr, text_vaddr, span, types))
     banner = memory.cstring(found["linux_banner"], 512).rstrip("\n")
     parts = banner.split()
     kernel = KernelInfo(
@@ -298,12 +302,13 @@ def _modules_check(memory, types):
     return check
 
 
-def with_symbols(symbols, extra: dict[str, int], sizes: dict[str, int]):
-    """``symbols`` plus the recovered data symbols (type ``D``), with the ``sizes`` known of them."""
+def with_symbols(symbols, extra: dict[str, int], sizes: dict[str, int], sysctls):
+    """``symbols`` plus the recovered data symbols (type ``D``), with the ``sizes`` known of them, and the
+    sysctl variables ``sysctls()`` finds when one is first asked for."""
     names = symbols.names + list(extra)
     addresses = array("Q", symbols.addresses)
     addresses.extend(extra.values())
     types = (symbols.types or "T" * len(symbols)) + "D" * len(extra)
-    merged = kallsyms.Symbols(names, addresses, types)
+    merged = SymbolsWithSysctls(names, addresses, types, sysctls)
     merged.sizes.update(sizes)
     return merged
