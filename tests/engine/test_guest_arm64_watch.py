@@ -127,12 +127,7 @@ def test_security_sysctls_weakened(arm64_watcher, arm64_guest) -> None:
     try:
         new = {name: arm64_guest.shell(f"cat {path}", check=True).strip() for name, path in files.items()}
         w.wait_for("security.security_sysctl", mark)
-        deadline = time.monotonic() + 60  # strings count once two periodic checks agree
-        while time.monotonic() < deadline:
-            messages = sorted(a.message for a in w.serious_since(mark) if a.rule == "security.security_sysctl")
-            if len(messages) >= 2:
-                break
-            time.sleep(0.2)
+        messages = w.serious_messages("security.security_sysctl", mark, 2)  # strings: once two checks agree
     finally:
         arm64_guest.shell(f"echo {old['dmesg_restrict']} > {files['dmesg_restrict']}; "
                           f"echo {old['modprobe']} > {files['modprobe']}", check=True)
