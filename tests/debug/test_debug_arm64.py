@@ -100,3 +100,28 @@ def test_dump_registers_bt_task_and_refusals(arm64_guest, arm64_idle_dump) -> No
     assert task and int(task.group(3), 16) == live.sp_el0
     assert f"{hmp['SP']:#018x}  {stack[0]:#018x} {stack[1]:#018x}" in out
     assert re.search(rf"=> {hmp['PC']:#x} <{re.escape(frames[0][2])}>:", out)
+
+
+def test_live_watchpoint_stops_after_the_store(arm64_guest) -> None:
+    """A write watch on CPU 0's rq->clock (the tick updates it): each stop is just past the store QEMU
+    disassembles there, with the value QEMU then reads at the address; the next stop has a new value
+    (an aarch64 watchpoint fires before the access: the backend runs that one instruction)."""
+    from vmwatch.events import Access
+    from vmwatch.testing.arm64truth import hmp
+
+    seen = []
+    with Debugger.open(arm64_guest.target) as dbg:
+        linux = dbg.session.linux
+        address = linux.per_cpu("runqueues", 0) + linux.types.offset("rq", "clock")
+        dbg.add_watchpoint(hex(address), 8, Access.WRITE)
+        for _ in range(3):
+            event = dbg.cont(timeout=60)
+            pc = dbg.registers().pc
+            store = hmp(arm64_guest, f"x /1i {pc - 4:#x}")
+            seen.append((event.address, int.from_bytes(event.value, "little"), hmp_words(arm64_guest, address, 1)[0],
+                         pc, hmp_registers(arm64_guest)["PC"], store))
+    for at, value, qemu_value, pc, qemu_pc, store in seen:
+        assert at == address and value == qemu_value and pc == qemu_pc
+        assert re.search(r"\bst(r|p|ur)\b", store), store
+    assert len({value for _, value, *_ in seen}) == 3
+    assert arm64_guest.status() == "running"

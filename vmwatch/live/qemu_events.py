@@ -66,6 +66,8 @@ class EventDelivery:
         if stop.watch is not None:
             kind, addr = stop.watch
             size = next((s for (a, s, _acc) in self._watchpoints if a == addr), 0)
+            if self._a64 is not None:
+                await self._step_past_access(vcpu, addr)
             value = None
             if 0 < size <= 64:
                 try:

@@ -25,7 +25,7 @@ from vmwatch.live import aarch64_steps as a64
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import RemoteError
-from vmwatch.live.qemu_points import BP
+from vmwatch.live.qemu_points import BP, WATCH_KIND
 
 log = structlog.get_logger()
 
@@ -153,6 +153,23 @@ class Stepping:
         await self._select(vcpu)
         value = regs.x[move[1]]
         return [p.write_register(self._layout[f"x{move[0]}"].regnum, value.to_bytes(8, "little")), *after]
+
+    async def _step_past_access(self, vcpu: int, addr: int) -> None:
+        """An aarch64 watchpoint stops the vCPU before the access (QEMU reports it so, as Arm's
+        watchpoints do; gdb's "non-steppable watchpoints"): run that one instruction with the
+        watchpoints at ``addr`` lifted, so the event shows the access done (the value written,
+        registers after it), as on x86, and continuing does not hit it again."""
+        lifted = [(a, s, acc) for (a, s, acc) in self._watchpoints if a == addr]
+        await self.gdb.batch([p.remove_point(WATCH_KIND[acc], a, s) for a, s, acc in lifted])
+        await self._set_sstep(p.SSTEP_ENABLE | p.SSTEP_NOIRQ | p.SSTEP_NOTIMER)
+        for callback in self.on_resume:
+            callback()
+        await self.gdb.resume(p.vcont(("s", str(self._thread(vcpu)))))
+        stop = await self.gdb.wait_stop(soon=True)
+        await self.gdb.batch([p.insert_point(WATCH_KIND[acc], a, s) for a, s, acc in lifted])
+        self.stats["watch_steps"] += 1
+        if not self._is_plain_step(stop):
+            self._raw_stops.append(stop)  # a breakpoint on the next instruction: digested after this event
 
     def _is_plain_step(self, stop: p.StopReply | p.Exited) -> bool:
         return isinstance(stop, p.StopReply) and stop.signal == SIGTRAP and stop.watch is None
