@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -26,27 +24,27 @@ def test_aarch64_registers_round_trip_and_hostile_x() -> None:
             _codec.decode_registers(json.dumps(good).encode())
 
 
+FIVES = ("sh -c 'rm -f /tmp/five.pids; for i in $(seq 1 200); do sh -c \"exit 5\" & echo $! >> /tmp/five.pids;"
+         " wait; sleep 0.1; done' >/dev/null 2>&1 & echo $!")
+"""A background loop of processes that exit with status 5; the shell writes down each one's pid."""
+
+
 @pytest.mark.guest
 def test_replay_of_an_arm64_watch_prints_the_same_lines(arm64_guest, tmp_path) -> None:
     """A recorded watch (security and timeline packs) replays to the same JSON lines, the x86 rules set
-    aside again (the recording says aarch64), with the guest's own exit status in them."""
+    aside again (the recording says aarch64); the exits it saw are the guest's own status-5 processes."""
     record = tmp_path / "arm64.vmwr"
-    said: list[str] = []
-
-    def act() -> None:
-        time.sleep(5)
-        said.append(arm64_guest.shell("sh -c 'echo $$; exit 5'; echo $?", timeout=120))
-
-    worker = threading.Thread(target=act)
-    worker.start()
-    live = run_cli("watch", arm64_guest.target, "--rules", "security", "timeline", "--json", "--duration", "10",
-                   "--record", record)
-    worker.join()
+    loop = int(arm64_guest.shell(FIVES, check=True).split()[-1])
+    try:
+        live = run_cli("watch", arm64_guest.target, "--rules", "security", "timeline", "--json", "--duration", "8",
+                       "--record", record)
+    finally:
+        arm64_guest.shell(f"kill {loop}")
     assert live.status == 0, live.stderr
-    pid, status = (int(word) for word in said[0].split())
+    fives = {int(p) for p in arm64_guest.shell("cat /tmp/five.pids", check=True).split() if p.isdigit()}
     lines = [json.loads(line) for line in live.stdout.splitlines()]
-    exits = [x for x in lines if x.get("rule") == "timeline.process_exit" and x.get("pid") == pid]
-    assert status == 5 and [x["message"].split(") ")[-1] for x in exits] == ["exited with status 5"]
+    exits = {x["pid"]: x["message"] for x in lines if x.get("rule") == "timeline.process_exit" and x["pid"] in fives}
+    assert exits and all(message.endswith("exited with status 5") for message in exits.values())
     with Recording.open(record) as recording:
         assert recording.meta["arch"] == "aarch64"
     replay = run_cli("--log-level", "info", "replay", record, "--rules", "security", "timeline", "--json")
