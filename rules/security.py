@@ -1,7 +1,8 @@
 """Security pack: kernel integrity, control registers, modules, hidden processes, credentials, sysctls.
 
 Linux and Windows guests: the Windows rules (SSDT, per-vCPU IDT, drivers, unlinked processes) are
-at the end; each rule of one OS is set aside, reported inactive, on a guest of the other.
+at the end; each rule of one OS is set aside, reported inactive, on a guest of the other. The
+x86 rules (IDT, CR0/CR4, syscall MSRs) are set aside the same way on an arm64 guest.
 
 Every check takes a baseline when the watch starts (``on_start``) and compares against it, both
 when the guest writes the watched memory (watchpoints: instant, the writer is stopped in the
@@ -66,6 +67,7 @@ def syscall_table(event, guest):
 
 # -- interrupt descriptor table -----------------------------------------------------------------
 
+@rule.arch("x86")
 @rule.on_start
 @rule.every(2.0)
 @rule.on_write("idt_table", size=PAGE)
@@ -144,6 +146,7 @@ def _cr_findings(name: str, old: int, new: int) -> list[str]:
     return found
 
 
+@rule.arch("x86")
 @rule.on_register("cr0")
 @rule.on_register("cr4")
 def control_register_write(event: RegisterWrite, guest):
@@ -164,6 +167,7 @@ def control_register_write(event: RegisterWrite, guest):
                     rip=hex(event.rip), where=_where(guest.linux, event.rip))
 
 
+@rule.arch("x86")
 @rule.on_start
 @rule.every(2.0)
 def control_register_state(event, guest):
@@ -182,6 +186,7 @@ def control_register_state(event, guest):
                     guest.alert("critical", f"vCPU {regs.vcpu}: {finding}", register=name, old=hex(old), new=hex(value))
 
 
+@rule.arch("x86")
 @rule.on_register("msr:lstar")
 @rule.on_register("msr:cstar")
 @rule.on_register("msr:star")

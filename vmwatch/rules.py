@@ -48,6 +48,7 @@ class _Spec:
     listeners: list[Listener] = attrs.Factory(list)
     defaults: dict[str, Any] = attrs.Factory(dict)
     enabled: bool = True
+    arches: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -61,6 +62,8 @@ class Rule:
     defaults: dict[str, Any]
     enabled: bool
     doc: str = ""
+    arches: tuple[str, ...] = ()
+    """The CPU architectures (``x86``, ``aarch64``) the rule applies to; empty: every one."""
 
 
 def _spec(func: RuleFunction) -> _Spec:
@@ -207,6 +210,20 @@ def disabled(func: RuleFunction) -> RuleFunction:
     return func
 
 
+def arch(*names: str) -> Callable[[RuleFunction], RuleFunction]:
+    """The rule is about these CPU architectures only (``x86``, ``aarch64``): a watch of a guest of
+    another one sets it aside at start, with one line saying so (an IDT check on an arm64 guest)."""
+    unknown = set(names) - {"x86", "aarch64"}
+    if not names or unknown:
+        raise RuleError(f"rule.arch takes x86 and/or aarch64, not {names!r}")
+
+    def decorate(func: RuleFunction) -> RuleFunction:
+        _spec(func).arches = tuple(names)
+        return func
+
+    return decorate
+
+
 class _Namespace:
     """``rule.on_breakpoint(...)`` reads better in packs than bare function names."""
 
@@ -221,6 +238,7 @@ class _Namespace:
     on_start = staticmethod(on_start)
     configure = staticmethod(configure)
     disabled = staticmethod(disabled)
+    arch = staticmethod(arch)
 
 
 rule = _Namespace()
@@ -237,7 +255,7 @@ def rules_of(namespace: dict[str, Any], pack: str) -> list[Rule]:
             raise RuleError(f"rule {pack}.{obj.__name__} listens to nothing")
         found.append(Rule(
             name=f"{pack}.{obj.__name__}", func=obj, listeners=tuple(reversed(spec.listeners)),
-            defaults=dict(spec.defaults), enabled=spec.enabled,
+            defaults=dict(spec.defaults), enabled=spec.enabled, arches=spec.arches,
             doc=(obj.__doc__ or "").strip().split("\n")[0],
         ))
     return found

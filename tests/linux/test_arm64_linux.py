@@ -168,3 +168,9 @@ def _btf_paddr(image, linux) -> int:
     start = linux.kernel.text_paddr
     data = image.read(start, linux.kernel.kernel_cr3 - start)
     return start + data.index(BTF_HEADER)
+
+
+def test_idt_is_x86s(arm64_snap) -> None:
+    """`vmwatch idt` on an arm64 dump: exit 2, one line saying the IDT is x86's."""
+    result = run_cli("idt", arm64_snap.dump)
+    assert result.status == 2 and result.stderr.count("\n") == 1 and "VBAR_EL1" in result.stderr, result.stderr

@@ -16,6 +16,8 @@ support breakpoints (DESIGN.md "Capabilities")::
                                     # recorder makes the tick a context of its own)
     replays_ticks: bool             # optional: the stream carries the engine ticks of a recording
                                     # (Tick with ``periodic``): no timer, those rules run at them
+    arch: str                       # optional: ``x86`` (the default) or ``aarch64``; rules and
+                                    # sensors of the other architecture are set aside
     events() -> AsyncIterator[Event]
     event_batches() -> AsyncIterator[list[Event]]    # optional, faster for synthetic/replay streams
 
@@ -191,6 +193,7 @@ class ImageSource:
         self.name = name or str(getattr(image, "path", "image"))
         self.memory = image
         self._cpus = cpus
+        self.arch = "aarch64" if any(getattr(c, "arch", None) == "aarch64" for c in cpus) else "x86"
         self.capabilities = frozenset({REGISTERS} if cpus else ())
 
     async def registers(self, vcpu: int) -> Registers:
@@ -227,6 +230,8 @@ class LiveSource:
     def __init__(self, vm: object, *, name: str) -> None:
         self.vm = vm
         self.name = name
+        self.arch = "aarch64" if getattr(vm, "arch", None) == "aarch64" else "x86"
+        """``x86`` or ``aarch64``: rules and sensors of one architecture are set aside on the other."""
         self.memory = vm.memory  # type: ignore[attr-defined]
         self.vcpu_count = getattr(vm, "vcpu_count", None)
         self.on_resume = vm.on_resume  # type: ignore[attr-defined]
@@ -326,7 +331,8 @@ class LiveSource:
         self._msrs_period = period
 
     async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
-        await self.vm.add_breakpoint(vaddr, inline=entry)  # type: ignore[attr-defined]
+        # inline hooks patch x86 code: an aarch64 entry gets a gdbstub breakpoint
+        await self.vm.add_breakpoint(vaddr, inline=entry and self.arch == "x86")  # type: ignore[attr-defined]
 
     async def remove_breakpoint(self, vaddr: int) -> None:
         await self.vm.remove_breakpoint(vaddr)  # type: ignore[attr-defined]

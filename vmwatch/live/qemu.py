@@ -319,7 +319,7 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
             for command in writes:
                 await self.gdb.request(command)
             self._regs_cache.pop(vcpu, None)
-            if "rip" in values:
+            if "rip" in values or "pc" in values:
                 self._resume_from = None
 
     # ------------------------------------------------------------------ memory through QEMU

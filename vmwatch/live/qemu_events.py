@@ -48,7 +48,7 @@ class EventDelivery:
                 await self._select(vcpu)
                 for callback in self.on_resume:
                     callback()
-                replies = await self.gdb.batch([*restore, p.read_register(self._layout["rip"].regnum), p.cont()])
+                replies = await self.gdb.batch([*restore, p.read_register(self._layout[self._pc_name].regnum), p.cont()])
                 rip = int.from_bytes(p.decode_hex(replies[-1]), "little")
                 self.stats["internal_stops" if rip == hop.next_addr else "hops_interrupted"] += 1
                 return True
@@ -66,6 +66,8 @@ class EventDelivery:
         if stop.watch is not None:
             kind, addr = stop.watch
             size = next((s for (a, s, _acc) in self._watchpoints if a == addr), 0)
+            if self._a64 is not None:
+                await self._step_past_access(vcpu, addr)
             value = None
             if 0 < size <= 64:
                 try:
@@ -79,10 +81,10 @@ class EventDelivery:
             return False
         if stop.signal == SIGTRAP:
             regs = await self._read_g(vcpu)
-            if regs.rip not in self._breakpoints:
+            if regs.pc not in self._breakpoints:
                 return True  # a breakpoint removed meanwhile, or a spurious trap
-            self._resume_from = (vcpu, regs.rip)
-            self._pending.append(Breakpoint(address=regs.rip, **self._event_fields(vcpu)))
+            self._resume_from = (vcpu, regs.pc)
+            self._pending.append(Breakpoint(address=regs.pc, **self._event_fields(vcpu)))
             return False
         return True  # SIGINT (our interrupt) or another signal: nothing to report
 

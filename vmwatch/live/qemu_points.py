@@ -5,7 +5,6 @@ A mixin of :class:`vmwatch.live.qemu.QemuVM`; every change holds the link with t
 
 from __future__ import annotations
 
-from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.events import Access
 from vmwatch.live.gdbrsp import _proto as p
 
@@ -26,7 +25,6 @@ class Points:
         about 10x more events per second, but the guest's own reads of its code see the patch
         (vmwatch's reads, through ``memory`` and :meth:`read_memory`, see the original bytes).
         """
-        refuse_aarch64((self,), "breakpoints")
         async with self._stopped_link():
             if vaddr in self._breakpoints:
                 return vaddr in self._hooks
@@ -54,7 +52,6 @@ class Points:
 
         The event's ``address`` is the START of the watched range (what QEMU reports).
         """
-        refuse_aarch64((self,), "watchpoints")
         kind = WATCH_KIND.get(access)
         if kind is None:
             raise ValueError(f"access must be READ, WRITE or READ_WRITE, not {access!r}")
