@@ -9,7 +9,9 @@ error code, or at RIP when there is none. That holds on the KPTI entry stack, on
 (#DB, NMI, #DF, #MC) and on the task stack alike. CS & 3 is the mode the exception came from;
 CR2 holds a page fault's address until the next page fault, and the handler has not run yet.
 
-The handler entries are gdbstub breakpoints, never inline hooks: they are assembly stubs without
+Page faults on x86-64 Linux under TCG are taken further on instead, by guarded inline hooks on
+the kernel's C fault path that filter in the guest (vmwatch/engine/page_fault_hooks.py); the
+breakpoint below is their fallback. The handler entries are gdbstub breakpoints, never inline hooks: they are assembly stubs without
 the ftrace NOP a hook needs, and with KPTI they run on the entry stack before the kernel's page
 tables are in CR3, where a trampoline in ordinary kernel text is not mapped.
 
@@ -140,7 +142,13 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     from vmwatch.engine import sources as caps
     from vmwatch.engine.dispatch import Handler, Trap
 
+    from vmwatch.engine import page_fault_hooks
+
     modes = wanted_modes(wanted)
+    if PAGE_FAULT in modes:
+        handlers = [h for key, hs in wanted.items() if key.startswith(f"exception:{PAGE_FAULT}:") for h in hs]
+        if await page_fault_hooks.plan(engine, modes[PAGE_FAULT], handlers):
+            del modes[PAGE_FAULT]  # served in the guest's C fault path, filtered before any stop
     if not modes:
         return
     what = f"exception sensor (vectors {sorted(modes)})"
