@@ -148,6 +148,8 @@ def _filters(handlers: list[Handler], linux: Any) -> tuple[tuple[int, int] | Non
     if len(pids) == 1 and None not in pids:
         try:
             current = linux.symbols.get("current_task")
+            if current is None:  # 6.2 on: in pcpu_hot
+                current = linux.symbols["pcpu_hot"] + linux.types.offset("pcpu_hot", "current_task")
             tgid = linux.types.offset("task_struct", "tgid")
         except (VmwatchError, KeyError, AttributeError):
             current = None

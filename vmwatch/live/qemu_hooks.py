@@ -25,7 +25,8 @@ class InlineHooking:
 
     async def _add_hook(self, vaddr: int, guard: hg.Guard | None = None) -> bool:
         """Place an inline hook for a breakpoint at ``vaddr`` (lock held, guest stopped); with
-        ``guard``, a guarded one (ftrace NOP sites only, never a trampoline left behind)."""
+        ``guard``, a guarded one (ftrace NOP sites only; one left behind by a watch that died is
+        taken over when its trampoline holds this very guard, else the caller falls back)."""
         if vaddr < 1 << 63:  # kernel text only: user code pages are shared between processes
             return False
         code = await self._read_code(vaddr, 16)
@@ -66,10 +67,17 @@ class InlineHooking:
 
     async def _add_guarded(self, vaddr: int, code: bytes, guard: hg.Guard) -> bool:
         site = ih.patch_site(vaddr, code) if len(code) == 16 else None
-        if site is None or any(h.site == site for h in self._hooks.values()):
-            return False
         size = len(hg.guarded_trampoline(guard, 0).code)
         slot = self._guarded_spares.pop((site, guard), None)  # the same bytes again: safe to reuse
+        if site is None and len(code) == 16:  # left behind by a watch that died, with this very guard?
+            site, slot = ih.left_behind(vaddr, code) or (None, None)
+            if slot is None or await self._read_code(slot, size) != hg.guarded_trampoline(guard, slot).code:
+                return False
+            code = code[: site - vaddr] + ih.FTRACE_NOP + code[site - vaddr + ih.SITE_SIZE :]
+            await self._hide(slot, b"\xcc" * size)
+            self.stats["hooks_taken_over"] += 1
+        if site is None or any(h.site == site for h in self._hooks.values()):
+            return False
         spare = slot is not None
         if slot is None:
             slot = await self._int3_slot(site, size)
