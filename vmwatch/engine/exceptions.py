@@ -11,19 +11,22 @@ CR2 holds a page fault's address until the next page fault, and the handler has 
 
 Page faults on x86-64 Linux under TCG are taken further on instead, by guarded inline hooks on
 the kernel's C fault path that filter in the guest (vmwatch/engine/page_fault_hooks.py); the
-breakpoint below is their fallback. The handler entries are gdbstub breakpoints, never inline hooks: they are assembly stubs without
-the ftrace NOP a hook needs, and with KPTI they run on the entry stack before the kernel's page
-tables are in CR3, where a trampoline in ordinary kernel text is not mapped.
+breakpoint below is their fallback. The handler entries are gdbstub breakpoints, never inline
+hooks: they are assembly stubs without the ftrace NOP a hook needs, and with KPTI they run on
+the entry stack before the kernel's page tables are in CR3, where a trampoline in ordinary
+kernel text is not mapped.
 
-Page faults are the guest's hottest event. A stop cannot be avoided (gdbstub has no conditional
-breakpoints), so the mode filter runs first at the stop: one read of the frame (at most 48
-bytes, through the page cache), and a fault of a mode nobody listens to ends there. What such a
-stop costs a TCG guest is the breakpoint's flush of translated code, ~12-20 ms: page faults come
-at ~80/s at best (benchmarks/bench_sensors.py), and the default budget unhooks the trap. A
-read watchpoint on the vector's IDT gate (the CPU reads it to deliver; watchpoint stops flush
-nothing) was tried: QEMU 7.2 TCG aborts at the first delivery (``qemu_mutex_lock_iothread_impl:
-assertion failed``), a watchpoint hit inside interrupt delivery being a path it does not expect. The trap is governed like any other (a hot one is
-unhooked for a cooldown, or sampled on a replay), and every demotion is reported.
+Page faults are the guest's hottest event. Where this breakpoint serves them (the guarded hooks
+could not be placed: KVM, no ftrace NOP, another kernel) a stop cannot be avoided (gdbstub has
+no conditional breakpoints), so the mode filter runs first at the stop: one read of the frame
+(at most 48 bytes, through the page cache), and a fault of a mode nobody listens to ends there.
+What such a stop costs a TCG guest is the breakpoint's flush of translated code, ~12-20 ms:
+page faults come at ~90/s at best and the guest runs ~126x slower (benchmarks/bench_sensors.py),
+and the default budget unhooks the trap. A read watchpoint on the vector's IDT gate (the CPU
+reads it to deliver; watchpoint stops flush nothing) was tried: QEMU 7.2 TCG aborts at the
+first delivery (``qemu_mutex_lock_iothread_impl: assertion failed``), a watchpoint hit inside
+interrupt delivery being a path it does not expect. The trap is governed like any other (a hot
+one is unhooked for a cooldown, or sampled on a replay), and every demotion is reported.
 """
 
 from __future__ import annotations
