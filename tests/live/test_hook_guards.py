@@ -129,6 +129,23 @@ class TestSlots:
         assert hg.int3_slots(b"\xcc" * (hg.MIN_RUN - 1), base, 8, []) == []
 
 
+    def test_the_lab_kernel_has_room_for_thousands(self) -> None:
+        """Debian's 6.1 text: padding between functions holds at most 15 bytes (a 16-byte block
+        after ``ret; int3``), a guarded trampoline needs up to 96; the linker's int3 fill (the
+        SRSO thunks' alignment gaps: ~1 and ~1.7 MiB) holds tens of thousands."""
+        from vmwatch.lab.kernel import _elf_section, ensure_kernel
+
+        text = _elf_section(ensure_kernel("amd64").vmlinux().read_bytes(), ".text")
+        base = 0xFFFFFFFF81000000
+        slots = hg.int3_slots(text, base, 96, [], count=10**6)
+        assert len(slots) > 30_000, len(slots)
+        assert all(text[s - base : s - base + 96] == b"\xcc" * 96 for s in slots[:: 997])
+        from vmwatch.live.inline_hooks import free_slots
+
+        assert free_slots(b"\xc3" + b"\xcc" * 15 + b"\x90" * 16, base, [], size=15) == [base + 1]
+        assert free_slots(b"\xc3" + b"\xcc" * 15 + b"\x90" * 16, base, [], size=16) == []
+
+
 class TestPageFaultGuards:
     def test_the_paths_split_the_address_space(self) -> None:
         every = guards(frozenset({True, False}), None, None, FAULT_FLAGS_6_1)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from vmwatch.engine.address_spaces import release_tuple
 from vmwatch.errors import TranslationError, VmwatchError
 from vmwatch.events import Breakpoint, Fault
 from vmwatch.live.hook_guards import Guard
@@ -60,6 +61,8 @@ FAULT_FLAGS_6_1 = {"FAULT_FLAG_WRITE": 1 << 0, "FAULT_FLAG_TRIED": 1 << 5, "FAUL
                    "FAULT_FLAG_INSTRUCTION": 1 << 8}
 """``enum fault_flag`` (include/linux/mm_types.h, 5.17 on) when the kernel's BTF lacks it."""
 PF_PROT, PF_WRITE, PF_USER, PF_INSTR = 1, 2, 4, 16
+REGS_SINCE = (5, 9)
+"""``handle_mm_fault`` has had its ``regs`` argument since 5.9 (RCX is anything before)."""
 
 HANDLE_MM_FAULT, KERNEL_ADDRESS, BAD_AREA = "handle_mm_fault", "do_kern_addr_fault", "__bad_area_nosemaphore"
 SPANS = {HANDLE_MM_FAULT: (0, TASK_SIZE_MAX), KERNEL_ADDRESS: (TASK_SIZE_MAX, 1 << 64),
@@ -169,7 +172,7 @@ async def plan(engine: SensorHost, modes: frozenset[bool], handlers: list[Handle
         return False
     try:
         linux = engine.guest.linux
-        if linux.memory.pointer_size != 8:
+        if linux.memory.pointer_size != 8 or release_tuple(linux.kernel.release) < REGS_SINCE:
             return False
         flags = fault_flags(linux)
         span, pid = _filters(handlers, linux)

@@ -171,18 +171,17 @@ def guarded_trampoline(guard: Guard, slot: int, watched: int | None = None) -> T
 def int3_slots(code: bytes, base: int, size: int, taken: Iterable[tuple[int, int]], count: int = 1) -> list[int]:
     """Up to ``count`` slots of ``size`` bytes (16-byte aligned) in long ``int3`` runs of ``code``
     (at ``base``), :data:`MARGIN` bytes in from both ends, none overlapping ``taken``."""
-    busy = sorted(taken)
+    busy = sorted(taken)  # slots found here never overlap each other: only these are checked
     found: list[int] = []
     for match in re.finditer(rb"\xcc{%d,}" % max(MIN_RUN, size + 2 * MARGIN), code):
-        start = base + match.start() + MARGIN
-        start = (start + 15) & ~15
+        start = (base + match.start() + MARGIN + 15) & ~15
         end = base + match.end() - MARGIN
+        near = [(s, n) for s, n in busy if s < end and start < s + n]
         while start + size <= end and len(found) < count:
-            if any(s < start + size and start < s + n for s, n in busy):
+            if any(s < start + size and start < s + n for s, n in near):
                 start += 16
                 continue
             found.append(start)
-            busy.append((start, size))
             start += (size + 15) & ~15
         if len(found) == count:
             break
