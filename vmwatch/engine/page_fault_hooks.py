@@ -164,11 +164,12 @@ def _filters(handlers: list[Handler], linux: Any) -> tuple[tuple[int, int] | Non
 async def plan(engine: SensorHost, modes: frozenset[bool], handlers: list[Handler]) -> bool:
     """Arm the guarded hooks for these page-fault listeners; False (nothing armed) when this guest
     or source cannot take them all (the caller falls back on the IDT breakpoint)."""
+    from vmwatch.engine import sources as caps
     from vmwatch.engine.dispatch import Handler as Bound, Trap
 
     replay = getattr(engine.source, "replays_traps", False)
     add = getattr(engine.source, "add_guarded_hook", None)
-    if add is None and not replay:
+    if caps.BREAKPOINTS not in engine.capabilities or (add is None and not replay):
         return False
     try:
         linux = engine.guest.linux

@@ -29,7 +29,6 @@ import contextlib
 import time
 from typing import AsyncIterator, Callable
 
-import attrs
 import capstone
 import trio
 
@@ -252,7 +251,7 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
             regs = self._decode_g(data, vcpu)
             stopped = self._hook_stops.get(vcpu)
             if stopped is not None:  # as at the hooked address: before the call and the push
-                regs = attrs.evolve(regs, rip=stopped[0].address, rsp=stopped[1] + stopped[0].depth)
+                regs = await self._as_at_hook(regs, *stopped)
             self._regs_cache[vcpu] = regs
         return regs
 

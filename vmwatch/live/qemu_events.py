@@ -7,7 +7,6 @@ mixin of :class:`vmwatch.live.qemu.QemuVM`.
 
 from __future__ import annotations
 
-import attrs
 import trio
 
 from vmwatch.errors import LinkClosedError, ProtocolError
@@ -59,7 +58,7 @@ class EventDelivery:
             if regs.rip != hook.slot + hook.stop_offset:
                 return True  # the guest read its own code there (not the trampoline's read)
             self._hook_stops[vcpu] = (hook, regs.rsp)
-            self._regs_cache[vcpu] = attrs.evolve(regs, rip=hook.address, rsp=regs.rsp + hook.depth)
+            self._regs_cache[vcpu] = await self._as_at_hook(regs, hook, regs.rsp)
             self._pending.append(Breakpoint(address=hook.address, **self._event_fields(vcpu)))
             return False
         if stop.watch is not None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 
+import attrs
+
+from vmwatch.cpu import Registers
 from vmwatch.errors import ProtocolError
 from vmwatch.live import hook_guards as hg
 from vmwatch.live import inline_hooks as ih
@@ -185,6 +188,16 @@ class InlineHooking:
         self._masks = masks
         if hasattr(self.memory, "set_masks"):
             self.memory.set_masks(masks)
+
+    async def _as_at_hook(self, regs: Registers, hook: ih.Hook, rsp: int) -> Registers:
+        """The registers of a vCPU stopped in ``hook``'s trampoline (raw RSP ``rsp``) as they were
+        at the hooked address: RIP there, RSP before the call, RFLAGS the caller's (selected vCPU)."""
+        shown = attrs.evolve(regs, rip=hook.address, rsp=rsp + hook.depth)
+        if hook.flags_at is None:
+            return shown
+        await self._set_phys(False)
+        flags = p.decode_hex(await self.gdb.request(p.read_memory(rsp + hook.flags_at, 8)))
+        return attrs.evolve(shown, rflags=int.from_bytes(flags, "little"))
 
     async def _leave_trampoline(self, vcpu: int) -> None:
         """Make the registers of a vCPU stopped in a trampoline really what they are shown as
