@@ -87,8 +87,8 @@ def main() -> None:
     try:
         _timed(guest, 5, 1)  # warm caches
         bare, bare_faults = min(_timed(guest, args.procs, args.faults) for _ in range(2))
-        print(f"'scenario procs {args.procs}' and {args.faults} x 'fault ud' without vmwatch: {bare:.2f} s of guest time, "
-              f"guest pgfault/s {bare_faults / bare:,.0f}")
+        print(f"'scenario procs {args.procs}' and {args.faults} x 'fault ud' without vmwatch: "
+              f"{bare:.2f} s of guest time, guest pgfault/s {bare_faults / bare:,.0f}")
         for kind in (*PAGE_FAULTS, "#UD (ud2)", "cr3 writes", "local APIC writes"):
             events, wall, seconds, pgfaults, stops = trio.run(_under_watch, guest, kind, args.procs, args.faults)
             print(f"  {kind:24} {events:>7,} events in {wall:6.2f} s ({events / wall:>6,.0f}/s); "

@@ -19,9 +19,10 @@
   protection fault ip:IP ... error:0``, ``fault[PID]: segfault at ADDR ip IP ... error 6``).
 
 Page faults come from the guarded hooks of engine/page_fault_hooks.py here (3 traps), the other
-vectors from IDT breakpoints. A gdbstub breakpoint costs a TCG guest ~20 ms (engine/sources.py ``trap_overhead``), so the default
-budget unhooks the page-fault trap within a second of a fault storm; these checks are about what
-a fault looks like, so the watch gets a budget that lets every hit through.
+vectors from IDT breakpoints. A gdbstub breakpoint costs a TCG guest ~20 ms (engine/sources.py
+``trap_overhead``), so the default budget unhooks the page-fault trap within a second of a fault
+storm; these checks are about what a fault looks like, so the watch gets a budget that lets
+every hit through.
 """
 
 from __future__ import annotations

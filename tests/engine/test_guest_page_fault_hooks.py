@@ -58,7 +58,8 @@ async def test_user_fault_at_the_printed_address(lab_guest, start_armed, hooks):
     engine, out, stats = await _watch(lab_guest, start_armed,
                                       {"pf": rule.on_exception("page_fault", user=True, comm="fault")(keep)},
                                       "scenario fault pf; dmesg | grep ' fault\\[' | tail -1", 3 if hooks else 1, hooks)
-    assert stats.get("guarded_hooks", 0) == (3 if hooks else 0) and not engine.summary.demotions, (stats, engine.summary)
+    assert stats.get("guarded_hooks", 0) == (3 if hooks else 0), stats
+    assert not engine.summary.demotions, engine.summary
     printed = int(re.search(r"^0x([0-9a-f]+)$", out, re.M).group(1), 16)
     match = FAULT_SEGV.search(out)
     assert match and int(match.group(2), 16) == printed, out

@@ -52,7 +52,8 @@ class TestBytes:
         assert tramp.code[0x50:] == (0x1000).to_bytes(8, "little") + TASK_SIZE_MAX.to_bytes(8, "little")
 
     @pytest.mark.parametrize("guard", [FULL, hg.Guard(), hg.Guard(mode=("rdi", 0x88, False)),
-                                       hg.Guard(address=("r9", 0, 1 << 47)), hg.Guard(address=("r12", 1 << 63, 1 << 64)),
+                                       hg.Guard(address=("r9", 0, 1 << 47)),
+                                       hg.Guard(address=("r12", 1 << 63, 1 << 64)),
                                        hg.Guard(nonnull="r12", skip_bits=("r8", 0x20)), hg.Guard(pid=(0, 0, 0))])
     def test_every_path_leaves_registers_and_flags_as_found(self, guard: hg.Guard) -> None:
         """Every jump goes to the popfq; only rax is pushed and popped; nothing else writes a
@@ -77,9 +78,18 @@ class TestBytes:
         assert [i.mnemonic for i in body if i.address > pushes[0].address] == ["lea", "popfq", "ret"]
         assert [i.mnemonic for i in body].count("push") - [i.mnemonic for i in body].count("pop") == 1
 
+    @pytest.mark.parametrize("reg", [r for r in hg.REGS if r != "rsp"])
+    def test_every_register_is_encoded_as_itself(self, reg: str) -> None:
+        _, insns = listing(hg.Guard(nonnull=reg, skip_bits=(reg, 1), mode=(reg, 0x88, True), address=(reg, 1, 2)))
+        low = {"rax": "eax", "rcx": "ecx", "rdx": "edx", "rbx": "ebx", "rbp": "ebp", "rsi": "esi",
+               "rdi": "edi"}.get(reg, reg + "d")
+        tests = [f"{i.mnemonic} {i.op_str}" for i in insns if i.mnemonic in ("test", "cmp")]
+        assert tests[:3] == [f"test {reg}, {reg}", f"test {low}, 1", f"test byte ptr [{reg} + 0x88], 3"]
+        assert [t.split("[")[0] for t in tests[3:]] == [f"cmp {reg}, qword ptr "] * 2
+
     @pytest.mark.parametrize("bad", [{"nonnull": "rsp"}, {"nonnull": "eax"}, {"mode": ("rip", 0, True)},
                                      {"address": ("rsi", 5, 5)}, {"address": ("rsi", 0, (1 << 64) + 1)},
-                                     {"pid": (0, 0, 1 << 32)}, {"pid": (-1, 0, 1)}])
+                                     {"pid": (0, 0, 1 << 32)}, {"pid": (-1, 0, 1)}, {"mode": ("rcx", 1 << 31, True)}])
     def test_bad_guards_are_refused(self, bad: dict) -> None:
         with pytest.raises(ValueError):
             hg.Guard(**bad)

@@ -72,6 +72,8 @@ class Guard:
         for reg in (self.nonnull, *(p[0] for p in (self.skip_bits, self.mode, self.address) if p)):
             if reg is not None and reg not in REGS or reg == "rsp":
                 raise ValueError(f"a guard tests a general register other than rsp, not {reg!r}")
+        if self.mode is not None and not -(1 << 31) <= self.mode[1] < 1 << 31:
+            raise ValueError(f"guard mode offset must fit 32 bits, not {self.mode[1]!r}")
         if self.address is not None and not 0 <= self.address[1] < self.address[2] <= 1 << 64:
             raise ValueError(f"guard address range must be non-empty, not {self.address[1:]!r}")
         if self.pid is not None and not (0 <= self.pid[0] < 1 << 31 and 0 <= self.pid[1] < 1 << 31
@@ -79,33 +81,29 @@ class Guard:
             raise ValueError(f"guard pid test out of range: {self.pid!r}")
 
 
-def _rex(reg: str, w: bool) -> tuple[int, int]:
-    """``(REX prefix or 0, low 3 bits)`` of a register in a ModRM r/m field."""
-    n = REGS.index(reg)
-    rex = (0x48 if w else 0x40 if n >= 8 else 0) | (1 if n >= 8 else 0)
-    return rex, n & 7
+def _rm(reg: str, body: bytes) -> bytes:
+    """``body`` (its ModRM r/m naming ``reg``) with the REX.B prefix r8-r15 need, 32-bit operands."""
+    return (b"\x41" if REGS.index(reg) >= 8 else b"") + body
 
 
-def _modrm_disp32(reg: str, offset: int, opcode_ext: int) -> bytes:
-    """ModRM (+SIB for rsp/r12) + disp32 for ``[reg + offset]``."""
+def _modrm_disp32(reg: str, offset: int) -> bytes:
+    """ModRM (/0, +SIB for rsp/r12) + disp32 for ``[reg + offset]``."""
     low = REGS.index(reg) & 7
-    return bytes([0x80 | opcode_ext << 3 | low]) + (b"\x24" if low == 4 else b"") + struct.pack("<i", offset)
-
-
-def _prefixed(reg: str, w: bool, body: bytes) -> bytes:
-    rex, _ = _rex(reg, w)
-    return (bytes([rex]) if rex else b"") + body
+    return bytes([0x80 | low]) + (b"\x24" if low == 4 else b"") + struct.pack("<i", offset)
 
 
 @attrs.frozen
 class Trampoline:
+    """A guarded trampoline's bytes for one slot."""
+
     code: bytes
     stop_offset: int
     """RIP at the stop on the watched read, from the slot."""
 
 
 def _build(guard: Guard, slot: int, watched: int) -> Trampoline:
-    """Assemble with two passes' worth of care: every jump is a short ``jcc out`` fixed up last."""
+    """Every jump is a short ``jcc out``, its rel8 filled in once ``out`` is known; the cmp's
+    rip-relative operands once the constants' place is."""
     body = bytearray(b"\x9c")  # pushfq
     jumps: list[tuple[int, int]] = []  # (offset of the rel8 byte, jcc opcode)
     constants: list[tuple[int, int]] = []  # (offset of the disp32 field, constant index)
@@ -121,12 +119,11 @@ def _build(guard: Guard, slot: int, watched: int) -> Trampoline:
         jump(0x74)  # jz out
     if guard.skip_bits is not None:
         reg, mask = guard.skip_bits
-        _, low = _rex(reg, False)
-        body += _prefixed(reg, False, bytes([0xF7, 0xC0 | low]) + struct.pack("<I", mask & 0xFFFFFFFF))
+        body += _rm(reg, bytes([0xF7, 0xC0 | REGS.index(reg) & 7]) + struct.pack("<I", mask & 0xFFFFFFFF))  # test
         jump(0x75)  # jnz out
     if guard.mode is not None:
         reg, offset, user = guard.mode
-        body += _prefixed(reg, False, b"\xf6" + _modrm_disp32(reg, offset, 0) + b"\x03")  # test byte [reg+off], 3
+        body += _rm(reg, b"\xf6" + _modrm_disp32(reg, offset) + b"\x03")  # test byte [reg + offset], 3
         jump(0x74 if user else 0x75)  # user: CPL 0 (ZF) leaves; kernel: CPL 3 leaves
     if guard.address is not None:
         reg, low_value, high_value = guard.address

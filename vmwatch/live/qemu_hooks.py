@@ -87,7 +87,8 @@ class InlineHooking:
             if slot is None:
                 return False
         tramp = hg.guarded_trampoline(guard, slot)
-        hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=code[site - vaddr : site - vaddr + ih.SITE_SIZE],
+        site_original = code[site - vaddr : site - vaddr + ih.SITE_SIZE]
+        hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=site_original,
                        slot_original=b"\xcc" * size, stop_offset=tramp.stop_offset, depth=hg.STACK_DEPTH,
                        flags_at=hg.FLAGS_AT, guard=guard)
         await self._place(hook, tramp.code, spare)
