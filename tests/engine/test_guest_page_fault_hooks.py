@@ -109,3 +109,21 @@ async def test_user_and_kernel_split_within_the_guest_count(lab_guest, start_arm
     print(f"cat: {len(user)} user + {len(kernel)} kernel faults seen, {counted} counted by the guest")
     assert all(f.rip < 1 << 47 for f in user) and all(f.rip >= 1 << 63 for f in kernel)
     assert all(f.error_code & 4 for f in user) and not any(f.error_code & 4 for f in kernel)
+
+
+async def test_the_pid_guard_keeps_exactly_that_process(lab_guest, start_armed):
+    """pid= of the serial console's shell: the guard (tgid of gs:[current_task]) lets through
+    only that shell's faults, so every stop is one the rule keeps, and its children's are absent."""
+    shell_pid = int(lab_guest.shell("echo $$", check=True).split()[-1])
+    seen: list = []
+
+    def keep(event, guest):
+        seen.append((event, guest.current.pid if guest.current else None))
+
+    engine, out, _ = await _watch(lab_guest, start_armed,
+                                  {"mine": rule.on_exception("page_fault", pid=shell_pid)(keep)},
+                                  "x=$(seq 1 30000); echo ${#x}; scenario fault pf")
+    printed = int(re.search(r"^0x([0-9a-f]+)$", out, re.M).group(1), 16)
+    assert seen and {p for _, p in seen} == {shell_pid}, (shell_pid, seen[:5])
+    assert engine.runs["sensor.page_fault_hooks"].calls == len(seen)  # nothing stopped for another pid
+    assert not [f for f, _ in seen if f.cr2 == printed]
