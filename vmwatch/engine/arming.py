@@ -161,7 +161,11 @@ class Arming:
 
     async def _arm(self, trap: Trap) -> None:
         if trap.kind == "breakpoint":
-            await self.source.add_breakpoint(trap.address, entry=trap.entry)
+            if trap.guard is not None:
+                if not await self.source.add_breakpoint(trap.address, entry=True, guard=trap.guard):
+                    log.warning("guarded hook not placed again", trap=trap.name)
+            else:
+                await self.source.add_breakpoint(trap.address, entry=trap.entry)
         else:
             await self.source.add_watchpoint(trap.address, trap.size, trap.access)
         self._armed.add(trap)

@@ -25,6 +25,7 @@ support breakpoints (DESIGN.md "Capabilities")::
     "breakpoints": async add_breakpoint(vaddr, *, entry=False); async remove_breakpoint(vaddr)
                    (``entry``: vaddr is a kernel function's first instruction, the source may
                    hook it inline, see vmwatch/live/inline_hooks.py)
+                   optional: async add_guarded_hook(vaddr, guard) -> bool (live/hook_guards.py)
     "watchpoints": async add_watchpoint(vaddr, size, access); async remove_watchpoint(vaddr, size, access)
     "pause":       async pause(); async resume()  -- every event the stream yields holds the guest
                    paused until the pump asks for the next one; pause() holds it (ticks, tampers)
@@ -48,6 +49,7 @@ import trio
 from vmwatch.cpu import Registers, msr_name
 from vmwatch.errors import ProtocolError
 from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SourceEnded, Tick
+from vmwatch.live.hook_guards import Guard
 
 log = structlog.get_logger()
 
@@ -330,9 +332,19 @@ class LiveSource:
         self._msrs = tuple(numbers)
         self._msrs_period = period
 
-    async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
-        # inline hooks patch x86 code: an aarch64 entry gets a gdbstub breakpoint
-        await self.vm.add_breakpoint(vaddr, inline=entry and self.arch == "x86")  # type: ignore[attr-defined]
+    async def add_breakpoint(self, vaddr: int, *, entry: bool = False, guard: Guard | None = None) -> bool:
+        """True when the breakpoint is an inline hook; with ``guard``, False when nothing was armed.
+        Inline hooks patch x86 code: an aarch64 entry gets a gdbstub breakpoint, a guard nothing."""
+        if self.arch != "x86":
+            if guard is not None:
+                return False
+            entry = False
+        return await self.vm.add_breakpoint(vaddr, inline=entry, guard=guard)  # type: ignore[attr-defined]
+
+    async def add_guarded_hook(self, vaddr: int, guard: Guard) -> bool:
+        """A guarded inline hook at kernel function ``vaddr`` (vmwatch/live/hook_guards.py): the
+        guest stops there only when ``guard`` holds. False, nothing armed, when none fits."""
+        return await self.add_breakpoint(vaddr, entry=True, guard=guard)
 
     async def remove_breakpoint(self, vaddr: int) -> None:
         await self.vm.remove_breakpoint(vaddr)  # type: ignore[attr-defined]

@@ -80,6 +80,15 @@ class Hook:
     slot_original: bytes
     moved: bytes = b""
     """The instruction the trampoline runs in the site's place (empty: the site held a NOP)."""
+    stop_offset: int = RIP_AFTER_PUSH
+    """RIP at a stop on the trampoline's read, from ``slot``."""
+    depth: int = STACK_DEPTH
+    """Bytes the call and the trampoline put on the stack by the time of that stop."""
+    flags_at: int | None = None
+    """Where the trampoline saved the caller's RFLAGS at that stop, from RSP (a guarded one,
+    :mod:`vmwatch.live.hook_guards`); None: it changes no flag."""
+    guard: object = None
+    """The :class:`~vmwatch.live.hook_guards.Guard` of a guarded hook."""
 
 
 def trampoline(slot: int, moved: bytes = b"") -> bytes:

@@ -29,7 +29,6 @@ import contextlib
 import time
 from typing import AsyncIterator, Callable
 
-import attrs
 import capstone
 import trio
 
@@ -93,6 +92,8 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
         self._hook_at_slot: dict[int, ih.Hook] = {}
         self._spare_slots: set[int] = set()
         """Trampolines of removed hooks (left in place, see inline_hooks)."""
+        self._guarded_spares: dict[tuple[int, object], int] = {}
+        """(site, guard) -> the guarded trampoline a removed hook left there (hook_guards)."""
         self._hook_stops: dict[int, tuple[ih.Hook, int]] = {}
         """vCPUs stopped inside a trampoline: the hook and the raw RSP there."""
         self._hidden: dict[int, bytes] = {}
@@ -250,7 +251,7 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
             regs = self._decode_g(data, vcpu)
             stopped = self._hook_stops.get(vcpu)
             if stopped is not None:  # as at the hooked address: before the call and the push
-                regs = attrs.evolve(regs, rip=stopped[0].address, rsp=stopped[1] + ih.STACK_DEPTH)
+                regs = await self._as_at_hook(regs, *stopped)
             self._regs_cache[vcpu] = regs
         return regs
 

@@ -7,12 +7,10 @@ mixin of :class:`vmwatch.live.qemu.QemuVM`.
 
 from __future__ import annotations
 
-import attrs
 import trio
 
 from vmwatch.errors import LinkClosedError, ProtocolError
 from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SourceEnded
-from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import RemoteError
 from vmwatch.live.qemu_points import BP
@@ -57,10 +55,10 @@ class EventDelivery:
             hook = self._hook_at_slot[stop.watch[1]]
             self._regs_cache.pop(vcpu, None)
             regs = await self._read_g(vcpu)
-            if regs.rip != hook.slot + ih.RIP_AFTER_PUSH:
+            if regs.rip != hook.slot + hook.stop_offset:
                 return True  # the guest read its own code there (not the trampoline's read)
             self._hook_stops[vcpu] = (hook, regs.rsp)
-            self._regs_cache[vcpu] = attrs.evolve(regs, rip=hook.address, rsp=regs.rsp + ih.STACK_DEPTH)
+            self._regs_cache[vcpu] = await self._as_at_hook(regs, hook, regs.rsp)
             self._pending.append(Breakpoint(address=hook.address, **self._event_fields(vcpu)))
             return False
         if stop.watch is not None:
