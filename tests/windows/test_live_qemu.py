@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
+import time
 
 import attrs
 import pytest
@@ -152,6 +155,49 @@ def test_watch_ssdt_entry_written_live(request, tmp_path, arch):
         with qemu.monitor() as monitor:
             text = monitor.execute("human-monitor-command", command_line="info registers")
         assert "EIP=0000fff0" in text and "HLT=1" in text
+
+
+def _wait_for_events(monitor, names: list[str], timeout: float) -> None:
+    """Until QMP has sent ``names`` in this order (other events between them are skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        monitor.execute("query-status")
+        seen = iter(e.name for e in monitor.events)
+        if all(name in seen for name in names):
+            return
+        assert time.monotonic() < deadline, [e.name for e in monitor.events]
+        time.sleep(0.05)
+
+
+@pytest.mark.guest
+def test_watch_ssdt_entry_changed_between_ticks(request, tmp_path):
+    """SSDT[1] rewritten in guest RAM while a watch runs (from the host, through the RAM file QEMU
+    shares, as a DMA or rootkit write would land): the periodic check reports it changed, old and
+    new target; nothing was reported before it."""
+    g = _guest(request, "x64", clean=True)
+    image = tmp_path / "clean.raw"
+    image.write_bytes(g.raw())
+    table = g.rva(SSDT_RVA)
+    outside = g.kernel_va + 0x2000000
+    with WindowsQemu.start(image, g.registers) as qemu, qemu.monitor() as monitor:
+        watch = subprocess.Popen([sys.executable, "-m", "vmwatch", "watch", qemu.target, "--rules", "security",
+                                  "--duration", "12", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            # the guest let run, then stopped and let run twice more: two periodic checks took the baseline
+            _wait_for_events(monitor, ["RESUME", "STOP", "RESUME", "STOP", "RESUME"], timeout=30)
+            with open(qemu.ram_path, "r+b") as ram:
+                ram.seek(g.paddr(table + 4))
+                ram.write(struct.pack("<i", (outside - table) << 4 | 2))
+            out, err = watch.communicate(timeout=60)
+        finally:
+            watch.kill()
+        text = monitor.execute("human-monitor-command", command_line="info registers")
+    assert "EIP=0000fff0" in text and "HLT=1" in text  # the vCPU ran nothing while QEMU ran
+    assert watch.returncode == 0, err
+    alerts = [json.loads(line) for line in out.splitlines() if json.loads(line).get("event") == "alert"]
+    assert [(a["rule"], a["details"]["index"], a["details"]["old"], a["details"]["new"]) for a in alerts] == [
+        ("security.ssdt", 1, f"{g.services[1]:#x}", f"{outside:#x}")]
 
 
 @pytest.mark.guest
