@@ -10,6 +10,7 @@ opened as a file; the live path must find the kernel from the vCPU's CR3 and IDT
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -230,10 +231,23 @@ def test_idtr_into_unmapped_memory_falls_back_to_the_scan(request, tmp_path):
     assert [p["pid"] for p in json.loads(ps.stdout)] == [p.pid for p in g.processes]
 
 
-@pytest.mark.parametrize("stream", [b"", b"\x04\x00\x00\x00\x05\x03cpu" + bytes(64), bytes(4096)])
-def test_patch_refuses_a_stream_it_does_not_know(stream, ntoskrnl):
-    """A migration stream without the sections and fields expected: one LabError, nothing patched."""
+COMMON = b"\x04\x00\x00\x00\x04\x0acpu_common" + bytes(8)
+"""A cpu_common section header (instance 0, a version); ``halted`` follows."""
+CPU = b"\x04\x00\x00\x00\x05\x03cpu" + bytes(8)
+
+
+@pytest.mark.parametrize(("stream", "why"), [
+    (b"", "no single 'cpu_common'"), (bytes(4096), "no single 'cpu_common'"),
+    (CPU + bytes(64), "no single 'cpu_common'"), (COMMON + b"\0\0\0\1" + CPU + bytes(64), "halted = 0"),
+    (COMMON + bytes(4) + CPU + bytes(64) + CPU, "no single 'cpu'"),
+    (COMMON + bytes(4) + CPU, "no reset GDT/IDT"), (COMMON + bytes(4) + CPU + bytes(64), "no reset GDT/IDT")],
+    ids=["empty", "zeros", "no-cpu_common", "halted", "two-cpu-sections", "crs-at-section-start", "no-reset-idt"])
+def test_patch_refuses_a_stream_it_does_not_know(stream, why, ntoskrnl):
+    """A migration stream without the sections and fields expected (each followed by the CR
+    values, so only the named check can refuse it): one LabError saying why, nothing patched."""
     from vmwatch.errors import LabError
 
-    with pytest.raises(LabError):
-        patch_cpu_state(stream, WindowsGuest(ntoskrnl).registers)
+    registers = WindowsGuest(ntoskrnl).registers
+    crs = struct.pack(">QQQQ", registers.cr0 | 0x10, 0, registers.cr3, registers.cr4)
+    with pytest.raises(LabError, match=re.escape(why)):
+        patch_cpu_state(stream + crs, registers)

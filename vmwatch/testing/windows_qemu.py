@@ -38,6 +38,9 @@ from vmwatch.live.qmp._sync import SyncQmp
 
 EMULATOR = "qemu-system-x86_64"
 START_TIMEOUT = 20.0
+MAX_RAM = 3 << 30
+"""A pc machine maps RAM past ~3 GiB above its PCI hole, where file offsets stop being
+guest-physical addresses (the image opened as a file would be another memory)."""
 
 _SEGMENT = struct.Struct(">IQII")
 """vmstate_segment: selector, base (target_ulong), limit, flags; migration streams are big-endian."""
@@ -75,14 +78,17 @@ def patch_cpu_state(stream: bytes, registers: Registers) -> bytes:
     """
     out = bytearray(stream)
     halted_at = _section(stream, b"cpu_common")
-    (halted,) = struct.unpack_from(">I", out, halted_at)
+    if out[halted_at:halted_at + 4] != bytes(4):
+        raise LabError("the 'cpu_common' section does not begin with a running vCPU's halted = 0")
     crs = _CRS.pack(registers.cr0 | _CR0_ET, 0, registers.cr3, registers.cr4)
-    cr0_at = out.find(crs, _section(stream, b"cpu"))
-    if halted != 0 or cr0_at < 0 or out.find(crs, cr0_at + 1) != -1:
+    cpu_at = _section(stream, b"cpu")
+    cr0_at = out.find(crs, cpu_at)
+    if cr0_at < 0 or out.find(crs, cr0_at + 1) != -1:
         raise LabError("the 'cpu' section does not hold the control registers written over the gdbstub")
     idt_at = cr0_at - _SYSENTER - _SEGMENT.size
     gdt_at = idt_at - _SEGMENT.size
-    if _SEGMENT.unpack_from(out, gdt_at) != _RESET_TABLE or _SEGMENT.unpack_from(out, idt_at) != _RESET_TABLE:
+    if gdt_at < cpu_at or _SEGMENT.unpack_from(out, gdt_at) != _RESET_TABLE or \
+            _SEGMENT.unpack_from(out, idt_at) != _RESET_TABLE:
         raise LabError("the 'cpu' section has no reset GDT/IDT before its sysenter and control registers")
     struct.pack_into(">I", out, halted_at, 1)
     _SEGMENT.pack_into(out, idt_at, 0, registers.idtr_base, registers.idtr_limit, 0)
@@ -139,8 +145,8 @@ class WindowsQemu:
         if shutil.which(EMULATOR) is None:
             raise LabError(f"{EMULATOR} is missing (install the Debian package qemu-system-x86)")
         size = image.stat().st_size
-        if size % (1 << 20):
-            raise LabError(f"{image}: {size} bytes is not a whole number of MiB")
+        if size % (1 << 20) or not 0 < size <= MAX_RAM:
+            raise LabError(f"{image}: {size} bytes is not a whole number of MiB up to {MAX_RAM >> 30} GiB")
         runtime = new_runtime_dir("lab-win-")
         try:
             shutil.copyfile(image, runtime / "ram")
