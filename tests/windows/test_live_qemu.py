@@ -1,5 +1,6 @@
 """The Windows layer through the real live backend: a stopped qemu-system-x86_64 whose RAM file is
-a Windows memory image built around Wine's real ntoskrnl (x64, and x86 with PAE tables).
+a Windows memory image built around Wine's real ntoskrnl (x64; x86 with PAE and with 32-bit
+page tables).
 
 No Windows boots: the vCPU state the image needs is loaded into QEMU (testing/windows_qemu.py)
 and vmwatch attaches by the QMP socket alone, as to any guest (QMP, ``info mtree``, the shared
@@ -29,7 +30,8 @@ from vmwatch.testing.windowsguest import SSDT_RVA, WindowsGuest
 from tests.windows.test_windows import check_objects, how_found
 
 COMMANDS = ("ps", "modules", "syscalls", "idt")
-ARCHES = {"x64": "wine_pe", "x86-pae": "wine_pe32"}
+ARCHES = {"x64": ("wine_pe", True), "x86-pae": ("wine_pe32", True), "x86-32bit": ("wine_pe32", False)}
+"""Guest arch -> (the PE files' fixture, PAE tables for an x86 kernel)."""
 LIVE_STEPS = {"DTB": "CR3 of the saved/live vCPU"}
 
 
@@ -42,8 +44,9 @@ class Live:
 
 
 def _guest(request, arch: str, *, clean: bool = False) -> WindowsGuest:
-    pe = request.getfixturevalue(ARCHES[arch])
-    g = WindowsGuest(pe["ntoskrnl.exe"], hal=pe["hal.dll"])
+    fixture, pae = ARCHES[arch]
+    pe = request.getfixturevalue(fixture)
+    g = WindowsGuest(pe["ntoskrnl.exe"], hal=pe["hal.dll"], pae=pae)
     g.build_objects(clean=clean)
     return g
 
