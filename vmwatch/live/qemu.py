@@ -354,7 +354,10 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
 
     # ------------------------------------------------------------------ lifetime
 
-    async def _detach(self) -> None:
+    async def _detach(self, *, resume: bool) -> None:
+        """Remove every point; ``resume``: detach, which lets the guest run. Else the link is only
+        closed: QEMU's gdbstub starts the VM on a detach packet whatever its run state (7.2's
+        handle_detach -> gdb_continue -> vm_start), and a guest found paused (``-S``) must not run."""
         if self._closed is not None:
             return
         with contextlib.suppress(LinkError):
@@ -372,7 +375,8 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
                 for (addr, size, access) in self._watchpoints:
                     await self.gdb.request(p.remove_point(WATCH_KIND[access], addr, size), check=False)
                 await self._set_phys(False)
-                await self.gdb.request(p.detach())
+                if resume:
+                    await self.gdb.request(p.detach())
 
 
 @contextlib.asynccontextmanager
@@ -425,7 +429,7 @@ async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator
                 raise
             finally:
                 with trio.CancelScope(shield=True):
-                    await vm._detach()
-                    if not was_running and vm._closed is None:
+                    await vm._detach(resume=was_running)
+                    if not was_running and vm._closed is None:  # "debug" after our stops: say "paused" again
                         with contextlib.suppress(LinkError):
                             await qmp.execute("stop")
