@@ -42,7 +42,7 @@ REFUSED = {
 }
 MAX_RUNS = 4096
 MAX_BITMAP_RUNS = 1 << 21
-_FILLER = (0x45474150, 0x4547415045474150)
+_FILLER = {32: 0x45474150, 64: 0x4547415045474150}
 """``PAGE`` (u32 and u64): Windows fills the header with it before writing the fields it knows."""
 _BITMAP_STRETCHES = re.compile(rb"\x00+|\xff+|[\x01-\xfe]")
 
@@ -70,9 +70,10 @@ class Header:
     pfn_database: int | None = None
 
 
-def _set(value: int) -> int | None:
-    """A header field, or None when Windows left its ``PAGE`` filler there (never written)."""
-    return None if value in _FILLER else value
+def _set(value: int, bits: int = 32) -> int | None:
+    """A ``bits``-wide header field, or None when Windows left its ``PAGE`` filler there (never
+    written). A 64-bit field holding only the u32 filler is a value: it is not the filler."""
+    return None if value == _FILLER[bits] else value
 
 
 def parse_header(r: Reader) -> Header:
@@ -111,9 +112,13 @@ def parse_header(r: Reader) -> Header:
         size = 0x1000
     else:
         raise r.error(f"bad crash dump signature {sig!r}", 0)
-    return Header(64 if size == 0x2000 else 32, major, minor, dtb, _set(machine), _set(cpus), _set(bugcheck),
-                  _set(kdbg), dump_type, size, runs, pae, tuple(map(_set, params)), _set(modules), _set(processes),
-                  _set(pfn))
+    bits = 64 if size == 0x2000 else 32
+
+    def wide(value: int) -> int | None:  # the pointer-sized fields
+        return _set(value, bits)
+
+    return Header(bits, major, minor, dtb, _set(machine), _set(cpus), _set(bugcheck), wide(kdbg), dump_type,
+                  size, runs, pae, tuple(map(wide, params)), wide(modules), wide(processes), wide(pfn))
 
 
 class CrashDumpImage(Image):
