@@ -102,6 +102,26 @@ class TestPieces:
         assert ih.left_behind(BASE, b"\x55" + RET) is None
         assert ih.FTRACE_NOP == NOP5
 
+    @pytest.mark.parametrize("moved", [bytes.fromhex("0f22c7"), bytes.fromhex("0f22e7"), bytes.fromhex("410f22e0")])
+    def test_left_behind_mov_is_read_back_from_its_trampoline(self, moved: bytes) -> None:
+        """A ``mov crN`` hook left behind: its trampoline names the mov, the site gets Linux's
+        NOP of the rest back (native_write_cr0's own bytes on the lab kernel: 0f22c7 6690)."""
+        slot = BASE + 0x1231
+        assert ih.left_moved(slot, ih.trampoline(slot, moved) + INT3) == moved
+        site = ih.original_site(moved)
+        assert len(site) == ih.SITE_SIZE and ih.displaced(BASE, site + RET) == moved
+        assert ih.original_site(bytes.fromhex("0f22c7")) == bytes.fromhex("0f22c76690")
+        assert ih.original_site(b"") == NOP5
+
+    @pytest.mark.parametrize("code", [
+        ih.trampoline(BASE + 0x1231) + INT3 * 4,                                   # a plain one
+        ih.trampoline(BASE + 0x1231, bytes.fromhex("0f20c0")) + INT3,             # mov rax, cr0 reads
+        ih.trampoline(BASE + 0x1231, bytes.fromhex("0f22c7"))[:-1] + INT3 * 2,    # no ret
+        b"",
+    ])
+    def test_no_mov_is_read_from_anything_else(self, code: bytes) -> None:
+        assert ih.left_moved(BASE + 0x1231, code) is None
+
     def test_probe_fits_a_smaller_slot(self) -> None:
         """The 8-byte MSR probe takes a run too short for a trampoline, never a longer one's end."""
         code = NOP1 * 7 + RET + INT3 + NOP1 * 7 + NOP5 + RET + INT3 * 10
