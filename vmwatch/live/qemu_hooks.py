@@ -76,13 +76,16 @@ class InlineHooking:
                 self.stats["hooks_taken_over"] += 1
         if site is None or any(h.site == site for h in self._hooks.values()):
             return False
+        reused = False
         if slot is None and moved:  # its own trampoline again, after governance took it away
             slot = self._spares.pop((site, moved), None)
-            slot_original = self._hidden.get(slot, b"")
+            slot_original, reused = self._hidden.get(slot, b""), slot is not None
         if slot is None:
             slot, slot_original = await self._trampoline_slot(site, moved or b"")
             if slot is None:
                 return False
+            reused = slot in self._spare_slots
+        self.stats["trampolines_reused"] += reused
         hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=site_original, slot_original=slot_original,
                        moved=moved or b"")
         await self._hide(site, site_original)
@@ -101,6 +104,7 @@ class InlineHooking:
         site = ih.patch_site(vaddr, code) if len(code) == 16 else None
         size = len(hg.guarded_trampoline(guard, 0).code)
         slot = self._spares.pop((site, guard), None)  # the same bytes again: safe to reuse
+        self.stats["trampolines_reused"] += slot is not None
         if site is None and len(code) == 16:  # left behind by a watch that died
             site, slot = ih.left_behind(vaddr, code) or (None, None)
             left = await self._read_code(slot, hg.LARGEST) if slot is not None else b""
