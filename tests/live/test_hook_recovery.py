@@ -98,8 +98,9 @@ def first_watch_dies(guest, tmp: Path, rules: Path, addresses: dict[str, int], b
         proc.stderr.close()
 
 
-async def second_watch(guest, rules: Path) -> tuple[set[str], dict[str, int], dict]:
-    """The kinds of events stored, the calls of each rule and sensor, the backend's stats."""
+async def second_watch(guest, rules: Path, addresses: dict[str, int]) -> tuple[set[str], dict[str, int], dict, dict]:
+    """The kinds of events stored, the calls of each rule and sensor, the backend's stats, and
+    each function's bytes as QEMU executes them while the watch runs."""
     from vmwatch.target import open_target
 
     async with open_target(guest.target) as target:
@@ -112,6 +113,7 @@ async def second_watch(guest, rules: Path) -> tuple[set[str], dict[str, int], di
             with trio.fail_after(120):
                 while engine.summary.traps == 0:
                     await trio.sleep(0.05)
+            armed = {n: await trio.to_thread.run_sync(executed, guest, a) for n, a in addresses.items()}
             out = await trio.to_thread.run_sync(lambda: guest.shell(
                 "scenario procs 2; scenario fault pf; echo 1 > /proc/sys/vm/drop_caches", timeout=120))
             assert "scenario procs" in out, out
@@ -120,7 +122,7 @@ async def second_watch(guest, rules: Path) -> tuple[set[str], dict[str, int], di
         stats = dict(target.live.stats)
         assert not engine.summary.rule_errors, engine.summary
     calls = {name: run.calls for name, run in engine.runs.items()}
-    return {r.kind for r in sink.events}, calls, stats
+    return {r.kind for r in sink.events}, calls, stats, armed
 
 
 @pytest.mark.parametrize("filters", ['user=True', 'user=False'], ids=["same-guards", "other-guards"])
@@ -133,7 +135,7 @@ async def test_hooks_left_by_a_killed_watch_are_taken_back(own_guest, tmp_path, 
     left = {n: executed(own_guest, a) for n, a in addresses.items()}
     assert all(left[n] != before[n] for n in addresses), [n for n in addresses if left[n] == before[n]]
 
-    kinds, calls, stats = await second_watch(own_guest, rules_file(tmp_path, "user=True"))
+    kinds, calls, stats, armed = await second_watch(own_guest, rules_file(tmp_path, "user=True"), addresses)
     print(f"{filters}: {stats} {calls}")
     assert calls["sensor.page_fault_hooks"] > 0 and "ProcessStart" in kinds, (calls, kinds)
     after = {n: executed(own_guest, a) for n, a in addresses.items()}
@@ -145,4 +147,9 @@ async def test_hooks_left_by_a_killed_watch_are_taken_back(own_guest, tmp_path, 
     assert stats.get("hooks_restored") == restored, stats
     assert stats.get("hooks_taken_over", 0) >= len(FUNCTIONS) - restored, stats
     assert stats["guarded_hooks"] == 3, stats
+    # while it ran: the same calls to the same trampolines, but where another guard's were left
+    same = {n for n in addresses if armed[n] == left[n]}
+    guarded = {"handle_mm_fault", "do_kern_addr_fault", "__bad_area_nosemaphore"}
+    assert same == (set(addresses) if filters == "user=True" else set(addresses) - guarded), same
+    assert stats["trampolines_reused"] == 2, stats  # the movs' (a taken-over hook's is counted above)
     assert own_guest.shell("echo alive", check=True).strip().endswith("alive")
