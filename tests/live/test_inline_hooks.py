@@ -327,3 +327,26 @@ async def test_read_msrs_of_a_running_guest(lab_guest) -> None:
             await vm.read_msrs([0x3A])
     lab_guest.shell("scenario busy stop", check=True)
     assert "ok" in lab_guest.shell("echo ok", check=True)
+
+
+@pytest.mark.guest
+async def test_a_mov_hook_placed_again_gets_its_trampoline_back(lab_guest) -> None:
+    """native_write_cr0's ``mov cr0, rdi`` hooked, unhooked (as governance does for a cooldown) and
+    hooked again: QEMU executes a call to the same trampoline, and the mov and its NOP after."""
+    start = kallsyms(lab_guest, "native_write_cr0")
+    async with attach_qemu(str(lab_guest.qmp_path)) as vm:
+        code = await executed_bytes(vm, start, 16)
+        mov = start + next(i for i, _, m, o in MD.disasm_lite(code, 0) if m == "mov" and o.startswith("cr0"))
+        original = await executed_bytes(vm, mov, 5)
+        calls = []
+        for _ in range(2):
+            assert await vm.add_breakpoint(mov, inline=True) is True
+            call = await executed_bytes(vm, mov, 5)
+            assert call[0] == ih.CALL_REL32 and await vm.read_memory(mov, 5) == original
+            calls.append(call)
+            await vm.remove_breakpoint(mov)
+            assert await executed_bytes(vm, mov, 5) == original
+        assert calls[0] == calls[1]
+        assert vm.stats["trampolines_reused"] == 1 and vm.stats["inline_hooks"] == 2
+        await vm.resume()
+    assert lab_guest.shell("echo alive", check=True).strip().endswith("alive")

@@ -52,7 +52,8 @@ class InlineHooking:
     async def _add_hook(self, vaddr: int, guard: hg.Guard | None = None) -> bool:
         """Place an inline hook for a breakpoint at ``vaddr`` (lock held, guest stopped); with
         ``guard``, a guarded one (ftrace NOP sites only; one left behind by a watch that died is
-        taken over when its trampoline holds this very guard, else the caller falls back)."""
+        taken over when its trampoline holds this very guard; another guard's gets its NOP back
+        and a new trampoline)."""
         if vaddr < 1 << 63:  # kernel text only: user code pages are shared between processes
             return False
         code = await self._read_code(vaddr, 16)
