@@ -304,7 +304,7 @@ SYSCTLS = {
     "kernel.kexec_load_disabled": ("kexec_load_disabled", 4, "int"),
     "kernel.unprivileged_bpf_disabled": ("sysctl_unprivileged_bpf_disabled", 4, "int"),
     "kernel.yama.ptrace_scope": ("ptrace_scope", 4, "int"),
-    "vm.mmap_min_addr": ("mmap_min_addr", 8, "int"),
+    "vm.mmap_min_addr": ("dac_mmap_min_addr", 8, "int"),  # what /proc/sys shows (mmap_min_addr: max of it and the LSM's)
     "kernel.modprobe": ("modprobe_path", 256, "str"),
     "kernel.core_pattern": ("core_pattern", 128, "str"),
 }

@@ -116,21 +116,29 @@ def test_syscall_table_entry_changed_from_outside(arm64_watcher, arm64_guest) ->
 
 
 def test_security_sysctls_weakened(arm64_watcher, arm64_guest) -> None:
-    """dmesg_restrict lowered and the modprobe helper redirected (variables found from their ctl_table
-    entries, kallsyms has no data): warnings with the values the guest's /proc/sys showed."""
+    """dmesg_restrict and mmap_min_addr lowered, the modprobe helper redirected (variables found from
+    their ctl_table entries, kallsyms has no data; mmap_min_addr's entry names dac_mmap_min_addr):
+    warnings with the values the guest's /proc/sys showed, and no sysctl check set aside."""
     w = arm64_watcher
-    files = {"dmesg_restrict": "/proc/sys/kernel/dmesg_restrict", "modprobe": "/proc/sys/kernel/modprobe"}
+    assert not [line for line in w.engine.summary.inactive if "sysctl" in line or "mmap_min_addr" in line], \
+        w.engine.summary.inactive
+    files = {"dmesg_restrict": "/proc/sys/kernel/dmesg_restrict", "mmap_min_addr": "/proc/sys/vm/mmap_min_addr",
+             "modprobe": "/proc/sys/kernel/modprobe"}
     old = {name: arm64_guest.shell(f"cat {path}", check=True).strip() for name, path in files.items()}
-    assert int(old["dmesg_restrict"]) > 0
+    assert int(old["dmesg_restrict"]) > 0 and int(old["mmap_min_addr"]) > 0, old
     mark = w.mark()
-    arm64_guest.shell(f"echo 0 > {files['dmesg_restrict']}; echo /tmp/.x/modprobe > {files['modprobe']}", check=True)
+    arm64_guest.shell(f"echo 0 > {files['dmesg_restrict']}; echo 0 > {files['mmap_min_addr']}; "
+                      f"echo /tmp/.x/modprobe > {files['modprobe']}", check=True)
     try:
         new = {name: arm64_guest.shell(f"cat {path}", check=True).strip() for name, path in files.items()}
         w.wait_for("security.security_sysctl", mark)
-        messages = w.serious_messages("security.security_sysctl", mark, 2)  # strings: once two checks agree
+        messages = w.serious_messages("security.security_sysctl", mark, 3)  # strings: once two checks agree
     finally:
         arm64_guest.shell(f"echo {old['dmesg_restrict']} > {files['dmesg_restrict']}; "
+                          f"echo {old['mmap_min_addr']} > {files['mmap_min_addr']}; "
                           f"echo {old['modprobe']} > {files['modprobe']}", check=True)
-    assert messages == [f"sysctl kernel.dmesg_restrict weakened: {old['dmesg_restrict']} -> {new['dmesg_restrict']}",
-                        f"sysctl kernel.modprobe weakened: '{old['modprobe']}' -> '{new['modprobe']}'"]
+    assert new["mmap_min_addr"] == "0", new
+    assert sorted(messages) == [f"sysctl kernel.dmesg_restrict weakened: {old['dmesg_restrict']} -> {new['dmesg_restrict']}",
+                        f"sysctl kernel.modprobe weakened: '{old['modprobe']}' -> '{new['modprobe']}'",
+                        f"sysctl vm.mmap_min_addr weakened: {old['mmap_min_addr']} -> {new['mmap_min_addr']}"]
 

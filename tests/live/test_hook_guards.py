@@ -126,6 +126,23 @@ class TestOnTheHost:
         assert result["rflags"] == FLAGS | 0x200  # IF: always set in user mode (popfq cannot clear it)
 
 
+class TestLeftBehind:
+    @pytest.mark.parametrize("guard", [FULL, hg.Guard(), hg.Guard(pid=(0, 0, 0)), hg.Guard(mode=("rdi", 0x88, False))])
+    def test_any_guards_trampoline_is_recognised_at_its_own_slot(self, guard: hg.Guard) -> None:
+        code = hg.guarded_trampoline(guard, SLOT).code + b"\xcc" * 64
+        assert len(code) - 64 <= hg.LARGEST
+        assert hg.left_guarded(code[: hg.LARGEST], SLOT)  # (rip-relative: any slot reads itself)
+
+    @pytest.mark.parametrize("code", [
+        b"", b"\xcc" * 128, hg.guarded_trampoline(FULL, SLOT).code[1:],    # no pushfq first
+        hg.guarded_trampoline(hg.Guard(), SLOT, SLOT + 0x100).code,          # it watches another read
+        bytes.fromhex("ff35faffffff488d642408c3"),                          # a plain trampoline
+        b"\x9c\x48\x8d\x64\x24\x08\x9d\xc3",                                    # the tail, no push
+    ])
+    def test_nothing_else_is(self, code: bytes) -> None:
+        assert not hg.left_guarded(code, SLOT)
+
+
 class TestSlots:
     def test_slots_lie_in_long_int3_runs_only(self) -> None:
         base = 0xFFFFFFFF81000000

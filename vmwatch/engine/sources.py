@@ -346,6 +346,12 @@ class LiveSource:
         guest stops there only when ``guard`` holds. False, nothing armed, when none fits."""
         return await self.add_breakpoint(vaddr, entry=True, guard=guard)
 
+    async def restore_left_hooks(self, start: int, size: int) -> int:
+        """``mov crN`` hooks a watch that died left in ``size`` bytes at ``start``, put back (x86)."""
+        if self.arch != "x86":
+            return 0
+        return await self.vm.restore_left_hooks(start, size)  # type: ignore[attr-defined]
+
     async def remove_breakpoint(self, vaddr: int) -> None:
         await self.vm.remove_breakpoint(vaddr)  # type: ignore[attr-defined]
 

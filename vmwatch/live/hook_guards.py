@@ -165,6 +165,21 @@ def guarded_trampoline(guard: Guard, slot: int, watched: int | None = None) -> T
     return _build(guard, slot, slot if watched is None else watched)
 
 
+LARGEST = 128
+"""No guarded trampoline is longer (the longest, every test, is ~90 bytes)."""
+_TAIL = b"\x48\x8d\x64\x24\x08\x9d\xc3"  # lea rsp, [rsp + 8]; popfq; ret
+
+
+def left_guarded(code: bytes, slot: int) -> bool:
+    """True when ``code``, read at ``slot``, is a guarded trampoline of some guard (left behind
+    by a watch that died): pushfq first, then a ``push qword [rip + d]`` of ``slot`` itself
+    right before the closing ``lea``, ``popfq``, ``ret``."""
+    at = code.find(_TAIL)
+    if not code.startswith(b"\x9c") or at < 7 or code[at - 6 : at - 4] != b"\xff\x35":
+        return False
+    return struct.unpack_from("<i", code, at - 4)[0] == -at
+
+
 def int3_slots(code: bytes, base: int, size: int, taken: Iterable[tuple[int, int]], count: int = 1) -> list[int]:
     """Up to ``count`` slots of ``size`` bytes (16-byte aligned) in long ``int3`` runs of ``code``
     (at ``base``), :data:`MARGIN` bytes in from both ends, none overlapping ``taken``."""

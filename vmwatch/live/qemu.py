@@ -92,8 +92,9 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
         self._hook_at_slot: dict[int, ih.Hook] = {}
         self._spare_slots: set[int] = set()
         """Trampolines of removed hooks (left in place, see inline_hooks)."""
-        self._guarded_spares: dict[tuple[int, object], int] = {}
-        """(site, guard) -> the guarded trampoline a removed hook left there (hook_guards)."""
+        self._spares: dict[tuple[int, object], int] = {}
+        """(site, guard or moved instruction) -> the trampoline a removed guarded (hook_guards)
+        or ``mov crN`` hook left there, reused only by the same hook."""
         self._hook_stops: dict[int, tuple[ih.Hook, int]] = {}
         """vCPUs stopped inside a trampoline: the hook and the raw RSP there."""
         self._hidden: dict[int, bytes] = {}

@@ -26,10 +26,34 @@ class InlineHooking:
         """True when the breakpoint at ``vaddr`` is an inline hook."""
         return vaddr in self._hooks
 
+    async def restore_left_hooks(self, start: int, size: int) -> int:
+        """Put back the ``mov crN`` of every hook a watch that died left in the code at ``start``
+        (``size`` bytes): a call to a trampoline holding a moved ``mov`` gets the mov and its
+        NOPs again, and the trampoline is kept for the next hook there. Returns how many.
+        (The code must be restored before it is scanned for ``mov``s; other hooks are taken
+        over when placed again.)"""
+        restored = 0
+        async with self._stopped_link():
+            code = await self._read_code(start, size)
+            for site, _, mnemonic, operands in ih.sweep(code, start):
+                if mnemonic != "call" or code[site - start] != ih.CALL_REL32 or site in self._hidden:
+                    continue
+                slot = int(operands, 0)
+                left = await self._read_code(slot, 16)
+                moved = ih.left_moved(slot, left)
+                if moved and (site, moved) not in self._spares:
+                    await self._hide(slot, left[: len(ih.trampoline(slot, moved))])
+                    await self.gdb.request(p.write_memory(site, ih.original_site(moved)))
+                    self._spares[(site, moved)] = slot
+                    restored += 1
+        self.stats["hooks_restored"] += restored
+        return restored
+
     async def _add_hook(self, vaddr: int, guard: hg.Guard | None = None) -> bool:
         """Place an inline hook for a breakpoint at ``vaddr`` (lock held, guest stopped); with
         ``guard``, a guarded one (ftrace NOP sites only; one left behind by a watch that died is
-        taken over when its trampoline holds this very guard, else the caller falls back)."""
+        taken over when its trampoline holds this very guard; another guard's gets its NOP back
+        and a new trampoline)."""
         if vaddr < 1 << 63:  # kernel text only: user code pages are shared between processes
             return False
         code = await self._read_code(vaddr, 16)
@@ -44,16 +68,25 @@ class InlineHooking:
         if site is None:  # a hook left behind by a watch that died?
             site, slot = ih.left_behind(vaddr, code) or (None, None)
             if slot is not None:
-                slot_original = await self._read_code(slot, ih.TRAMPOLINE_SIZE)
-                if slot_original != ih.trampoline(slot):
+                left = await self._read_code(slot, 16)
+                moved = ih.left_moved(slot, left)
+                if not moved and left[: ih.TRAMPOLINE_SIZE] != ih.trampoline(slot):
                     return False
+                site_original = ih.original_site(moved or b"")
+                slot_original = left[: len(ih.trampoline(slot, moved or b""))]
                 self.stats["hooks_taken_over"] += 1
         if site is None or any(h.site == site for h in self._hooks.values()):
             return False
+        reused = False
+        if slot is None and moved:  # its own trampoline again, after governance took it away
+            slot = self._spares.pop((site, moved), None)
+            slot_original, reused = self._hidden.get(slot, b""), slot is not None
         if slot is None:
             slot, slot_original = await self._trampoline_slot(site, moved or b"")
             if slot is None:
                 return False
+            reused = slot in self._spare_slots
+        self.stats["trampolines_reused"] += reused
         hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=site_original, slot_original=slot_original,
                        moved=moved or b"")
         await self._hide(site, site_original)
@@ -71,14 +104,21 @@ class InlineHooking:
     async def _add_guarded(self, vaddr: int, code: bytes, guard: hg.Guard) -> bool:
         site = ih.patch_site(vaddr, code) if len(code) == 16 else None
         size = len(hg.guarded_trampoline(guard, 0).code)
-        slot = self._guarded_spares.pop((site, guard), None)  # the same bytes again: safe to reuse
-        if site is None and len(code) == 16:  # left behind by a watch that died, with this very guard?
+        slot = self._spares.pop((site, guard), None)  # the same bytes again: safe to reuse
+        self.stats["trampolines_reused"] += slot is not None
+        if site is None and len(code) == 16:  # left behind by a watch that died
             site, slot = ih.left_behind(vaddr, code) or (None, None)
-            if slot is None or await self._read_code(slot, size) != hg.guarded_trampoline(guard, slot).code:
+            left = await self._read_code(slot, hg.LARGEST) if slot is not None else b""
+            if left[:size] == hg.guarded_trampoline(guard, slot or 0).code:  # with this very guard
+                await self._hide(slot, b"\xcc" * size)
+                self.stats["hooks_taken_over"] += 1
+            elif hg.left_guarded(left, slot or 0):  # another guard: the NOP back, a slot of our own
+                await self.gdb.request(p.write_memory(site, ih.FTRACE_NOP))
+                slot = None
+                self.stats["hooks_restored"] += 1
+            else:
                 return False
             code = code[: site - vaddr] + ih.FTRACE_NOP + code[site - vaddr + ih.SITE_SIZE :]
-            await self._hide(slot, b"\xcc" * size)
-            self.stats["hooks_taken_over"] += 1
         if site is None or any(h.site == site for h in self._hooks.values()):
             return False
         spare = slot is not None
@@ -132,10 +172,10 @@ class InlineHooking:
         await self.gdb.batch([p.write_memory(hook.site, hook.site_original),
                               p.remove_point(p.WatchKind.READ, hook.slot, 8)])
         self._hook_at_slot.pop(hook.slot, None)
-        if hook.guard is not None:  # only the same guard at the same site may reuse it
-            self._guarded_spares[(hook.site, hook.guard)] = hook.slot
-        elif not hook.moved:  # a trampoline holding a moved instruction is never reused: another
-            self._spare_slots.add(hook.slot)  # hook's bytes there could meet a vCPU inside it
+        if hook.guard is not None or hook.moved:  # only the same bytes at the same site may reuse
+            self._spares[(hook.site, hook.guard or hook.moved)] = hook.slot  # it: a vCPU may be inside
+        else:
+            self._spare_slots.add(hook.slot)
         await self._unhide(hook.site)
 
     async def _trampoline_slot(self, site: int, moved: bytes) -> tuple[int | None, bytes]:

@@ -75,14 +75,21 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
     or None).
 
     Raises:
-        SymbolError: no kernel tables, kallsyms, BTF or a needed data symbol was found.
-        UnsupportedOperation: a symbol file was given (not read for arm64 yet).
+        SymbolError: no kernel tables, kallsyms, BTF or a needed data symbol was found, or the
+            symbol file is another kernel's.
+        UnsupportedOperation: a symbol file other than a System.map was given (types come from BTF).
+
+    A System.map (the -dbg package's, or the guest's own /proc/kallsyms saved) adds the symbols
+    kallsyms lacks, slid by KASLR; a data symbol it names is taken when it passes the same check
+    as one found from code.
     """
     from vmwatch.errors import UnsupportedOperation
     from vmwatch.memory import GuestMemory
+    from vmwatch.os.linux.symbols import load_symbols_file
 
-    if symbols_file is not None:
-        raise UnsupportedOperation("--symbols: arm64 kernels are found from memory only (kallsyms and BTF)")
+    symbol_file = load_symbols_file(symbols_file) if symbols_file is not None else None
+    if symbol_file is not None and (symbol_file.symbols is None or symbol_file.types is not None):
+        raise UnsupportedOperation("--symbols on arm64: a System.map only (types come from the kernel's BTF)")
     registers, scanned = complete_registers(phys, registers or (Aarch64Registers(),))
     regs = next(r for r in registers if getattr(r, "arch", None) == "aarch64")
     memory = GuestMemory(phys, registers=regs)
@@ -92,6 +99,8 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
     symbols, _tables, _base = kallsyms.scan(read, [(low, anchor - low)])
     text_vaddr = symbols["_stext"] - HEAD_SIZE
     text_paddr = memory.translate(symbols["_stext"]) - HEAD_SIZE
+    if symbol_file is not None:
+        symbols = symbol_file.merge_symbols(symbols, text_vaddr)
     found = {"swapper_pg_dir": text_vaddr + anchor - text_paddr}
     blob_at = _find(read, low, anchor, BTF_HEADER)
     if blob_at is None:
@@ -101,10 +110,10 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
     if banner_at is None:
         raise SymbolError("no 'Linux version' banner in the arm64 kernel image")
     found["linux_banner"] = text_vaddr + banner_at - text_paddr
-    found["init_task"] = data_symbol(memory, symbols, "init_task", _init_task_check(memory, types))
-    found["modules"] = data_symbol(memory, symbols, "modules", _modules_check(memory, types))
+    found["init_task"] = named_or_found(memory, symbols, "init_task", _init_task_check(memory, types))
+    found["modules"] = named_or_found(memory, symbols, "modules", _modules_check(memory, types))
     try:  # syscalls need it; ps and modules do not
-        found["sys_call_table"] = data_symbol(memory, symbols, "sys_call_table", _syscalls_check(memory, symbols))
+        found["sys_call_table"] = named_or_found(memory, symbols, "sys_call_table", _syscalls_check(memory, symbols))
     except SymbolError as exc:
         log.debug("linux.arm64_no_syscall_table", error=str(exc))
     count = syscall_count(memory, symbols) if "sys_call_table" in found else None
@@ -211,6 +220,18 @@ def _length(symbols, start: int) -> int:
     return min(end - start, CODE_MAX) if end else CODE_MAX
 
 
+def named_or_found(memory, symbols, name: str, check) -> int:
+    """``name``'s address from the symbol table when it has it (a System.map's) and it passes
+    ``check``, else from the code that uses it (:func:`data_symbol`)."""
+    named = symbols.get(name)
+    try:
+        if named is not None and check(named):
+            return named
+    except VmwatchError:
+        pass
+    return data_symbol(memory, symbols, name, check)
+
+
 def data_symbol(memory, symbols, name: str, check) -> int:
     """The address of data symbol ``name`` from the code of the functions that use it (REFERENCES).
 
@@ -305,10 +326,12 @@ def _modules_check(memory, types):
 def with_symbols(symbols, extra: dict[str, int], sizes: dict[str, int], sysctls):
     """``symbols`` plus the recovered data symbols (type ``D``), with the ``sizes`` known of them, and the
     sysctl variables ``sysctls()`` finds when one is first asked for."""
-    names = symbols.names + list(extra)
-    addresses = array("Q", symbols.addresses)
+    kinds = symbols.types or "T" * len(symbols)
+    keep = [i for i, name in enumerate(symbols.names) if name not in extra]  # a System.map's wrong one
+    names = [symbols.names[i] for i in keep] + list(extra)
+    addresses = array("Q", (symbols.addresses[i] for i in keep))
     addresses.extend(extra.values())
-    types = (symbols.types or "T" * len(symbols)) + "D" * len(extra)
+    types = "".join(kinds[i] for i in keep) + "D" * len(extra)
     merged = SymbolsWithSysctls(names, addresses, types, sysctls)
     merged.sizes.update(sizes)
     return merged
