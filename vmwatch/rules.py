@@ -110,11 +110,25 @@ def on_write(where: str | int, size: int | None = 8, *, pid: int | None = None, 
     return _adding(Listener(kind=ListenerKind.WRITE, target=where, size=size or 0, narrow=Narrow(pid, comm, cr3)))
 
 
-def on_register(name: str) -> Callable[[RuleFunction], RuleFunction]:
-    """Run when the guest writes a control register or MSR: ``"cr0"``, ``"cr4"``, ``"msr:lstar"``."""
+def on_register_write(*names: str) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest writes any of the control registers or MSRs ``names``: ``"cr3"``,
+    ``"cr0", "cr4"``, ``"msr:lstar"``."""
     from vmwatch.engine.registers import canonical_register
 
-    return _adding(Listener(kind=ListenerKind.REGISTER, target=canonical_register(name)))
+    if not names:
+        raise RuleError("on_register_write needs at least one register name")
+    listeners = [Listener(kind=ListenerKind.REGISTER, target=canonical_register(name)) for name in names]
+
+    def decorate(func: RuleFunction) -> RuleFunction:
+        _spec(func).listeners.extend(reversed(listeners))  # decorators stack bottom-up; rules_of reverses
+        return func
+
+    return decorate
+
+
+def on_register(name: str) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest writes the control register or MSR ``name`` (``on_register_write``'s one-name form)."""
+    return on_register_write(name)
 
 
 def on_interrupt(vector: int) -> Callable[[RuleFunction], RuleFunction]:
@@ -243,6 +257,7 @@ class _Namespace:
     on_breakpoint = staticmethod(on_breakpoint)
     on_write = staticmethod(on_write)
     on_register = staticmethod(on_register)
+    on_register_write = staticmethod(on_register_write)
     on_interrupt = staticmethod(on_interrupt)
     on_exception = staticmethod(on_exception)
     on_mmio = staticmethod(on_mmio)
