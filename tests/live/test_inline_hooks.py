@@ -350,3 +350,34 @@ async def test_a_mov_hook_placed_again_gets_its_trampoline_back(lab_guest) -> No
         assert vm.stats["trampolines_reused"] == 1 and vm.stats["inline_hooks"] == 2
         await vm.resume()
     assert lab_guest.shell("echo alive", check=True).strip().endswith("alive")
+
+
+def test_left_probe_is_found_wherever_it_lies():
+    """An MSR probe's bytes do not depend on its address, so one left by an earlier session is found."""
+    code = bytearray(b"\xc3" + b"\xcc" * 63)
+    assert ih.left_probe(bytes(code), 0xFFFFFFFF81000000) is None
+    code[17:25] = ih.msr_probe(0xFFFFFFFF81000011)
+    assert ih.left_probe(bytes(code), 0xFFFFFFFF81000000) == 0xFFFFFFFF81000011
+    assert ih.left_probe(bytes(code), 0xFFFFFFFF81000000, ih.WRMSR) is None
+
+
+@pytest.mark.guest
+async def test_msrs_read_from_hook_stops_session_after_session(lab_guest) -> None:
+    """Each session places trampolines and MSR probes in dead padding, and both stay (a vCPU may
+    be in one). A probe was looked for only after the trampoline in its page: once earlier
+    sessions had filled that page (a full suite run on one guest), MSRs read from a hook stop
+    gave None. A hook stop now looks up to 16 pages on (its CR3 maps all kernel text), and takes a
+    probe an earlier session left. Every session here reads LSTAR from its hook stop."""
+    target = kallsyms(lab_guest, "__x64_sys_write")
+    entry = kallsyms(lab_guest, "entry_SYSCALL_64")
+    for _ in range(4):
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery, attach_qemu(str(lab_guest.qmp_path)) as vm:
+                await vm.add_breakpoint(target, inline=True)
+                nursery.start_soon(trio.to_thread.run_sync, lambda: lab_guest.shell("scenario writes 1", timeout=60))
+                async for event in vm.events():
+                    break
+                assert (await vm.read_msrs([0xC0000082], event.vcpu))[0xC0000082] == entry
+                await vm.remove_breakpoint(target)
+                await vm.resume()
+    assert lab_guest.shell("echo alive", check=True).strip().endswith("alive")

@@ -148,6 +148,14 @@ def msr_probe(slot: int, instruction: bytes = RDMSR) -> bytes:
     return instruction + b"\xff\x35" + struct.pack("<i", slot - (slot + PROBE_SIZE))
 
 
+def left_probe(code: bytes, base: int, instruction: bytes = RDMSR) -> int | None:
+    """A probe that an earlier session left in ``code`` (at ``base``), to be used again: each
+    session places its own, and the dead padding of a page runs out after a few dozen. The
+    probe's bytes do not depend on where it is (its read is RIP-relative to itself)."""
+    at = code.find(msr_probe(0, instruction))
+    return None if at < 0 else base + at
+
+
 def call_to(site: int, slot: int) -> bytes:
     """``call slot`` encoded at ``site`` (rel32: both must lie within 2 GiB of each other)."""
     delta = slot - (site + SITE_SIZE)

@@ -22,6 +22,8 @@ RFLAGS_TF = 0x100
 RFLAGS_IF = 0x200
 HLT = b"\xf4"
 PROBE_TIMEOUT = 2.0
+HOOK_STOP_PROBE_PAGES = 16
+"""How far past a trampoline a probe may be: its page's padding may be taken by other trampolines."""
 """Seconds an MSR probe (two instructions) may take before it is called lost."""
 
 
@@ -34,7 +36,8 @@ class MsrAccess:
 
         Runs on ``vcpu``, else on the first vCPU stopped in kernel mode and not halted (a halted
         vCPU runs nothing until an interrupt wakes it). Returns None when that is impossible
-        right now (user mode, ``hlt``, no padding in that code page): ask again at the next
+        right now (user mode, ``hlt``, no padding in that code page, nor in the hooked
+        function's at a hook stop; a probe an earlier session left is used again): ask again at the next
         stop; a vCPU stopped at a breakpoint or hook always qualifies. Stops the guest for the
         read if it runs.
 
@@ -74,24 +77,36 @@ class MsrAccess:
                     regs = attrs.evolve(regs, rip=hook.slot + hook.stop_offset, rsp=rsp)
                 if regs.cs is None or regs.cs.selector & 3 or regs.rip is None or regs.rip < 1 << 63:
                     continue
-                if v not in self._hook_stops:
+                pages = 1
+                if v in self._hook_stops:  # in a hooked C function CR3 maps all kernel text
+                    pages = HOOK_STOP_PROBE_PAGES
+                else:
                     await self._set_phys(False)
                     await self._select(v)
                     with contextlib.suppress(RemoteError):
                         if p.decode_hex(await self.gdb.request(p.read_memory(regs.rip - 1, 1))) == HLT:
                             continue  # halted, most likely: it would run the probe at its next interrupt
-                probes = [await self._probe_in_page(regs.rip, kind) for kind in
-                          {ih.RDMSR if value is None else ih.WRMSR for value in access.values()}]
-                if None not in probes:
-                    return await self._run_probe(v, regs, access)
+                kinds = {ih.RDMSR if value is None else ih.WRMSR for value in access.values()}
+                probes = {kind: await self._probe_near(regs.rip, kind, pages) for kind in kinds}
+                if None not in probes.values():
+                    return await self._run_probe(v, regs, access, probes)
         return None
 
-    async def _probe_in_page(self, rip: int, instruction: bytes) -> int | None:
-        """The MSR probe of the code page of ``rip``, placed on first use (lock held, stopped)."""
+    async def _probe_near(self, rip: int, instruction: bytes, pages: int = 1) -> int | None:
+        """The MSR probe for a vCPU at ``rip``: in dead padding after ``rip`` in its code page, or
+        in the ``pages - 1`` pages after it (lock held, stopped). Placed on first use, or one an
+        earlier session left there is used again. Only the stop's own page is sure to be mapped
+        in any CR3 (the entry code runs on the user's with KPTI)."""
         page = rip & ~0xFFF
         key = (page, instruction)
         if key not in self._probes:
-            code = await self._read_code(rip, page + 0x1000 - rip)
+            code = await self._read_code(page, 0x1000 * pages)
+            left = ih.left_probe(code, page, instruction)
+            if left is not None:  # an earlier session's: its bytes stay, as its trampolines do
+                self._probes[key] = left
+                await self.gdb.request(p.insert_point(p.WatchKind.READ, left, 8))
+                return left
+            code = code[rip - page:]  # from an instruction boundary
             found = ih.free_slots(code, rip, self._patched(), size=ih.PROBE_SIZE)
             probe = self._probes[key] = found[0] if found else None
             if probe is not None:
@@ -100,7 +115,8 @@ class MsrAccess:
                                       p.insert_point(p.WatchKind.READ, probe, 8)])
         return self._probes[key]
 
-    async def _run_probe(self, vcpu: int, regs: Registers, access: dict[int, int | None]) -> dict[int, int]:
+    async def _run_probe(self, vcpu: int, regs: Registers, access: dict[int, int | None],
+                         probes: dict[bytes, int]) -> dict[int, int]:
         layout = self._layout
 
         def put(name: str, value: int) -> p.Command:
@@ -114,7 +130,7 @@ class MsrAccess:
         try:
             for number, value in access.items():
                 kind = ih.RDMSR if value is None else ih.WRMSR
-                probe = self._probes[(regs.rip & ~0xFFF, kind)]
+                probe = probes[kind]
                 setup = [put("rcx", number), put("rip", probe), put("eflags", masked)]
                 if value is not None:
                     setup += [put("rax", value & 0xFFFFFFFF), put("rdx", value >> 32)]
