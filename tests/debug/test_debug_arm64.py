@@ -102,6 +102,25 @@ def test_dump_registers_bt_task_and_refusals(arm64_guest, arm64_idle_dump) -> No
     assert re.search(rf"=> {hmp['PC']:#x} <{re.escape(frames[0][2])}>:", out)
 
 
+def test_dump_taken_on_the_irq_stack_names_the_interrupted_task(arm64_guest, tmp_path) -> None:
+    """A dump taken stopped in the timer's handler (the CPU's IRQ stack, off every task's stack):
+    task names the task QEMU's SP_EL0 holds, the interrupted one, from the frame records' chain
+    back to its stack (the dump has no SP_EL0)."""
+    with Debugger.open(arm64_guest.target) as dbg:
+        bp = dbg.add_breakpoint("arch_timer_handler_virt")
+        dbg.cont(timeout=120)
+        live = dbg.registers()
+        dump = arm64_guest.dump(tmp_path / "irq.elf")
+        dbg.delete(bp.number)
+        stack_field = dbg.session.linux.types.offset("task_struct", "stack")
+    stack = hmp_words(arm64_guest, live.sp_el0 + stack_field, 1)[0]
+    assert not stack <= live.sp < stack + (16 << 10)  # SP is on the IRQ stack, not the task's
+    result = run_cli("debug", str(dump), stdin="task\n")
+    task = re.search(r"^pid (\d+) tgid \d+ comm '([^']*)' task_struct (0x[0-9a-f]+)", result.stdout, re.M)
+    assert result.status == 0 and task, result.stderr
+    assert int(task.group(3), 16) == live.sp_el0
+
+
 def test_live_watchpoint_stops_after_the_store(arm64_guest) -> None:
     """A write watch on CPU 0's rq->clock (the tick updates it): each stop is just past the store QEMU
     disassembles there, with the value QEMU then reads at the address; the next stop has a new value
