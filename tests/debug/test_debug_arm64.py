@@ -13,7 +13,7 @@ import re
 import pytest
 
 from vmwatch.debug import Debugger
-from vmwatch.testing.arm64truth import has_pac, hmp_registers, hmp_words, kallsyms, pac_stripped, stack_words
+from vmwatch.testing.arm64truth import has_pac, hmp_registers, hmp_words, kallsyms, kallsyms_all, pac_stripped, stack_words
 from vmwatch.testing.cli import run_cli
 
 pytestmark = pytest.mark.guest
@@ -102,12 +102,14 @@ def test_dump_registers_bt_task_and_refusals(arm64_guest, arm64_idle_dump) -> No
     assert re.search(rf"=> {hmp['PC']:#x} <{re.escape(frames[0][2])}>:", out)
 
 
-def test_dump_taken_on_the_irq_stack_names_the_interrupted_task(arm64_guest, tmp_path) -> None:
-    """A dump taken stopped in the timer's handler (the CPU's IRQ stack, off every task's stack):
-    task names the task QEMU's SP_EL0 holds, the interrupted one, from the frame records' chain
-    back to its stack (the dump has no SP_EL0)."""
+@pytest.mark.parametrize("handler", ["gic_handle_irq", "arch_timer_handler_virt"])
+def test_dump_taken_on_the_irq_stack_names_the_interrupted_task(arm64_guest, tmp_path, handler) -> None:
+    """A dump taken stopped in an interrupt handler (the CPU's IRQ stack: at gic_handle_irq's entry its
+    top, x29 still on the task's stack; deeper in the timer's handler): task names the task QEMU's
+    SP_EL0 holds, the interrupted one (the dump has no SP_EL0); bt goes on from call_on_irq_stack's
+    frame up the task's stack, each frame at its kallsyms offset."""
     with Debugger.open(arm64_guest.target) as dbg:
-        bp = dbg.add_breakpoint("arch_timer_handler_virt")
+        bp = dbg.add_breakpoint(handler)
         dbg.cont(timeout=120)
         live = dbg.registers()
         dump = arm64_guest.dump(tmp_path / "irq.elf")
@@ -115,10 +117,19 @@ def test_dump_taken_on_the_irq_stack_names_the_interrupted_task(arm64_guest, tmp
         stack_field = dbg.session.linux.types.offset("task_struct", "stack")
     stack = hmp_words(arm64_guest, live.sp_el0 + stack_field, 1)[0]
     assert not stack <= live.sp < stack + (16 << 10)  # SP is on the IRQ stack, not the task's
-    result = run_cli("debug", str(dump), stdin="task\n")
+    result = run_cli("debug", str(dump), stdin="task\nbt\n")
     task = re.search(r"^pid (\d+) tgid \d+ comm '([^']*)' task_struct (0x[0-9a-f]+)", result.stdout, re.M)
     assert result.status == 0 and task, result.stderr
     assert int(task.group(3), 16) == live.sp_el0
+    frames = re.findall(r"^#\d+\s+(0x[0-9a-f]+) <([^>]+)>(?:\s+\(stack (0x[0-9a-f]+)\))?", result.stdout, re.M)
+    names = [symbol_parts(label)[0] for _, label, _ in frames]
+    truth = kallsyms_all(arm64_guest, *set(names))
+    for (address, label, _), name in zip(frames, names):
+        assert int(address, 16) - symbol_parts(label)[1] in truth[name], label
+    after = names.index("call_on_irq_stack") + 1
+    on_task = [name for (_, _, where), name in zip(frames[after:], names[after:])
+               if where and stack <= int(where, 16) < stack + (16 << 10)]
+    assert on_task[:2] == ["do_interrupt_handler", "el1_interrupt"], frames
 
 
 def test_live_watchpoint_stops_after_the_store(arm64_guest) -> None:
