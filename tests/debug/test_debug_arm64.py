@@ -78,8 +78,9 @@ def test_live_break_bt_step_next(arm64_guest) -> None:
 
 def test_dump_registers_bt_task_and_refusals(arm64_guest, arm64_idle_dump) -> None:
     """On the dump (read-only): registers are QEMU's; bt's frames from stacked records are those words
-    with the PAC stripped, each at its kallsyms offset; task is the task QEMU's SP_EL0 named (found from
-    the stack that holds SP, as the dump has no SP_EL0); step is refused with one error line."""
+    with the PAC stripped, each at its kallsyms offset; task is the task QEMU's SP_EL0 named (the dump has
+    none: the task whose stack holds SP, or, paused in an interrupt, the one the frame records lead
+    back to); step is refused with one error line."""
     path, live, hmp, stack = arm64_idle_dump
     script = "regs pc sp x30 pstate\nbt\ntask\ndis $pc 2\nstep\nx/2gx $sp\n"
     result = run_cli("debug", str(path), stdin=script)
@@ -94,7 +95,7 @@ def test_dump_registers_bt_task_and_refusals(arm64_guest, arm64_idle_dump) -> No
     for _, address, label, where in frames:
         name, offset = symbol_parts(label)
         assert truth[name] + offset == int(address, 16), label
-        if where and int(where, 16) < hmp["SP"] + 8 * len(stack):
+        if where and hmp["SP"] <= int(where, 16) < hmp["SP"] + 8 * len(stack):  # the words read from SP's stack
             assert pac_stripped(stack[(int(where, 16) - hmp["SP"]) // 8]) == int(address, 16)
     task = re.search(r"^pid (\d+) tgid \d+ comm '([^']*)' task_struct (0x[0-9a-f]+)", out, re.M)
     assert task and int(task.group(3), 16) == live.sp_el0

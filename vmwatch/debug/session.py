@@ -356,8 +356,8 @@ class DebugSession(Control):
             except VmwatchError:
                 break
         if task is None:
-            raise DebugError(f"vCPU {self.vcpu}: no SP_EL0, no task's kernel stack holds sp {regs.sp:#x}, and none "
-                             f"holds the {walked} frame records from x29 {regs.fp or 0:#x} (not an IRQ stack's chain)")
+            raise DebugError(f"vCPU {self.vcpu}: no SP_EL0, and neither sp {regs.sp:#x} nor the {walked} frame "
+                             f"record(s) chained from x29 {regs.fp or 0:#x} lie on a task's kernel stack")
         return task
 
     async def backtrace(self, limit: int = 32) -> list[Frame]:
