@@ -163,16 +163,23 @@ class Registers:
         return self.rsp
 
     @property
+    def shows_long_mode(self) -> bool:
+        """Long mode by what only it allows, for sources without EFER (QEMU ELF notes, VMware):
+        rip above 4 GiB, a 64-bit code segment (CS.L, descriptor bit 21), or a CR3, IDTR or GDTR
+        base above 4 GiB (32-bit outside long mode; the kernel's own IDT and GDT while a 64-bit
+        guest is paused in user mode, a 32-bit process's too)."""
+        if self.cs is not None and self.cs.attributes & CS_L:
+            return True
+        return any((value or 0) > 0xFFFFFFFF for value in (self.rip, self.cr3, self.idtr_base, self.gdtr_base))
+
+    @property
     def paging_mode(self) -> PagingMode:
-        """The paging mode these control registers select (4-level assumed if EFER is unknown)."""
+        """The paging mode these control registers select (EFER.LMA from :attr:`shows_long_mode` if EFER is unknown)."""
         cr0 = self.cr0 or 0
         cr4 = self.cr4 or 0
         efer = self.efer
         if efer is None:
-            # Unknown EFER (e.g. QEMU ELF dumps): long mode if running above 4 GiB or in a
-            # 64-bit code segment (CS.L, descriptor bit 21) - a 64-bit guest paused in user mode.
-            long_code = self.cs is not None and bool(self.cs.attributes & CS_L)
-            efer = EFER_LMA if (cr4 & CR4_PAE and ((self.rip or 0) > 0xFFFFFFFF or long_code)) else 0
+            efer = EFER_LMA if cr4 & CR4_PAE and self.shows_long_mode else 0
         return PagingMode.from_registers(cr0, cr4, efer)
 
     def as_dict(self) -> dict[str, object]:

@@ -58,7 +58,9 @@ async def test_chain_with_signed_returns_and_an_unpushed_caller() -> None:
 @pytest.mark.parametrize("memory", [
     {STACK + 0x200: STACK + 0x200, STACK + 0x208: kernel_ret(1)},  # a record pointing at itself
     {STACK + 0x200: STACK + 0x100, STACK + 0x208: kernel_ret(1)},  # one pointing down the stack
-    {STACK + 0x200: STACK + 0x9000, STACK + 0x208: kernel_ret(1)},  # one leaving the task's stack
+    {STACK + 0x200: STACK + 0x9000, STACK + 0x208: kernel_ret(1)},  # one on another stack, unreadable
+    {STACK + 0x200: STACK + 0x9000, STACK + 0x208: kernel_ret(1),
+     STACK + 0x9000: STACK + 0x300, STACK + 0x9008: 0x4141414141414141},  # another stack's bad record
     {STACK + 0x200: STACK + 0x300, STACK + 0x208: kernel_ret(1)},  # the next record unreadable
     {STACK + 0x200: STACK + 0x300, STACK + 0x208: kernel_ret(1), STACK + 0x300: 0,
      STACK + 0x308: 0x4141414141414141},  # a return address outside kernel text
@@ -66,6 +68,29 @@ async def test_chain_with_signed_returns_and_an_unpushed_caller() -> None:
 async def test_hostile_chains_stop_after_the_last_good_record(memory) -> None:
     frames = await walk(regs(STACK + 0x200, kernel_ret(1)), memory)
     assert frames == [(kernel_ret(1), STACK + 0x208)]
+
+
+async def test_chain_from_the_irq_stack_to_the_interrupted_task() -> None:
+    """An interrupt handler's records on the IRQ stack, the first one chaining down to the record
+    ``call_on_irq_stack`` left on the task's stack: the walk follows it and goes on up the task's stack;
+    a record there leading back to the IRQ stack, already left, ends it."""
+    irq = STACK - 0x40000
+    records = {irq + 0x3F00: (irq + 0x3FE0, kernel_ret(1)), irq + 0x3FE0: (STACK + 0x200, kernel_ret(2)),
+               STACK + 0x200: (STACK + 0x300, kernel_ret(3)), STACK + 0x300: (irq + 0x3FF0, kernel_ret(4)),
+               irq + 0x3FF0: (0, kernel_ret(5))}
+    memory = {a: w for at, (fp, ret) in records.items() for a, w in ((at, fp), (at + 8, ret))}
+    frames = await walk(regs(irq + 0x3F00, kernel_ret(1), sp=irq + 0x3E00), memory)
+    assert frames == [(kernel_ret(n), at + 8) for n, at in
+                      ((1, irq + 0x3F00), (2, irq + 0x3FE0), (3, STACK + 0x200), (4, STACK + 0x300))]
+
+
+async def test_handler_entry_on_an_empty_irq_stack_walks_the_task_stack() -> None:
+    """At the entry of the IRQ stack's first function SP is the stack's very top and x29 still the
+    task stack's record: frame 1 is x30, then the task's records."""
+    irq_top = STACK - 0x40000 + 0x4000
+    memory = {STACK + 0x200: 0, STACK + 0x208: kernel_ret(2)}
+    frames = await walk(regs(STACK + 0x200, kernel_ret(1), sp=irq_top), memory)
+    assert frames == [(kernel_ret(1), None), (kernel_ret(2), STACK + 0x208)]
 
 
 async def test_long_chain_is_bounded() -> None:

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from vmwatch.debug import Debugger
-from vmwatch.testing.arm64truth import has_pac, hmp_registers, hmp_words, kallsyms, pac_stripped, stack_words
+from vmwatch.testing.arm64truth import has_pac, hmp_registers, hmp_words, kallsyms, kallsyms_all, pac_stripped, stack_words
 from vmwatch.testing.cli import run_cli
 
 pytestmark = pytest.mark.guest
@@ -78,8 +78,9 @@ def test_live_break_bt_step_next(arm64_guest) -> None:
 
 def test_dump_registers_bt_task_and_refusals(arm64_guest, arm64_idle_dump) -> None:
     """On the dump (read-only): registers are QEMU's; bt's frames from stacked records are those words
-    with the PAC stripped, each at its kallsyms offset; task is the task QEMU's SP_EL0 named (found from
-    the stack that holds SP, as the dump has no SP_EL0); step is refused with one error line."""
+    with the PAC stripped, each at its kallsyms offset; task is the task QEMU's SP_EL0 named (the dump has
+    none: the task whose stack holds SP, or, paused in an interrupt, the one the frame records lead
+    back to); step is refused with one error line."""
     path, live, hmp, stack = arm64_idle_dump
     script = "regs pc sp x30 pstate\nbt\ntask\ndis $pc 2\nstep\nx/2gx $sp\n"
     result = run_cli("debug", str(path), stdin=script)
@@ -94,12 +95,42 @@ def test_dump_registers_bt_task_and_refusals(arm64_guest, arm64_idle_dump) -> No
     for _, address, label, where in frames:
         name, offset = symbol_parts(label)
         assert truth[name] + offset == int(address, 16), label
-        if where and int(where, 16) < hmp["SP"] + 8 * len(stack):
+        if where and hmp["SP"] <= int(where, 16) < hmp["SP"] + 8 * len(stack):  # the words read from SP's stack
             assert pac_stripped(stack[(int(where, 16) - hmp["SP"]) // 8]) == int(address, 16)
     task = re.search(r"^pid (\d+) tgid \d+ comm '([^']*)' task_struct (0x[0-9a-f]+)", out, re.M)
     assert task and int(task.group(3), 16) == live.sp_el0
     assert f"{hmp['SP']:#018x}  {stack[0]:#018x} {stack[1]:#018x}" in out
     assert re.search(rf"=> {hmp['PC']:#x} <{re.escape(frames[0][2])}>:", out)
+
+
+@pytest.mark.parametrize("handler", ["gic_handle_irq", "arch_timer_handler_virt"])
+def test_dump_taken_on_the_irq_stack_names_the_interrupted_task(arm64_guest, tmp_path, handler) -> None:
+    """A dump taken stopped in an interrupt handler (the CPU's IRQ stack: at gic_handle_irq's entry its
+    top, x29 still on the task's stack; deeper in the timer's handler): task names the task QEMU's
+    SP_EL0 holds, the interrupted one (the dump has no SP_EL0); bt goes on from call_on_irq_stack's
+    frame up the task's stack, each frame at its kallsyms offset."""
+    with Debugger.open(arm64_guest.target) as dbg:
+        bp = dbg.add_breakpoint(handler)
+        dbg.cont(timeout=120)
+        live = dbg.registers()
+        dump = arm64_guest.dump(tmp_path / "irq.elf")
+        dbg.delete(bp.number)
+        stack_field = dbg.session.linux.types.offset("task_struct", "stack")
+    stack = hmp_words(arm64_guest, live.sp_el0 + stack_field, 1)[0]
+    assert not stack <= live.sp < stack + (16 << 10)  # SP is on the IRQ stack, not the task's
+    result = run_cli("debug", str(dump), stdin="task\nbt\n")
+    task = re.search(r"^pid (\d+) tgid \d+ comm '([^']*)' task_struct (0x[0-9a-f]+)", result.stdout, re.M)
+    assert result.status == 0 and task, result.stderr
+    assert int(task.group(3), 16) == live.sp_el0
+    frames = re.findall(r"^#\d+\s+(0x[0-9a-f]+) <([^>]+)>(?:\s+\(stack (0x[0-9a-f]+)\))?", result.stdout, re.M)
+    names = [symbol_parts(label)[0] for _, label, _ in frames]
+    truth = kallsyms_all(arm64_guest, *set(names))
+    for (address, label, _), name in zip(frames, names):
+        assert int(address, 16) - symbol_parts(label)[1] in truth[name], label
+    after = names.index("call_on_irq_stack") + 1
+    on_task = [name for (_, _, where), name in zip(frames[after:], names[after:])
+               if where and stack <= int(where, 16) < stack + (16 << 10)]
+    assert on_task[:2] == ["do_interrupt_handler", "el1_interrupt"], frames
 
 
 def test_live_watchpoint_stops_after_the_store(arm64_guest) -> None:

@@ -265,3 +265,14 @@ class TestModeFromDumpRegisters:
         assert la57_user.paging_mode is PagingMode.LEVEL5
         pae_32bit = Registers(cr4=0x6F0, cs=Segment(selector=0x73, attributes=0xCFFB00), **common)
         assert pae_32bit.paging_mode is PagingMode.PAE
+
+    def test_long_mode_from_table_bases_when_efer_and_cs_unknown(self):
+        """A VMware checkpoint has neither EFER nor segments: a 64-bit guest paused in user mode
+        (rip below 4 GiB) is told by its IDTR, GDTR or CR3 above 4 GiB, which 32-bit modes cannot hold."""
+        from vmwatch.cpu import Registers
+
+        user = dict(cr0=0x80050033, cr4=0x6F0, rip=0x528A1C, rsp=0x7FFD268BEA60)
+        assert Registers(cr3=0x29E0000, idtr_base=0xFFFFFE0000000000, **user).paging_mode is PagingMode.LEVEL4
+        assert Registers(cr3=0x29E0000, gdtr_base=0xFFFFFE0000001000, **user).paging_mode is PagingMode.LEVEL4
+        assert Registers(cr3=0x1_0000_0000, **user).paging_mode is PagingMode.LEVEL4
+        assert Registers(cr3=0x29E0000, idtr_base=0xC1D5E000, **user).paging_mode is PagingMode.PAE

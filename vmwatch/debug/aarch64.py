@@ -21,6 +21,8 @@ VA_BITS = 48
 THREAD_SIZE = 16 << 10
 """arm64 kernel stacks (THREAD_SIZE with KASAN off): a walk stops at their top."""
 MAX_FRAMES_WALKED = 256
+MAX_STACKS = 5
+"""A walk crosses at most the task's, the IRQ, the overflow and the two SDEI stacks."""
 CALLS = frozenset(("bl", "blr", "blraa", "blraaz", "blrab", "blrabz"))
 ALIASES = {"lr": "x30", "fp": "x29", "cpsr": "pstate"}
 """gdb's other names of AArch64 registers."""
@@ -86,24 +88,31 @@ async def frame_records(regs: Aarch64Registers, read_u64: Callable[[int], Awaita
     first (where ``None``) unless it is the first record's or points back into the function at pc
     (a call made and returned), then the frame-record chain from x29.
 
-    The walk stops at a null or unreadable record, a return address outside kernel text, a record
-    that does not move up the stack, or one outside the task's stack.
+    A record may lead to another stack, as the kernel's unwinder allows: an interrupt runs on the
+    CPU's IRQ stack, whose first record chains to the one ``call_on_irq_stack`` pushed on the
+    interrupted task's stack (the overflow and SDEI stacks likewise). The walk stops at a null or
+    unreadable record, a return address outside kernel text, a record that does not move up its
+    stack, or one on a stack the walk has already left.
     """
     if regs.x is None or regs.sp is None or regs.pc is None or not is_kernel(regs.sp) or not is_kernel(regs.pc):
         return []  # a user-mode vCPU: no kernel stack to walk
     bits = va_bits(regs)
-    sp = regs.sp
-    top = (sp | (THREAD_SIZE - 1)) + 1  # stacks are THREAD_SIZE long at a 2 x THREAD_SIZE-aligned base
+    low = regs.sp
+    top = (low | (THREAD_SIZE - 1)) + 1  # stacks are THREAD_SIZE long at a 2 x THREAD_SIZE-aligned base
+    visited = {top}
     chain: list[tuple[int, int | None]] = []
     at = regs.fp
-    while at and sp <= at <= top - 16 and len(chain) < min(limit, MAX_FRAMES_WALKED):
+    while at and len(chain) < min(limit, MAX_FRAMES_WALKED):
+        if not low <= at <= top - 16:  # another stack: each one is walked once
+            low, top = at & -THREAD_SIZE, (at | (THREAD_SIZE - 1)) + 1
+            if top in visited or len(visited) >= MAX_STACKS or not is_kernel(at):
+                break
+            visited.add(top)
         following, ret = await read_u64(at), await read_u64(at + 8)
         if following is None or ret is None or not in_text(address := strip_pac(ret, bits)):
             break
         chain.append((address, at + 8))
-        if following <= at:
-            break
-        at = following
+        low, at = at + 16, following  # the next record on this stack is above this one
     lr = strip_pac(regs.lr, bits)
     if in_text(lr) and (not chain or chain[0][0] != lr) and not same_function(lr, regs.pc):
         chain.insert(0, (lr, None))

@@ -333,17 +333,32 @@ class DebugSession(Control):
         )
 
     def _aarch64_current(self, linux: Any, regs: Aarch64Registers) -> int:
-        """SP_EL0 in EL1; without it (a dump's notes have no SP_EL0) the task whose kernel stack holds SP."""
+        """SP_EL0 in EL1; without it (a dump's notes have no SP_EL0) the task whose kernel stack holds
+        SP, else the one the frame records from x29 lead back to: an interrupt runs on the CPU's IRQ
+        stack (``call_on_irq_stack`` leaves a record on the interrupted task's stack, chained to the
+        IRQ stack's first one), as the overflow and SDEI handlers run on theirs."""
         if regs.el != 1:
             raise DebugError(f"vCPU {self.vcpu} runs in EL{regs.el}: no kernel task state there (step into the kernel)")
         if regs.sp_el0 is not None:
             return regs.sp_el0
         stack = linux.types.offset("task_struct", "stack")
-        for task in (linux.symbols["init_task"], *(t.address for t in linux.tasks())):
-            base = linux.memory.pointer(task + stack)
-            if base <= regs.sp < base + a64.THREAD_SIZE:
-                return task
-        raise DebugError(f"vCPU {self.vcpu}: no SP_EL0 and no task's kernel stack holds sp {regs.sp:#x}")
+        stacks = [(linux.memory.pointer(task + stack), task)
+                  for task in (linux.symbols["init_task"], *(t.address for t in linux.tasks()))]
+
+        def owner(address: int) -> int | None:
+            return next((task for base, task in stacks if base <= address < base + a64.THREAD_SIZE), None)
+
+        task, fp, walked = owner(regs.sp), regs.fp or 0, 0
+        while task is None and fp and walked < a64.MAX_FRAMES_WALKED:
+            task, walked = owner(fp), walked + 1
+            try:
+                fp = linux.memory.u64(fp)
+            except VmwatchError:
+                break
+        if task is None:
+            raise DebugError(f"vCPU {self.vcpu}: no SP_EL0, and neither sp {regs.sp:#x} nor the {walked} frame "
+                             f"record(s) chained from x29 {regs.fp or 0:#x} lie on a task's kernel stack")
+        return task
 
     async def backtrace(self, limit: int = 32) -> list[Frame]:
         """Frame 0 is the pc; the rest are return addresses found scanning the kernel stack (x86) or

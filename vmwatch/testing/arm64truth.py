@@ -16,11 +16,21 @@ THREAD_SIZE = 16 << 10
 
 
 def kallsyms(guest, *names: str) -> dict[str, int]:
-    """Addresses of ``names`` in the guest's /proc/kallsyms (pointers exposed for the read)."""
+    """Addresses of ``names`` in the guest's /proc/kallsyms (pointers exposed for the read); the last
+    one of a name that several static functions have (see :func:`kallsyms_all`)."""
+    return {name: addresses[-1] for name, addresses in kallsyms_all(guest, *names).items()}
+
+
+def kallsyms_all(guest, *names: str) -> dict[str, list[int]]:
+    """Every address of each of ``names`` in the guest's /proc/kallsyms (two drivers' static
+    ``gic_handle_irq``, say)."""
     guest.shell("echo 0 > /proc/sys/kernel/kptr_restrict", check=True)
     pattern = " ".join(f"-e ' {n}$'" for n in names)
-    lines = guest.shell(f"grep {pattern} /proc/kallsyms", check=True, timeout=60).splitlines()
-    return {parts[2]: int(parts[0], 16) for parts in (line.split() for line in lines) if len(parts) == 3}
+    found: dict[str, list[int]] = {}
+    for parts in (line.split() for line in guest.shell(f"grep {pattern} /proc/kallsyms", check=True, timeout=60).splitlines()):
+        if len(parts) == 3:
+            found.setdefault(parts[2], []).append(int(parts[0], 16))
+    return found
 
 
 def kernel_text_paddr(guest, vaddr: int) -> int:

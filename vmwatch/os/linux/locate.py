@@ -189,8 +189,13 @@ def find_kallsyms(phys, registers: tuple[Registers, ...] = ()):
     read = lambda paddr, size: phys.read(paddr, size, pad=True)  # noqa: E731
     size = pointer_size(registers)
     if size == 4:
-        symbols, token_table = _kallsyms_32(phys, read)
-        return symbols, None, token_table
+        try:
+            symbols, token_table = _kallsyms_32(phys, read)
+            return symbols, None, token_table
+        except SymbolError:
+            if any(regs.efer is not None for regs in registers):
+                raise
+            size = 8  # 32-bit was a guess without EFER: a 64-bit kernel is searched for too
     for cr3, mode in cr3_candidates(registers):
         try:
             text = text_from_page_tables(phys, cr3, mode)
