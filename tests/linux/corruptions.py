@@ -12,6 +12,7 @@ import struct
 UNMAPPED = 0xFFFF_DEAD_0000_0000
 """A canonical kernel address no lab guest maps."""
 PAGE = 4096
+UNUSED_SYSCALL = 184
 
 
 def _pointer(value: int) -> bytes:
@@ -76,14 +77,88 @@ def names_without_nul(linux):
 
 
 def syscall_unmapped(linux):
-    """sys_call_table[1] (write) pointing into unmapped memory."""
-    return [(linux.symbols["sys_call_table"] + 8, _pointer(UNMAPPED))]
+    """sys_call_table[184] (tuxcall: sys_ni_syscall, which no program calls, so a running guest
+    lives on) pointing into unmapped memory."""
+    assert linux.syscalls()[UNUSED_SYSCALL].symbol.endswith("sys_ni_syscall")
+    return [(linux.symbols["sys_call_table"] + 8 * UNUSED_SYSCALL, _pointer(UNMAPPED))]
 
 
 def absurd_cpus(linux):
     """nr_cpu_ids 2^31-1 and __per_cpu_offset[1..] into unmapped memory (the guest has one vCPU)."""
     return [(linux.symbols["nr_cpu_ids"], struct.pack("<I", 0x7FFF_FFFF)),
             (linux.symbols["__per_cpu_offset"] + 8, _pointer(UNMAPPED) * 7)]
+
+
+# corruption -> (the broken list's warning, entries listed, how many of them the clean dump lists
+# first): None where no list breaks
+EXPECTED = {
+    "cyclic_tasks": ("init_task.tasks list broken after 11 entries: cycle at", 11, 11),
+    "unmapped_tasks": ("init_task.tasks list broken after 6 entries: unreadable pointer at 0xffffdead00000000", 6, 6),
+    "endless_tasks": ("init_task.tasks list broken after 65536 entries: more than 65536 entries", 65536, 6),
+    "cyclic_modules": ("modules list broken after 1 entries: cycle at", 1, 1),
+    "unmapped_modules": ("modules list broken after 2 entries: unreadable pointer at 0xffffdead00000000", 2, 2),
+    "endless_modules": ("modules list broken after 8192 entries: more than 8192 entries", 8192, 2),
+    "names_without_nul": (None, None, None),
+    "syscall_unmapped": (None, None, None),
+    "absurd_cpus": (None, None, None),
+}
+
+
+RUN_SAFE = ("cyclic_tasks", "unmapped_tasks", "cyclic_modules", "unmapped_modules", "names_without_nul",
+            "syscall_unmapped")
+"""What a running guest's own kernel lives with for the seconds of a watch. Not the chains: they sit in
+free RAM the kernel may take meanwhile (putting its zeros back would corrupt it); not nr_cpu_ids:
+the kernel's own for_each_cpu loops trust it."""
+
+
+def check_listing(command: str, name: str, rows: list[dict], stderr: str, clean: dict) -> None:
+    """ps/modules/syscalls list what precedes the break, warn about the list they walk (at most ten
+    problem lines and a count), and are untouched by corruptions of what they do not read."""
+    broken, kept, real = EXPECTED[name]
+    warnings = [line for line in stderr.splitlines() if line.startswith("vmwatch: warning:")]
+    walks = {"ps": "init_task.tasks", "modules": "modules"}.get(command)
+    if broken is not None and broken.startswith(f"{walks} "):
+        assert broken in warnings[0] and len(warnings) <= 11, stderr
+        assert len(rows) == kept
+        listed = [r["pid" if command == "ps" else "base"] for r in rows]
+        assert listed[:real] == clean["pids" if command == "ps" else "bases"][:real]
+    else:
+        assert not warnings, stderr
+        if command == "ps":
+            assert [r["pid"] for r in rows] == clean["pids"]
+        elif command == "modules":
+            assert [r["base"] for r in rows] == clean["bases"]
+    if command == "syscalls":
+        expected = list(clean["syscalls"])
+        if name == "syscall_unmapped":
+            expected[UNUSED_SYSCALL] = (UNMAPPED, None)
+            assert [r["index"] for r in rows if not r["in_text"]] == [UNUSED_SYSCALL]
+        assert [(r["address"], r["symbol"]) for r in rows] == expected
+
+
+def check_watch(name: str, printed: list[dict], stderr: str) -> list[dict]:
+    """watch with the shipped packs: no rule raised, a broken list is named in a warning with the
+    entries read before it, the hooked entry is reported. Returns the alerts."""
+    broken = EXPECTED[name][0]
+    alerts = [e for e in printed if "rule" in e]
+    assert not [a for a in alerts if a["rule"] == "engine"], alerts  # no rule raised or was isolated
+    logged = [line for line in stderr.splitlines() if "list_broken" in line]
+    if broken is None:
+        assert not logged, stderr
+    else:
+        walked, _, entries = broken.partition(" list broken after ")
+        assert any(f"list={walked}" in line and f"entries={entries.split()[0]}" in line for line in logged), stderr
+    if name == "syscall_unmapped":
+        hooked = [a["message"] for a in alerts if a["rule"] == "security.syscall_table"]
+        assert hooked == [f"sys_call_table[{UNUSED_SYSCALL}] points outside kernel text: {UNMAPPED:#x}"]
+    return alerts
+
+
+def clean_facts(linux) -> dict:
+    """What an uncorrupted kernel lists: pids, module names and bases, the system call table."""
+    modules = linux.modules()
+    return {"pids": [t.pid for t in linux.tasks()], "modules": [m.name for m in modules],
+            "bases": [m.base for m in modules], "syscalls": [(s.address, s.symbol) for s in linux.syscalls()]}
 
 
 def overlay_patches(linux, patches):

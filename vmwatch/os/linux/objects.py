@@ -101,7 +101,8 @@ def c_string(raw: bytes) -> str:
 
 
 def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MAX_LIST,
-              skipped: list[str] | None = None, log_broken: bool = True) -> list[int]:
+              skipped: list[str] | None = None, log_broken: bool = True,
+              logged: set | None = None) -> list[int]:
     """Addresses of the structs on a circular ``list_head`` list (the head itself excluded).
 
     Args:
@@ -110,6 +111,8 @@ def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MA
         name: the list as a warning names it (``init_task.tasks``, ``modules``).
         skipped: a list that receives one line per problem (bad pointer, cycle, too long).
         log_broken: also log the problem as a warning (a caller walking many small lists logs a summary).
+        logged: problems logged already (``Linux.logged_breaks``): a watch walks the same broken
+            list every few seconds, and says so once.
 
     The walk stops at the first unreadable pointer, at a node seen before (a cycle that does
     not pass through the head) and after ``limit`` nodes; each is reported, none hangs.
@@ -121,8 +124,10 @@ def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MA
 
     def broken(why: str) -> list[int]:
         line = f"{name} list broken after {len(out)} entries: {why}"
-        if log_broken:
+        if log_broken and (logged is None or (name, head, len(out), why) not in logged):
             log.warning("linux.list_broken", list=name, head=hex(head), entries=len(out), why=why)
+            if logged is not None and len(logged) < 1024:
+                logged.add((name, head, len(out), why))
         problems.append(line)
         return out
 

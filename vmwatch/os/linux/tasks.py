@@ -110,12 +110,16 @@ class TaskWalker:
         head = linux.symbols["init_task"] + self.tasks_off
         tasks = []
         self.broken_groups = []
-        for address in walk_list(memory, head, self.tasks_off, name="init_task.tasks", skipped=skipped):
+        for address in walk_list(memory, head, self.tasks_off, name="init_task.tasks", skipped=skipped,
+                                 logged=linux.logged_breaks):
             try:
                 tasks.append(self.read(address, skipped))
             except VmwatchError as exc:
                 skipped.append(f"task at {address:#x}: {exc}")
-        if self.broken_groups:  # one line for them all: a garbage task list breaks thousands
+        summary = ("threads", len(self.broken_groups), self.broken_groups[:1])
+        if self.broken_groups and str(summary) not in linux.logged_breaks:  # one line for them all
+            if len(linux.logged_breaks) < 1024:
+                linux.logged_breaks.add(str(summary))
             log.warning("linux.list_broken", list="threads", groups=len(self.broken_groups),
                         first=self.broken_groups[0], threads_read=MAX_THREADS - max(0, self.thread_budget))
         return Listing(tasks, skipped)
