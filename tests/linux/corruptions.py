@@ -67,6 +67,23 @@ def endless_modules(linux):
     return _chain(linux, _module_link(linux, 1), 9_000)  # > the modules walk's 8,192
 
 
+def _runqueue_root(linux) -> int:
+    t = linux.types
+    return linux.per_cpu("runqueues", 0) + t.offset("rq", "cfs") + t.offset("cfs_rq", "tasks_timeline")
+
+
+def cyclic_runqueue(linux):
+    """CPU 0's CFS tree holding the current task's node, whose left child is itself."""
+    t = linux.types
+    curr = linux.memory.pointer(linux.per_cpu("runqueues", 0) + t.offset("rq", "curr"))
+    node = curr + t.offset("task_struct", "se") + t.offset("sched_entity", "run_node")
+    return [(_runqueue_root(linux), _pointer(node)), (node + t.offset("rb_node", "rb_left"), _pointer(node))]
+
+
+def unmapped_runqueue(linux):
+    return [(_runqueue_root(linux), _pointer(UNMAPPED))]
+
+
 def names_without_nul(linux):
     """Task 2's comm and module 0's name filled to the end of their arrays, no NUL."""
     t = linux.types
@@ -98,6 +115,9 @@ EXPECTED = {
     "cyclic_modules": ("modules list broken after 1 entries: cycle at", 1, 1),
     "unmapped_modules": ("modules list broken after 2 entries: unreadable pointer at 0xffffdead00000000", 2, 2),
     "endless_modules": ("modules list broken after 8192 entries: more than 8192 entries", 8192, 2),
+    "cyclic_runqueue": ("runqueues[0].cfs list broken after 1 entries: node", None, None),
+    "unmapped_runqueue": ("runqueues[0].cfs list broken after 0 entries: unreadable node 0xffffdead00000000",
+                          None, None),
     "names_without_nul": (None, None, None),
     "syscall_unmapped": (None, None, None),
     "absurd_cpus": (None, None, None),
@@ -108,7 +128,7 @@ RUN_SAFE = ("cyclic_tasks", "unmapped_tasks", "cyclic_modules", "unmapped_module
             "syscall_unmapped")
 """What a running guest's own kernel lives with for the seconds of a watch. Not the chains: they sit in
 free RAM the kernel may take meanwhile (putting its zeros back would corrupt it); not nr_cpu_ids:
-the kernel's own for_each_cpu loops trust it."""
+the kernel's own for_each_cpu loops trust it; not the run queue: its scheduler walks it."""
 
 
 def check_listing(command: str, name: str, rows: list[dict], stderr: str, clean: dict) -> None:

@@ -1,6 +1,7 @@
-"""Every command and the shipped rules over corrupted copies of a real lab dump: lists made cyclic,
-pointed into unmapped memory or spliced into an endless chain, names with no NUL, an absurd
-nr_cpu_ids, a sys_call_table entry into unmapped memory. Each ends in bounded time, exit 0, with
+"""Every command and the shipped rules over corrupted copies of a real lab dump: the task and module
+lists made cyclic, pointed into unmapped memory or spliced into an endless chain, CPU 0's run
+queue cyclic or unmapped, names with no NUL, an absurd nr_cpu_ids, a sys_call_table entry into
+unmapped memory. Each ends in bounded time, exit 0, with
 a warning naming the broken list and how many entries were read before it."""
 
 from __future__ import annotations

@@ -100,6 +100,18 @@ def c_string(raw: bytes) -> str:
     return (raw if end < 0 else raw[:end]).decode("utf-8", "backslashreplace")
 
 
+def warn_broken(logged: set | None, name: str, head: int, entries: int, why: str) -> None:
+    """Log ``linux.list_broken``: the list, its head, the entries read before the break, why;
+    once per problem when ``logged`` (``Linux.logged_breaks``, bounded) keeps what was said."""
+    key = (name, head, entries, why)
+    if logged is not None:
+        if key in logged:
+            return
+        if len(logged) < 1024:
+            logged.add(key)
+    log.warning("linux.list_broken", list=name, head=hex(head), entries=entries, why=why)
+
+
 def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MAX_LIST,
               skipped: list[str] | None = None, log_broken: bool = True,
               logged: set | None = None) -> list[int]:
@@ -124,10 +136,8 @@ def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MA
 
     def broken(why: str) -> list[int]:
         line = f"{name} list broken after {len(out)} entries: {why}"
-        if log_broken and (logged is None or (name, head, len(out), why) not in logged):
-            log.warning("linux.list_broken", list=name, head=hex(head), entries=len(out), why=why)
-            if logged is not None and len(logged) < 1024:
-                logged.add((name, head, len(out), why))
+        if log_broken:
+            warn_broken(logged, name, head, len(out), why)
         problems.append(line)
         return out
 

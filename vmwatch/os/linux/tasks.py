@@ -8,13 +8,10 @@ each is looked up by the names the kernel may use.
 from __future__ import annotations
 
 import attrs
-import structlog
 
 from vmwatch.errors import VmwatchError
-from vmwatch.os.linux.objects import StructReader, c_string, walk_list
+from vmwatch.os.linux.objects import StructReader, c_string, walk_list, warn_broken
 from vmwatch.os.linux.procname import ProcName
-
-log = structlog.get_logger(__name__)
 
 MAX_THREADS = 1 << 18
 """Threads read in one walk of all tasks, every group's list together: a task list spliced into
@@ -116,12 +113,9 @@ class TaskWalker:
                 tasks.append(self.read(address, skipped))
             except VmwatchError as exc:
                 skipped.append(f"task at {address:#x}: {exc}")
-        summary = ("threads", len(self.broken_groups), self.broken_groups[:1])
-        if self.broken_groups and str(summary) not in linux.logged_breaks:  # one line for them all
-            if len(linux.logged_breaks) < 1024:
-                linux.logged_breaks.add(str(summary))
-            log.warning("linux.list_broken", list="threads", groups=len(self.broken_groups),
-                        first=self.broken_groups[0], threads_read=MAX_THREADS - max(0, self.thread_budget))
+        if self.broken_groups:  # one line for them all: a task list spliced into garbage breaks thousands
+            warn_broken(linux.logged_breaks, "threads", head, MAX_THREADS - max(0, self.thread_budget),
+                        f"{len(self.broken_groups)} tasks' thread lists broken, the first: {self.broken_groups[0]}")
         return Listing(tasks, skipped)
 
     def read(self, address: int, skipped: list[str]) -> Task:
