@@ -181,6 +181,20 @@ def clean_facts(linux) -> dict:
             "bases": [m.base for m in modules], "syscalls": [(s.address, s.symbol) for s in linux.syscalls()]}
 
 
+def unmapped_syscall_page(linux):
+    """The page-table entry that maps sys_call_table made not present (a 2 MiB page of the lab
+    kernel's rodata: its BTF and banner go with it). Patched through the direct map."""
+    table = linux.kernel.kernel_cr3 & ~0xFFF
+    vaddr = linux.symbols["sys_call_table"]
+    for shift in (39, 30, 21, 12):
+        at = table + ((vaddr >> shift) & 0x1FF) * 8
+        entry = struct.unpack("<Q", linux.memory.read_phys(at, 8))[0]
+        if shift == 12 or entry & 0x80:  # a 4 KiB entry, or PS: a large page
+            return [(linux.kernel.page_offset + at, struct.pack("<Q", entry & ~1))]
+        table = entry & 0x000F_FFFF_FFFF_F000
+    raise AssertionError("unreachable")
+
+
 def overlay_patches(linux, patches):
     """The patches at guest-physical addresses, split at page boundaries."""
     out = []

@@ -83,3 +83,12 @@ def test_watch_with_the_shipped_packs(copies, tmp_path, name):
     c.check_watch(name, printed, result.stderr)
     stored = [json.loads(line) for line in run_cli("timeline", db, "--json").stdout.splitlines()]
     assert sorted(str(e.get("rule")) for e in stored) == sorted(str(e.get("rule")) for e in printed)
+
+
+@pytest.mark.parametrize("command", ["syscalls", "ps"])
+def test_unmapped_kernel_page_is_one_error_line(copies, command):
+    """With sys_call_table's page (and the kernel's BTF with it) not mapped, the command exits 2
+    with one line saying which address and page-table level failed."""
+    result = run_cli(command, copies("unmapped_syscall_page"))
+    assert result.status == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("vmwatch: error: page not present at 0x")
