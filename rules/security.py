@@ -145,21 +145,18 @@ def _cr_findings(name: str, old: int, new: int) -> list[str]:
     return found
 
 
-@rule.disabled
 @rule.on_register("cr0")
 @rule.on_register("cr4")
 def control_register_write(event: RegisterWrite, guest):
     """An instruction cleared CR0.WP, CR4.SMEP or CR4.SMAP.
 
-    Off by default (``--enable security.control_register_write``): it needs a gdbstub breakpoint
-    after the ``mov cr0``/``mov cr4`` of ``native_write_cr0``/``native_write_cr4`` (the only
-    writers a running Linux uses; both open with no ftrace NOP and go on with a 2-byte jump
-    label, so no inline hook fits), and under TCG any armed breakpoint slows the guest, hit or
-    not. Measured with benchmarks/bench_pump.py (600,000 one-byte writes timed by the guest, 3
-    runs each): the security and timeline packs 0.99-1.38x (median 1.04x), with this rule
-    1.24-1.33x (median 1.28x; 1.38x when it broke after all 22 writers of kernel text): over the
-    1.25x a shipped-on rule may cost. Those writers pin WP, SMEP and SMAP since Linux 5.3 anyway,
-    and ``control_register_state`` sees a change that stays within 2 s.
+    Seen before the write: an inline hook on the ``mov cr0``/``mov cr4`` of ``native_write_cr0``/
+    ``native_write_cr4`` (the writers a running Linux uses; the mov moves into the hook's
+    trampoline), whose stops flush nothing, so the rule costs a TCG guest next to nothing while
+    nothing writes: benchmarks/bench_pump.py, 5 interleaved rounds, security+timeline 0.68-1.23x
+    (median 0.79x) with it, 0.80-2.37x (median 1.06x) without it, on a host loaded by others
+    (it was 1.28x as a breakpoint after each mov). Since Linux 5.3 those writers put WP, SMEP and
+    SMAP back at once; ``control_register_state`` sees a change made any other way within 2 s.
     """
     if event.old is None:
         return

@@ -60,3 +60,25 @@ def lab_guest_factory():
     yield start
     for guest in started:
         guest.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster (Debian's server, unix socket in a temp dir) for the session;
+    skipped, with the reason, only when no server is installed."""
+    from vmwatch.testing.postgres import ServerMissing, start_cluster
+
+    try:
+        cluster = start_cluster()
+    except ServerMissing as exc:
+        pytest.skip(str(exc))
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture
+def pg_url(pg_cluster, request):
+    """A fresh, empty database in the session's cluster."""
+    import re
+
+    return pg_cluster.create_database(re.sub(r"\W", "_", request.node.name)[:60].lower())

@@ -13,6 +13,10 @@
 * A divide error: busybox ``expr`` divides INT64_MIN by -1 (it only checks for zero), the CPU
   raises #DE, and the kernel logs ``traps: expr[PID] trap divide error ip:IP ... error:0``. The
   watch must see vector 0 from user mode at IP, with no error code pushed.
+* #UD, #GP and a user #PF from the lab's /bin/fault (``scenario fault ud|gp|pf``): ``ud2``, a load
+  from a non-canonical address, a write to a page it just unmapped and printed the address of.
+  The kernel logs each (``traps: fault[PID] trap invalid opcode ip:IP ...``, ``... general
+  protection fault ip:IP ... error:0``, ``fault[PID]: segfault at ADDR ip IP ... error 6``).
 
 A gdbstub breakpoint costs a TCG guest ~20 ms (engine/sources.py ``trap_overhead``), so the default
 budget unhooks the page-fault trap within a second of a fault storm; these checks are about what
@@ -167,3 +171,53 @@ async def test_kprobe_int3_is_a_kernel_breakpoint_exception(lab_guest, start_arm
     at_probe = [f for f in hits if f.rip == address + 1]  # a trap: RIP is past the int3
     assert counted >= 3 and len(at_probe) == counted, (counted, len(at_probe), [hex(f.rip) for f in hits[:6]])
     assert all(f.vector == 3 and f.error_code is None and f.cr2 is None and not f.user for f in hits)
+
+
+TRAPS = re.compile(r"fault\[(\d+)\] (trap invalid opcode|general protection fault) ip:([0-9a-f]+) "
+                   r"sp:[0-9a-f]+ error:([0-9a-f]+)")
+FAULT_SEGV = re.compile(r"fault\[(\d+)\]: segfault at ([0-9a-f]+) ip ([0-9a-f]+) sp [0-9a-f]+ error ([0-9a-f]+)")
+
+
+async def test_ud2_gp_and_a_fault_at_the_printed_address(lab_guest, start_armed):
+    """``scenario fault ud|gp|pf`` (the lab's /bin/fault): the #UD, #GP and user #PF the watch sees
+    are the ones the kernel logs, and the #PF's cr2 is the address the program printed."""
+    from vmwatch.target import open_target
+
+    seen: dict[str, list] = {"ud": [], "gp": [], "pf": []}
+
+    def keep(kind):
+        def record(event, guest):
+            cur = guest.current
+            seen[kind].append((event, cur.pid if cur else None))
+        return record
+
+    rules = {"__name__": __name__,
+             "ud": rule.on_exception("invalid_opcode")(keep("ud")),
+             "gp": rule.on_exception(13)(keep("gp")),
+             "pf": rule.on_exception("page_fault", user=True, comm="fault")(keep("pf"))}
+    async with open_target(lab_guest.target) as target:
+        engine = Engine(source_for(target), RuleSet(rules_of(rules, "exc")), [ListSink()], options=UNLIMITED)
+        async with trio.open_nursery() as nursery:
+            await start_armed(nursery, engine, 3)
+            out = {kind: await trio.to_thread.run_sync(lambda k=kind: lab_guest.shell(f"scenario fault {k}",
+                                                                                       timeout=SLOW))
+                   for kind in ("ud", "gp", "pf")}
+            logged = await trio.to_thread.run_sync(lambda: lab_guest.shell("dmesg | grep ' fault\\[' | tail -3",
+                                                                           timeout=SLOW))
+            engine.stop()
+    assert not engine.summary.rule_errors and not engine.summary.demotions, engine.summary
+    assert "scenario fault ud status 132" in out["ud"] and "status 139" in out["gp"], out  # SIGILL, SIGSEGV
+    traps = {m.group(2): m for m in TRAPS.finditer(logged)}
+    assert set(traps) == {"trap invalid opcode", "general protection fault"}, logged
+    for kind, vector, line in (("ud", 6, "trap invalid opcode"), ("gp", 13, "general protection fault")):
+        pid, rip, code = int(traps[line].group(1)), int(traps[line].group(3), 16), int(traps[line].group(4), 16)
+        user = [(f, p) for f, p in seen[kind] if f.user]
+        assert [(f.vector, f.rip, p) for f, p in user] == [(vector, rip, pid)], (kind, logged, seen[kind])
+        assert user[0][0].error_code == (code if vector == 13 else None) and user[0][0].cr2 is None
+
+    printed = int(re.search(r"^0x([0-9a-f]+)$", out["pf"], re.M).group(1), 16)
+    match = FAULT_SEGV.search(logged)
+    assert match and int(match.group(2), 16) == printed, (out["pf"], logged)
+    pid, rip, code = int(match.group(1)), int(match.group(3), 16), int(match.group(4), 16)
+    at = [(f, p) for f, p in seen["pf"] if f.cr2 == printed]
+    assert at and all((f.rip, f.error_code, f.user, p) == (rip, code, True, pid) for f, p in at), (hex(printed), at)

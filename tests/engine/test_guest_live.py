@@ -362,3 +362,42 @@ def test_root_without_exec(watcher, lab_guest):
 
         watcher.stopped(restore)
         lab_guest.shell(f"kill {pid}", timeout=SLOW)
+
+
+def test_cr0_wp_cleared_through_native_write_cr0(watcher, lab_guest):
+    """A debugger's ``call native_write_cr0(cr0 & ~WP)`` (gdb's way: the return address pushed,
+    RIP and RDI set) on the idle vCPU: caught at the mov, before it runs. The kernel's own CR
+    pinning then puts WP back and warns, which its log shows."""
+    import capstone
+
+    from vmwatch.cpu import CR0_WP
+
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+
+    async def call(linux, source):
+        regs = await source.registers(0)
+        insn = next(md.disasm_lite(linux.memory.read(regs.rip, 16), regs.rip), None)
+        if regs.cs.selector & 3 or insn is None or insn[2] != "ret":  # at a ret no scratch register is live
+            return None
+        rsp = regs.rsp - 8
+        linux.memory.write(rsp, regs.rip.to_bytes(8, "little"))
+        await source.vm.set_registers(0, rsp=rsp, rip=linux.symbols["native_write_cr0"], rdi=regs.cr0 & ~CR0_WP)
+        return regs.cr0
+
+    mark = watcher.mark()
+    for _ in range(200):  # the idle guest is mostly stopped in native_safe_halt's ret
+        cr0 = watcher.stopped_async(call)
+        if cr0 is not None:
+            break
+        time.sleep(0.05)
+    assert cr0 is not None and cr0 & CR0_WP, "no stop at a kernel ret"
+    hits = watcher.wait_for("security.control_register_write", mark, severity=Severity.CRITICAL)
+    assert "CR0.WP cleared" in hits[0].message and hits[0].details["new"] == hex(cr0 & ~CR0_WP), hits[0]
+    assert hits[0].details["old"] == hex(cr0) and hits[0].details["where"].startswith("native_write_cr0+"), hits[0]
+    assert watcher.target.live.is_inline(int(hits[0].details["rip"], 16))  # a watchpoint stop, no flush
+    assert "CR0 WP bit went missing" in lab_guest.shell("dmesg | grep 'WP bit'", timeout=SLOW)
+
+    async def cr0_now(linux, source):
+        return (await source.registers(0)).cr0
+
+    assert watcher.stopped_async(cr0_now) == cr0  # pinned back

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import attrs
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,6 +50,35 @@ class TestWriteSites:
 
 
 class TestRegisterSensor:
+    def test_on_the_mov_itself(self):
+        """A stop on the mov (an inline hook there): new from its source register, old from CRn."""
+        site = WriteSite(TEXT + 2, TEXT + 5, "cr0", "rdi")
+        sensor = RegisterSensor({TEXT + 2: site}, {"cr0": 0x80050033})
+        guest = Guest(vm="t", phys=None)
+        guest.rule = RuleRun("sensor", sensor)
+        out = []
+        for regs in (Registers(cr0=0x80050033, rdi=0x80040033), Registers(rdi=0x80050033)):
+            event = Breakpoint(seq=len(out), address=TEXT + 2)
+            guest.begin(event, regs)
+            sensor(event, guest)
+            out += guest.take_emitted()
+        assert out == [RegisterWrite(seq=0, register="cr0", old=0x80050033, new=0x80040033, rip=TEXT + 2),
+                       # no CR0 reported: the last value written on that vCPU
+                       RegisterWrite(seq=1, register="cr0", old=0x80040033, new=0x80050033, rip=TEXT + 2)]
+
+    def test_hookable_only_where_no_branch_lands_inside(self):
+        """native_write_cr0's retry jumps to the mov itself: hookable; a jump to the NOP after it is not."""
+        from vmwatch.engine.registers import hookable
+        from vmwatch.os.linux.kallsyms import Symbols
+
+        code = bytes.fromhex("31c0 0f22c7 6690 4881cf00000100 ebf2 c3")  # xor; mov cr0; nop2; or; jmp mov; ret
+        symbols = Symbols(["native_write_cr0", "_etext"], [TEXT, TEXT + len(code)], "TT")
+        site = WriteSite(TEXT + 2, TEXT + 5, "cr0", "rdi")
+        assert hookable(site, code, TEXT, symbols)
+        into_nop = code[:15] + bytes([0xF5]) + code[16:]  # jmp TEXT + 5: into the hook's 5 bytes
+        assert not hookable(site, into_nop, TEXT, symbols)
+        assert not hookable(attrs.evolve(site, register="cr4"), code, TEXT, symbols)  # not native_write_cr4
+
     def test_old_and_new_values(self):
         """The breakpoint after a writer becomes RegisterWrite with the last value seen as old."""
         sites = {TEXT + 7: WriteSite(TEXT + 4, TEXT + 7, "cr4", "rdi"), TEXT + 23: WriteSite(TEXT + 21, TEXT + 23, "msr")}

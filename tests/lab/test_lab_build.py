@@ -159,7 +159,7 @@ def test_initramfs_holds_init_scenario_and_modules(lab_kernel):
     archive = gzip.decompress(build_initramfs(lab_kernel, Path("/bin/busybox")).read_bytes())
     listing = subprocess.run(["busybox", "cpio", "-t"], input=archive, capture_output=True, check=True)
     names = listing.stdout.decode().split()
-    assert {"init", "bin/busybox", "bin/scenario", "dev/console", "etc/passwd"} <= set(names)
+    assert {"init", "bin/busybox", "bin/scenario", "bin/fault", "dev/console", "etc/passwd"} <= set(names)
     assert [n for n in names if n.startswith("lab/modules/")] == [
         "lab/modules/01-tcp_vegas.ko", "lab/modules/02-tcp_yeah.ko"]
 

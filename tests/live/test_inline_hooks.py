@@ -37,6 +37,28 @@ class TestPieces:
         assert decode(code, slot) == ["push qword ptr [rip - 6]", "lea rsp, [rsp + 8]", "ret"]
         assert ih.RIP_AFTER_PUSH == len(next(MD.disasm(code, slot)).bytes)
 
+    def test_trampoline_runs_a_moved_mov(self) -> None:
+        """native_write_cr0's ``mov cr0, rdi`` and its jump label's 2-byte NOP: the mov moves into
+        a 15-byte trampoline, between the stack fix and the ret; the NOP is skipped."""
+        slot = BASE + 0x1231
+        native_write_cr0 = bytes.fromhex("0f22c7 6690 f7c700000100 742d")
+        moved = ih.displaced(BASE, native_write_cr0)
+        assert moved == bytes.fromhex("0f22c7") and ih.moved_write(moved) == ("cr0", "rdi")
+        code = ih.trampoline(slot, moved)
+        assert decode(code, slot) == ["push qword ptr [rip - 6]", "lea rsp, [rsp + 8]", "mov cr0, rdi", "ret"]
+        assert len(code) == 15 and ih.free_slots(RET + INT3 * 15, BASE, [], size=15) == [BASE + 1]
+        assert ih.moved_write(bytes.fromhex("410f22e0")) == ("cr4", "r8")  # REX.B
+
+    @pytest.mark.parametrize("code", [
+        bytes.fromhex("0f22c7 f7c700000100"),   # mov cr0, rdi; test: no NOP fills the 5 bytes
+        bytes.fromhex("0f22c7 0f1f440000"),     # a 5-byte NOP after it: 8 bytes, not 5
+        bytes.fromhex("31c0 0f22c7 6690"),      # xor first: the mov is not at the address
+        bytes.fromhex("0f20c0 6690 c3"),        # mov rax, cr0 reads, does not write
+        NOP5 + RET, b"",
+    ])
+    def test_nothing_else_is_displaced(self, code: bytes) -> None:
+        assert ih.displaced(BASE, code) is None
+
     def test_call_reaches_the_slot(self) -> None:
         site, slot = BASE + 0x100, BASE + 0x40
         call = ih.call_to(site, slot)

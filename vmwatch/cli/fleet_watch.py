@@ -36,7 +36,9 @@ async def _watch_fleet(args: argparse.Namespace, env, ruleset, specs: list[str])
     from vmwatch.cli.app import ExitStatus
     from vmwatch.cli.sigint import stop_on_sigint
     from vmwatch.engine.fleet import Fleet
-    from vmwatch.engine.sinks import JsonLinesSink, SqliteSink
+    from vmwatch.cli.timeline_db import db_label, report_db
+    from vmwatch.engine.open_sink import open_timeline_sink
+    from vmwatch.engine.sinks import JsonLinesSink
     from vmwatch.rules import Severity
     from vmwatch.text import shown
 
@@ -47,20 +49,22 @@ async def _watch_fleet(args: argparse.Namespace, env, ruleset, specs: list[str])
     else:
         screen = ScreenSink(console, min_severity=Severity.parse(args.min_severity), show_vm=True)
         sinks = [screen]
-    if args.db:
-        sinks.append(SqliteSink(args.db))
-    fleet = Fleet(specs, ruleset, sinks, stealth=args.stealth)
-    if screen is not None:
-        console.print(f"watching {len(specs)} guests with {len(ruleset.active())} rules "
-                      f"({', '.join(args.rules)}); Ctrl-C to stop")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(stop_on_sigint, fleet)
-        runs = await fleet.run(duration=args.duration)
-        nursery.cancel_scope.cancel()
+    async with open_timeline_sink(args.db) as db_sink:
+        if db_sink is not None:
+            sinks.append(db_sink)
+        fleet = Fleet(specs, ruleset, sinks, stealth=args.stealth)
+        if screen is not None:
+            console.print(f"watching {len(specs)} guests with {len(ruleset.active())} rules "
+                          f"({', '.join(args.rules)}); Ctrl-C to stop")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_sigint, fleet)
+            runs = await fleet.run(duration=args.duration)
+            nursery.cancel_scope.cancel()
     if screen is not None:
         from vmwatch.cli.fleetview import print_fleet_summary
 
-        print_fleet_summary(console, runs, screen.alerts, db=args.db)
+        print_fleet_summary(console, runs, screen.alerts, db=db_label(args.db))
+    report_db(db_sink, console if screen is not None else None, env)
     gone = [run for run in runs if run.gone]
     for run in gone:
         print(f"vmwatch: guest {shown(run.vm)} ({shown(run.spec)}) went away: {shown(run.end_reason)}",

@@ -7,7 +7,9 @@ is a real instruction boundary by disassembling (capstone) from the start of the
 contains it (a linear sweep inside one function; data in x86-64 kernel text is rare and a false
 hit is rejected by the boundary check), and break right after it. At that breakpoint the new
 value is in the register file (CRn), or in EDX:EAX with the MSR index in ECX (``wrmsr`` leaves
-them intact); the old value is the last one seen on that vCPU (from the registers at start,
+them intact); the ``mov``s of ``native_write_cr0/4`` take an inline hook on the instruction
+itself instead (:func:`hookable`), whose stop comes before it with the new value in its source
+register; the old value is the last one seen on that vCPU (from the registers at start,
 then from each event). Only the sites of registers some rule listens to are armed. CR3, written
 at every switch of process, comes from one inline hook on Linux's switch function where the
 kernel has it (engine/address_spaces.py); the generic sites only serve kernels without it.
@@ -154,7 +156,8 @@ def runtime_sites(sites: list[WriteSite], symbols: Any) -> list[WriteSite]:
     A running Linux writes CR0 and CR4 through ``native_write_cr0``/``native_write_cr4`` only;
     the other ``mov`` sites are boot, kexec, suspend/resume and SME code (20 of the 22 on the
     lab kernel). Under TCG every armed gdbstub breakpoint costs at each lookup of translated
-    code, whether hit or not: two breakpoints instead of 22 is what lets the security pack keep
+    code, whether hit or not: two sites instead of 22, each an inline hook on the ``mov``
+    itself where :func:`hookable` (no breakpoint at all), is what lets the security pack keep
     ``control_register_write`` on.
     """
     kept = []
@@ -164,6 +167,34 @@ def runtime_sites(sites: list[WriteSite], symbols: Any) -> list[WriteSite]:
         inside = [s for s in mine if address is not None and (symbols.lookup(s.address) or ("",))[0] == writer]
         kept += inside or mine
     return [s for s in sites if s.register not in RUNTIME_WRITERS] + kept
+
+
+def hookable(site: WriteSite, text: bytes, text_start: int, symbols: Any) -> bool:
+    """True when a runtime writer's ``mov`` can take an inline hook at its own address: no
+    direct branch of its function lands inside the 5 bytes the hook's call covers (a jump to the
+    ``mov`` itself, the pinning code's retry, is fine). See vmwatch/live/inline_hooks.py."""
+    import capstone
+
+    hit = symbols.lookup(site.address)
+    if hit is None or hit[0] != RUNTIME_WRITERS.get(site.register):
+        return False
+    start = site.address - hit[1]
+    end = min(symbols.next_address(start) or start + _HOOKABLE_SPAN, start + _HOOKABLE_SPAN)
+    code = text[start - text_start:end - text_start]
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    for _, _, mnemonic, operands in md.disasm_lite(code, start):
+        if mnemonic.startswith(("j", "call", "loop")):
+            try:
+                target = int(operands, 0)
+            except ValueError:
+                continue
+            if site.address < target < site.address + 5:
+                return False
+    return True
+
+
+_HOOKABLE_SPAN = 0x200
+"""Bytes of a runtime writer looked at for branches (native_write_cr0 is 0x4a bytes)."""
 
 
 def kernel_text(guest: Guest) -> tuple[int, bytes]:
@@ -177,7 +208,9 @@ def kernel_text(guest: Guest) -> tuple[int, bytes]:
 
 
 class RegisterSensor:
-    """Turns breakpoints after writer instructions into :class:`RegisterWrite` events."""
+    """Turns breakpoints after writer instructions, or on a ``mov crN`` itself (the site's own
+    address: the value about to be written is in its source register, the old one still in
+    CRn), into :class:`RegisterWrite` events."""
 
     def __init__(self, sites: dict[int, WriteSite], initial: dict[str, int]) -> None:
         self.sites = sites
@@ -188,6 +221,16 @@ class RegisterSensor:
         site = self.sites.get(event.address)
         regs = guest.registers
         if site is None or regs is None:
+            return
+        if event.address == site.address:
+            new, old = getattr(regs, site.source, None), getattr(regs, site.register, None)
+            if new is None:
+                return
+            if old is None:
+                old = self._last.get((event.vcpu, site.register), self._initial.get(site.register))
+            self._last[(event.vcpu, site.register)] = new
+            guest.emit(RegisterWrite(seq=event.seq, time_ns=event.time_ns, vcpu=event.vcpu, register=site.register,
+                                     old=old, new=new, rip=site.address))
             return
         if site.register == "msr":
             number = (regs.rcx or 0) & 0xFFFFFFFF
@@ -289,12 +332,18 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     except VmwatchError as exc:
         engine.inactive(f"register sensor ({', '.join(sorted(registers))})", str(exc))
         return
-    sensor = RegisterSensor({s.next_address: s for s in sites}, initial)
+    on_mov = {s for s in sites if hookable(s, text, text_start, symbols)}
+    sensor = RegisterSensor({s.address if s in on_mov else s.next_address: s for s in sites}, initial)
     run = engine.sensor_run("sensor.registers")
     run.func = sensor
     for site in sites:
         hit = symbols.lookup(site.address)
         where = f"{hit[0]}+{hit[1]:#x}" if hit else f"{site.address:#x}"
-        label = f"after {'wrmsr' if site.register == 'msr' else 'mov ' + site.register} in {where}"
-        await engine.add_trap(Trap("breakpoint", site.next_address, 1, label), Handler(run, None))
+        what = "wrmsr" if site.register == "msr" else "mov " + site.register
+        if site in on_mov:  # an inline hook where the backend can place one (a watchpoint stop: no flush)
+            await engine.add_trap(Trap("breakpoint", site.address, 1, f"{what} in {where}", entry=True),
+                                  Handler(run, None))
+        else:
+            await engine.add_trap(Trap("breakpoint", site.next_address, 1, f"after {what} in {where}"),
+                                  Handler(run, None))
     log.info("register sensor armed", registers=sorted(registers), sites=len(sites))

@@ -159,6 +159,7 @@ class SqliteSink:
         self.path = Path(path)
         self._batch = batch
         self._pending = 0
+        self.closed = False
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -199,5 +200,6 @@ class SqliteSink:
             self._pending = 0
 
     async def aclose(self) -> None:
+        self.closed = True
         self._db.execute("COMMIT")
         self._db.close()

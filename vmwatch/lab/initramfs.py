@@ -15,7 +15,8 @@ from pathlib import Path
 from vmwatch.errors import LabError
 from vmwatch.lab import cpio
 from vmwatch.lab.cache import cache_dir
-from vmwatch.lab.kernel import KernelPackage
+from vmwatch.lab.fault_program import fault_program
+from vmwatch.lab.kernel import ARCHES, KernelPackage
 
 READY = "vmwatch-lab-ready"
 """Printed by the guest's shell once, right before its first prompt."""
@@ -98,6 +99,9 @@ unsysctl)
     echo "scenario unsysctl" ;;
 creds)      # a process that changes its credentials (root -> uid 1000)
     echo "scenario creds $(su -s /bin/sh lab -c 'id -u')" ;;
+fault)      # fault ud|gp|pf: one CPU exception from user mode (vmwatch/lab/fault_program.py; amd64 only)
+    /bin/fault "$2"
+    echo "scenario fault $2 status $?" ;;
 dropper)    # run a program copied to a hidden directory in /tmp
     mkdir -p /tmp/.x && cp /bin/busybox /tmp/.x/sh
     /tmp/.x/sh -c 'exit 0'
@@ -107,7 +111,7 @@ benign)
 suspicious)
     scenario module && scenario sysctl && scenario creds && scenario dropper ;;
 *)
-    echo "usage: scenario procs [N]|sleeper [S]|writes [N]|busy [start|stop]|module|unmodule|sysctl|unsysctl|creds|dropper|benign|suspicious"
+    echo "usage: scenario procs [N]|sleeper [S]|writes [N]|busy [start|stop]|module|unmodule|sysctl|unsysctl|creds|fault ud/gp/pf|dropper|benign|suspicious"
     exit 2 ;;
 esac
 """
@@ -126,6 +130,8 @@ def build_initramfs(kernel: KernelPackage, busybox: Path, *, cache: Path | None 
         raise LabError(f"{busybox} is not an ELF executable")
     modules = kernel.module_with_deps(SCENARIO_MODULE)
     entries = _entries(busybox_bytes, modules)
+    if ARCHES[kernel.arch][1] == "amd64":
+        entries.append(cpio.file("bin/fault", fault_program(), 0o755))
     digest = hashlib.sha256()
     for entry in entries:
         digest.update(repr((entry.name, entry.mode, entry.rdev)).encode())

@@ -13,6 +13,16 @@ that flush. So a hook turns "execution reached X" into "a data read of Y happene
 * A gdbstub read watchpoint on T's first 8 bytes stops the guest right after the ``push``, with
   RIP = T + 6 and two extra stack slots; the stop names T, so T names the hook.
 
+X may also be a ``mov crN, reg`` followed by NOPs, 5 bytes in all (Linux's
+``native_write_cr0``/``native_write_cr4``: ``mov cr0, rdi`` and the 2-byte NOP of a jump label,
+with no ftrace NOP in the function). The ``mov`` is then moved into the trampoline, between the
+``lea`` and the ``ret`` (15 bytes), and the stop comes before it runs: the old value still in
+CRn, the new one in its source register. Its NOPs are skipped. The caller vouches that nothing
+jumps into those 5 bytes but to X itself (a jump to X runs the call, the mov and a new stop).
+Stepping or continuing from X by hand writes CRn from the source register, as the ``mov``
+would. Such a hook left behind by a watch that died is not taken over: the next watch breaks
+on its call with a gdbstub breakpoint (the trampoline still runs the ``mov``).
+
 Dead padding is recognised without symbols: after an unconditional ``ret``/``jmp`` comes the
 ``int3`` that straight-line-speculation hardening puts there (``-mharden-sls``), then alignment
 NOPs up to the next function. Nothing ever executes them. Code reached only through a jump
@@ -68,11 +78,35 @@ class Hook:
     slot: int
     site_original: bytes
     slot_original: bytes
+    moved: bytes = b""
+    """The instruction the trampoline runs in the site's place (empty: the site held a NOP)."""
 
 
-def trampoline(slot: int) -> bytes:
-    """The trampoline placed at ``slot``: push qword [slot]; lea rsp, [rsp+8]; ret."""
-    return b"\xff\x35" + struct.pack("<i", slot - (slot + 6)) + b"\x48\x8d\x64\x24\x08" + b"\xc3"
+def trampoline(slot: int, moved: bytes = b"") -> bytes:
+    """The trampoline placed at ``slot``: push qword [slot]; lea rsp, [rsp+8]; ``moved``; ret."""
+    return b"\xff\x35" + struct.pack("<i", slot - (slot + 6)) + b"\x48\x8d\x64\x24\x08" + moved + b"\xc3"
+
+
+def displaced(address: int, code: bytes) -> bytes | None:
+    """The ``mov crN, reg`` a hook at ``address`` moves into its trampoline, given the code bytes
+    found there: None unless a ``mov`` to a control register comes first and NOPs fill the rest
+    of the 5 bytes exactly."""
+    insns = list(_md.disasm_lite(code[:16], address, 4))
+    if not insns or insns[0][2] != "mov" or not insns[0][3].startswith("cr"):
+        return None
+    end = insns[0][1]
+    for _, size, mnemonic, _ in insns[1:]:
+        if end >= SITE_SIZE or mnemonic != "nop":
+            break
+        end += size
+    return code[: insns[0][1]] if end == SITE_SIZE else None
+
+
+def moved_write(moved: bytes) -> tuple[str, str]:
+    """``(control register, source register)`` of a moved ``mov crN, reg``: ``("cr0", "rdi")``."""
+    (_, _, _, operands), = _md.disasm_lite(moved, 0)
+    dest, _, src = operands.partition(",")
+    return dest.strip(), src.strip()
 
 
 PROBE_SIZE = 8

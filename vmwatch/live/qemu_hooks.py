@@ -28,6 +28,9 @@ class InlineHooking:
             return False
         code = await self._read_code(vaddr, 16)
         site = ih.patch_site(vaddr, code) if len(code) == 16 else None
+        moved = ih.displaced(vaddr, code) if site is None and len(code) == 16 else None
+        if moved:
+            site = vaddr
         site_original = code[site - vaddr : site - vaddr + ih.SITE_SIZE] if site is not None else ih.FTRACE_NOP
         slot = None
         if site is None:  # a hook left behind by a watch that died?
@@ -40,16 +43,17 @@ class InlineHooking:
         if site is None or any(h.site == site for h in self._hooks.values()):
             return False
         if slot is None:
-            slot, slot_original = await self._trampoline_slot(site)
+            slot, slot_original = await self._trampoline_slot(site, moved or b"")
             if slot is None:
                 return False
-        hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=site_original, slot_original=slot_original)
+        hook = ih.Hook(address=vaddr, site=site, slot=slot, site_original=site_original, slot_original=slot_original,
+                       moved=moved or b"")
         await self._hide(site, site_original)
         if slot not in self._spare_slots:
             await self._hide(slot, slot_original)
         # trampoline and watchpoint first: the call goes live last
-        await self.gdb.batch([p.write_memory(slot, ih.trampoline(slot)), p.insert_point(p.WatchKind.READ, slot, 8),
-                              p.write_memory(site, ih.call_to(site, slot))])
+        await self.gdb.batch([p.write_memory(slot, ih.trampoline(slot, hook.moved)),
+                              p.insert_point(p.WatchKind.READ, slot, 8), p.write_memory(site, ih.call_to(site, slot))])
         self._hooks[vaddr] = hook
         self._hook_at_slot[slot] = hook
         self._spare_slots.discard(slot)
@@ -62,19 +66,21 @@ class InlineHooking:
         await self.gdb.batch([p.write_memory(hook.site, hook.site_original),
                               p.remove_point(p.WatchKind.READ, hook.slot, 8)])
         self._hook_at_slot.pop(hook.slot, None)
-        self._spare_slots.add(hook.slot)
+        if not hook.moved:  # a trampoline holding a moved instruction is never reused: another
+            self._spare_slots.add(hook.slot)  # hook's bytes there could meet a vCPU inside it
         await self._unhide(hook.site)
 
-    async def _trampoline_slot(self, site: int) -> tuple[int | None, bytes]:
+    async def _trampoline_slot(self, site: int, moved: bytes) -> tuple[int | None, bytes]:
         """A spare trampoline in call range, or dead padding after ``site`` (up to 64 KiB on)."""
-        for slot in self._spare_slots:
+        for slot in self._spare_slots if not moved else ():
             if abs(slot - site) < 1 << 30:
                 return slot, self._hidden[slot]
-        for size in (0x1000, 0x4000, 0x10000):  # a linear sweep must start at an instruction
-            code = await self._read_code(site, size)
-            found = ih.free_slots(code, site, self._patched())
+        length = len(ih.trampoline(0, moved))
+        for span in (0x1000, 0x4000, 0x10000):  # a linear sweep must start at an instruction
+            code = await self._read_code(site, span)
+            found = ih.free_slots(code, site, self._patched(), size=length)
             if found:
-                return found[0], code[found[0] - site : found[0] - site + ih.TRAMPOLINE_SIZE]
+                return found[0], code[found[0] - site : found[0] - site + length]
         return None, b""
 
     async def _read_code(self, vaddr: int, size: int) -> bytes:

@@ -114,9 +114,8 @@ class Stepping:
         """
         rip = self._layout["rip"]
         hook = self._hooks.get(addr)
-        if hook is not None:  # the NOPs up to and including the patched site
-            await self._select(vcpu)
-            return [p.write_register(rip.regnum, (hook.site + ih.SITE_SIZE).to_bytes(8, "little"))]
+        if hook is not None:
+            return await self._past_site(vcpu, hook)
         insn = await self._decode(vcpu, addr)
         if insn is None:
             return None
@@ -134,6 +133,18 @@ class Stepping:
             return [p.write_memory(rsp, value.to_bytes(8, "little")),
                     p.write_register(rsp_info.regnum, rsp.to_bytes(8, "little")), *after]
         return None
+
+    async def _past_site(self, vcpu: int, hook: ih.Hook) -> list[p.Command]:
+        """Writes that run a hook's patched site by hand: the NOPs up to and including it, or
+        the ``mov crN, reg`` it moved into the trampoline (CRn written from the register)."""
+        writes = [p.write_register(self._layout["rip"].regnum, (hook.site + ih.SITE_SIZE).to_bytes(8, "little"))]
+        if hook.moved:
+            control, source = ih.moved_write(hook.moved)
+            value = getattr(await self._read_g(vcpu), source)
+            info = self._layout[control]
+            writes.insert(0, p.write_register(info.regnum, value.to_bytes(info.size, "little")))
+        await self._select(vcpu)
+        return writes
 
     def _is_plain_step(self, stop: p.StopReply | p.Exited) -> bool:
         return isinstance(stop, p.StopReply) and stop.signal == SIGTRAP and stop.watch is None
@@ -176,10 +187,9 @@ class Stepping:
             self._resume_from = None
             before = await self._rip(vcpu)
             hook = next((h for h in self._hooks.values() if h.site == before), None)
-            if hook is not None:  # the call stands for a NOP: step it by hand
-                await self._select(vcpu)
-                await self.gdb.request(p.write_register(self._layout["rip"].regnum,
-                                                        (hook.site + ih.SITE_SIZE).to_bytes(8, "little")))
+            if hook is not None:  # the call stands for a NOP or the moved mov: step it by hand
+                await self.gdb.batch(await self._past_site(vcpu, hook))
+                self._regs_cache.pop(vcpu, None)
                 self.stats["steps"] += 1
                 return SingleStep(rip=hook.site + ih.SITE_SIZE, **self._event_fields(vcpu))
             for _ in range(STEP_RETRIES):

@@ -1,21 +1,22 @@
-"""Queries over the SQLite timeline the engine's SqliteSink writes (schema in vmwatch/engine/sinks.py).
+"""Queries over a timeline: the SQLite file the engine's SqliteSink writes (schema in
+vmwatch/engine/sinks.py) or the PostgreSQL fleet database (vmwatch/timeline/pg_schema.py), the
+same SQL on both (vmwatch/timeline/stores.py).
 
 Events and alerts come back merged in one time order (time_ns, then seq, events before the
 alerts they caused). The database is opened read-only, so querying while a watch is writing is
-safe (WAL lets readers and the writer proceed together).
+safe (SQLite's WAL, PostgreSQL's MVCC).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import attrs
 
 from vmwatch.errors import TimelineError
+from vmwatch.timeline.stores import Store, open_store
 
 ALERT_KIND = "alert"
 """The ``kind`` of alert rows, and the ``--kind`` value that selects alerts."""
@@ -46,10 +47,16 @@ class TimelineEntry:
         """One readable line: the alert's message, or the event's details as key=value."""
         if self.source == "alert":
             return f"[{self.severity}] {self.rule}: {self.message}"
-        return " ".join(f"{k}={_short(v)}" for k, v in self.details.items())
+        hexed = _HEX_FIELDS.get(self.kind, ())
+        return " ".join(f"{k}={_short(hex(v) if k in hexed and type(v) is int else v)}" for k, v in self.details.items())
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+_HEX_FIELDS = {"Fault": ("rip", "cr2", "error_code"), "MmioAccess": ("paddr", "value", "rip"),
+               "RegisterWrite": ("old", "new", "rip")}
+"""Addresses and register values, shown in hex."""
 
 
 def _short(value: Any) -> str:
@@ -72,95 +79,70 @@ class TimelineQuery:
     limit: int | None = None
 
 
-@contextlib.contextmanager
-def open_timeline(path: str | Path) -> Iterator[sqlite3.Connection]:
-    """Open a timeline database read-only and check it has the vmwatch tables.
-
-    Raises:
-        FileNotFoundError: no such file.
-        TimelineError: not SQLite, or not a vmwatch timeline.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(2, "No such file", str(path))
-    try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise TimelineError(f"cannot open {path} as a timeline database: {exc}") from None
-    try:
-        try:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError as exc:
-            raise TimelineError(f"{path} is not a timeline database: {exc}") from None
-        if not {"events", "alerts"} <= tables:
-            raise TimelineError(f"{path} is not a vmwatch timeline (no events and alerts tables)")
-        yield db
-    finally:
-        db.close()
-
-
-def host_column(db: sqlite3.Connection, table: str) -> str:
-    """``host``, or ``''`` for a table written before hosts were stored (read-only: no migration)."""
-    return "host" if any(row[1] == "host" for row in db.execute(f"PRAGMA table_info({table})")) else "''"
-
-
-def _where(query: TimelineQuery, kinds: Sequence[str], host: str = "host") -> tuple[str, list[Any]]:
+def _where(query: TimelineQuery, kinds: Sequence[str], store: Store, table: str) -> tuple[str, list[Any]]:
     clauses, params = [], []
+    mark = store.mark
     if query.since_ns is not None:
-        clauses.append("time_ns >= ?")
+        clauses.append(f"time_ns >= {mark}")
         params.append(query.since_ns)
     if query.until_ns is not None:
-        clauses.append("time_ns < ?")
+        clauses.append(f"time_ns < {mark}")
         params.append(query.until_ns)
     if kinds:
-        clauses.append(f"lower(kind) IN ({','.join('?' * len(kinds))})")
+        clauses.append(f"lower(kind) IN ({','.join([mark] * len(kinds))})")
         params.extend(kinds)
     if query.pids:
-        clauses.append(f"pid IN ({','.join('?' * len(query.pids))})")
+        clauses.append(f"pid IN ({','.join([mark] * len(query.pids))})")
         params.extend(query.pids)
     if query.vm is not None:
-        clauses.append("vm = ?")
+        clauses.append(f"vm = {mark}")
         params.append(query.vm)
     if query.host is not None:
-        clauses.append(f"{host} = ?")
+        clauses.append(f"{store.hosts[table]} = {mark}")
         params.append(query.host)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def query_timeline(path: str | Path, query: TimelineQuery = TimelineQuery()) -> list[TimelineEntry]:
-    """Events and alerts matching ``query``, in time order.
+def _wanted(query: TimelineQuery) -> tuple[list[str], bool]:
+    """The event kinds asked for (empty: all) and whether alerts are."""
+    kinds = [k.lower() for k in query.kinds]
+    event_kinds = [k for k in kinds if k not in (ALERT_KIND, "alerts")]
+    return event_kinds, not kinds or len(event_kinds) < len(kinds)
+
+
+def query_timeline(db: str | Path, query: TimelineQuery = TimelineQuery()) -> list[TimelineEntry]:
+    """Events and alerts matching ``query``, in time order (a SQLite file or a postgresql:// URL).
+
+    Ties in time and seq (several guests) are ordered by source, guest, host and kind, by code
+    point on both stores, so both give the same order.
 
     Raises:
         TimelineError: the database cannot be read.
     """
-    kinds = [k.lower() for k in query.kinds]
-    want_alerts = not kinds or ALERT_KIND in kinds or "alerts" in kinds
-    event_kinds = [k for k in kinds if k not in (ALERT_KIND, "alerts")]
-    want_events = not kinds or bool(event_kinds)
+    event_kinds, want_alerts = _wanted(query)
+    want_events = not query.kinds or bool(event_kinds)
     if not want_events and not want_alerts:
         return []
-    with open_timeline(path) as db:
-        try:
-            parts, params = [], []
-            if want_events:
-                host = host_column(db, "events")
-                where, p = _where(query, event_kinds, host)
-                parts.append(f"SELECT 0, vm, time_ns, seq, kind, vcpu, pid, comm, NULL, NULL, NULL, details, {host}"
-                             " FROM events" + where)
-                params += p
-            if want_alerts:
-                host = host_column(db, "alerts")
-                where, p = _where(query, [], host)
-                parts.append("SELECT 1, vm, time_ns, seq, 'alert', NULL, pid, comm, rule, severity, message, details,"
-                             f" {host} FROM alerts" + where)
-                params += p
-            sql = " UNION ALL ".join(parts) + " ORDER BY 3, 4, 1"
-            if query.limit is not None:
-                sql += " LIMIT ?"
-                params.append(query.limit)
-            rows = db.execute(sql, params).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise TimelineError(f"cannot query {path}: {exc}") from None
+    with open_store(db) as store:
+        parts, params = [], []
+        if want_events:
+            where, p = _where(query, event_kinds, store, "events")
+            parts.append(f"SELECT 0 AS src, vm, time_ns, seq, kind, vcpu, pid, comm, NULL AS rule, NULL AS severity,"
+                         f" NULL AS message, {store.details} AS details, {store.hosts['events']} AS host"
+                         " FROM events" + where)
+            params += p
+        if want_alerts:
+            where, p = _where(query, [], store, "alerts")
+            parts.append(f"SELECT 1 AS src, vm, time_ns, seq, 'alert' AS kind, NULL AS vcpu, pid, comm, rule, severity,"
+                         f" message, {store.details} AS details, {store.hosts['alerts']} AS host FROM alerts" + where)
+            params += p
+        text = store.collate
+        sql = (f"SELECT * FROM ({' UNION ALL '.join(parts)}) AS timeline"
+               f" ORDER BY time_ns, seq, src, vm{text}, host{text}, kind{text}")
+        if query.limit is not None:
+            sql += f" LIMIT {store.mark}"
+            params.append(query.limit)
+        rows = store.fetch(sql, params)
     return [_entry(row) for row in rows]
 
 
@@ -184,37 +166,92 @@ class BucketCount:
     source: str
     """``"event"`` or ``"alert"``."""
     kind: str
-    """Event kind, or the alert's severity."""
+    """Event kind, or the alert's severity; with ``by``, the guest or host."""
     count: int
 
 
-def bucket_counts(path: str | Path, bucket_ns: int, query: TimelineQuery = TimelineQuery()) -> list[BucketCount]:
-    """Counts per time bucket and kind: events by kind, alerts by severity (counted in SQLite).
+BREAKDOWNS = ("vm", "host")
+"""What counts can be broken down by besides kind: the guest or the watching host."""
+
+
+def bucket_counts(db: str | Path, bucket_ns: int, query: TimelineQuery = TimelineQuery(), *,
+                  by: str | None = None) -> list[BucketCount]:
+    """Counts per time bucket and kind: events by kind, alerts by severity (counted by the database);
+    with ``by="vm"`` or ``"host"``, events and alerts by guest or by host instead.
 
     Raises:
         TimelineError: the database cannot be read, or the bucket is not positive.
     """
     if bucket_ns <= 0:
         raise TimelineError(f"bucket must be positive, not {bucket_ns!r} ns")
-    kinds = [k.lower() for k in query.kinds]
-    event_kinds = [k for k in kinds if k not in (ALERT_KIND, "alerts")]
+    if by is not None and by not in BREAKDOWNS:
+        raise TimelineError(f"cannot break down by {by!r} (choose from {', '.join(BREAKDOWNS)})")
+    event_kinds, want_alerts = _wanted(query)
     out: list[BucketCount] = []
-    with open_timeline(path) as db:
-        try:
-            if not kinds or event_kinds:
-                where, params = _where(query, event_kinds, host_column(db, "events"))
-                for b, kind, n in db.execute(
-                    f"SELECT (time_ns / ?) * ?, kind, count(*) FROM events{where} GROUP BY 1, 2 ORDER BY 1, 2",
-                    [bucket_ns, bucket_ns, *params],
-                ):
-                    out.append(BucketCount(b, "event", kind, n))
-            if not kinds or len(event_kinds) < len(kinds):
-                where, params = _where(query, [], host_column(db, "alerts"))
-                for b, kind, n in db.execute(
-                    f"SELECT (time_ns / ?) * ?, severity, count(*) FROM alerts{where} GROUP BY 1, 2 ORDER BY 1, 2",
-                    [bucket_ns, bucket_ns, *params],
-                ):
-                    out.append(BucketCount(b, "alert", kind, n))
-        except sqlite3.DatabaseError as exc:
-            raise TimelineError(f"cannot query {path}: {exc}") from None
+    with open_store(db) as store:
+        mark = store.mark
+        for table, source, group, wanted in (("events", "event", "kind", not query.kinds or event_kinds),
+                                            ("alerts", "alert", "severity", want_alerts)):
+            if not wanted:
+                continue
+            where, params = _where(query, event_kinds if table == "events" else [], store, table)
+            column = {None: group, "vm": "vm", "host": store.hosts[table]}[by]
+            for b, kind, n in store.fetch(f"SELECT (time_ns / {mark}) * {mark}, {column}, count(*) FROM {table}{where}"
+                                          " GROUP BY 1, 2", [bucket_ns, bucket_ns, *params]):
+                out.append(BucketCount(b, source, kind, n))
+    out.sort(key=lambda c: (c.source != "event", c.bucket_ns, c.kind))
     return out
+
+
+@attrs.frozen(kw_only=True)
+class GroupCounts:
+    """One guest's (or host's) share of the timeline."""
+
+    host: str
+    vm: str | None
+    """None when broken down by host."""
+    events: int
+    alerts: dict[str, int]
+    """Alerts per severity."""
+    first_ns: int
+    last_ns: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def breakdown(db: str | Path, by: str, query: TimelineQuery = TimelineQuery()) -> list[GroupCounts]:
+    """Events and alerts per guest (``by="vm"``: per host and guest) or per host, with the time span.
+
+    Raises:
+        TimelineError: the database cannot be read, or ``by`` is not vm or host.
+    """
+    if by not in BREAKDOWNS:
+        raise TimelineError(f"cannot break down by {by!r} (choose from {', '.join(BREAKDOWNS)})")
+    event_kinds, want_alerts = _wanted(query)
+    groups: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+    def add(host: str, vm: str, n: int, first: int, last: int, severity: str | None) -> None:
+        g = groups.setdefault((host, vm if by == "vm" else None),
+                              {"events": 0, "alerts": {}, "first_ns": first, "last_ns": last})
+        if severity is None:
+            g["events"] += n
+        else:
+            g["alerts"][severity] = g["alerts"].get(severity, 0) + n
+        g["first_ns"], g["last_ns"] = min(g["first_ns"], first), max(g["last_ns"], last)
+
+    with open_store(db) as store:
+        if not query.kinds or event_kinds:
+            where, params = _where(query, event_kinds, store, "events")
+            for host, vm, n, first, last in store.fetch(
+                    f"SELECT {store.hosts['events']}, vm, count(*), min(time_ns), max(time_ns) FROM events{where}"
+                    " GROUP BY 1, 2", params):
+                add(host, vm, n, first, last, None)
+        if want_alerts:
+            where, params = _where(query, [], store, "alerts")
+            for host, vm, severity, n, first, last in store.fetch(
+                    f"SELECT {store.hosts['alerts']}, vm, severity, count(*), min(time_ns), max(time_ns)"
+                    f" FROM alerts{where} GROUP BY 1, 2, 3", params):
+                add(host, vm, n, first, last, severity)
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+    return [GroupCounts(host=host, vm=vm, **g) for (host, vm), g in ordered]

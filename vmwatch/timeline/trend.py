@@ -11,6 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from vmwatch.errors import TimelineError
+from vmwatch.text import shown
+from vmwatch.timeline.pg_schema import is_postgres_url, redacted
 from vmwatch.timeline.query import BucketCount, TimelineQuery, bucket_counts
 
 MAX_BUCKETS = 5000
@@ -25,6 +27,10 @@ def _label_bucket(bucket_ns: int) -> str:
         if bucket_ns % ns == 0:
             return f"{bucket_ns // ns}{unit}"
     return f"{bucket_ns}ns"
+
+
+def _db_name(db: str | Path) -> str:
+    return redacted(db) if is_postgres_url(db) else Path(db).name
 
 
 def _series(counts: list[BucketCount], source: str, order: list[str]) -> dict[str, dict[int, int]]:
@@ -45,15 +51,18 @@ def draw_trend(
     query: TimelineQuery = TimelineQuery(),
     size: tuple[int, int] = (1200, 700),
     title: str | None = None,
+    by: str | None = None,
 ) -> dict[str, int]:
-    """Write the trend chart of ``db`` to ``out`` (PNG); return totals per kind drawn.
+    """Write the trend chart of ``db`` to ``out`` (PNG); return totals per kind drawn (with
+    ``by="vm"``/``"host"``: per guest or host, both panels stacked by it).
 
     Raises:
         TimelineError: nothing in range, too many buckets, or an unreadable database.
     """
-    counts = bucket_counts(db, bucket_ns, query)
+    counts = bucket_counts(db, bucket_ns, query, by=by)
     if not counts:
-        raise TimelineError(f"nothing to draw: {db} has no events or alerts in the selected range")
+        name = redacted(db) if is_postgres_url(db) else db
+        raise TimelineError(f"nothing to draw: {name} has no events or alerts in the selected range")
     first = min(c.bucket_ns for c in counts)
     last = max(c.bucket_ns for c in counts)
     nbuckets = (last - first) // bucket_ns + 1
@@ -93,7 +102,7 @@ def draw_trend(
                 if not any(heights):
                     continue
                 colour = colours.get(name) if colours else None
-                axis.bar(xs, heights, width=width, bottom=base, label=f"{name} ({sum(heights)})",
+                axis.bar(xs, heights, width=width, bottom=base, label=f"{shown(name)} ({sum(heights)})",
                          color=colour, align="edge")
                 base = [a + h for a, h in zip(base, heights)]
             axis.set_ylabel(f"{what} per {_label_bucket(bucket_ns)}")
@@ -102,7 +111,7 @@ def draw_trend(
             if any(base):
                 axis.set_ylim(0, max(base) * 1.08)
                 axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
-                            title="kind" if what == "events" else "severity")
+                            title=by or ("kind" if what == "events" else "severity"))
             else:
                 axis.text(0.5, 0.5, f"no {what}", transform=axis.transAxes, ha="center", va="center",
                           color="grey")
@@ -110,7 +119,7 @@ def draw_trend(
         bottom.xaxis.set_major_locator(locator)
         bottom.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=dt.timezone.utc))
         bottom.set_xlabel("time (UTC)")
-        fig.suptitle(title or f"vmwatch trend: {Path(db).name}, {_label_bucket(bucket_ns)} buckets")
+        fig.suptitle(title or f"vmwatch trend: {_db_name(db)}, {_label_bucket(bucket_ns)} buckets")
         fig.savefig(out, format="png", dpi=dpi)
     finally:
         plt.close(fig)

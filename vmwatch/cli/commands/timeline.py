@@ -1,4 +1,5 @@
-"""``vmwatch timeline DB``: events and alerts from a SQLite timeline, filtered, in time order."""
+"""``vmwatch timeline DB``: events and alerts from a timeline (SQLite file or PostgreSQL URL), filtered, in
+time order; ``--by vm|host``: how many per guest or per host instead."""
 
 from __future__ import annotations
 
@@ -6,14 +7,27 @@ import argparse
 import csv
 import json
 
-HELP = "query the SQLite timeline a watch wrote: events and alerts by time, kind and pid"
+HELP = "query the timeline a watch wrote (SQLite file or postgresql://...): events and alerts by time, kind, pid, guest"
 
 CSV_FIELDS = ("time", "time_ns", "source", "vm", "host", "seq", "kind", "vcpu", "pid", "comm", "rule", "severity",
               "message", "details")
+SEVERITIES = ("critical", "error", "warning", "info")
+BY_FIELDS = ("host", "vm", "events", "alerts", *SEVERITIES, "first", "last")
+
+
+def add_db_argument(parser: argparse.ArgumentParser) -> None:
+    """The timeline to read: positional, else ``$VMWATCH_DB`` (what ``watch --db`` defaults to)."""
+    import os
+
+    from vmwatch.cli.timeline_db import ENV
+
+    default = os.environ.get(ENV) or None
+    parser.add_argument("db", nargs="?" if default else None, default=default,
+                        help=f"timeline: a SQLite file or postgresql://user@host/dbname (watch --db; default ${ENV})")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("db", help="timeline database (watch --db)")
+    add_db_argument(parser)
     parser.add_argument("--since", metavar="TIME", help="from this time: ISO 8601 (UTC if no zone), 15m ago, or ns")
     parser.add_argument("--until", metavar="TIME", help="before this time (same forms as --since)")
     parser.add_argument("--kind", action="append", default=[], metavar="KIND",
@@ -22,6 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vm", help="only this VM (a live guest's QMP -name, else the watched target spec)")
     parser.add_argument("--host", help="only VMs watched from this host")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N rows")
+    parser.add_argument("--by", choices=("vm", "host"),
+                        help="counts per guest (with its host) or per host instead of the rows")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object per line")
     output.add_argument("--csv", action="store_true",
@@ -44,6 +60,8 @@ def run(args: argparse.Namespace, env) -> int:
     from vmwatch.timeline.query import query_timeline
     from vmwatch.timeline.timespec import format_time
 
+    if args.by:
+        return _breakdown(args, env)
     entries = query_timeline(args.db, build_query(args))
     out = env.stdout
     if args.json:
@@ -71,5 +89,41 @@ def run(args: argparse.Namespace, env) -> int:
                 vm = f"{shown(entry.host)}/{vm}"
             out.write(f"{format_time(entry.time_ns)}  {vm}{shown(entry.kind):<13} {who:<20} {shown(entry.summary())}\n")
         if not entries:
+            env.stderr.write("vmwatch: no events or alerts match\n")
+    return 0
+
+
+def _breakdown(args: argparse.Namespace, env) -> int:
+    from vmwatch.timeline.query import breakdown
+    from vmwatch.timeline.timespec import format_time
+
+    rows = []
+    for group in breakdown(args.db, args.by, build_query(args)):
+        row = {"host": group.host, "vm": group.vm, "events": group.events, "alerts": sum(group.alerts.values()),
+               **{sev: group.alerts.get(sev, 0) for sev in SEVERITIES},
+               "first": format_time(group.first_ns), "last": format_time(group.last_ns)}
+        if args.by == "host":
+            del row["vm"]
+        rows.append(row)
+    out = env.stdout
+    fields = [f for f in BY_FIELDS if args.by == "vm" or f != "vm"]
+    if args.json:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    elif args.csv:
+        writer = csv.DictWriter(out, fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        from vmwatch.text import shown
+
+        names = [shown(row["host"]) + (f"/{shown(row['vm'])}" if args.by == "vm" else "") or "-" for row in rows]
+        width = max([len(args.by), *map(len, names)])
+        out.write(f"{args.by:<{width}}  {'events':>10}  {'alerts':>8}  " + "  ".join(f"{s:>8}" for s in SEVERITIES)
+                  + f"  {'first':<24}  last\n")
+        for name, row in zip(names, rows):
+            out.write(f"{name:<{width}}  {row['events']:>10}  {row['alerts']:>8}  "
+                      + "  ".join(f"{row[s]:>8}" for s in SEVERITIES) + f"  {row['first']:<24}  {row['last']}\n")
+        if not rows:
             env.stderr.write("vmwatch: no events or alerts match\n")
     return 0

@@ -9,13 +9,15 @@ HELP = "watch live VMs (qemu:/path/qmp.sock, several or a glob) or inspect an im
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from vmwatch.cli.timeline_db import add_db_option
+
     parser.add_argument("target", nargs="*", help="qemu:/path/to/qmp.sock (live) or a memory image file; several, "
                         "or a quoted glob such as 'qemu:/run/vms/*/qmp.sock', watch every guest at once")
     parser.add_argument("--targets", action="append", default=[], metavar="FILE",
                         help="also watch the targets listed in FILE, one per line (# comments)")
     parser.add_argument("--rules", nargs="+", action="extend", default=[], metavar="PACK", required=True,
                         help="rule packs: .py files, folders, or shipped packs (security, timeline)")
-    parser.add_argument("--db", metavar="FILE", help="also write events and alerts to this SQLite timeline")
+    add_db_option(parser)
     parser.add_argument("--json", action="store_true", help="alerts and events as JSON lines on stdout")
     parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     parser.add_argument("--enable", action="append", default=[], metavar="RULE", help="enable a rule (name or glob)")
@@ -87,13 +89,15 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
     from vmwatch.cpu_aarch64 import refuse_aarch64
     from vmwatch.engine.fleet import guest_name
     from vmwatch.engine.pump import Engine
-    from vmwatch.engine.sinks import JsonLinesSink, SqliteSink
+    from vmwatch.cli.timeline_db import db_label, report_db
+    from vmwatch.engine.open_sink import open_timeline_sink
+    from vmwatch.engine.sinks import JsonLinesSink
     from vmwatch.engine.sources import source_for
     from vmwatch.rules import Severity
     from vmwatch.target import open_target
 
     console = make_console(env.stdout)
-    async with open_target(args.target[0]) as target:
+    async with open_timeline_sink(args.db) as db_sink, open_target(args.target[0]) as target:
         refuse_aarch64((target.live, *target.saved_cpus), "watching")
         if args.stealth and target.live is not None:
             target.live.inline_hooks = False
@@ -109,8 +113,8 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
             else:
                 screen = ScreenSink(console, min_severity=Severity.parse(args.min_severity))
                 sinks = [screen]
-            if args.db:
-                sinks.append(SqliteSink(args.db))
+            if db_sink is not None:
+                sinks.append(db_sink)
             engine = Engine(source, ruleset, sinks)
             gdb = await _gdb_beside(target, args.gdb, env) if args.gdb else None
             if screen is not None:
@@ -123,7 +127,8 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
                 summary = await engine.run(duration=args.duration)
                 nursery.cancel_scope.cancel()
     if screen is not None:
-        print_summary(console, summary, screen.alerts, db=args.db)
+        print_summary(console, summary, screen.alerts, db=db_label(args.db))
+    report_db(db_sink, console if screen is not None else None, env)
     if summary.source_ended and target.live is not None:
         from vmwatch.cli.app import ExitStatus
         from vmwatch.text import shown
