@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEBS   := qemu-system-x86 qemu-system-arm busybox-static dwarves gdb postgresql
+DEBS   := qemu-system-x86 qemu-system-arm busybox-static dwarves gdb gdb-multiarch postgresql
 # apt's own per-file retries and a bound on a stalled mirror. `apt-get update` and the install are
 # each tried three times; the install is tried even after a partial update (it may have the lists it
 # needs). The lab's kernel and busybox come later, from vmwatch/lab (the same code as `vmwatch lab start`).
@@ -28,6 +28,7 @@ system:
 	test -x /bin/busybox -a -n "$$(file -L /bin/busybox 2>/dev/null | grep -i static)" || dpkg -s busybox-static >/dev/null 2>&1 || missing="$$missing busybox-static"; \
 	command -v pahole >/dev/null || missing="$$missing dwarves"; \
 	command -v gdb >/dev/null || missing="$$missing gdb"; \
+	command -v gdb-multiarch >/dev/null || missing="$$missing gdb-multiarch"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \

@@ -54,7 +54,7 @@ async def breakpoint_rate(guest: LabGuest, address: int, mode: str, seconds: flo
         with trio.move_on_after(seconds):
             async for event in vm.events():
                 regs = await vm.registers(event.vcpu, descriptors=False)
-                assert regs.rip == address
+                assert regs.pc == address
                 hits += 1
         elapsed = time.perf_counter() - start
         await vm.remove_breakpoint(address)

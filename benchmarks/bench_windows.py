@@ -16,7 +16,12 @@ image of --gib GiB (page tables and DTBs moved with it, a hole below), and times
    vmwatch runs zero-config on the raw image (it discovers everything), and on a full crash
    dump of the same memory with the same ISF (DTB from the header, as Volatility's is given).
 
-Usage: .venv/bin/python benchmarks/bench_windows.py [--gib 5] [--runs 5] [--dense] [--keep DIR]
+``--arch x86`` does the same for the 32-bit guest (libwine:i386's PE32 ntoskrnl, PAE page
+tables, Windows 7 SP1 x86 offsets) on a 4 GiB image (PAE's DirectoryTableBase is a 32-bit
+value: the guest sits at the top of the first 4 GiB); Volatility reads it through its
+WindowsIntelPAE and WindowsCrashDump32Layer layers, given the same kind of ISF (4-byte pointers).
+
+Usage: .venv/bin/python benchmarks/bench_windows.py [--arch x64|x86] [--gib 5] [--runs 5] [--dense] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -37,18 +42,16 @@ from bench_ps import summary, timed
 BIN = os.path.dirname(sys.executable)
 
 
-def wine_ntoskrnl() -> bytes:
-    """ntoskrnl.exe from the vmwatch cache (the Windows tests fetch it there)."""
+def wine_ntoskrnl(arch: str = "amd64") -> bytes:
+    """ntoskrnl.exe of libwine:``arch`` from the vmwatch cache (the Windows tests fetch it there)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "windows"))
-    from conftest import WANTED, _fetch  # noqa: E402  (the tests' fetcher: one place knows how)
+    from conftest import WANTED, _fetch, pe_dir  # noqa: E402  (the tests' fetcher: one place knows how)
 
-    from vmwatch.lab.cache import cache_dir
-
-    target = cache_dir() / "windows"
+    target = pe_dir(arch)
     if not all((target / n).exists() for n in WANTED):
-        why = _fetch(target)
+        why = _fetch(target, arch)
         if why is not None:
-            raise SystemExit(f"cannot get libwine's ntoskrnl.exe: {why}")
+            raise SystemExit(f"cannot get libwine:{arch}'s ntoskrnl.exe: {why}")
     return (target / "ntoskrnl.exe").read_bytes()
 
 
@@ -64,9 +67,10 @@ def median_time(fn, runs: int) -> tuple[float, float, object]:
 
 def isf(guest) -> dict:
     """A Volatility 3 Windows ISF with the builder's types: enough for windows.pslist and vmwatch."""
-    from vmwatch.testing.windowsguest import HEADS_RVA, KDBG_RVA
 
     o = guest.profile.eprocess
+    ptr = guest.ptr_size
+    wide = ptr == 8
 
     def base(size, signed=False):
         return {"size": size, "signed": signed, "kind": "int", "endian": "little"}
@@ -84,10 +88,11 @@ def isf(guest) -> dict:
         return {"kind": "pointer", "subtype": t}
 
     types = {
-        "_LIST_ENTRY": {"kind": "struct", "size": 16, "fields": {"Flink": field(0, p(s("_LIST_ENTRY"))),
-                                                                 "Blink": field(8, p(s("_LIST_ENTRY")))}},
+        "_LIST_ENTRY": {"kind": "struct", "size": 2 * ptr, "fields": {"Flink": field(0, p(s("_LIST_ENTRY"))),
+                                                                      "Blink": field(ptr, p(s("_LIST_ENTRY")))}},
         "_LARGE_INTEGER": {"kind": "union", "size": 8, "fields": {"QuadPart": field(0, b("long long"))}},
-        "_KPROCESS": {"kind": "struct", "size": 0x160, "fields": {"DirectoryTableBase": field(0x28, b("unsigned long long"))}},
+        "_KPROCESS": {"kind": "struct", "size": 0x160 if wide else 0x98, "fields": {
+            "DirectoryTableBase": field(o["DirectoryTableBase"], b("unsigned long long" if wide else "unsigned long"))}},
         "_HANDLE_TABLE": {"kind": "struct", "size": 0x68, "fields": {"HandleCount": field(0x58, b("unsigned long"))}},
         "_EPROCESS": {"kind": "struct", "size": 0x4D0, "fields": {
             "Pcb": field(0, s("_KPROCESS")), "CreateTime": field(o["CreateTime"], s("_LARGE_INTEGER")),
@@ -96,9 +101,12 @@ def isf(guest) -> dict:
             "ActiveProcessLinks": field(o["ActiveProcessLinks"], s("_LIST_ENTRY")),
             "InheritedFromUniqueProcessId": field(o["InheritedFromUniqueProcessId"], p(b("void"))),
             "ImageFileName": field(o["ImageFileName"], {"kind": "array", "count": 15, "subtype": b("unsigned char")}),
-            "Peb": field(o["Peb"], p(b("void"))), "ActiveThreads": field(0x328, b("unsigned long")),
-            "ObjectTable": field(0x200, p(s("_HANDLE_TABLE"))), "Wow64Process": field(0x320, p(b("void"))),
-            "Session": field(0x2D8, p(b("void")))}},
+            "Peb": field(o["Peb"], p(b("void"))),
+            # Members pslist prints beside the ones vmwatch reads (their Win7 SP1 offsets; x86 has no Wow64Process).
+            **({"ActiveThreads": field(0x328, b("unsigned long")), "ObjectTable": field(0x200, p(s("_HANDLE_TABLE"))),
+                "Wow64Process": field(0x320, p(b("void"))), "Session": field(0x2D8, p(b("void")))} if wide else
+               {"ActiveThreads": field(0x198, b("unsigned long")), "ObjectTable": field(0xF4, p(s("_HANDLE_TABLE"))),
+                "Session": field(0x168, p(b("void")))})}},
     }
     # Types Volatility's Windows symbol table attaches classes to: present, empty (pslist reads none).
     for name in ("_ETHREAD", "_KTHREAD", "_ERESOURCE", "_UNICODE_STRING", "_EX_FAST_REF", "_TOKEN",
@@ -109,47 +117,51 @@ def isf(guest) -> dict:
         types.setdefault(name, {"kind": "struct", "size": 8, "fields": {}})
     base_types = {"unsigned long long": base(8), "unsigned long": base(4), "unsigned short": base(2),
                   "unsigned char": base(1), "long long": base(8, True), "long": base(4, True), "char": base(1, True),
-                  "pointer": base(8), "void": {"size": 0, "signed": False, "kind": "void", "endian": "little"}}
+                  "pointer": base(ptr), "void": {"size": 0, "signed": False, "kind": "void", "endian": "little"}}
     return {"metadata": {"format": "6.2.0", "producer": {"name": "vmwatch bench_windows", "version": "1"},
-                         "windows": {"pdb": {"GUID": "0" * 32, "age": 1, "database": "ntkrnlmp.pdb",
-                                             "machine_type": 0x8664}}},
+                         "windows": {"pdb": {"GUID": "0" * 32, "age": 1, "database": "ntkrnlmp.pdb" if wide else "ntkrpamp.pdb",
+                                             "machine_type": guest.arch.machine}}},
             "base_types": base_types, "enums": {}, "user_types": types,
-            "symbols": {"PsActiveProcessHead": {"address": HEADS_RVA}, "KdDebuggerDataBlock": {"address": KDBG_RVA}}}
+            "symbols": {"PsActiveProcessHead": {"address": guest.process_head - guest.kernel_va},
+                        "KdDebuggerDataBlock": {"address": guest.kdbg_vaddr - guest.kernel_va}}}
 
 
-def vol_config(memory_class: str, path: Path, cr3: int, isf_path: Path) -> dict:
-    from vmwatch.testing.windowsguest import KERNEL_VA
-
+def vol_config(memory_class: str, path: Path, cr3: int, isf_path: Path, guest) -> dict:
+    layer = "WindowsIntel32e" if guest.ptr_size == 8 else "WindowsIntelPAE"
     return {"kernel.class": "volatility3.framework.contexts.Module",
-            "kernel.layer_name.class": "volatility3.framework.layers.intel.WindowsIntel32e",
+            "kernel.layer_name.class": f"volatility3.framework.layers.intel.{layer}",
             "kernel.layer_name.memory_layer.class": memory_class,
             "kernel.layer_name.memory_layer.location": path.resolve().as_uri(),
-            "kernel.layer_name.page_map_offset": cr3, "kernel.layer_name.kernel_virtual_offset": KERNEL_VA,
-            "kernel.offset": KERNEL_VA,
+            "kernel.layer_name.page_map_offset": cr3, "kernel.layer_name.kernel_virtual_offset": guest.kernel_va,
+            "kernel.offset": guest.kernel_va,
             "kernel.symbol_table_name.class": "volatility3.framework.symbols.windows.WindowsKernelIntermedSymbols",
             "kernel.symbol_table_name.isf_url": isf_path.resolve().as_uri()}
 
 
-def crash_dump(guest, path: Path, at: int, cr3: int) -> None:
-    """A full crash dump: one run, the guest's moved memory at physical ``at``."""
+def crash_dump(guest, path: Path, at: int, cr3: int, size: int) -> None:
+    """A full crash dump: one run, physical ``at`` to ``size`` (the guest's moved memory, and the
+    empty top MiB an x86 guest leaves)."""
     import struct
 
     from vmwatch.testing.imagebuilders import windows_crashdump
 
     raw_path = path.with_suffix(".moved")
-    guest.write_raw(raw_path, at + len(guest.buffer), at)
+    guest.write_raw(raw_path, size, at)
     with open(raw_path, "rb") as f:
         f.seek(at)
         moved = f.read()
     raw_path.unlink()
-    out = bytearray(windows_crashdump([(at // 4096, moved)], dtb=cr3))
+    out = bytearray(windows_crashdump([(at // 4096, moved)], bits=guest.arch.bits, dtb=cr3))
     struct.pack_into("<II", out, 0x8, 15, guest.build)
+    if guest.arch.bits == 32:
+        out[0x5C] = 1  # PaeEnabled
     path.write_bytes(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gib", type=int, default=5, help="size of the sparse raw image")
+    parser.add_argument("--arch", choices=("x64", "x86"), default="x64", help="the guest's architecture")
+    parser.add_argument("--gib", type=int, help="size of the sparse raw image (default 5, 4 for x86)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--keep", metavar="DIR", help="write the images here and keep them")
     parser.add_argument("--dense", action="store_true",
@@ -164,19 +176,25 @@ def main() -> None:
     from vmwatch.os.windows import locate, pe
     from vmwatch.os.windows.kernel import Windows
     from vmwatch.os.windows.profiles import builtin
-    from vmwatch.testing.windowsguest import KERNEL_VA, WindowsGuest
+    from vmwatch.testing.windowsguest import WindowsGuest
 
-    guest = WindowsGuest(wine_ntoskrnl())
+    guest = WindowsGuest(wine_ntoskrnl("amd64" if args.arch == "x64" else "i386"))
     guest.build_objects()
+    args.gib = args.gib or (5 if args.arch == "x64" else 4)
+    if args.arch == "x86" and args.gib > 4:
+        raise SystemExit("--arch x86 puts the guest below 4 GiB (a PAE DirectoryTableBase is 32 bits): --gib 4 at most")
     work = Path(args.keep or tempfile.mkdtemp(prefix="vmwatch-bench-win-"))
     work.mkdir(parents=True, exist_ok=True)
     size = args.gib << 30
-    at = size - len(guest.buffer)
+    # Volatility's PAE layer reads a whole page at the (32-byte aligned) PDPT: one past the end of
+    # the file is an invalid table to it, so the x86 guest leaves the top MiB of the image empty.
+    at = size - len(guest.buffer) - (0 if args.arch == "x64" else 1 << 20)
     raw = work / "win.raw"
     cr3 = guest.write_raw(raw, size, at, sparse=not args.dense)
     regs = attrs.evolve(guest.registers, cr3=cr3)
     kind = "dense" if args.dense else "sparse"
-    print(f"image: {raw} ({args.gib} GiB {kind}, guest memory at {at:#x}; page cache warm after the first run)")
+    print(f"image: {raw} ({args.gib} GiB {kind}, {args.arch} guest ({guest.fake.mode.value} paging) at {at:#x}; "
+          "page cache warm after the first run)")
 
     with open_image(raw) as image:
         def kernel():
@@ -190,8 +208,9 @@ def main() -> None:
                              ("KDBG scan, all of RAM (before)   ", None)):
             cold, warm, _ = median_time(lambda: kdbg_mod.scan_physical(image, first=first), args.runs)
             print(f"  {label}: first {cold:.3f} s, median {warm:.3f} s")
-        profile = builtin(guest.build)
-        cold, warm, _ = median_time(lambda: locate.system_process_dtb(image, profile, KERNEL_VA, paddr), args.runs)
+        profile = builtin(guest.build, guest.arch.bits)
+        cold, warm, _ = median_time(lambda: locate.system_process_dtb(image, profile, guest.kernel_va, paddr),
+                                    args.runs)
         print(f"  DTB, System EPROCESS scan:        first {cold:.3f} s, median {warm:.3f} s")
         cold, warm, win = median_time(lambda: Windows.from_memory(image), args.runs)
         print(f"  Windows.from_memory, no CPU state: median {warm:.3f} s")
@@ -201,10 +220,10 @@ def main() -> None:
         print(f"  psscan (unlinked_process rule):   median {warm:.3f} s, {len(hits)} processes, "
               f"{args.gib / warm:.1f} GiB/s")
 
-    isf_path = work / "ntkrnlmp.json"
+    isf_path = work / ("ntkrnlmp.json" if args.arch == "x64" else "ntkrpamp.json")
     isf_path.write_text(json.dumps(isf(guest)))
     dump = work / "win.dmp"
-    crash_dump(guest, dump, at, cr3)
+    crash_dump(guest, dump, at, cr3, size)
     vol = shutil.which("vol", path=BIN) or shutil.which("vol")
     if vol is None:
         raise SystemExit("Volatility 3 (vol) is not installed in this environment")
@@ -217,10 +236,11 @@ def main() -> None:
         rows.append((label, [timed(argv)[:2] for _ in range(args.runs)]))
     for label, memory_class, path in (
         ("vol windows.pslist, raw", "volatility3.framework.layers.physical.FileLayer", raw),
-        ("vol windows.pslist, crash dump", "volatility3.framework.layers.crash.WindowsCrashDump64Layer", dump),
+        ("vol windows.pslist, crash dump",
+         f"volatility3.framework.layers.crash.WindowsCrashDump{64 if args.arch == 'x64' else 32}Layer", dump),
     ):
         config = work / f"vol-{path.suffix[1:]}.json"
-        config.write_text(json.dumps(vol_config(memory_class, path, cr3, isf_path)))
+        config.write_text(json.dumps(vol_config(memory_class, path, cr3, isf_path, guest)))
         argv = [vol, "-q", "-r", "json", "-c", str(config), "-f", str(path), "windows.pslist"]
         result = timed(argv)
         pids = [row["PID"] for row in json.loads(result[2])]

@@ -3,6 +3,7 @@
 This file holds the Linux rules; the Windows ones (SSDT, per-vCPU IDT, drivers, unlinked
 processes) are in its part _security_windows.py and join the pack under its name
 (``security.ssdt``). Each rule of one OS is set aside, reported inactive, on a guest of the other.
+The x86 rules (IDT, CR0/CR4, syscall MSRs) are set aside the same way on an arm64 guest.
 
 Every check takes a baseline when the watch starts (``on_start``) and compares against it, both
 when the guest writes the watched memory (watchpoints: instant, the writer is stopped in the
@@ -67,6 +68,7 @@ def syscall_table(event, guest):
 
 # -- interrupt descriptor table -----------------------------------------------------------------
 
+@rule.arch("x86")
 @rule.on_start
 @rule.every(2.0)
 @rule.on_write("idt_table", size=PAGE)
@@ -145,6 +147,7 @@ def _cr_findings(name: str, old: int, new: int) -> list[str]:
     return found
 
 
+@rule.arch("x86")
 @rule.on_register("cr0")
 @rule.on_register("cr4")
 def control_register_write(event: RegisterWrite, guest):
@@ -165,6 +168,7 @@ def control_register_write(event: RegisterWrite, guest):
                     rip=hex(event.rip), where=_where(guest.linux, event.rip))
 
 
+@rule.arch("x86")
 @rule.on_start
 @rule.every(2.0)
 def control_register_state(event, guest):
@@ -183,6 +187,7 @@ def control_register_state(event, guest):
                     guest.alert("critical", f"vCPU {regs.vcpu}: {finding}", register=name, old=hex(old), new=hex(value))
 
 
+@rule.arch("x86")
 @rule.on_register("msr:lstar")
 @rule.on_register("msr:cstar")
 @rule.on_register("msr:star")
@@ -300,7 +305,7 @@ SYSCTLS = {
     "kernel.kexec_load_disabled": ("kexec_load_disabled", 4, "int"),
     "kernel.unprivileged_bpf_disabled": ("sysctl_unprivileged_bpf_disabled", 4, "int"),
     "kernel.yama.ptrace_scope": ("ptrace_scope", 4, "int"),
-    "vm.mmap_min_addr": ("mmap_min_addr", 8, "int"),
+    "vm.mmap_min_addr": ("dac_mmap_min_addr", 8, "int"),  # what /proc/sys shows (mmap_min_addr: max of it and the LSM's)
     "kernel.modprobe": ("modprobe_path", 256, "str"),
     "kernel.core_pattern": ("core_pattern", 128, "str"),
 }

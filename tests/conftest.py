@@ -46,6 +46,14 @@ def arm64_guest():
 
 
 @pytest.fixture(scope="session")
+def arm64_idle_dump(arm64_guest, tmp_path_factory):
+    """A dump of the arm64 guest paused in EL1 and what QEMU said then (``vmwatch.testing.arm64truth.paused_dump``)."""
+    from vmwatch.testing.arm64truth import paused_dump
+
+    return paused_dump(arm64_guest, tmp_path_factory.mktemp("arm64") / "idle.elf")
+
+
+@pytest.fixture(scope="session")
 def lab_guest_factory():
     """``start(**LabConfig fields)`` boots an extra guest; stop it when done (leftovers stop at session end)."""
     from vmwatch.lab import LabConfig, LabGuest

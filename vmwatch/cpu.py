@@ -7,6 +7,7 @@ where registers came from. Fields a source does not know stay ``None``.
 from __future__ import annotations
 
 import enum
+from typing import ClassVar
 
 import attrs
 
@@ -147,6 +148,19 @@ class Registers:
     idtr_limit: int | None = _opt()
     msrs: dict[str, int] = attrs.field(factory=dict)
     """Other model-specific registers by name (``lstar``, ``star``, ``sysenter_eip``, ...)."""
+
+    arch: ClassVar[str] = "x86"
+    """The architecture family (``aarch64`` for :class:`vmwatch.cpu_aarch64.Aarch64Registers`)."""
+
+    @property
+    def pc(self) -> int | None:
+        """The program counter by its arch-neutral name (RIP)."""
+        return self.rip
+
+    @property
+    def sp(self) -> int | None:
+        """The stack pointer by its arch-neutral name (RSP)."""
+        return self.rsp
 
     @property
     def paging_mode(self) -> PagingMode:

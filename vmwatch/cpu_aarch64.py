@@ -23,16 +23,12 @@ PSTATE_SP = 1 << 0
 
 def refuse_aarch64(sources: Iterable[object], what: str) -> None:
     """Raise UnsupportedOperation naming ``what`` if any of ``sources`` is AArch64's: registers, or a
-    live backend (both have ``arch``).
-
-    For the x86-only layers (debugger, breakpoints, watchpoints, single steps, MSRs, watch) until they
-    learn AArch64.
+    live backend (both have ``arch``). For what only x86 has (MSRs).
     """
     if any(getattr(source, "arch", None) == "aarch64" for source in sources):
         from vmwatch.errors import UnsupportedOperation
 
-        raise UnsupportedOperation(f"{what}: not supported on aarch64 guests yet (info, read, ps, modules, "
-                                   "syscalls and symbols export are)")
+        raise UnsupportedOperation(f"{what}: x86 only, not on aarch64 guests")
 
 
 def _opt() -> int | None:

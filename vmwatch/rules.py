@@ -55,6 +55,7 @@ class _Spec:
     listeners: list[Listener] = attrs.Factory(list)
     defaults: dict[str, Any] = attrs.Factory(dict)
     enabled: bool = True
+    arches: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -68,6 +69,8 @@ class Rule:
     defaults: dict[str, Any]
     enabled: bool
     doc: str = ""
+    arches: tuple[str, ...] = ()
+    """The CPU architectures (``x86``, ``aarch64``) the rule applies to; empty: every one."""
 
 
 def _spec(func: RuleFunction) -> _Spec:
@@ -114,11 +117,25 @@ def on_write(where: str | int, size: int | None = 8, *, pid: int | None = None, 
     return _adding(Listener(kind=ListenerKind.WRITE, target=where, size=size or 0, narrow=Narrow(pid, comm, cr3)))
 
 
-def on_register(name: str) -> Callable[[RuleFunction], RuleFunction]:
-    """Run when the guest writes a control register or MSR: ``"cr0"``, ``"cr4"``, ``"msr:lstar"``."""
+def on_register_write(*names: str) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest writes any of the control registers or MSRs ``names``: ``"cr3"``,
+    ``"cr0", "cr4"``, ``"msr:lstar"``."""
     from vmwatch.engine.registers import canonical_register
 
-    return _adding(Listener(kind=ListenerKind.REGISTER, target=canonical_register(name)))
+    if not names:
+        raise RuleError("on_register_write needs at least one register name")
+    listeners = [Listener(kind=ListenerKind.REGISTER, target=canonical_register(name)) for name in names]
+
+    def decorate(func: RuleFunction) -> RuleFunction:
+        _spec(func).listeners.extend(reversed(listeners))  # decorators stack bottom-up; rules_of reverses
+        return func
+
+    return decorate
+
+
+def on_register(name: str) -> Callable[[RuleFunction], RuleFunction]:
+    """Run when the guest writes the control register or MSR ``name`` (``on_register_write``'s one-name form)."""
+    return on_register_write(name)
 
 
 def on_interrupt(vector: int) -> Callable[[RuleFunction], RuleFunction]:
@@ -129,12 +146,17 @@ def on_interrupt(vector: int) -> Callable[[RuleFunction], RuleFunction]:
 
 
 def on_exception(vector: int | str, *, user: bool | None = None, pid: int | None = None,
-                 comm: str | None = None) -> Callable[[RuleFunction], RuleFunction]:
+                 comm: str | None = None, address: tuple[int, int] | None = None
+                 ) -> Callable[[RuleFunction], RuleFunction]:
     """Run when the guest takes CPU exception ``vector``: a number (0-31) or a name
     (``"page_fault"``, ``"general_protection"``, ``"invalid_opcode"``: ``vmwatch.cpu.EXCEPTION_NAMES``).
 
     ``user=True`` keeps only exceptions taken in user mode, ``False`` only kernel mode, ``None``
-    both. The event is a :class:`~vmwatch.events.Fault` (``rip``, ``error_code``, ``cr2`` of a page fault).
+    both. ``address=(start, end)`` keeps page faults whose ``cr2`` is in ``[start, end)``. The
+    event is a :class:`~vmwatch.events.Fault` (``rip``, ``error_code``, ``cr2`` of a page fault).
+    On x86-64 Linux under TCG, page-fault listeners are served by guarded inline hooks that test
+    the mode, the address range and a pid in the guest before any stop
+    (vmwatch/engine/page_fault_hooks.py); elsewhere by a breakpoint on the IDT's handler.
     """
     from vmwatch.cpu import EXCEPTION_VECTORS
 
@@ -143,7 +165,15 @@ def on_exception(vector: int | str, *, user: bool | None = None, pid: int | None
         raise RuleError(f"exception must be a vector 0-31 or one of {', '.join(EXCEPTION_VECTORS)}, not {vector!r}")
     if user is not None and not isinstance(user, bool):
         raise RuleError(f"user must be True, False or None, not {user!r}")
-    return _adding(Listener(kind=ListenerKind.EXCEPTION, target=(number, user), narrow=Narrow(pid, comm)))
+    if address is not None:
+        if number != 14:
+            raise RuleError("address= filters page faults (vector 14) only")
+        if (not isinstance(address, tuple) or len(address) != 2
+                or not all(isinstance(a, int) and not isinstance(a, bool) for a in address)
+                or not 0 <= address[0] < address[1] <= 1 << 64):
+            raise RuleError(f"address must be (start, end) with 0 <= start < end <= 2**64, not {address!r}")
+    return _adding(Listener(kind=ListenerKind.EXCEPTION, target=(number, user),
+                            narrow=Narrow(pid, comm, address=address)))
 
 
 _MMIO_ACCESS = {"r": "r", "w": "w", "rw": "rw", "wr": "rw"}
@@ -214,12 +244,27 @@ def disabled(func: RuleFunction) -> RuleFunction:
     return func
 
 
+def arch(*names: str) -> Callable[[RuleFunction], RuleFunction]:
+    """The rule is about these CPU architectures only (``x86``, ``aarch64``): a watch of a guest of
+    another one sets it aside at start, with one line saying so (an IDT check on an arm64 guest)."""
+    unknown = set(names) - {"x86", "aarch64"}
+    if not names or unknown:
+        raise RuleError(f"rule.arch takes x86 and/or aarch64, not {names!r}")
+
+    def decorate(func: RuleFunction) -> RuleFunction:
+        _spec(func).arches = tuple(names)
+        return func
+
+    return decorate
+
+
 class _Namespace:
     """``rule.on_breakpoint(...)`` reads better in packs than bare function names."""
 
     on_breakpoint = staticmethod(on_breakpoint)
     on_write = staticmethod(on_write)
     on_register = staticmethod(on_register)
+    on_register_write = staticmethod(on_register_write)
     on_interrupt = staticmethod(on_interrupt)
     on_exception = staticmethod(on_exception)
     on_mmio = staticmethod(on_mmio)
@@ -228,6 +273,7 @@ class _Namespace:
     on_start = staticmethod(on_start)
     configure = staticmethod(configure)
     disabled = staticmethod(disabled)
+    arch = staticmethod(arch)
 
 
 rule = _Namespace()
@@ -244,7 +290,7 @@ def rules_of(namespace: dict[str, Any], pack: str) -> list[Rule]:
             raise RuleError(f"rule {pack}.{obj.__name__} listens to nothing")
         found.append(Rule(
             name=f"{pack}.{obj.__name__}", func=obj, listeners=tuple(reversed(spec.listeners)),
-            defaults=dict(spec.defaults), enabled=spec.enabled,
+            defaults=dict(spec.defaults), enabled=spec.enabled, arches=spec.arches,
             doc=(obj.__doc__ or "").strip().split("\n")[0],
         ))
     return found

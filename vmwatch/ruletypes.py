@@ -52,10 +52,12 @@ class Narrow:
     pid: int | None = None
     comm: str | None = None
     cr3: int | None = None
+    address: tuple[int, int] | None = None
+    """``[start, end)`` of a page fault's address (``cr2``): ``on_exception("page_fault", address=...)``."""
 
     @property
     def empty(self) -> bool:
-        return self.pid is None and self.comm is None and self.cr3 is None
+        return self.pid is None and self.comm is None and self.cr3 is None and self.address is None
 
 
 @attrs.frozen(kw_only=True)

@@ -177,3 +177,25 @@ class TestDispatch:
         assert got == {"kernel_pf": [2], "any_gp": [3, 4]}
         assert [r.seq for r in sink.events if r.kind == "Fault"] == [1, 2, 3, 4, 5]
         assert summary.inactive == ["exception sensor (vectors [13, 14]): the source has no breakpoints"]
+
+    async def test_address_ranges_pick_page_faults_per_listener(self):
+        """address=(start, end): each listener gets the faults whose cr2 is in its own range, end excluded."""
+        from vmwatch.engine import Engine, ListSink, SyntheticSource
+        from vmwatch.rules import RuleSet, rules_of
+
+        got: dict[str, list] = {"low": [], "page": []}
+
+        @rule.on_exception("page_fault", address=(0x10, 0x20))
+        def low(event, guest):
+            got["low"].append(event.seq)
+
+        @rule.on_exception("page_fault", user=True, address=(0x1000, 0x2000))
+        def page(event, guest):
+            got["page"].append(event.seq)
+
+        events = [Fault(seq=i, vector=14, name="page_fault", rip=i, user=user, cr2=cr2)
+                  for i, (cr2, user) in enumerate([(0x1000, True), (0x1FFF, True), (0x2000, True), (0x1800, False),
+                                                   (0x18, False), (0x20, True), (0xF, True)], 1)]
+        ruleset = RuleSet(rules_of({"__name__": __name__, "low": low, "page": page}, "t"))
+        await Engine(SyntheticSource(events, honour_traps=False), ruleset, [ListSink()]).run()
+        assert got == {"low": [5], "page": [1, 2]}

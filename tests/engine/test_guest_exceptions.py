@@ -18,9 +18,11 @@
   The kernel logs each (``traps: fault[PID] trap invalid opcode ip:IP ...``, ``... general
   protection fault ip:IP ... error:0``, ``fault[PID]: segfault at ADDR ip IP ... error 6``).
 
-A gdbstub breakpoint costs a TCG guest ~20 ms (engine/sources.py ``trap_overhead``), so the default
-budget unhooks the page-fault trap within a second of a fault storm; these checks are about what
-a fault looks like, so the watch gets a budget that lets every hit through.
+Page faults come from the guarded hooks of engine/page_fault_hooks.py here (3 traps), the other
+vectors from IDT breakpoints. A gdbstub breakpoint costs a TCG guest ~20 ms (engine/sources.py
+``trap_overhead``), so the default budget unhooks the page-fault trap within a second of a fault
+storm; these checks are about what a fault looks like, so the watch gets a budget that lets
+every hit through.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ async def test_page_faults_match_what_the_guest_reports(lab_guest, start_armed, 
         with recording_source(source_for(target), path) as recorded:
             engine = Engine(recorded, _ruleset(seen), [sink], options=UNLIMITED)
             async with trio.open_nursery() as nursery:
-                await start_armed(nursery, engine, 2)
+                await start_armed(nursery, engine, 4)  # 3 page-fault hooks + #DE
                 crash = await trio.to_thread.run_sync(shell, "(ulimit -s 64; sh -c 'f() { f; }; f'); "
                                                              "dmesg | grep ': segfault at ' | tail -1")
                 dd = await trio.to_thread.run_sync(shell, "dd if=/dev/zero of=/dev/null bs=256k count=1000000 "
@@ -198,7 +200,7 @@ async def test_ud2_gp_and_a_fault_at_the_printed_address(lab_guest, start_armed)
     async with open_target(lab_guest.target) as target:
         engine = Engine(source_for(target), RuleSet(rules_of(rules, "exc")), [ListSink()], options=UNLIMITED)
         async with trio.open_nursery() as nursery:
-            await start_armed(nursery, engine, 3)
+            await start_armed(nursery, engine, 5)  # #UD, #GP, 3 page-fault hooks
             out = {kind: await trio.to_thread.run_sync(lambda k=kind: lab_guest.shell(f"scenario fault {k}",
                                                                                        timeout=SLOW))
                    for kind in ("ud", "gp", "pf")}

@@ -30,9 +30,10 @@ milliseconds, so allow what a busy CI machine needs."""
 class Watcher:
     """A running watch on the lab guest, driven from synchronous tests."""
 
-    def __init__(self, guest) -> None:
+    def __init__(self, guest, sinks=()) -> None:
         self.guest = guest
         self.sink = ListSink()
+        self.sinks = [self.sink, *sinks]
         self.engine: Engine | None = None
         self.token: trio.lowlevel.TrioToken | None = None
         self.error: BaseException | None = None
@@ -58,7 +59,7 @@ class Watcher:
         async with open_target(self.guest.target, writable=True) as target:
             self.target = target
             packs = ["security", "timeline", NARROW_PACK]
-            self.engine = Engine(source_for(target), RuleSet.load(packs), [self.sink])
+            self.engine = Engine(source_for(target), RuleSet.load(packs), self.sinks)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.engine.run)
                 while self.engine.summary.traps == 0:
@@ -88,6 +89,15 @@ class Watcher:
             time.sleep(0.1)
         got = [(a.rule, a.message) for a in self.sink.alerts[mark:]]
         raise AssertionError(f"{rule} did not fire within {timeout} s; alerts since: {got}")
+
+    def serious_messages(self, rule: str, mark: int, count: int, timeout: float = 60.0) -> list[str]:
+        """Sorted messages of ``rule``'s warnings and worse since ``mark``, once ``count`` came (or at ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = sorted(a.message for a in self.serious_since(mark) if a.rule == rule)
+            if len(messages) >= count or time.monotonic() >= deadline:
+                return messages
+            time.sleep(0.2)
 
     def stopped(self, work):
         """Run ``work(linux, source)`` with the guest paused and no rule running; return its result."""
@@ -168,13 +178,8 @@ def test_security_sysctl_write(watcher, lab_guest):
         watcher.wait_for("security.security_sysctl", mark)
         expected = ["sysctl kernel.kptr_restrict weakened: 1 -> 0",
                     "sysctl kernel.modprobe weakened: '/sbin/modprobe' -> '/tmp/.x/modprobe'"]
-        deadline = time.monotonic() + 60  # strings count once two periodic checks agree
-        while time.monotonic() < deadline:
-            messages = sorted(a.message for a in watcher.serious_since(mark) if a.rule == "security.security_sysctl")
-            if len(messages) >= 2:
-                break
-            time.sleep(0.2)
-        assert messages == expected
+        # strings count once two periodic checks agree
+        assert watcher.serious_messages("security.security_sysctl", mark, 2) == expected
     finally:
         lab_guest.shell("scenario unsysctl", timeout=SLOW)
 

@@ -11,7 +11,8 @@ import pytest
 from vmwatch.engine.registers import canonical_register
 from vmwatch.errors import RuleError
 from vmwatch.events import Exec
-from vmwatch.rules import SHIPPED_PACKS, ListenerKind, RuleSet, Severity, load_pack, rule, shipped_pack_names
+from vmwatch.rules import (SHIPPED_PACKS, ListenerKind, RuleSet, Severity, load_pack, rule, rules_of,
+                           shipped_pack_names)
 
 PACK = textwrap.dedent('''
     from vmwatch.events import Exec
@@ -55,11 +56,23 @@ class TestDecorators:
         lambda: rule.on(),
         lambda: rule.on_register("cr9"),
         lambda: rule.on_register("msr:bogus"),
+        lambda: rule.on_register_write(),
+        lambda: rule.on_register_write("cr0", "cr9"),
     ])
     def test_bad_declarations_raise_rule_error(self, make):
         """Wrong arguments to a decorator are a RuleError at load time, not at run time."""
         with pytest.raises(RuleError):
             make()
+
+    def test_register_write_takes_several_names(self):
+        """``on_register_write("cr0", "cr4")`` is one listener per register, normalised like ``on_register``."""
+        @rule.on_register_write("CR0", "cr4", "msr:0xC0000082")
+        def watched(event, guest):
+            pass
+
+        (found,) = rules_of({"__name__": __name__, "watched": watched}, "p")
+        assert [(l.kind, l.target) for l in found.listeners] == [
+            (ListenerKind.REGISTER, "cr0"), (ListenerKind.REGISTER, "cr4"), (ListenerKind.REGISTER, "msr:lstar")]
 
     def test_register_names(self):
         """Registers are normalised: case, MSR numbers to names, unknown MSRs by number."""

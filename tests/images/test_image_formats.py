@@ -294,6 +294,27 @@ class TestWindowsCrashDump:
             if bits == 64:
                 assert img.cpus[0].rip == REGS["rip"] and img.cpus[0].rsp == REGS["rsp"]
 
+    def test_info_on_the_real_32_bit_header(self, samples, tmp_path):
+        """info --json on a full dump built on the real Windows 7 SP1 x86 header (its DTB kept):
+        the header's facts, PaeEnabled among them; no kernel in the made-up pages is one fact."""
+        import json
+
+        from vmwatch.testing.cli import run_cli
+
+        header = (samples / "windows-crashdump" / "coredump_win7_32bit_stripped.raw").read_bytes()
+        data = build.windows_crashdump([(1, bytes(PAGE)), (0x100, bytes(2 * PAGE))], bits=32, header=header,
+                                       dtb=0xBF62F2E0)
+        r = run_cli("info", _write(tmp_path, "w7.dmp", data), "--json")
+        assert r.status == 0, r.stderr
+        doc = json.loads(r.stdout)
+        s = doc["summary"]
+        assert (s["Signature"], s["Version"], s["DumpType"], s["Machine"], s["Processors"]) == (
+            "PAGEDUMP", "15.7601 (build 7601)", "full", "0x14c", "2")
+        assert (s["DirectoryTableBase"], s["PsLoadedModuleList"], s["PsActiveProcessHead"], s["KdDebuggerDataBlock"]) == (
+            "0xbf62f2e0", "0x82999850", "0x82991f18", "-")
+        assert s["PaeEnabled"] == "1 (PAE paging)" and doc["metadata"]["pae"] is True
+        assert doc["kernel"]["os"] is None
+
     def test_bitmap_dump(self, tmp_path):
         """DumpType 5: pages whose bit is set are stored in order from the first-page offset."""
         a, b = os.urandom(2 * PAGE), os.urandom(PAGE)
@@ -303,9 +324,9 @@ class TestWindowsCrashDump:
             assert img.read(20 * PAGE, PAGE) == b and img.read(4 * PAGE, 8) == a[PAGE:PAGE + 8]
 
     def test_kernel_dump_rejected(self, tmp_path):
-        """Kernel and triage dumps are refused with a reason."""
+        """The legacy summary (kernel) dump is refused, saying what to take instead."""
         data = build.windows_crashdump([(1, bytes(PAGE))], dump_type=2)
-        with pytest.raises(ImageFormatError, match="kernel crash dump"):
+        with pytest.raises(ImageFormatError, match="DumpType 2 is a legacy summary.*take a complete memory dump"):
             open_image(_write(tmp_path, "k.dmp", data))
 
 

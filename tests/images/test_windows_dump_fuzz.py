@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vmwatch.errors import ImageFormatError
@@ -31,6 +31,7 @@ class TestHeader:
     @given(bits=st.sampled_from([32, 64]), values=st.lists(st.integers(0, 2**64 - 1), min_size=4, max_size=4),
            cpus=st.integers(0, 2**32 - 1), bugcheck=st.integers(0, 2**32 - 1),
            params=st.lists(st.integers(0, 2**64 - 1), min_size=4, max_size=4))
+    @example(bits=64, values=[0x45474150] * 4, cpus=0, bugcheck=0, params=[0x45474150] * 4)  # u32 filler, u64 field
     def test_fields_read_back(self, bits, values, cpus, bugcheck, params):
         """Every field written at its published offset is read back; the PAGE filler reads as None."""
         out = _header(bits)

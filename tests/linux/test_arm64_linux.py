@@ -46,6 +46,45 @@ def test_modules_on_the_dump_match_proc_modules(arm64_snap) -> None:
     check_modules(arm64_snap)
 
 
+@pytest.fixture(scope="module")
+def arm64_kallsyms_map(arm64_guest, tmp_path_factory):
+    """The guest's own /proc/kallsyms (the kernel's lines), saved as a System.map."""
+    arm64_guest.shell("echo 0 > /proc/sys/kernel/kptr_restrict", check=True)
+    text = arm64_guest.shell("grep -v '\\[' /proc/kallsyms", timeout=900, check=True)
+    path = tmp_path_factory.mktemp("arm64-map") / "System.map"
+    path.write_text(text)
+    return path
+
+
+def test_ps_and_modules_with_a_system_map(arm64_snap, arm64_kallsyms_map) -> None:
+    """``--symbols`` with the guest's kallsyms as a System.map: the same pids, comms, ppids, uids and
+    modules as /proc (data symbols it lacks are found from code as without it)."""
+    check_ps(arm64_snap, "--symbols", str(arm64_kallsyms_map))
+    check_modules(arm64_snap, "--symbols", str(arm64_kallsyms_map))
+
+
+def test_another_kernels_system_map_is_refused(arm64_snap, arm64_kallsyms_map, tmp_path) -> None:
+    """Functions moved (another build's map), a file of no known kind, a vmlinux or ISF (types come
+    from BTF on arm64): one line, exit 2."""
+    moved = tmp_path / "moved.map"
+    lines = []
+    for line in arm64_kallsyms_map.read_text().splitlines():
+        address, kind, name = line.split()[:3]
+        if kind in "tT" and name not in ("_text", "_stext"):
+            address = f"{int(address, 16) + 0x40:016x}"
+        lines.append(f"{address} {kind} {name}")
+    moved.write_text("\n".join(lines) + "\n")
+    junk = tmp_path / "junk.map"
+    junk.write_bytes(b"\x00\xffnot symbols\n" * 10)
+    isf = tmp_path / "arm64.json"
+    assert run_cli("symbols", "export", arm64_snap.dump, "-o", str(isf)).status == 0
+    for path, why in ((moved, "is not this kernel's symbol file"), (junk, "not a System.map"),
+                      (isf, "a System.map only")):
+        result = run_cli("ps", arm64_snap.dump, "--symbols", str(path))
+        assert result.status == 2 and why in result.stderr, (path.name, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
 def test_kernel_symbols_and_release(arm64_snap, arm64_guest) -> None:
     """kallsyms read from the dump gives /proc/kallsyms's addresses; the banner is the guest's; the
     slide is 2 MiB-aligned; data symbols absent from kallsyms were recovered."""
@@ -168,3 +207,9 @@ def _btf_paddr(image, linux) -> int:
     start = linux.kernel.text_paddr
     data = image.read(start, linux.kernel.kernel_cr3 - start)
     return start + data.index(BTF_HEADER)
+
+
+def test_idt_is_x86s(arm64_snap) -> None:
+    """`vmwatch idt` on an arm64 dump: exit 2, one line saying the IDT is x86's."""
+    result = run_cli("idt", arm64_snap.dump)
+    assert result.status == 2 and result.stderr.count("\n") == 1 and "VBAR_EL1" in result.stderr, result.stderr

@@ -76,6 +76,23 @@ class TestSymbolFiles:
         merged = sf.merge_symbols(Symbols(["_text"], [0xFFFFFFFF81000000 + SLIDE], "T"), 0xFFFFFFFF81000000 + SLIDE)
         assert merged["only_in_map"] == 0xFFFFFFFF82000000 + SLIDE
 
+    def test_proc_kallsyms_saved_as_a_system_map(self, tmp_path):
+        """arm64's /proc/kallsyms starts at _stext and lists modules' symbols after the kernel's:
+        slid on _stext, modules' lines left out (their addresses are no link-time ones)."""
+        stext = 0xFFFF800008010000
+        path = tmp_path / "kallsyms"
+        path.write_text(f"{stext:016x} T _stext\n" + "".join(f"{stext + 16 * i:016x} t fn{i}\n" for i in range(1, 30))
+                        + "ffff800000f10000 t tcp_vegas_init\t[tcp_vegas]\n")
+        sf = load_symbols_file(str(path))
+        assert "tcp_vegas_init" not in sf.symbols.names and len(sf.symbols.names) == 30
+        runtime = Symbols(["_stext", "fn1"], [stext + SLIDE, stext + 16 + SLIDE], "TT")
+        merged = sf.merge_symbols(runtime, stext + SLIDE - 0x10000)
+        assert merged["fn29"] == stext + 16 * 29 + SLIDE
+        moved = Symbols(["_stext"] + [f"fn{i}" for i in range(1, 30)],
+                        [stext + SLIDE] + [stext + 16 * i + SLIDE + 8 for i in range(1, 30)], "T" * 30)
+        with pytest.raises(SymbolError, match="not this kernel's"):
+            sf.merge_symbols(moved, stext + SLIDE - 0x10000)
+
     def test_debian_stub_system_map(self, tmp_path):
         """Debian's stub System.map is refused with a pointer to the -dbg package."""
         path = tmp_path / "System.map"

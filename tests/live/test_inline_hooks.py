@@ -102,6 +102,26 @@ class TestPieces:
         assert ih.left_behind(BASE, b"\x55" + RET) is None
         assert ih.FTRACE_NOP == NOP5
 
+    @pytest.mark.parametrize("moved", [bytes.fromhex("0f22c7"), bytes.fromhex("0f22e7"), bytes.fromhex("410f22e0")])
+    def test_left_behind_mov_is_read_back_from_its_trampoline(self, moved: bytes) -> None:
+        """A ``mov crN`` hook left behind: its trampoline names the mov, the site gets Linux's
+        NOP of the rest back (native_write_cr0's own bytes on the lab kernel: 0f22c7 6690)."""
+        slot = BASE + 0x1231
+        assert ih.left_moved(slot, ih.trampoline(slot, moved) + INT3) == moved
+        site = ih.original_site(moved)
+        assert len(site) == ih.SITE_SIZE and ih.displaced(BASE, site + RET) == moved
+        assert ih.original_site(bytes.fromhex("0f22c7")) == bytes.fromhex("0f22c76690")
+        assert ih.original_site(b"") == NOP5
+
+    @pytest.mark.parametrize("code", [
+        ih.trampoline(BASE + 0x1231) + INT3 * 4,                                   # a plain one
+        ih.trampoline(BASE + 0x1231, bytes.fromhex("0f20c0")) + INT3,             # mov rax, cr0 reads
+        ih.trampoline(BASE + 0x1231, bytes.fromhex("0f22c7"))[:-1] + INT3 * 2,    # no ret
+        b"",
+    ])
+    def test_no_mov_is_read_from_anything_else(self, code: bytes) -> None:
+        assert ih.left_moved(BASE + 0x1231, code) is None
+
     def test_probe_fits_a_smaller_slot(self) -> None:
         """The 8-byte MSR probe takes a run too short for a trampoline, never a longer one's end."""
         code = NOP1 * 7 + RET + INT3 + NOP1 * 7 + NOP5 + RET + INT3 * 10
@@ -307,3 +327,26 @@ async def test_read_msrs_of_a_running_guest(lab_guest) -> None:
             await vm.read_msrs([0x3A])
     lab_guest.shell("scenario busy stop", check=True)
     assert "ok" in lab_guest.shell("echo ok", check=True)
+
+
+@pytest.mark.guest
+async def test_a_mov_hook_placed_again_gets_its_trampoline_back(lab_guest) -> None:
+    """native_write_cr0's ``mov cr0, rdi`` hooked, unhooked (as governance does for a cooldown) and
+    hooked again: QEMU executes a call to the same trampoline, and the mov and its NOP after."""
+    start = kallsyms(lab_guest, "native_write_cr0")
+    async with attach_qemu(str(lab_guest.qmp_path)) as vm:
+        code = await executed_bytes(vm, start, 16)
+        mov = start + next(i for i, _, m, o in MD.disasm_lite(code, 0) if m == "mov" and o.startswith("cr0"))
+        original = await executed_bytes(vm, mov, 5)
+        calls = []
+        for _ in range(2):
+            assert await vm.add_breakpoint(mov, inline=True) is True
+            call = await executed_bytes(vm, mov, 5)
+            assert call[0] == ih.CALL_REL32 and await vm.read_memory(mov, 5) == original
+            calls.append(call)
+            await vm.remove_breakpoint(mov)
+            assert await executed_bytes(vm, mov, 5) == original
+        assert calls[0] == calls[1]
+        assert vm.stats["trampolines_reused"] == 1 and vm.stats["inline_hooks"] == 2
+        await vm.resume()
+    assert lab_guest.shell("echo alive", check=True).strip().endswith("alive")

@@ -74,14 +74,13 @@ class TestTriage:
         assert how["PsActiveProcessHead"][0] == guest.process_head and how["kernel base"][1] == "KDBG KernBase"
 
     def test_cut_list_and_32_bit(self, guest, dump):
-        """A 32-bit triage dump: drivers listed, the process copy plainly not decoded; a cut list is flagged."""
+        """A 32-bit triage dump's driver list (TRIAGE_DUMP32 entries); a cut list is flagged.
+        (The x86 guest's own triage dump, process copy decoded: tests/windows/test_windows32.py.)"""
         small = [(path, base & 0xFFFFFFFF, size) for _name, base, size, path in guest.drivers]
         r = run_cli("modules", dump("x86.dmp", bits=32, drivers=small, overflowed=True), "--json")
         assert r.status == 0, r.stderr
         assert [(m["name"], m["base"]) for m in json.loads(r.stdout)] == [(d[0].rsplit("\\", 1)[-1], d[1]) for d in small]
         assert "cut short" in r.stderr
-        r = run_cli("ps", dump("x86.dmp", bits=32, drivers=small), "--json")
-        assert r.status == 0 and json.loads(r.stdout) == [] and "32-bit" in r.stderr, r.stderr
 
     def test_watch_sets_windows_rules_aside(self, dump):
         """The security pack on a triage dump: no rule error; SSDT/IDT/psscan rules inactive, saying why."""

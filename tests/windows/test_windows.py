@@ -20,16 +20,19 @@ def guest(ntoskrnl, wine_pe) -> WindowsGuest:
     return g
 
 
-def _how(win: Windows) -> dict[str, tuple]:
+def how_found(win: Windows) -> dict[str, tuple]:
+    """{step: (value, how)} of what the initialisation found."""
     return {f.what: (f.value, f.how) for f in win.kernel.found}
 
 
-def _check_objects(win: Windows, guest: WindowsGuest) -> None:
+def check_objects(win: Windows, guest: WindowsGuest) -> None:
+    """Processes, drivers and the SSDT read back as the builder wrote them (x64 or x86 guest)."""
     tasks = win.tasks()
     assert tasks.skipped == []
     assert [(t.pid, t.ppid, t.name.encode(), t.dtb, t.create_time, t.peb, t.address) for t in tasks] == [
         (p.pid, p.ppid, p.name, p.dtb, p.create_time, p.peb, p.address) for p in guest.processes]
     modules = win.modules()
+    assert modules.skipped == []
     assert [(m.name, m.base, m.size, m.path) for m in modules] == guest.drivers
     services = win.syscalls()
     assert [s.address for s in services] == guest.services
@@ -41,7 +44,7 @@ class TestInit:
     def test_raw_without_cpu_state(self, guest):
         """No registers: MZ scan, NtBuildNumber, KDBG scan, KernBase, System EPROCESS scan."""
         win = Windows.from_memory(BufferMemory(guest.buffer))
-        how = _how(win)
+        how = how_found(win)
         assert how["kernel physical base"][0] == KERNEL_PA
         assert how["build"][0] == 7601
         assert how["KDBG"] == (guest.kdbg_vaddr, "physical scan for the KDBG tag (Size 0x340), in ntoskrnl's own pages")
@@ -51,17 +54,17 @@ class TestInit:
         assert win.kernel.name == "ntoskrnl.exe" and win.kernel.size == guest.kernel_size
         assert win.ksym2v("PsInitialSystemProcess") == guest.ksym("PsInitialSystemProcess")
         assert len(win.symbols.exports) > 1600
-        _check_objects(win, guest)
+        check_objects(win, guest)
 
     def test_idt_scan_with_cpu_state(self, guest):
         """CR3 and IDTR: the kernel base comes from scanning down from the vector 0 handler."""
         win = Windows.from_memory(BufferMemory(guest.buffer), (guest.registers,))
-        how = _how(win)
+        how = how_found(win)
         assert how["DTB"] == (guest.fake.cr3, "CR3 of the saved/live vCPU")
         assert how["kernel base"][0] == KERNEL_VA and "IDT vector 0 handler" in how["kernel base"][1]
         idt = win.idt(guest.registers)
         assert idt[0].address == guest.idt_handler and idt[0].present
-        _check_objects(win, guest)
+        check_objects(win, guest)
 
     def test_windows10_build(self, ntoskrnl):
         """A 19041 guest is read with the Windows 10 offsets."""
@@ -69,7 +72,7 @@ class TestInit:
         g.build_objects()
         win = Windows.from_memory(BufferMemory(g.buffer))
         assert win.profile.eprocess["ImageFileName"] == 0x5A8
-        _check_objects(win, g)
+        check_objects(win, g)
 
     def test_crash_dump(self, guest, tmp_path):
         """A full crash dump: DTB and KDBG from its header."""
@@ -79,10 +82,10 @@ class TestInit:
         path.write_bytes(guest.crashdump())
         with open_image(path) as image:
             win = Windows.from_memory(image, image.cpus)
-            how = _how(win)
+            how = how_found(win)
             assert how["DTB"] == (guest.fake.cr3, "crash dump header DirectoryTableBase")
             assert how["KDBG"] == (guest.kdbg_vaddr, "crash dump header KdDebuggerDataBlock")
-            _check_objects(win, guest)
+            check_objects(win, guest)
 
     def test_encoded_kdbg_with_isf(self, ntoskrnl, tmp_path):
         """A Windows 8+ encoded KDBG: no tag to scan for; decoded with the keys an ISF locates."""
@@ -92,16 +95,16 @@ class TestInit:
         isf = tmp_path / "ntkrnlmp.json"
         isf.write_text(json.dumps(g.isf()))
         win = Windows.from_memory(BufferMemory(g.buffer), (g.registers,), symbols_file=str(isf))
-        value, how = _how(win)["KDBG"]
+        value, how = how_found(win)["KDBG"]
         assert value == g.kdbg_vaddr and "decoded with KiWaitNever/KiWaitAlways" in how
-        _check_objects(win, g)
+        check_objects(win, g)
 
     def test_encoded_kdbg_without_keys(self, ntoskrnl):
         """Without keys the process list still comes from PsInitialSystemProcess; modules need KDBG."""
         g = WindowsGuest(ntoskrnl, encoded=True)
         g.build_objects()
         win = Windows.from_memory(BufferMemory(g.buffer), (g.registers,))
-        assert "KDBG" not in _how(win)
+        assert "KDBG" not in how_found(win)
         assert [t.pid for t in win.tasks()] == [4, 256, 348, 1236]
         with pytest.raises(SymbolError, match="PsLoadedModuleList"):
             win.modules()
@@ -124,7 +127,7 @@ class TestInit:
         conf.write_text('win7sp1x64 {\n    ostype = "Windows";\n    win_tasks   = 0x188;\n    win_pdbase  = 0x28;\n'
                         f'    win_pid     = 0x180;\n    win_pname = 0x2e0;\n    win_kdvb    = {g.kdbg_vaddr:#x};\n}}\n')
         win = Windows.from_memory(BufferMemory(g.buffer), (g.registers,), symbols_file=str(conf))
-        assert _how(win)["KDBG"] == (g.kdbg_vaddr, "libvmi.conf win_kdvb")
+        assert how_found(win)["KDBG"] == (g.kdbg_vaddr, "libvmi.conf win_kdvb")
         assert [t.name for t in win.tasks()] == ["System", "smss.exe", "csrss.exe", "explorer.exe"]
 
     def test_no_windows(self):
@@ -176,7 +179,7 @@ class TestHostile:
         with pytest.raises(SymbolError, match="neither CPU state"):
             Windows.from_memory(BufferMemory(guest.buffer))
         win = Windows.from_memory(BufferMemory(guest.buffer), (guest.registers,))
-        assert "KDBG" not in _how(win)
+        assert "KDBG" not in how_found(win)
 
     def test_absurd_ssdt_limit(self, guest):
         """A KeServiceDescriptorTable Limit of 2**32-1 is an error, not a 16 GiB read."""

@@ -4,10 +4,10 @@
 ``target.live`` and raises :class:`UnsupportedOperation` on a memory image. Numbers are shared by
 breakpoints and watchpoints, as in gdb; every stop counts the hit of the breakpoint it was.
 
-Step over decodes the instruction at RIP with capstone: a ``call`` gets a temporary breakpoint
-right after it (RIP + instruction length) and a continue until that breakpoint is hit with the
-stack pointer of the call site (so another task passing there does not count); anything else
-is a single step.
+Step over decodes the instruction at the pc with capstone: a call (x86 ``call``, AArch64 ``bl``/``blr``)
+gets a temporary breakpoint right after it (pc + instruction length) and a continue until that
+breakpoint is hit with the stack pointer of the call site (so another task passing there does not
+count); anything else is a single step.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Control:
         return self.live
 
     async def step(self, count: int = 1) -> int:
-        """Execute ``count`` instructions on the selected vCPU; return the new RIP."""
+        """Execute ``count`` instructions on the selected vCPU; return the new pc."""
         live = self._need_live("step")
         if count < 1:
             raise DebugError(f"step count must be >= 1, not {count}")
@@ -62,18 +62,18 @@ class Control:
         for _ in range(count):
             event = await live.step(self.vcpu)
             self.guest_ran()
-            rip = event.rip if getattr(event, "rip", None) else (await self.registers()).rip
+            rip = event.rip if getattr(event, "rip", None) else (await self.registers()).pc
             self.last_stop = event
         return rip
 
     async def next(self) -> int:
-        """Step over: a call runs to its return address; anything else is one step. Returns RIP."""
+        """Step over: a call runs to its return address; anything else is one step. Returns the pc."""
         live = self._need_live("step over")
         insn = await self.current_instruction()
-        if insn.mnemonic != "call":
+        if not self.is_call(insn):
             return await self.step()
         after = insn.address + insn.size
-        frame = (await self.registers()).rsp  # back to this value once the call has returned
+        frame = (await self.registers()).sp  # back to this value once the call has returned
         vcpu = self.vcpu
         temporary = after not in {b.address for b in self.breakpoints.values()}
         if temporary:
@@ -85,13 +85,13 @@ class Control:
                     break  # a watchpoint fired inside the call: stop there, as gdb does
                 if event.address in {b.address for b in self.breakpoints.values()}:
                     break  # a user breakpoint inside the call
-                if event.address == after and event.vcpu == vcpu and (await self.registers()).rsp == frame:
+                if event.address == after and event.vcpu == vcpu and (await self.registers()).sp == frame:
                     break  # our return, not another task (or a recursion) passing the same address
                 self.vcpu = vcpu
         finally:
             if temporary:
                 await live.remove_breakpoint(after)
-        return (await self.registers()).rip
+        return (await self.registers()).pc
 
     async def cont(self) -> Event:
         """Resume until a breakpoint or watchpoint stops the guest; return that event.
@@ -155,10 +155,16 @@ class Control:
         return wp
 
     async def attach(self) -> None:
-        """Stop a live guest, as a debugger attaching does (an image or an observed guest needs nothing)."""
+        """Stop a live guest, as a debugger attaching does (an image or an observed guest needs nothing).
+
+        An AArch64 guest's registers are read at once: its kernel is found from TTBR1_EL1/TCR_EL1,
+        and symbols may be asked for before anything else.
+        """
         if self.live is not None and not self.observe:
             await self.live.pause()
             self.guest_ran()
+        if self.live is not None and self.aarch64:
+            await self.registers()
 
     async def detach(self) -> None:
         """Remove every breakpoint and watchpoint and let the guest run."""

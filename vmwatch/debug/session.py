@@ -8,9 +8,12 @@ state. Controlling execution (step, next, continue, breakpoints, watchpoints) ne
 :class:`vmwatch.debug.sync.Debugger` wraps it for notebooks and the shell. Control of execution
 lives in control.py (:class:`vmwatch.debug.control.Control`, a part of the session).
 
-Kernel backtraces: Debian kernels use the ORC unwinder and no frame pointers, so the stack is
-scanned from RSP to the top of the 16 KiB task stack for words that point into kernel text just
+x86-64 kernel backtraces: Debian kernels use the ORC unwinder and no frame pointers, so the stack
+is scanned from RSP to the top of the 16 KiB task stack for words that point into kernel text just
 after a ``call`` (a return address). Such a scan can show stale frames; it is marked as a scan.
+AArch64 guests (registers, disassembly, the frame-record backtrace with PAC bits stripped, the task
+in SP_EL0) get what :mod:`vmwatch.debug.aarch64` knows of them; ``$pc`` and ``$sp`` name the program
+counter and stack pointer on both.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 import attrs
 
 from vmwatch.cpu import GPR_NAMES, Registers
-from vmwatch.cpu_aarch64 import refuse_aarch64
+from vmwatch.cpu_aarch64 import Aarch64Registers
+from vmwatch.debug import aarch64 as a64
 from vmwatch.debug.control import BreakpointInfo, Control, WatchpointInfo
 from vmwatch.errors import DebugError, SymbolError, UnsupportedOperation, VmwatchError
 from vmwatch.events import Event
@@ -79,8 +83,8 @@ class DebugSession(Control):
     """
 
     def __init__(self, target: Any, *, linux: bool = True, observe: bool = False) -> None:
-        refuse_aarch64((target.live, *target.saved_cpus), "the debugger")
         self.target = target
+        self.aarch64 = any(getattr(source, "arch", None) == "aarch64" for source in (target.live, *target.saved_cpus))
         self.live = target.live
         self.observe = observe and self.live is not None
         self.vcpu = 0
@@ -92,9 +96,9 @@ class DebugSession(Control):
         self.watchpoints: dict[int, WatchpointInfo] = {}
         self._next_number = 1
         self.last_stop: Event | None = None
-        from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+        from capstone import CS_ARCH_ARM64, CS_ARCH_X86, CS_MODE_64, CS_MODE_ARM, Cs
 
-        self._cs = Cs(CS_ARCH_X86, CS_MODE_64)
+        self._cs = Cs(*((CS_ARCH_ARM64, CS_MODE_ARM) if self.aarch64 else (CS_ARCH_X86, CS_MODE_64)))
         self._cs.detail = True
 
     # -- state ---------------------------------------------------------------------------------
@@ -103,7 +107,7 @@ class DebugSession(Control):
     def read_only(self) -> bool:
         return self.live is None or self.observe
 
-    async def registers(self, refresh: bool = False) -> Registers:
+    async def registers(self, refresh: bool = False) -> Registers | Aarch64Registers:
         """The selected vCPU's registers (cached until the guest runs again)."""
         if self._regs is None or refresh:
             if self.live is None:
@@ -173,10 +177,20 @@ class DebugSession(Control):
             raise DebugError(f"bad length {size}")
         memory = await self.memory()
         cr3 = None
-        if vaddr < KERNEL_SPACE:
+        if not self.is_kernel(vaddr):
             regs = await self.registers()
-            cr3 = regs.cr3 & ~0xFFF & ((1 << 52) - 1) if regs.cr3 is not None else None
+            if self.aarch64:
+                cr3 = regs.ttbr0_el1  # the user half's root (GuestMemory takes TTBR0 values)
+                if cr3 is None:
+                    raise DebugError(f"{vaddr:#x} is a user address and this source has no TTBR0_EL1 "
+                                     "(a dump's notes hold none)")
+            else:
+                cr3 = regs.cr3 & ~0xFFF & ((1 << 52) - 1) if regs.cr3 is not None else None
         return memory.read(vaddr & 0xFFFFFFFFFFFFFFFF, size, cr3=cr3)
+
+    def is_kernel(self, address: int) -> bool:
+        """True for an address of the kernel half (x86: above the canonical hole; AArch64: TTBR1's)."""
+        return a64.is_kernel(address) if self.aarch64 else address >= KERNEL_SPACE
 
     async def read_phys(self, paddr: int, size: int) -> bytes:
         """Guest-physical memory (works without registers, e.g. on a raw image).
@@ -193,7 +207,7 @@ class DebugSession(Control):
     def symbolize(self, address: int) -> str | None:
         """``name+0xoff`` for a kernel address, or ``None``."""
         symbols = self.symbols
-        if symbols is None or address < KERNEL_SPACE:
+        if symbols is None or not self.is_kernel(address):
             return None
         found = symbols.lookup(address)
         if found is None:
@@ -206,7 +220,7 @@ class DebugSession(Control):
     async def evaluate(self, expression: str) -> int:
         """An address expression: numbers, ``$reg``, symbols, joined by + and -.
 
-        Examples: ``0xffffffff81000000``, ``commit_creds+0x10``, ``$rsp+8``, ``$rip``.
+        Examples: ``0xffffffff81000000``, ``commit_creds+0x10``, ``$rsp+8``, ``$rip``, ``$x0``, ``$pc``.
 
         Raises:
             DebugError: a term is neither a number, a register nor a known symbol.
@@ -227,9 +241,10 @@ class DebugSession(Control):
 
     async def _term(self, term: str, expression: str) -> int:
         if term.startswith("$"):
-            name = REGISTER_ALIASES.get(term[1:].lower(), term[1:].lower())
-            regs = await self.registers()
-            value = getattr(regs, name, None)
+            try:
+                value = register_value(await self.registers(), term[1:].lower())
+            except KeyError:
+                value = None
             if not isinstance(value, int):
                 raise DebugError(f"unknown register {term!r} in {expression!r}")
             return value
@@ -252,7 +267,7 @@ class DebugSession(Control):
 
     async def disassemble(self, address: int, count: int = 10) -> list[Instruction]:
         """Up to ``count`` instructions from ``address`` (stops early at undecodable bytes)."""
-        data = await self._read_code(address, count * 15)
+        data = await self._read_code(address, count * (4 if self.aarch64 else 15))
         out: list[Instruction] = []
         for insn in self._cs.disasm(data, address):
             out.append(self._instruction(insn))
@@ -275,7 +290,9 @@ class DebugSession(Control):
         from capstone.x86 import X86_OP_IMM
 
         target = None
-        if insn.group(CS_GRP_CALL) or insn.group(CS_GRP_JUMP):
+        if self.aarch64:
+            target = a64.branch_target(insn)
+        elif insn.group(CS_GRP_CALL) or insn.group(CS_GRP_JUMP):
             ops = insn.operands
             if len(ops) == 1 and ops[0].type == X86_OP_IMM:
                 target = ops[0].imm & 0xFFFFFFFFFFFFFFFF
@@ -283,22 +300,31 @@ class DebugSession(Control):
 
     async def current_instruction(self) -> Instruction:
         regs = await self.registers()
-        return (await self.disassemble(regs.rip, 1))[0]
+        return (await self.disassemble(regs.pc, 1))[0]
+
+    def is_call(self, insn: Instruction) -> bool:
+        """A call (x86 ``call``, AArch64 ``bl``/``blr`` and the authenticating forms): step over runs it."""
+        return insn.mnemonic in a64.CALLS if self.aarch64 else insn.mnemonic == "call"
 
     async def current_task(self) -> TaskInfo:
-        """The task on the selected vCPU, from the per-CPU ``current_task`` (``pcpu_hot`` on 6.2+).
+        """The task on the selected vCPU: x86, the per-CPU ``current_task`` (``pcpu_hot`` on 6.2+);
+        AArch64, SP_EL0, where Linux keeps ``current`` while the vCPU runs in EL1.
 
         Raises:
             SymbolError: no Linux layer, or it lacks the symbols.
+            DebugError: an AArch64 vCPU in EL0 (SP_EL0 is then the user stack pointer).
         """
         linux = self.linux
         memory = linux.memory
         symbols, types = linux.symbols, linux.types
-        current = symbols.get("current_task")
-        if current is None:
-            current = symbols["pcpu_hot"] + types.offset("pcpu_hot", "current_task")
-        base = memory.u64(symbols["__per_cpu_offset"] + 8 * self.vcpu)
-        task = memory.u64((base + current) & 0xFFFFFFFFFFFFFFFF)
+        if self.aarch64:
+            task = self._aarch64_current(linux, await self.registers())
+        else:
+            current = symbols.get("current_task")
+            if current is None:
+                current = symbols["pcpu_hot"] + types.offset("pcpu_hot", "current_task")
+            base = memory.u64(symbols["__per_cpu_offset"] + 8 * self.vcpu)
+            task = memory.u64((base + current) & 0xFFFFFFFFFFFFFFFF)
         return TaskInfo(
             pid=memory.s32(task + types.offset("task_struct", "pid")),
             tgid=memory.s32(task + types.offset("task_struct", "tgid")),
@@ -306,10 +332,29 @@ class DebugSession(Control):
             address=task,
         )
 
+    def _aarch64_current(self, linux: Any, regs: Aarch64Registers) -> int:
+        """SP_EL0 in EL1; without it (a dump's notes have no SP_EL0) the task whose kernel stack holds SP."""
+        if regs.el != 1:
+            raise DebugError(f"vCPU {self.vcpu} runs in EL{regs.el}: no kernel task state there (step into the kernel)")
+        if regs.sp_el0 is not None:
+            return regs.sp_el0
+        stack = linux.types.offset("task_struct", "stack")
+        for task in (linux.symbols["init_task"], *(t.address for t in linux.tasks())):
+            base = linux.memory.pointer(task + stack)
+            if base <= regs.sp < base + a64.THREAD_SIZE:
+                return task
+        raise DebugError(f"vCPU {self.vcpu}: no SP_EL0 and no task's kernel stack holds sp {regs.sp:#x}")
+
     async def backtrace(self, limit: int = 32) -> list[Frame]:
-        """Frame 0 is RIP; the rest are return addresses found scanning the kernel stack."""
+        """Frame 0 is the pc; the rest are return addresses found scanning the kernel stack (x86) or
+        walking the frame records (AArch64, PAC bits stripped)."""
         regs = await self.registers()
-        frames = [Frame(0, regs.rip, self.symbolize(regs.rip), None)]
+        frames = [Frame(0, regs.pc, self.symbolize(regs.pc), None)]
+        if self.aarch64:
+            for address, where in await a64.frame_records(regs, self._u64, self._in_text, self._same_function,
+                                                          limit - 1):
+                frames.append(Frame(len(frames), address, self.symbolize(address), where))
+            return frames
         rsp = regs.rsp
         if rsp is None or rsp < KERNEL_SPACE or regs.rip < KERNEL_SPACE:
             return frames  # a user-mode vCPU: no kernel stack to scan
@@ -327,13 +372,26 @@ class DebugSession(Control):
                 break
         return frames
 
-    async def _after_call(self, address: int) -> bool:
-        """True if ``address`` is in kernel text and a call instruction ends right before it."""
+    async def _u64(self, address: int) -> int | None:
+        try:
+            return int.from_bytes(await self.read(address, 8), "little")
+        except VmwatchError:
+            return None
+
+    def _in_text(self, address: int) -> bool:
         symbols = self.symbols
         if symbols is None:
             return False
         start, end = symbols.get("_stext"), symbols.get("_etext")
-        if start is None or end is None or not start < address < end:
+        return start is not None and end is not None and start < address < end
+
+    def _same_function(self, a: int, b: int) -> bool:
+        found = self.symbols.lookup(a), self.symbols.lookup(b)
+        return None not in found and found[0][0] == found[1][0]
+
+    async def _after_call(self, address: int) -> bool:
+        """True if ``address`` is in kernel text and a call instruction ends right before it."""
+        if not self._in_text(address):
             return False
         try:
             code = await self.read(address - MAX_CALL_LEN, MAX_CALL_LEN)
@@ -346,8 +404,26 @@ class DebugSession(Control):
         return False
 
 
-def register_lines(regs: Registers) -> list[str]:
-    """``info registers`` text: GPRs, RIP, RFLAGS, control registers, segment bases."""
+def register_value(regs: Registers | Aarch64Registers, name: str) -> int | None:
+    """A register by name (gdb's aliases too: ``pc``, ``sp``, ``fp``, ``lr``); None if the source lacks it.
+
+    Raises:
+        KeyError: the architecture has no register of that name.
+    """
+    if regs.arch == "aarch64":
+        return a64.register_value(regs, name)
+    name = REGISTER_ALIASES.get(name, name)
+    value = getattr(regs, name, KeyError)
+    if value is KeyError or not (value is None or isinstance(value, int)):
+        raise KeyError(name)
+    return value
+
+
+def register_lines(regs: Registers | Aarch64Registers) -> list[str]:
+    """``info registers`` text: GPRs, RIP, RFLAGS, control registers, segment bases (AArch64: x0..x30,
+    sp, pc, pstate, system registers)."""
+    if regs.arch == "aarch64":
+        return a64.register_lines(regs)
     lines = []
     names = list(GPR_NAMES) + ["rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer", "fs_base", "gs_base",
                                 "kernel_gs_base"]

@@ -156,19 +156,21 @@ class DebugShell(cmd.Cmd):
 
     def do_regs(self, arg: str) -> None:
         """regs [NAME...]: the selected vCPU's registers, or the ones named (also: info registers)."""
-        from vmwatch.debug.session import REGISTER_ALIASES, register_lines
+        from vmwatch.debug.aarch64 import ALIASES
+        from vmwatch.debug.session import REGISTER_ALIASES, register_lines, register_value
 
         regs = self.dbg.registers()
-        wanted = {REGISTER_ALIASES.get(name.lstrip("$"), name.lstrip("$")) for name in arg.split()}
+        aliases = ALIASES if regs.arch == "aarch64" else REGISTER_ALIASES
+        wanted = {aliases.get(name.lstrip("$"), name.lstrip("$")) for name in arg.split()}
         lines = [line for line in register_lines(regs) if not wanted or line.split()[0] in wanted]
         missing = wanted - {line.split()[0] for line in lines}
-        unknown = sorted(name for name in missing if not hasattr(regs, name))
+        unknown = sorted(name for name in missing if not _has_register(regs, name))
         if unknown:
             raise DebugError(f"no register named {' or '.join(unknown)}")
         lines += [f"{name:<15}<unavailable>" for name in sorted(missing)]  # the source does not know it
         for line in lines:
             name = line.split()[0]
-            sym = self.dbg.symbolize(getattr(regs, name)) if name in ("rip",) else None
+            sym = self.dbg.symbolize(register_value(regs, name)) if name in ("rip", "pc", "x30") else None
             self.out(f"{line}  <{sym}>" if sym else line)
 
     def do_info(self, arg: str) -> None:
@@ -256,15 +258,15 @@ class DebugShell(cmd.Cmd):
             self.out(f"{address + off:#018x}  {text}")
 
     def do_dis(self, arg: str) -> None:
-        """dis [ADDR] [N]: disassemble N instructions (default: 10 at $rip), with symbols."""
+        """dis [ADDR] [N]: disassemble N instructions (default: 10 at $pc), with symbols."""
         parts = arg.split()
-        address = self.dbg.evaluate(parts[0]) if parts else self.dbg.evaluate("$rip")
+        address = self.dbg.evaluate(parts[0]) if parts else self.dbg.evaluate("$pc")
         self._show_code(address, self._parse_int(parts[1] if len(parts) > 1 else "", 10))
 
     do_disassemble = do_disas = do_dis
 
     def _show_code(self, address: int, count: int) -> None:
-        rip = None if self.dbg.read_only and not self.dbg.session.target.saved_cpus else self.dbg.registers().rip
+        rip = None if self.dbg.read_only and not self.dbg.session.target.saved_cpus else self.dbg.registers().pc
         for insn in self.dbg.disassemble(address, count):
             where = self.dbg.symbolize(insn.address)
             marker = "=>" if insn.address == rip else "  "
@@ -277,7 +279,7 @@ class DebugShell(cmd.Cmd):
                      f"{target}")
 
     def do_bt(self, arg: str) -> None:
-        """bt: kernel stack backtrace (frame 0 is RIP; others from a stack scan)."""
+        """bt: kernel stack backtrace (frame 0 is the pc; then a stack scan on x86, frame records on AArch64)."""
         for frame in self.dbg.backtrace(self._parse_int(arg.strip(), 32)):
             where = f" <{frame.symbol}>" if frame.symbol else ""
             at = f"  (stack {frame.stack_address:#x})" if frame.stack_address is not None else ""
@@ -300,7 +302,7 @@ class DebugShell(cmd.Cmd):
 
     def _where(self) -> None:
         regs = self.dbg.registers()
-        self._show_code(regs.rip, 1)
+        self._show_code(regs.pc, 1)
 
     def do_step(self, arg: str) -> None:
         """step [N] (s, si): execute N instructions."""
@@ -374,3 +376,13 @@ class DebugShell(cmd.Cmd):
     def do_EOF(self, arg: str) -> bool:  # noqa: N802 - cmd's name for end of input
         self.out()
         return True
+
+
+def _has_register(regs, name: str) -> bool:
+    from vmwatch.debug.session import register_value
+
+    try:
+        register_value(regs, name)
+    except KeyError:
+        return False
+    return True

@@ -154,7 +154,7 @@ class Debugger:
         read = session.read_phys if physical else session.read  # type: ignore[union-attr]
         return await read(address, size)
 
-    def disassemble(self, address: int | str = "$rip", count: int = 10) -> list[Instruction]:
+    def disassemble(self, address: int | str = "$pc", count: int = 10) -> list[Instruction]:
         return self._call(self._disassemble, address, count)
 
     async def _disassemble(self, address: int | str, count: int) -> list[Instruction]:

@@ -23,6 +23,9 @@ from vmwatch.ruletypes import ListenerKind
 
 log = structlog.get_logger()
 
+X86_ONLY_LISTENERS = ("register:", "interrupt:", "exception:")
+"""Sensors that read x86 state (CR/MSR writers, IDT entry points): never planned on an aarch64 guest."""
+
 
 class Arming:
     """The engine's start-up and trap table (state lives on the engine: ``_armed``, ``dispatcher``)."""
@@ -30,7 +33,15 @@ class Arming:
     async def _setup(self) -> None:
         d = self.dispatcher
         wanted: dict[str, list[Handler]] = collections.defaultdict(list)
+        arch = getattr(self.source, "arch", "x86")
+        if arch == "aarch64" and self.has_registers and not self.guest.cpus:
+            # an arm64 kernel is found from TTBR1_EL1/TCR_EL1 (no blind scan): sensors need it now
+            self.guest.cpus = tuple(await self.source.all_registers())
         for r in self.ruleset.active():
+            if r.arches and arch not in r.arches:
+                self.inactive(f"rule {r.name}", f"{' and '.join(r.arches)} only, the guest is {arch}"
+                                                + (f" ({r.doc.rstrip('.')})" if r.doc else ""))
+                continue
             run = self.runs[r.name] = RuleRun(r.name, r.func, config=self.ruleset.config_of(r))
             for lst in r.listeners:
                 h = Handler(run, lst, None if lst.narrow.empty else lst.narrow)
@@ -97,7 +108,11 @@ class Arming:
         address = self.resolve(target)
         if size:
             return address, size
-        next_address = getattr(self.guest.kernel.symbols, "next_address", None)  # Windows: exports only
+        symbols = self.guest.kernel.symbols
+        known = getattr(symbols, "sizes", {}).get(target) if isinstance(target, str) else None
+        if known:  # an object the OS layer sized itself (arm64's sys_call_table)
+            return address, known
+        next_address = getattr(symbols, "next_address", None)  # Windows: exports only
         following = next_address(address) if next_address is not None else None
         if following is None or not 0 < following - address <= 1 << 20:
             raise ValueError(f"cannot size {target!r} from the symbol table: give a size")
@@ -146,7 +161,11 @@ class Arming:
 
     async def _arm(self, trap: Trap) -> None:
         if trap.kind == "breakpoint":
-            await self.source.add_breakpoint(trap.address, entry=trap.entry)
+            if trap.guard is not None:
+                if not await self.source.add_breakpoint(trap.address, entry=True, guard=trap.guard):
+                    log.warning("guarded hook not placed again", trap=trap.name)
+            else:
+                await self.source.add_breakpoint(trap.address, entry=trap.entry)
         else:
             await self.source.add_watchpoint(trap.address, trap.size, trap.access)
         self._armed.add(trap)
@@ -161,6 +180,10 @@ class Arming:
     async def _plan_sensors(self, wanted: dict[str, list[Handler]]) -> None:
         from vmwatch.engine import exceptions, interrupts, linux_sensors, mmio, registers
 
+        if getattr(self.source, "arch", "x86") == "aarch64":
+            for key in [k for k in wanted if k.startswith(X86_ONLY_LISTENERS)]:
+                self.inactive(key, "x86 only (control registers, MSRs, IDT vectors): not on an aarch64 guest")
+                del wanted[key]
         for planner in (registers.plan, interrupts.plan, exceptions.plan, mmio.plan, linux_sensors.plan):
             await planner(self, wanted)
 

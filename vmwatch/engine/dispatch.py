@@ -14,6 +14,7 @@ from typing import Any, Callable
 import attrs
 
 from vmwatch.events import Access, Breakpoint, Event, Fault, Interrupt, MemoryAccess, MmioAccess, RegisterWrite
+from vmwatch.live.hook_guards import Guard
 from vmwatch.ruletypes import Listener, Narrow
 
 # event class -> name of the field that selects its listeners
@@ -60,6 +61,8 @@ class Trap:
     entry: bool = False
     """The address is a kernel function's first instruction: a live source may hook it inline
     (much cheaper per hit under TCG, see vmwatch/live/inline_hooks.py)."""
+    guard: Guard | None = None
+    """A guarded inline hook's filter (vmwatch/live/hook_guards.py): the guest stops only when it holds."""
 
     @property
     def name(self) -> str:

@@ -9,19 +9,24 @@ error code, or at RIP when there is none. That holds on the KPTI entry stack, on
 (#DB, NMI, #DF, #MC) and on the task stack alike. CS & 3 is the mode the exception came from;
 CR2 holds a page fault's address until the next page fault, and the handler has not run yet.
 
-The handler entries are gdbstub breakpoints, never inline hooks: they are assembly stubs without
-the ftrace NOP a hook needs, and with KPTI they run on the entry stack before the kernel's page
-tables are in CR3, where a trampoline in ordinary kernel text is not mapped.
+Page faults on x86-64 Linux under TCG are taken further on instead, by guarded inline hooks on
+the kernel's C fault path that filter in the guest (vmwatch/engine/page_fault_hooks.py); the
+breakpoint below is their fallback. The handler entries are gdbstub breakpoints, never inline
+hooks: they are assembly stubs without the ftrace NOP a hook needs, and with KPTI they run on
+the entry stack before the kernel's page tables are in CR3, where a trampoline in ordinary
+kernel text is not mapped.
 
-Page faults are the guest's hottest event. A stop cannot be avoided (gdbstub has no conditional
-breakpoints), so the mode filter runs first at the stop: one read of the frame (at most 48
-bytes, through the page cache), and a fault of a mode nobody listens to ends there. What such a
-stop costs a TCG guest is the breakpoint's flush of translated code, ~12-20 ms: page faults come
-at ~80/s at best (benchmarks/bench_sensors.py), and the default budget unhooks the trap. A
-read watchpoint on the vector's IDT gate (the CPU reads it to deliver; watchpoint stops flush
-nothing) was tried: QEMU 7.2 TCG aborts at the first delivery (``qemu_mutex_lock_iothread_impl:
-assertion failed``), a watchpoint hit inside interrupt delivery being a path it does not expect. The trap is governed like any other (a hot one is
-unhooked for a cooldown, or sampled on a replay), and every demotion is reported.
+Page faults are the guest's hottest event. Where this breakpoint serves them (the guarded hooks
+could not be placed: KVM, no ftrace NOP, another kernel) a stop cannot be avoided (gdbstub has
+no conditional breakpoints), so the mode filter runs first at the stop: one read of the frame
+(at most 48 bytes, through the page cache), and a fault of a mode nobody listens to ends there.
+What such a stop costs a TCG guest is the breakpoint's flush of translated code, ~12-20 ms:
+page faults come at ~90/s at best and the guest runs ~126x slower (benchmarks/bench_sensors.py),
+and the default budget unhooks the trap. A read watchpoint on the vector's IDT gate (the CPU
+reads it to deliver; watchpoint stops flush nothing) was tried: QEMU 7.2 TCG aborts at the
+first delivery (``qemu_mutex_lock_iothread_impl: assertion failed``), a watchpoint hit inside
+interrupt delivery being a path it does not expect. The trap is governed like any other (a hot
+one is unhooked for a cooldown, or sampled on a replay), and every demotion is reported.
 """
 
 from __future__ import annotations
@@ -140,7 +145,13 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
     from vmwatch.engine import sources as caps
     from vmwatch.engine.dispatch import Handler, Trap
 
+    from vmwatch.engine import page_fault_hooks
+
     modes = wanted_modes(wanted)
+    if PAGE_FAULT in modes:
+        handlers = [h for key, hs in wanted.items() if key.startswith(f"exception:{PAGE_FAULT}:") for h in hs]
+        if await page_fault_hooks.plan(engine, modes[PAGE_FAULT], handlers):
+            del modes[PAGE_FAULT]  # served in the guest's C fault path, filtered before any stop
     if not modes:
         return
     what = f"exception sensor (vectors {sorted(modes)})"

@@ -19,6 +19,7 @@ from vmwatch.ruletypes import Severity
 
 # PTI keeps user and kernel page tables in one 8 KiB pair: bit 12 picks the user half.
 _CR3_ROOT_MASK = ~0xFFF & ~(1 << 12) & ((1 << 52) - 1)
+_TTBR_BASE_MASK = ((1 << 48) - 1) & ~1
 
 
 @attrs.frozen
@@ -33,6 +34,16 @@ class Current:
 def cr3_root(cr3: int | None) -> int | None:
     """Page-table root of a CR3 value, PCID and PTI user/kernel bit stripped."""
     return None if cr3 is None else cr3 & _CR3_ROOT_MASK
+
+
+def user_root(regs: Any) -> int | None:
+    """The user page-table root of a vCPU's registers: CR3's (x86), TTBR0_EL1's base (AArch64, ASID
+    and CnP stripped), as ``Task.cr3`` holds it."""
+    if regs is None:
+        return None
+    if regs.arch == "aarch64":
+        return None if regs.ttbr0_el1 is None else regs.ttbr0_el1 & _TTBR_BASE_MASK
+    return cr3_root(regs.cr3)
 
 
 class Guest:
@@ -177,12 +188,11 @@ class Guest:
             event = self.event
             pid = getattr(event, "pid", None)
             if pid is not None:
-                self._current = Current(pid, getattr(event, "comm", None) or None,
-                                        cr3_root(self.registers.cr3) if self.registers else None)
+                self._current = Current(pid, getattr(event, "comm", None) or None, user_root(self.registers))
             elif self._current_resolver is not None and not self._runs_windows():
                 self._current = self._current_resolver(self)
             else:
-                cr3 = cr3_root(self.registers.cr3) if self.registers is not None else None
+                cr3 = user_root(self.registers)
                 self._current = Current(None, None, cr3) if cr3 is not None else None
         return self._current
 

@@ -1,8 +1,8 @@
 """Linux sensors: process start, exec, exit and module load, from breakpoints on kernel functions.
 
 Theory of operation: each OS-level event has a kernel function every such event goes through,
-found by name in kallsyms, whose first argument (RDI, x86-64 System V calling convention) is the
-object to report. Fields are read with offsets from the kernel's own BTF, never hand-written:
+found by name in kallsyms, whose first argument (RDI, x86-64 System V calling convention; x0 on
+AArch64) is the object to report. Fields are read with offsets from the kernel's own BTF, never hand-written:
 
 * ``wake_up_new_task(struct task_struct *p)``: a new task is about to run -> ``ProcessStart``
   (thread-group leaders only; threads are not processes).
@@ -13,7 +13,8 @@ object to report. Fields are read with offsets from the kernel's own BTF, never 
   ``ModuleLoad`` with its name and core layout.
 
 The current task is ``current_task`` (per-CPU; inside ``pcpu_hot`` from 6.2) at
-``__per_cpu_offset[vcpu]``, which does not depend on whether GS was swapped.
+``__per_cpu_offset[vcpu]``, which does not depend on whether GS was swapped. On AArch64 it is
+SP_EL0, where Linux keeps ``current`` while a vCPU runs in EL1 (every sensor's function does).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from vmwatch.engine.guest import Current, Guest, cr3_root
+from vmwatch.engine.guest import Current, Guest, user_root
 from vmwatch.errors import VmwatchError
 from vmwatch.events import Breakpoint, Exec, ModuleLoad, ProcessExit, ProcessStart
 
@@ -45,6 +46,9 @@ class TaskReader:
         self.tgid = types.offset("task_struct", "tgid")
         self.comm = types.offset("task_struct", "comm")
         self.real_parent = types.offset("task_struct", "real_parent")
+        self.aarch64 = getattr(linux, "arch", "x86") == "aarch64"
+        if self.aarch64:
+            return  # `current` is SP_EL0 (no per-CPU variable needed)
         symbols = linux.symbols
         self.per_cpu_offset = symbols["__per_cpu_offset"]
         current = symbols.get("current_task")
@@ -52,7 +56,12 @@ class TaskReader:
             current = symbols["pcpu_hot"] + types.offset("pcpu_hot", "current_task")
         self.current_task = current
 
-    def current(self, vcpu: int) -> int:
+    def current(self, vcpu: int, regs: Any = None) -> int:
+        """The task on ``vcpu``: x86, its per-CPU ``current_task``; AArch64, SP_EL0 of ``regs`` (EL1)."""
+        if self.aarch64:
+            if regs is None or regs.sp_el0 is None or regs.el != 1:
+                raise VmwatchError(f"vCPU {vcpu} is not in EL1 with SP_EL0 known: its task is unknown")
+            return regs.sp_el0
         if not 0 <= vcpu < _MAX_CPUS:
             raise VmwatchError(f"vCPU index {vcpu} out of range")
         base = self.memory.u64(self.per_cpu_offset + 8 * vcpu)
@@ -75,23 +84,31 @@ def _reader(guest: Guest) -> TaskReader:
     return reader
 
 
+def _current(guest: Guest, vcpu: int) -> int:
+    return _reader(guest).current(vcpu, guest.registers)
+
+
 def current_task(guest: Guest) -> Current | None:
     """The task on the event's vCPU (``guest.current`` for Linux guests)."""
     event = guest.event
     regs = guest.registers
     reader = _reader(guest)
-    task = reader.current(event.vcpu if event is not None else 0)
+    task = reader.current(event.vcpu if event is not None else 0, regs)
     if not task:
         return None
     _pid, tgid, comm = reader.ids(task)
-    return Current(tgid, comm, cr3_root(regs.cr3) if regs is not None else None)
+    return Current(tgid, comm, user_root(regs))
 
 
 def _arg0(guest: Guest) -> int:
+    """The first argument of the function a breakpoint stopped at: RDI (x86-64 System V), x0 (AAPCS64)."""
     regs = guest.registers
-    if regs is None or regs.rdi is None:
+    value = None
+    if regs is not None:
+        value = (regs.x[0] if regs.x is not None else None) if regs.arch == "aarch64" else regs.rdi
+    if value is None:
         raise VmwatchError("the source gives no registers: cannot read function arguments")
-    return regs.rdi
+    return value
 
 
 def on_new_task(event: Breakpoint, guest: Guest) -> None:
@@ -112,14 +129,14 @@ class ExecSensor:
         reader = _reader(guest)
         mem = guest.linux.memory
         filename = mem.cstring(mem.pointer(_arg0(guest) + self.filename), 4096)
-        _pid, tgid, _comm = reader.ids(reader.current(event.vcpu))
+        _pid, tgid, _comm = reader.ids(_current(guest, event.vcpu))
         guest.emit(Exec(seq=event.seq, time_ns=event.time_ns, vcpu=event.vcpu, pid=tgid, filename=filename,
                         comm=posixpath.basename(filename)[:15]))
 
 
 def on_exit(event: Breakpoint, guest: Guest) -> None:
     reader = _reader(guest)
-    pid, tgid, comm = reader.ids(reader.current(event.vcpu))
+    pid, tgid, comm = reader.ids(_current(guest, event.vcpu))
     if pid != tgid:
         return
     code = _arg0(guest) & 0xFFFFFFFF

@@ -313,6 +313,12 @@ class Engine(Arming, Ticking, Stopping):
 
     def _narrow_ok(self, h: Handler) -> bool:
         n = h.narrow
+        if n.address is not None:  # type: ignore[union-attr]
+            cr2 = getattr(self.guest.event, "cr2", None)
+            if cr2 is None or not n.address[0] <= cr2 < n.address[1]:  # type: ignore[union-attr]
+                return False
+            if n.pid is None and n.comm is None and n.cr3 is None:  # type: ignore[union-attr]
+                return True
         try:
             cur = self.guest.current
         except Exception as exc:

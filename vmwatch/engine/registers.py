@@ -317,7 +317,12 @@ async def plan(engine: SensorHost, wanted: dict[str, list]) -> None:
         if not registers:
             return
     want_msr = any(r.startswith("msr:") for r in registers)
+    restore = getattr(engine.source, "restore_left_hooks", None)
     try:
+        for writer in sorted({RUNTIME_WRITERS[r] for r in registers if r in RUNTIME_WRITERS} if restore else ()):
+            address = engine.guest.linux.symbols.get(writer)  # a dead watch's hook hides the mov
+            if address is not None:
+                await restore(int(address), _HOOKABLE_SPAN)
         text_start, text = kernel_text(engine.guest)
         symbols = engine.guest.linux.symbols
 

@@ -16,6 +16,8 @@ support breakpoints (DESIGN.md "Capabilities")::
                                     # recorder makes the tick a context of its own)
     replays_ticks: bool             # optional: the stream carries the engine ticks of a recording
                                     # (Tick with ``periodic``): no timer, those rules run at them
+    arch: str                       # optional: ``x86`` (the default) or ``aarch64``; rules and
+                                    # sensors of the other architecture are set aside
     events() -> AsyncIterator[Event]
     event_batches() -> AsyncIterator[list[Event]]    # optional, faster for synthetic/replay streams
 
@@ -23,6 +25,7 @@ support breakpoints (DESIGN.md "Capabilities")::
     "breakpoints": async add_breakpoint(vaddr, *, entry=False); async remove_breakpoint(vaddr)
                    (``entry``: vaddr is a kernel function's first instruction, the source may
                    hook it inline, see vmwatch/live/inline_hooks.py)
+                   optional: async add_guarded_hook(vaddr, guard) -> bool (live/hook_guards.py)
     "watchpoints": async add_watchpoint(vaddr, size, access); async remove_watchpoint(vaddr, size, access)
     "pause":       async pause(); async resume()  -- every event the stream yields holds the guest
                    paused until the pump asks for the next one; pause() holds it (ticks, tampers)
@@ -46,6 +49,7 @@ import trio
 from vmwatch.cpu import Registers, msr_name
 from vmwatch.errors import ProtocolError
 from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SourceEnded, Tick
+from vmwatch.live.hook_guards import Guard
 
 log = structlog.get_logger()
 
@@ -191,6 +195,7 @@ class ImageSource:
         self.name = name or str(getattr(image, "path", "image"))
         self.memory = image
         self._cpus = cpus
+        self.arch = "aarch64" if any(getattr(c, "arch", None) == "aarch64" for c in cpus) else "x86"
         self.capabilities = frozenset({REGISTERS} if cpus else ())
 
     async def registers(self, vcpu: int) -> Registers:
@@ -227,6 +232,8 @@ class LiveSource:
     def __init__(self, vm: object, *, name: str) -> None:
         self.vm = vm
         self.name = name
+        self.arch = "aarch64" if getattr(vm, "arch", None) == "aarch64" else "x86"
+        """``x86`` or ``aarch64``: rules and sensors of one architecture are set aside on the other."""
         self.memory = vm.memory  # type: ignore[attr-defined]
         self.vcpu_count = getattr(vm, "vcpu_count", None)
         self.on_resume = vm.on_resume  # type: ignore[attr-defined]
@@ -325,8 +332,25 @@ class LiveSource:
         self._msrs = tuple(numbers)
         self._msrs_period = period
 
-    async def add_breakpoint(self, vaddr: int, *, entry: bool = False) -> None:
-        await self.vm.add_breakpoint(vaddr, inline=entry)  # type: ignore[attr-defined]
+    async def add_breakpoint(self, vaddr: int, *, entry: bool = False, guard: Guard | None = None) -> bool:
+        """True when the breakpoint is an inline hook; with ``guard``, False when nothing was armed.
+        Inline hooks patch x86 code: an aarch64 entry gets a gdbstub breakpoint, a guard nothing."""
+        if self.arch != "x86":
+            if guard is not None:
+                return False
+            entry = False
+        return await self.vm.add_breakpoint(vaddr, inline=entry, guard=guard)  # type: ignore[attr-defined]
+
+    async def add_guarded_hook(self, vaddr: int, guard: Guard) -> bool:
+        """A guarded inline hook at kernel function ``vaddr`` (vmwatch/live/hook_guards.py): the
+        guest stops there only when ``guard`` holds. False, nothing armed, when none fits."""
+        return await self.add_breakpoint(vaddr, entry=True, guard=guard)
+
+    async def restore_left_hooks(self, start: int, size: int) -> int:
+        """``mov crN`` hooks a watch that died left in ``size`` bytes at ``start``, put back (x86)."""
+        if self.arch != "x86":
+            return 0
+        return await self.vm.restore_left_hooks(start, size)  # type: ignore[attr-defined]
 
     async def remove_breakpoint(self, vaddr: int) -> None:
         await self.vm.remove_breakpoint(vaddr)  # type: ignore[attr-defined]

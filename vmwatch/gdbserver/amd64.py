@@ -4,14 +4,14 @@ gdb's amd64 support needs the feature ``org.gnu.gdb.i386.core`` with the general
 ``rip``, ``eflags``, the six segment selectors and the x87 registers (gdb manual, "i386
 Features"); ``org.gnu.gdb.i386.segments`` adds ``fs_base``/``gs_base``. The control registers
 and KERNEL_GS_BASE, which a kernel debugger wants and gdb has no feature for, go in a feature of
-vmwatch's own: gdb lists them (``info registers cr3``) like any other. A register vmwatch does
-not know (the x87 state of a dump, a field the source lacks) is sent as ``xx`` bytes, which gdb
-shows as ``<unavailable>``: never a made-up zero.
+vmwatch's own: gdb lists them (``info registers cr3``) like any other. Registers a dump lacks
+(the x87 state) are ``<unavailable>`` (:mod:`vmwatch.gdbserver.regfile`).
 """
 
 from __future__ import annotations
 
 from vmwatch.cpu import GPR_NAMES, SEGMENT_NAMES, Registers
+from vmwatch.gdbserver.regfile import RegisterFile
 
 _CORE = ([(name, 64, "data_ptr" if name in ("rbp", "rsp") else "int64") for name in GPR_NAMES]
          + [("rip", 64, "code_ptr"), ("eflags", 32, "int32")]
@@ -23,22 +23,8 @@ _SYSTEM = [("k_gs_base", 64, "int"), ("cr0", 64, "int"), ("cr2", 64, "int"), ("c
            ("cr4", 64, "int"), ("cr8", 64, "int"), ("efer", 64, "int")]
 FEATURES = (("org.gnu.gdb.i386.core", _CORE), ("org.gnu.gdb.i386.segments", _SEGMENTS),
             ("org.vmwatch.x86.system", _SYSTEM))
-LAYOUT = [reg for _, regs in FEATURES for reg in regs]
-"""(name, bits, gdb type) in register-number order."""
 
 _FIELD = {"eflags": "rflags", "k_gs_base": "kernel_gs_base"}
-
-
-def target_xml() -> bytes:
-    """The target description gdb reads with ``qXfer:features:read:target.xml``."""
-    parts = ['<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd"><target version="1.0">'
-             "<architecture>i386:x86-64</architecture>"]
-    for feature, regs in FEATURES:
-        parts.append(f'<feature name="{feature}">')
-        parts += [f'<reg name="{name}" bitsize="{bits}" type="{kind}"/>' for name, bits, kind in regs]
-        parts.append("</feature>")
-    parts.append("</target>")
-    return "".join(parts).encode()
 
 
 def value_of(regs: Registers, name: str) -> int | None:
@@ -49,16 +35,9 @@ def value_of(regs: Registers, name: str) -> int | None:
     return value
 
 
-def encode_register(regs: Registers, regnum: int) -> bytes:
-    """One register as ``p`` answers it: little-endian hex, ``xx`` per unknown byte."""
-    name, bits, _ = LAYOUT[regnum]
-    value = value_of(regs, name)
-    size = bits // 8
-    if value is None:
-        return b"xx" * size
-    return (value & ((1 << bits) - 1)).to_bytes(size, "little").hex().encode()
-
-
-def encode_registers(regs: Registers) -> bytes:
-    """The ``g`` reply: every register of :data:`LAYOUT` in order."""
-    return b"".join(encode_register(regs, i) for i in range(len(LAYOUT)))
+FILE = RegisterFile("i386:x86-64", FEATURES, value_of)
+LAYOUT = FILE.layout
+"""(name, bits, gdb type) in register-number order."""
+target_xml = FILE.target_xml
+encode_register = FILE.encode_register
+encode_registers = FILE.encode_registers

@@ -3,7 +3,7 @@
 What gdb sees: one thread per vCPU (thread id = vCPU index + 1), the registers each vCPU has
 (a dump's saved state, a live vCPU's current one), virtual memory through vmwatch's cached
 translation layer (kernel addresses through the kernel's page tables, user addresses through the
-thread's CR3), and on a live guest continue, step, breakpoints and watchpoints, forwarded to
+thread's CR3 or TTBR0), and on a live guest continue, step, breakpoints and watchpoints, forwarded to
 QEMU's gdbstub by vmwatch, which stays its one owner. A dump is read-only: resuming it stops at
 once where it was, with a console line saying why; writes are refused (``E01``). A guest that a
 ``vmwatch watch --gdb`` runs is looked at, never stopped: registers are read in a brief stop the
@@ -25,7 +25,7 @@ from vmwatch.debug.session import DebugSession
 from vmwatch.errors import UnsupportedOperation, VmwatchError
 from vmwatch.events import Access, Breakpoint, MemoryAccess
 from vmwatch.gdbserver import _proto as p
-from vmwatch.gdbserver import amd64
+from vmwatch.gdbserver import aarch64, amd64
 
 log = structlog.get_logger()
 
@@ -50,7 +50,8 @@ class GdbServer:
         self.vcpus = max(vcpus, 1)
         self.stop_signal = _SIGTRAP
         self.detached = False
-        self._xml = amd64.target_xml()
+        self.registers = aarch64.FILE if session.aarch64 else amd64.FILE
+        self._xml = self.registers.target_xml()
 
     # -- answers that need no running target ---------------------------------------------------
 
@@ -91,12 +92,12 @@ class GdbServer:
         return (b"l" if offset + length >= len(self._xml) else b"m") + chunk
 
     async def _registers(self, _request: p.ReadRegisters) -> bytes:
-        return amd64.encode_registers(await self.session.registers())
+        return self.registers.encode_registers(await self.session.registers())
 
     async def _register(self, request: p.ReadRegister) -> bytes:
-        if not 0 <= request.regnum < len(amd64.LAYOUT):
+        if not 0 <= request.regnum < len(self.registers.layout):
             return b"E00"
-        return amd64.encode_register(await self.session.registers(), request.regnum)
+        return self.registers.encode_register(await self.session.registers(), request.regnum)
 
     async def _memory(self, request: p.ReadMemory) -> bytes:
         length = min(request.length, MAX_READ)

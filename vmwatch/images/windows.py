@@ -7,7 +7,12 @@ the header, run after run. DumpType 5 (bitmap): an ``SDMP``/``FDMP`` header foll
 ``i`` in its bitmap means physical page ``i`` is stored, in order, from its first-page offset;
 DumpType 6 (kernel memory, Windows 8+) has the same bitmap header, with kernel pages only.
 DumpType 4 (triage) holds no physical memory: its saved pieces are read by windows_triage.py.
-The legacy DumpType 2 (summary) has an older bitmap header and is rejected, as Volatility 3 does.
+A 32-bit dump (``PAGEDUMP``) has the same kinds: a one-page header (PaeEnabled at 0x5C says
+which paging its DirectoryTableBase is for), then the runs or the same bitmap header at 0x1000.
+Refused, each with what to take instead (REFUSED): the legacy DumpType 2 (summary: the "kernel
+memory dump" of Windows XP to 7, whose older _SUMMARY_DUMP bitmap header no public reader
+parses: Volatility 3 and Ghidra refuse it too, and no sample exists to check a reader on) and
+DumpType 3 (header only: no memory at all).
 """
 
 from __future__ import annotations
@@ -26,10 +31,18 @@ PAGE = 4096
 FULL = 1
 TRIAGE = 4
 BITMAPS = (5, 6)
-_DUMP_TYPES = {1: "full", 2: "kernel", 4: "triage", 5: "bitmap", 6: "bitmap (kernel)"}
+_DUMP_TYPES = {1: "full", 2: "summary (legacy kernel)", 3: "header only", 4: "triage", 5: "bitmap",
+               6: "bitmap (kernel)"}
+_TAKE_INSTEAD = ("take a complete memory dump (Startup and Recovery: 'Complete memory dump'; on Windows 8+ "
+                 "also 'Kernel memory dump', written as a bitmap dump), a small memory dump, or a raw image of RAM")
+REFUSED = {
+    2: "a legacy summary (kernel memory) dump of Windows XP to 7: its page bitmap header is not read "
+       "(no public layout to check it against; Volatility 3 refuses it too)",
+    3: "a header-only dump: it holds no memory",
+}
 MAX_RUNS = 4096
 MAX_BITMAP_RUNS = 1 << 21
-_FILLER = (0x45474150, 0x4547415045474150)
+_FILLER = {32: 0x45474150, 64: 0x4547415045474150}
 """``PAGE`` (u32 and u64): Windows fills the header with it before writing the fields it knows."""
 _BITMAP_STRETCHES = re.compile(rb"\x00+|\xff+|[\x01-\xfe]")
 
@@ -57,9 +70,10 @@ class Header:
     pfn_database: int | None = None
 
 
-def _set(value: int) -> int | None:
-    """A header field, or None when Windows left its ``PAGE`` filler there (never written)."""
-    return None if value in _FILLER else value
+def _set(value: int, bits: int = 32) -> int | None:
+    """A ``bits``-wide header field, or None when Windows left its ``PAGE`` filler there (never
+    written). A 64-bit field holding only the u32 filler is a value: it is not the filler."""
+    return None if value == _FILLER[bits] else value
 
 
 def parse_header(r: Reader) -> Header:
@@ -98,9 +112,13 @@ def parse_header(r: Reader) -> Header:
         size = 0x1000
     else:
         raise r.error(f"bad crash dump signature {sig!r}", 0)
-    return Header(64 if size == 0x2000 else 32, major, minor, dtb, _set(machine), _set(cpus), _set(bugcheck),
-                  _set(kdbg), dump_type, size, runs, pae, tuple(map(_set, params)), _set(modules), _set(processes),
-                  _set(pfn))
+    bits = 64 if size == 0x2000 else 32
+
+    def wide(value: int) -> int | None:  # the pointer-sized fields
+        return _set(value, bits)
+
+    return Header(bits, major, minor, dtb, _set(machine), _set(cpus), _set(bugcheck), wide(kdbg), dump_type,
+                  size, runs, pae, tuple(map(wide, params)), wide(modules), wide(processes), wide(pfn))
 
 
 class CrashDumpImage(Image):
@@ -122,9 +140,9 @@ class CrashDumpImage(Image):
                 runs = []
                 triage = parse_triage(r, hdr.bits, hdr.header_size)
             else:
-                kind = _DUMP_TYPES.get(hdr.dump_type, "unknown")
-                raise r.error(f"{kind} crash dump (DumpType {hdr.dump_type}) keeps only some pages: "
-                              "not supported; take a full, bitmap, kernel or small (triage) dump", 0xF98 if hdr.bits == 64 else 0xF88)
+                what = REFUSED.get(hdr.dump_type, f"an unknown kind of crash dump (DumpType {hdr.dump_type})")
+                raise r.error(f"DumpType {hdr.dump_type} is {what}: {_TAKE_INSTEAD}",
+                              0xF98 if hdr.bits == 64 else 0xF88)
             cpus = [context_registers(r, hdr)]
         except BaseException:
             data.close()
@@ -153,7 +171,10 @@ class CrashDumpImage(Image):
                 ("DirectoryTableBase", f"{h.dtb:#x}"), ("KdDebuggerDataBlock", _hex(h.kdbg)),
                 ("PsActiveProcessHead", _hex(h.ps_active_process_head)),
                 ("PsLoadedModuleList", _hex(h.ps_loaded_module_list)),
-                ("Processors", "-" if h.processors is None else str(h.processors))]
+                ("Processors", "-" if h.processors is None else str(h.processors)),
+                ("Machine", _hex(h.machine))]
+        if h.bits == 32:
+            rows.append(("PaeEnabled", f"{int(h.pae)} ({'PAE' if h.pae else '32-bit'} paging)"))
         if self.triage is not None:
             t = self.triage
             saved = [what for what, there in (("current process", t.process), ("thread", t.thread),

@@ -20,8 +20,10 @@ with no ftrace NOP in the function). The ``mov`` is then moved into the trampoli
 CRn, the new one in its source register. Its NOPs are skipped. The caller vouches that nothing
 jumps into those 5 bytes but to X itself (a jump to X runs the call, the mov and a new stop).
 Stepping or continuing from X by hand writes CRn from the source register, as the ``mov``
-would. Such a hook left behind by a watch that died is not taken over: the next watch breaks
-on its call with a gdbstub breakpoint (the trampoline still runs the ``mov``).
+would. Such a hook left behind by a watch that died is taken over from its trampoline, which
+names the ``mov``; the NOPs after it are put back as x86 Linux writes its own (:data:`NOPS`:
+what a jump label holds). A hook removed for a while (governance) gets the same trampoline
+back when re-armed: the same bytes, so safe with a vCPU still inside.
 
 Dead padding is recognised without symbols: after an unconditional ``ret``/``jmp`` comes the
 ``int3`` that straight-line-speculation hardening puts there (``-mharden-sls``), then alignment
@@ -62,6 +64,8 @@ held it)."""
 ALIGNMENT = 16
 """Functions start at multiples of this: padding never runs past one."""
 CALL_REL32 = 0xE8
+NOPS = {1: b"\x90", 2: b"\x66\x90", 3: b"\x0f\x1f\x00", 4: b"\x0f\x1f\x40\x00"}
+"""x86 Linux's NOPs by length (arch/x86/include/asm/nops.h), the kernel's jump labels' too."""
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _sweep = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -80,6 +84,15 @@ class Hook:
     slot_original: bytes
     moved: bytes = b""
     """The instruction the trampoline runs in the site's place (empty: the site held a NOP)."""
+    stop_offset: int = RIP_AFTER_PUSH
+    """RIP at a stop on the trampoline's read, from ``slot``."""
+    depth: int = STACK_DEPTH
+    """Bytes the call and the trampoline put on the stack by the time of that stop."""
+    flags_at: int | None = None
+    """Where the trampoline saved the caller's RFLAGS at that stop, from RSP (a guarded one,
+    :mod:`vmwatch.live.hook_guards`); None: it changes no flag."""
+    guard: object = None
+    """The :class:`~vmwatch.live.hook_guards.Guard` of a guarded hook."""
 
 
 def trampoline(slot: int, moved: bytes = b"") -> bytes:
@@ -100,6 +113,21 @@ def displaced(address: int, code: bytes) -> bytes | None:
             break
         end += size
     return code[: insns[0][1]] if end == SITE_SIZE else None
+
+
+def left_moved(slot: int, code: bytes) -> bytes | None:
+    """The ``mov crN, reg`` a trampoline found at ``slot`` runs (``code``: 16 bytes read there),
+    for a hook a watch left behind; None when those bytes are no such trampoline."""
+    for size in (3, 4):  # mov crN, reg: 0F 22 /r, and a REX prefix for r8-r15
+        moved = code[11 : 11 + size]
+        if code[: 12 + size] == trampoline(slot, moved) and displaced(0, moved + NOPS[SITE_SIZE - size]) == moved:
+            return moved
+    return None
+
+
+def original_site(moved: bytes) -> bytes:
+    """The 5 bytes a hook that moved ``moved`` into its trampoline had found at its site."""
+    return moved + NOPS[SITE_SIZE - len(moved)] if moved else FTRACE_NOP
 
 
 def moved_write(moved: bytes) -> tuple[str, str]:
@@ -154,6 +182,11 @@ def left_behind(address: int, code: bytes) -> tuple[int, int] | None:
         return None
     site = insns[0][0]
     return site, site + SITE_SIZE + struct.unpack_from("<i", code, site - address + 1)[0]
+
+
+def sweep(code: bytes, base: int) -> Iterable[tuple[int, int, str, str]]:
+    """``(address, size, mnemonic, operands)`` of a linear sweep of ``code`` at ``base``."""
+    return _sweep.disasm_lite(code, base)
 
 
 def free_slots(code: bytes, base: int, taken: Iterable[tuple[int, int]], count: int = 1,

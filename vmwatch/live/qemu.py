@@ -29,7 +29,6 @@ import contextlib
 import time
 from typing import AsyncIterator, Callable
 
-import attrs
 import capstone
 import trio
 
@@ -93,6 +92,9 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
         self._hook_at_slot: dict[int, ih.Hook] = {}
         self._spare_slots: set[int] = set()
         """Trampolines of removed hooks (left in place, see inline_hooks)."""
+        self._spares: dict[tuple[int, object], int] = {}
+        """(site, guard or moved instruction) -> the trampoline a removed guarded (hook_guards)
+        or ``mov crN`` hook left there, reused only by the same hook."""
         self._hook_stops: dict[int, tuple[ih.Hook, int]] = {}
         """vCPUs stopped inside a trampoline: the hook and the raw RSP there."""
         self._hidden: dict[int, bytes] = {}
@@ -250,7 +252,7 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
             regs = self._decode_g(data, vcpu)
             stopped = self._hook_stops.get(vcpu)
             if stopped is not None:  # as at the hooked address: before the call and the push
-                regs = attrs.evolve(regs, rip=stopped[0].address, rsp=stopped[1] + ih.STACK_DEPTH)
+                regs = await self._as_at_hook(regs, *stopped)
             self._regs_cache[vcpu] = regs
         return regs
 
@@ -319,7 +321,7 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
             for command in writes:
                 await self.gdb.request(command)
             self._regs_cache.pop(vcpu, None)
-            if "rip" in values:
+            if "rip" in values or "pc" in values:
                 self._resume_from = None
 
     # ------------------------------------------------------------------ memory through QEMU
@@ -353,7 +355,10 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
 
     # ------------------------------------------------------------------ lifetime
 
-    async def _detach(self) -> None:
+    async def _detach(self, *, resume: bool) -> None:
+        """Remove every point; ``resume``: detach, which lets the guest run. Else the link is only
+        closed: QEMU's gdbstub starts the VM on a detach packet whatever its run state (7.2's
+        handle_detach -> gdb_continue -> vm_start), and a guest found paused (``-S``) must not run."""
         if self._closed is not None:
             return
         with contextlib.suppress(LinkError):
@@ -371,7 +376,8 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
                 for (addr, size, access) in self._watchpoints:
                     await self.gdb.request(p.remove_point(WATCH_KIND[access], addr, size), check=False)
                 await self._set_phys(False)
-                await self.gdb.request(p.detach())
+                if resume:
+                    await self.gdb.request(p.detach())
 
 
 @contextlib.asynccontextmanager
@@ -424,7 +430,7 @@ async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator
                 raise
             finally:
                 with trio.CancelScope(shield=True):
-                    await vm._detach()
-                    if not was_running and vm._closed is None:
+                    await vm._detach(resume=was_running)
+                    if not was_running and vm._closed is None:  # "debug" after our stops: say "paused" again
                         with contextlib.suppress(LinkError):
                             await qmp.execute("stop")

@@ -7,12 +7,10 @@ mixin of :class:`vmwatch.live.qemu.QemuVM`.
 
 from __future__ import annotations
 
-import attrs
 import trio
 
 from vmwatch.errors import LinkClosedError, ProtocolError
 from vmwatch.events import Access, Breakpoint, Event, MemoryAccess, SourceEnded
-from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import RemoteError
 from vmwatch.live.qemu_points import BP
@@ -48,7 +46,7 @@ class EventDelivery:
                 await self._select(vcpu)
                 for callback in self.on_resume:
                     callback()
-                replies = await self.gdb.batch([*restore, p.read_register(self._layout["rip"].regnum), p.cont()])
+                replies = await self.gdb.batch([*restore, p.read_register(self._layout[self._pc_name].regnum), p.cont()])
                 rip = int.from_bytes(p.decode_hex(replies[-1]), "little")
                 self.stats["internal_stops" if rip == hop.next_addr else "hops_interrupted"] += 1
                 return True
@@ -57,15 +55,17 @@ class EventDelivery:
             hook = self._hook_at_slot[stop.watch[1]]
             self._regs_cache.pop(vcpu, None)
             regs = await self._read_g(vcpu)
-            if regs.rip != hook.slot + ih.RIP_AFTER_PUSH:
+            if regs.rip != hook.slot + hook.stop_offset:
                 return True  # the guest read its own code there (not the trampoline's read)
             self._hook_stops[vcpu] = (hook, regs.rsp)
-            self._regs_cache[vcpu] = attrs.evolve(regs, rip=hook.address, rsp=regs.rsp + ih.STACK_DEPTH)
+            self._regs_cache[vcpu] = await self._as_at_hook(regs, hook, regs.rsp)
             self._pending.append(Breakpoint(address=hook.address, **self._event_fields(vcpu)))
             return False
         if stop.watch is not None:
             kind, addr = stop.watch
             size = next((s for (a, s, _acc) in self._watchpoints if a == addr), 0)
+            if self._a64 is not None:
+                await self._step_past_access(vcpu, addr)
             value = None
             if 0 < size <= 64:
                 try:
@@ -79,10 +79,10 @@ class EventDelivery:
             return False
         if stop.signal == SIGTRAP:
             regs = await self._read_g(vcpu)
-            if regs.rip not in self._breakpoints:
+            if regs.pc not in self._breakpoints:
                 return True  # a breakpoint removed meanwhile, or a spurious trap
-            self._resume_from = (vcpu, regs.rip)
-            self._pending.append(Breakpoint(address=regs.rip, **self._event_fields(vcpu)))
+            self._resume_from = (vcpu, regs.pc)
+            self._pending.append(Breakpoint(address=regs.pc, **self._event_fields(vcpu)))
             return False
         return True  # SIGINT (our interrupt) or another signal: nothing to report
 

@@ -71,7 +71,7 @@ class MsrAccess:
                 regs = await self._read_g(v)
                 if v in self._hook_stops:  # really inside the trampoline: put back exactly that
                     hook, rsp = self._hook_stops[v]
-                    regs = attrs.evolve(regs, rip=hook.slot + ih.RIP_AFTER_PUSH, rsp=rsp)
+                    regs = attrs.evolve(regs, rip=hook.slot + hook.stop_offset, rsp=rsp)
                 if regs.cs is None or regs.cs.selector & 3 or regs.rip is None or regs.rip < 1 << 63:
                     continue
                 if v not in self._hook_stops:

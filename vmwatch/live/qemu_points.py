@@ -5,8 +5,8 @@ A mixin of :class:`vmwatch.live.qemu.QemuVM`; every change holds the link with t
 
 from __future__ import annotations
 
-from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.events import Access
+from vmwatch.live.hook_guards import Guard
 from vmwatch.live.gdbrsp import _proto as p
 
 BP = p.WatchKind.SOFTWARE
@@ -16,7 +16,7 @@ WATCH_KIND = {Access.WRITE: p.WatchKind.WRITE, Access.READ: p.WatchKind.READ, Ac
 class Points:
     """The breakpoint and watchpoint half of :class:`~vmwatch.live.qemu.QemuVM` (state lives there)."""
 
-    async def add_breakpoint(self, vaddr: int, *, inline: bool = False) -> bool:
+    async def add_breakpoint(self, vaddr: int, *, inline: bool = False, guard: Guard | None = None) -> bool:
         """Execution breakpoint at a guest virtual address. Returns True when it is inline.
 
         A gdbstub breakpoint is invisible to the guest but costs a TCG guest a flush of all its
@@ -25,11 +25,19 @@ class Points:
         under TCG), the breakpoint is an inline hook instead (see ``inline_hooks``): no flush,
         about 10x more events per second, but the guest's own reads of its code see the patch
         (vmwatch's reads, through ``memory`` and :meth:`read_memory`, see the original bytes).
+
+        ``guard`` (see ``hook_guards``): a guarded inline hook, which stops only when the guest's
+        registers pass it. Nothing is armed, and False returned, when no such hook can be placed
+        (a plain breakpoint there would stop at every call).
         """
-        refuse_aarch64((self,), "breakpoints")
         async with self._stopped_link():
             if vaddr in self._breakpoints:
                 return vaddr in self._hooks
+            if guard is not None:
+                if not (self.inline_hooks and await self._add_hook(vaddr, guard)):
+                    return False
+                self._breakpoints.add(vaddr)
+                return True
             if inline and self.inline_hooks and await self._add_hook(vaddr):
                 self._breakpoints.add(vaddr)
                 return True
@@ -54,7 +62,6 @@ class Points:
 
         The event's ``address`` is the START of the watched range (what QEMU reports).
         """
-        refuse_aarch64((self,), "watchpoints")
         kind = WATCH_KIND.get(access)
         if kind is None:
             raise ValueError(f"access must be READ, WRITE or READ_WRITE, not {access!r}")

@@ -20,12 +20,12 @@ import capstone
 import structlog
 import trio
 
-from vmwatch.cpu_aarch64 import refuse_aarch64
 from vmwatch.events import SingleStep
+from vmwatch.live import aarch64_steps as a64
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
 from vmwatch.live.gdbrsp._trio import RemoteError
-from vmwatch.live.qemu_points import BP
+from vmwatch.live.qemu_points import BP, WATCH_KIND
 
 log = structlog.get_logger()
 
@@ -112,6 +112,8 @@ class Stepping:
         breakpoint by hand needs no single step and no breakpoint change, and QEMU 7.2 flushes
         its whole translation cache on both (measured: 2 flushes per hop, ~5 ms each).
         """
+        if self._a64 is not None:
+            return await self._emulate_aarch64(vcpu, addr)
         rip = self._layout["rip"]
         hook = self._hooks.get(addr)
         if hook is not None:
@@ -146,6 +148,40 @@ class Stepping:
         await self._select(vcpu)
         return writes
 
+    async def _emulate_aarch64(self, vcpu: int, addr: int) -> list[p.Command] | None:
+        """``nop`` and ``mov xD, xN`` (the ``mov x9, x30`` that opens ftrace-patched functions) by hand."""
+        insn = await self._decode(vcpu, addr)
+        if insn is None:
+            return None
+        after = [p.write_register(self._layout["pc"].regnum, (addr + 4).to_bytes(8, "little"))]
+        if a64.emulates_as_nop(insn):
+            await self._select(vcpu)
+            return after
+        move = a64.register_move(insn)
+        if move is None:
+            return None
+        regs = await self._read_g(vcpu)
+        await self._select(vcpu)
+        value = regs.x[move[1]]
+        return [p.write_register(self._layout[f"x{move[0]}"].regnum, value.to_bytes(8, "little")), *after]
+
+    async def _step_past_access(self, vcpu: int, addr: int) -> None:
+        """An aarch64 watchpoint stops the vCPU before the access (QEMU reports it so, as Arm's
+        watchpoints do; gdb's "non-steppable watchpoints"): run that one instruction with the
+        watchpoints at ``addr`` lifted, so the event shows the access done (the value written,
+        registers after it), as on x86, and continuing does not hit it again."""
+        lifted = [(a, s, acc) for (a, s, acc) in self._watchpoints if a == addr]
+        await self.gdb.batch([p.remove_point(WATCH_KIND[acc], a, s) for a, s, acc in lifted])
+        await self._set_sstep(p.SSTEP_ENABLE | p.SSTEP_NOIRQ | p.SSTEP_NOTIMER)
+        for callback in self.on_resume:
+            callback()
+        await self.gdb.resume(p.vcont(("s", str(self._thread(vcpu)))))
+        stop = await self.gdb.wait_stop(soon=True)
+        await self.gdb.batch([p.insert_point(WATCH_KIND[acc], a, s) for a, s, acc in lifted])
+        self.stats["watch_steps"] += 1
+        if not self._is_plain_step(stop):
+            self._raw_stops.append(stop)  # a breakpoint on the next instruction: digested after this event
+
     def _is_plain_step(self, stop: p.StopReply | p.Exited) -> bool:
         return isinstance(stop, p.StopReply) and stop.signal == SIGTRAP and stop.watch is None
 
@@ -155,7 +191,9 @@ class Stepping:
             return self._next_insn[addr]
         nxt = None
         insn = await self._decode(vcpu, addr)
-        if insn is not None and not any(insn.group(g) for g in _BRANCH_GROUPS) and \
+        if self._a64 is not None:
+            nxt = addr + 4 if insn is not None and a64.falls_through(insn) else None
+        elif insn is not None and not any(insn.group(g) for g in _BRANCH_GROUPS) and \
                 not any(f"{insn.mnemonic} {insn.op_str}".startswith(s) for s in _SERIALIZING) and \
                 insn.mnemonic not in ("loop", "loope", "loopne", "jrcxz", "jecxz", "xbegin", "xend") \
                 and not insn.mnemonic.startswith("rep"):
@@ -175,7 +213,6 @@ class Stepping:
         The guest is stopped before and after (a running guest is paused first and stays paused).
         """
         self._check_open()
-        refuse_aarch64((self,), "single steps")
         async with self._lock:
             self._held = True
             await self._stop_locked()

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from vmwatch.cpu import Registers, Segment
+from vmwatch.cpu_aarch64 import Aarch64Registers
 from vmwatch.errors import RecordingError
 from vmwatch.events import Event
 
@@ -134,12 +135,17 @@ def decode_event(payload: bytes) -> Event:
     return value
 
 
-def encode_registers(registers: Registers) -> bytes:
+def encode_registers(registers: Registers | Aarch64Registers) -> bytes:
     return json.dumps(encode_value(registers), separators=(",", ":")).encode()
 
 
-def decode_registers(payload: bytes) -> Registers:
+def decode_registers(payload: bytes) -> Registers | Aarch64Registers:
     value = decode_value(_loads(payload))
+    if isinstance(value, Aarch64Registers):
+        x = value.x
+        if x is not None and (not isinstance(x, tuple) or len(x) != 31 or not all(isinstance(r, int) for r in x)):
+            raise RecordingError("registers record has bad x0..x30")
+        return value
     if not isinstance(value, Registers):
         raise RecordingError(f"registers record holds a {type(value).__name__}")
     for seg in ("cs", "ss", "ds", "es", "fs", "gs"):

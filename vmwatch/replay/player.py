@@ -115,6 +115,9 @@ class ReplaySource:
             raise RecordingError(f"{recording.path}: META capabilities are not a list of names")
         self.capabilities = frozenset(caps)
         self.vcpu_count = int(meta.get("vcpu_count") or 1)
+        self.arch = meta.get("arch", "x86")
+        if self.arch not in ("x86", "aarch64"):
+            raise RecordingError(f"{recording.path}: META arch {self.arch!r} is neither x86 nor aarch64")
         self.position = 0
         """How many events were handed out."""
         if meta.get("on_resume"):

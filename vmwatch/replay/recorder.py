@@ -332,6 +332,7 @@ def source_meta(source: Any) -> dict[str, Any]:
         "memory": memory is not None,
         "volatile": bool(getattr(memory, "volatile", False)),
         "vcpu_count": getattr(source, "vcpu_count", None),
+        "arch": getattr(source, "arch", "x86"),
         "on_resume": hasattr(source, "on_resume"),
         "runs": [[run.start, run.size] for run in getattr(memory, "runs", ())],
         "base": None,

@@ -18,6 +18,7 @@ from typing import Any
 import zstandard
 
 from vmwatch.cpu import Registers
+from vmwatch.cpu_aarch64 import Aarch64Registers
 from vmwatch.errors import RecordingError
 from vmwatch.events import Event
 from vmwatch.replay import _codec
@@ -162,7 +163,7 @@ class Recording:
                 f" the file holds {len(self.events)} and {len(self._pages)}"
             )
 
-    def registers(self, context: int, vcpu: int) -> Registers | None:
+    def registers(self, context: int, vcpu: int) -> Registers | Aarch64Registers | None:
         """The registers of ``vcpu`` recorded in ``context``, or None.
 
         Raises:
@@ -171,7 +172,7 @@ class Recording:
         found = self._registers.get((context, vcpu))
         if found is None:
             return None
-        if isinstance(found, Registers):
+        if isinstance(found, (Registers, Aarch64Registers)):
             return found
         offset, payload = found
         registers = _codec.decode_registers(bytes(payload))

@@ -36,7 +36,7 @@ def _export_elf(args: argparse.Namespace, env) -> int:
     from vmwatch.text import shown
 
     def work(linux, _registers):
-        return export_elf(linux.symbols), len(linux.symbols), linux.kernel
+        return export_elf(linux.symbols, aarch64=linux.arch == "aarch64"), len(linux.symbols), linux.kernel
 
     data, count, kernel = with_linux(args, work)
     with open(args.output, "wb") as out:

@@ -86,7 +86,6 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
 
     from vmwatch.cli.alertview import ScreenSink, make_console, print_summary
     from vmwatch.cli.sigint import stop_on_sigint
-    from vmwatch.cpu_aarch64 import refuse_aarch64
     from vmwatch.engine.fleet import guest_name
     from vmwatch.engine.pump import Engine
     from vmwatch.cli.timeline_db import db_label, report_db
@@ -98,7 +97,6 @@ async def _watch(args: argparse.Namespace, env, ruleset) -> int:
 
     console = make_console(env.stdout)
     async with open_timeline_sink(args.db) as db_sink, open_target(args.target[0]) as target:
-        refuse_aarch64((target.live, *target.saved_cpus), "watching")
         if args.stealth and target.live is not None:
             target.live.inline_hooks = False
         with contextlib.ExitStack() as stack:

@@ -15,8 +15,11 @@ Theory of operation (arm64 Linux 6.1, Documentation/arm64/memory.rst):
    there checks out through BTF (init_task: pid 0, comm "swapper", a tasks list whose next
    entry points back; modules: a list_head whose neighbours point back, and module names).
    ``sys_call_table`` is what ``do_el0_svc`` passes to ``el0_svc_common``, whose ``mov w2, #N``
-   gives ``__NR_syscalls``. ``swapper_pg_dir`` and ``linux_banner`` are the addresses found in
-   steps 1 and 2.
+   gives ``__NR_syscalls`` (and so the table's size). ``__per_cpu_offset`` and ``runqueues`` are
+   the two addresses ``idle_cpu``'s ``cpu_rq(cpu)`` computes, accepted when CPU 0's ``struct rq``
+   there says cpu 0 and has the ``swapper`` idle task. ``swapper_pg_dir`` and ``linux_banner`` are
+   the addresses found in steps 1 and 2. The sysctl variables (kptr_restrict, modprobe_path, ...)
+   come from their ``ctl_table`` entries, when first asked for (sysctl_vars.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from vmwatch.os.linux import btf, kallsyms
 from vmwatch.os.linux.locate import BANNER, KernelInfo
 from vmwatch.os.linux.objects import StructReader, c_string
 from vmwatch.os.linux.swapper import complete_registers
+from vmwatch.os.linux.sysctl_vars import IMAGE_SPAN, SymbolsWithSysctls, find_sysctl_variables
 from vmwatch.os.linux.syscalls import MAX_SYSCALLS
 
 log = structlog.get_logger()
@@ -54,6 +58,7 @@ REFERENCES = {
                   "check_hung_uninterruptible_tasks", "find_lock_later_rq"),
     "modules": ("print_modules", "find_module_all", "m_start", "module_kallsyms_lookup_name"),
     "sys_call_table": ("do_el0_svc",),
+    "runqueues": ("idle_cpu", "available_idle_cpu", "nr_iowait_cpu", "task_curr"),
 }
 """Text functions (in kallsyms) whose code computes ``&name``, most direct first."""
 
@@ -70,14 +75,21 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
     or None).
 
     Raises:
-        SymbolError: no kernel tables, kallsyms, BTF or a needed data symbol was found.
-        UnsupportedOperation: a symbol file was given (not read for arm64 yet).
+        SymbolError: no kernel tables, kallsyms, BTF or a needed data symbol was found, or the
+            symbol file is another kernel's.
+        UnsupportedOperation: a symbol file other than a System.map was given (types come from BTF).
+
+    A System.map (the -dbg package's, or the guest's own /proc/kallsyms saved) adds the symbols
+    kallsyms lacks, slid by KASLR; a data symbol it names is taken when it passes the same check
+    as one found from code.
     """
     from vmwatch.errors import UnsupportedOperation
     from vmwatch.memory import GuestMemory
+    from vmwatch.os.linux.symbols import load_symbols_file
 
-    if symbols_file is not None:
-        raise UnsupportedOperation("--symbols: arm64 kernels are found from memory only (kallsyms and BTF)")
+    symbol_file = load_symbols_file(symbols_file) if symbols_file is not None else None
+    if symbol_file is not None and (symbol_file.symbols is None or symbol_file.types is not None):
+        raise UnsupportedOperation("--symbols on arm64: a System.map only (types come from the kernel's BTF)")
     registers, scanned = complete_registers(phys, registers or (Aarch64Registers(),))
     regs = next(r for r in registers if getattr(r, "arch", None) == "aarch64")
     memory = GuestMemory(phys, registers=regs)
@@ -87,6 +99,8 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
     symbols, _tables, _base = kallsyms.scan(read, [(low, anchor - low)])
     text_vaddr = symbols["_stext"] - HEAD_SIZE
     text_paddr = memory.translate(symbols["_stext"]) - HEAD_SIZE
+    if symbol_file is not None:
+        symbols = symbol_file.merge_symbols(symbols, text_vaddr)
     found = {"swapper_pg_dir": text_vaddr + anchor - text_paddr}
     blob_at = _find(read, low, anchor, BTF_HEADER)
     if blob_at is None:
@@ -96,14 +110,20 @@ def locate(phys, registers: tuple, symbols_file: str | None = None):
     if banner_at is None:
         raise SymbolError("no 'Linux version' banner in the arm64 kernel image")
     found["linux_banner"] = text_vaddr + banner_at - text_paddr
-    found["init_task"] = data_symbol(memory, symbols, "init_task", _init_task_check(memory, types))
-    found["modules"] = data_symbol(memory, symbols, "modules", _modules_check(memory, types))
+    found["init_task"] = named_or_found(memory, symbols, "init_task", _init_task_check(memory, types))
+    found["modules"] = named_or_found(memory, symbols, "modules", _modules_check(memory, types))
     try:  # syscalls need it; ps and modules do not
-        found["sys_call_table"] = data_symbol(memory, symbols, "sys_call_table", _syscalls_check(memory, symbols))
+        found["sys_call_table"] = named_or_found(memory, symbols, "sys_call_table", _syscalls_check(memory, symbols))
     except SymbolError as exc:
         log.debug("linux.arm64_no_syscall_table", error=str(exc))
     count = syscall_count(memory, symbols) if "sys_call_table" in found else None
-    symbols = with_symbols(symbols, found)
+    try:  # the scheduler's view (hidden processes) needs them; ps does not
+        found.update(per_cpu_symbols(memory, symbols, types))
+    except SymbolError as exc:
+        log.debug("linux.arm64_no_runqueues", error=str(exc))
+    span = min(IMAGE_SPAN, max(r.start + r.size for r in phys.runs) - text_paddr)
+    symbols = with_symbols(symbols, found, {"sys_call_table": 8 * count} if count else {},
+                           lambda: find_sysctl_variables(read, text_paddr, text_vaddr, span, types))
     banner = memory.cstring(found["linux_banner"], 512).rstrip("\n")
     parts = banner.split()
     kernel = KernelInfo(
@@ -200,6 +220,18 @@ def _length(symbols, start: int) -> int:
     return min(end - start, CODE_MAX) if end else CODE_MAX
 
 
+def named_or_found(memory, symbols, name: str, check) -> int:
+    """``name``'s address from the symbol table when it has it (a System.map's) and it passes
+    ``check``, else from the code that uses it (:func:`data_symbol`)."""
+    named = symbols.get(name)
+    try:
+        if named is not None and check(named):
+            return named
+    except VmwatchError:
+        pass
+    return data_symbol(memory, symbols, name, check)
+
+
 def data_symbol(memory, symbols, name: str, check) -> int:
     """The address of data symbol ``name`` from the code of the functions that use it (REFERENCES).
 
@@ -220,6 +252,37 @@ def data_symbol(memory, symbols, name: str, check) -> int:
                 continue
     raise SymbolError(f"{name} not found: kallsyms has no data symbols (CONFIG_KALLSYMS_ALL off) and no address "
                       f"the code of {', '.join(tried) or 'its users'} computes holds it", name=name)
+
+
+def per_cpu_symbols(memory, symbols, types) -> dict[str, int]:
+    """``__per_cpu_offset`` and ``runqueues`` from ``cpu_rq(cpu)``'s code: a pair of the addresses it
+    computes where CPU 0's run queue (``runqueues + __per_cpu_offset[0]``) is one.
+
+    Raises:
+        SymbolError: no function that uses them yields a pair that checks out.
+    """
+    rq = StructReader(types, "rq")
+    task = StructReader(types, "task_struct")
+
+    def is_run_queue(address: int) -> bool:
+        buf = memory.read(address, rq.size)
+        idle = memory.read(rq.int(buf, "idle"), task.size)
+        return rq.int(buf, "cpu") == 0 and task.int(idle, "pid") == 0 and task.bytes(idle, "comm").startswith(b"swapper")
+
+    for function in REFERENCES["runqueues"]:
+        start = symbols.get(function)
+        if start is None:
+            continue
+        targets = code_references(memory, start, _length(symbols, start))
+        for offsets in targets:
+            for queues in targets:
+                try:
+                    if queues != offsets and is_run_queue((queues + memory.u64(offsets)) & MASK):
+                        return {"__per_cpu_offset": offsets, "runqueues": queues}
+                except VmwatchError:
+                    continue
+    raise SymbolError("runqueues not found: no address pair the code of idle_cpu and its kin computes is CPU 0's "
+                      "run queue", name="runqueues")
 
 
 def _init_task_check(memory, types):
@@ -260,10 +323,15 @@ def _modules_check(memory, types):
     return check
 
 
-def with_symbols(symbols, extra: dict[str, int]):
-    """``symbols`` plus the recovered data symbols (type ``D``)."""
-    names = symbols.names + list(extra)
-    addresses = array("Q", symbols.addresses)
+def with_symbols(symbols, extra: dict[str, int], sizes: dict[str, int], sysctls):
+    """``symbols`` plus the recovered data symbols (type ``D``), with the ``sizes`` known of them, and the
+    sysctl variables ``sysctls()`` finds when one is first asked for."""
+    kinds = symbols.types or "T" * len(symbols)
+    keep = [i for i, name in enumerate(symbols.names) if name not in extra]  # a System.map's wrong one
+    names = [symbols.names[i] for i in keep] + list(extra)
+    addresses = array("Q", (symbols.addresses[i] for i in keep))
     addresses.extend(extra.values())
-    types = (symbols.types or "T" * len(symbols)) + "D" * len(extra)
-    return kallsyms.Symbols(names, addresses, types)
+    types = "".join(kinds[i] for i in keep) + "D" * len(extra)
+    merged = SymbolsWithSysctls(names, addresses, types, sysctls)
+    merged.sizes.update(sizes)
+    return merged

@@ -30,7 +30,7 @@ TAIL = 0x1000
 """How far the last symbol of a run reaches when no neighbour ends it."""
 
 _CODE = frozenset("TtWw")
-_ET_EXEC, _EM_386, _EM_X86_64 = 2, 3, 62
+_ET_EXEC, _EM_386, _EM_X86_64, _EM_AARCH64 = 2, 3, 62, 183
 _SHT_PROGBITS, _SHT_SYMTAB, _SHT_STRTAB, _SHT_NOBITS = 1, 2, 3, 8
 _SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR = 1, 2, 4
 _STB_LOCAL, _STB_GLOBAL = 0, 1
@@ -73,7 +73,7 @@ class _Strings:
         return offset
 
 
-def export_elf(symbols: Symbols) -> bytes:
+def export_elf(symbols: Symbols, *, aarch64: bool = False) -> bytes:
     """An ELF symbol file of ``symbols`` (runtime addresses), for gdb.
 
     The class and machine (ELF64 x86-64 or ELF32 i386) follow from the addresses: a kernel above
@@ -134,7 +134,8 @@ def export_elf(symbols: Symbols) -> bytes:
     body += b"\0" * (-len(body) % 8)
     shoff = offset + len(body)
     ident = b"\x7fELF" + bytes([2 if sixty_four else 1, 1, 1]) + b"\0" * 9
-    header = layout.ehdr.pack(ident, _ET_EXEC, _EM_X86_64 if sixty_four else _EM_386, 1, 0, 0, shoff, 0,
+    machine = _EM_AARCH64 if aarch64 else _EM_X86_64 if sixty_four else _EM_386
+    header = layout.ehdr.pack(ident, _ET_EXEC, machine, 1, 0, 0, shoff, 0,
                               layout.ehdr.size, 0, 0, layout.shdr.size, len(headers), len(headers) - 1)
     return header + bytes(body) + b"".join(headers)
 

@@ -109,6 +109,9 @@ class Symbols:
         self._by_name = by_name
         self._preferred = preferred
         self._sorted: tuple[array, list[int]] | None = None
+        self.sizes: dict[str, int] = {}
+        """Bytes of the objects whose size is known apart from the next symbol (arm64's recovered
+        ``sys_call_table``, which kallsyms without data symbols cannot bound)."""
 
     @property
     def names(self) -> list[str]:

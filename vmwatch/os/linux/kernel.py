@@ -26,10 +26,13 @@ class Linux:
         types: the BTF profile (or the one from the symbol file).
         memory: a ``GuestMemory`` on the kernel page tables with symbol and pid->cr3 resolvers.
         syscall_count: entries of ``sys_call_table`` when the kernel's code says (arm64), else None.
+        arch: ``x86`` or ``aarch64``.
     """
 
-    def __init__(self, kernel: KernelInfo, symbols, types, memory, *, syscall_count: int | None = None) -> None:
+    def __init__(self, kernel: KernelInfo, symbols, types, memory, *, syscall_count: int | None = None,
+                 arch: str = "x86") -> None:
         self.kernel = kernel
+        self.arch = arch
         self.syscall_count = syscall_count
         self.symbols = symbols
         self.types = types
@@ -57,7 +60,7 @@ class Linux:
         registers = tuple(r for r in registers if r is not None)
         if arm64.is_arm64(phys, registers):
             kernel, symbols, types, memory, syscall_count = arm64.locate(phys, registers, symbols_file)
-            return cls(kernel, symbols, types, memory, syscall_count=syscall_count)
+            return cls(kernel, symbols, types, memory, syscall_count=syscall_count, arch="aarch64")
         symbols, hint, token_table_paddr = locate.find_kallsyms(phys, registers)
         extra = None
         if symbols_file is not None:
@@ -134,6 +137,15 @@ class Linux:
         return read_syscalls(self, count=self.syscall_count)
 
     def idt(self, registers: Registers | None = None):
+        """The IDT's gates (x86 only).
+
+        Raises:
+            UnsupportedOperation: an aarch64 kernel (its exception vectors are at VBAR_EL1).
+        """
+        if self.arch == "aarch64":
+            from vmwatch.errors import UnsupportedOperation
+
+            raise UnsupportedOperation("the IDT is x86's: an aarch64 kernel's exception vectors are at VBAR_EL1")
         from vmwatch.os.linux.idt import read_idt
 
         return read_idt(self, registers)
@@ -151,9 +163,10 @@ class Linux:
         return patch_sites(self)
 
     def per_cpu(self, name: str, cpu: int = 0) -> int:
-        """Address of per-CPU variable ``name`` on ``cpu`` (per-CPU symbols are offsets)."""
+        """Address of per-CPU variable ``name`` on ``cpu`` (x86 per-CPU symbols are offsets; arm64's
+        are addresses in the image's per-CPU section, and the offset added wraps around)."""
         offsets = self.symbols["__per_cpu_offset"]
-        return self.symbols[name] + self.memory.pointer(offsets + cpu * self.memory.pointer_size)
+        return (self.symbols[name] + self.memory.pointer(offsets + cpu * self.memory.pointer_size)) & 0xFFFFFFFFFFFFFFFF
 
     @staticmethod
     def gs_base(registers: Registers) -> int | None:

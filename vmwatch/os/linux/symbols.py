@@ -31,10 +31,12 @@ class SymbolFile:
 
     def merge_symbols(self, runtime: Symbols, text_vaddr: int) -> Symbols:
         """kallsyms from memory plus the file's symbols it lacks (data symbols on i386), slid."""
-        link_text = self.link_address("_text")
-        if link_text is None:
+        link_text, runtime_text = self.link_address("_text"), text_vaddr
+        if link_text is None:  # /proc/kallsyms saved as a System.map may start at _stext (arm64)
+            link_text, runtime_text = self.link_address("_stext"), runtime.get("_stext")
+        if link_text is None or runtime_text is None:
             return runtime
-        slide = text_vaddr - link_text
+        slide = runtime_text - link_text
         mask = (1 << 64) - 1 if text_vaddr > 0xFFFFFFFF else 0xFFFFFFFF
         present = set(runtime.names)
         self._check_matches(runtime, slide, mask)
@@ -104,11 +106,11 @@ def read_system_map(path: str) -> Symbols:
     with open(path, encoding="latin-1") as f:
         for line in f:
             m = _MAP_LINE.match(line)
-            if m:
+            if m and not line[m.end():].lstrip().startswith("["):  # /proc/kallsyms: a module's symbol
                 addresses.append(int(m.group(1), 16))
                 types.append(m.group(2))
                 names.append(m.group(3))
-    if len(names) < 10 or "_text" not in names:
+    if len(names) < 10 or not {"_text", "_stext"} & set(names):
         raise SymbolError(f"{path}: System.map without real symbols (Debian ships a stub; "
                           "the real one is in the linux-image-*-dbg package)")
     return Symbols(names, addresses, "".join(types))

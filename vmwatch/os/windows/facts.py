@@ -35,6 +35,8 @@ class KernelInfo:
     found: tuple[Found, ...]
     kdbg_offsets: dict[str, int] = attrs.field(factory=dict)
     """Structure offsets the KDBG block states (OffsetPrcbCurrentThread, ...)."""
+    bits: int = 64
+    """32 (x86) or 64 (x64)."""
 
 
 class Steps(list):

@@ -5,6 +5,10 @@ OwnerTag ``KDBG`` at 0x10, Size at 0x14), then KernBase 0x18, PsLoadedModuleList
 PsActiveProcessHead 0x50, PspCidTable 0x58, ObpRootDirectoryObject 0x98, MmPfnDatabase 0xC0,
 KiProcessorBlock 0x218 (also in Volatility 3's kdbg.json).
 
+A 32-bit (x86) kernel has the same block, its 64-bit fields holding 32-bit pointers: Windows
+writes them sign-extended (0xffffffff82a4b000, as the debugger protocol's 64-bit addresses
+are); a plain zero-extended one is read too, anything else in the upper half is not a pointer.
+
 Encoded blocks: when no debugger is attached at boot, Windows 8+ x64 scrambles the block with
 per-boot keys (``KdEncodeDataBlock``); ``KdCopyDataBlock`` undoes it per 8-byte word as
 ``KiWaitAlways ^ bswap(&KdpDataBlockEncoded ^ rol(KiWaitNever ^ word, KiWaitNever & 63))``.
@@ -31,6 +35,8 @@ READ = 0x2F0
 """Bytes of a candidate block read: every field and offset above."""
 _MASK = (1 << 64) - 1
 KERNEL_SPACE = 0xFFFF800000000000
+KERNEL_SPACE_X86 = 0x80000000
+"""Where x86 system space starts (without /3GB: always where ntoskrnl is loaded)."""
 
 
 @attrs.frozen
@@ -72,9 +78,14 @@ def encode(raw: bytes, never: int, always: int, encoded_vaddr: int) -> bytes:
     return struct.pack(f"<{len(out)}Q", *out)
 
 
+def narrow(value: int) -> int | None:
+    """A 32-bit kernel's pointer from a 64-bit KDBG field (sign- or zero-extended), else None."""
+    return value & 0xFFFFFFFF if value >> 32 in (0, 0xFFFFFFFF) else None
+
+
 def parse(raw: bytes, *, vaddr: int | None, paddr: int | None, encoded: bool = False,
-          kernel_base: int | None = None) -> Kdbg:
-    """Check a block's tag and size and read its fields.
+          kernel_base: int | None = None, bits: int = 64) -> Kdbg:
+    """Check a block's tag and size and read its fields (as 32-bit pointers when ``bits`` is 32).
 
     Raises:
         GuestDataError: no ``KDBG`` tag, an absurd size, or a KernBase that is not a kernel image.
@@ -86,8 +97,14 @@ def parse(raw: bytes, *, vaddr: int | None, paddr: int | None, encoded: bool = F
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise GuestDataError(f"KDBG at {where}: absurd Size {size:#x} (expected {MIN_SIZE:#x}..{MAX_SIZE:#x})")
     fields = {name: struct.unpack_from("<Q", raw, off)[0] for name, off in FIELDS.items()}
+    if bits == 32:
+        wide = fields["KernBase"]
+        fields = {name: narrow(value) or 0 for name, value in fields.items()}
+        if not fields["KernBase"] and wide:
+            raise GuestDataError(f"KDBG at {where}: KernBase {wide:#x} is not a 32-bit kernel's")
     base = fields["KernBase"]
-    if base < KERNEL_SPACE or base & 0xFFF or kernel_base is not None and base != kernel_base:
+    space = KERNEL_SPACE if bits == 64 else KERNEL_SPACE_X86
+    if base < space or base & 0xFFF or kernel_base is not None and base != kernel_base:
         raise GuestDataError(f"KDBG at {where}: KernBase {base:#x} is not the kernel image")
     offsets = {name: struct.unpack_from("<H", raw, off)[0] for name, off in OFFSETS.items()
                if off + 2 <= min(size, len(raw))}
@@ -95,7 +112,7 @@ def parse(raw: bytes, *, vaddr: int | None, paddr: int | None, encoded: bool = F
 
 
 def scan_physical(phys, kernel_base: int | None = None, limit: int = 64,
-                  first: tuple[int, int] | None = None) -> tuple[Kdbg | None, list[str]]:
+                  first: tuple[int, int] | None = None, bits: int = 64) -> tuple[Kdbg | None, list[str]]:
     """The first plain block in physical memory (the ``KDBG`` tag sits 8-byte aligned at +0x10).
 
     ``first``: a (paddr, size) range searched before the rest: ntoskrnl's own pages, as the block
@@ -120,7 +137,7 @@ def scan_physical(phys, kernel_base: int | None = None, limit: int = 64,
         paddr = hit - 0x10
         try:
             raw = phys.read(paddr, READ, pad=True)
-            return parse(raw, vaddr=None, paddr=paddr, kernel_base=kernel_base), rejected
+            return parse(raw, vaddr=None, paddr=paddr, kernel_base=kernel_base, bits=bits), rejected
         except VmwatchError as exc:
             rejected.append(str(exc))
             if len(rejected) >= limit:

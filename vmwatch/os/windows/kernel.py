@@ -28,7 +28,7 @@ _HEADER_LISTS = {"PsActiveProcessHead": "ps_active_process_head", "PsLoadedModul
 
 
 class Windows:
-    """A Windows (x64) kernel in a dump or a live guest.
+    """A Windows kernel (x64, or x86 with PAE or 32-bit paging) in a dump or a live guest.
 
     Attributes:
         kernel: where it is and how each fact was found (:class:`KernelInfo`).
@@ -78,15 +78,8 @@ class Windows:
         steps = Steps()
         registers = tuple(r for r in registers if r is not None)
         meta = getattr(phys, "metadata", None) or {}
-        dtb = meta.get("directory_table_base") or None
-        if dtb is not None:
-            dtb &= locate._CR3_MASK
-            steps.add("DTB", dtb, "crash dump header DirectoryTableBase")
-        else:
-            dtb = locate.cr3_of(registers)
-            if dtb is not None:
-                steps.add("DTB", dtb, "CR3 of the saved/live vCPU")
-        memory = GuestMemory(phys, cr3=dtb, mode=PagingMode.LEVEL4) if dtb is not None else None
+        dtb, mode = cls._page_tables(meta, registers, steps)
+        memory = GuestMemory(phys, cr3=dtb, mode=mode) if dtb is not None else None
 
         vaddr = paddr = None
         idtr = next((r.idtr_base for r in registers if getattr(r, "idtr_base", None)), None)
@@ -105,16 +98,20 @@ class Windows:
             image_base = paddr
         else:
             read, image_base = memory.read, vaddr
+        headers = pe.parse_headers(read, image_base)
+        bits = headers.bits
+        steps.add("architecture", "x64" if bits == 64 else "x86", f"ntoskrnl's PE header (Machine {headers.machine:#x})")
+        if memory is not None and memory.pointer_size * 8 != bits:
+            raise SymbolError(f"a {bits}-bit ntoskrnl, but the page tables are {mode.value} paging")
         # The profile is read once a kernel is found: a Linux guest given a Linux symbol file must
         # not end in a complaint about the file as a Windows profile.
-        user_profile = load_profile(symbols_file) if symbols_file is not None else None
-        headers = pe.parse_headers(read, image_base)
+        user_profile = load_profile(symbols_file, bits) if symbols_file is not None else None
         exports = pe.read_exports(read, headers)
         build = None
         if "NtBuildNumber" in exports.rvas:
             build = struct.unpack("<I", read(image_base + exports.rvas["NtBuildNumber"], 4))[0] & 0xFFFF
             steps.add("build", build, "ntoskrnl export NtBuildNumber")
-        profile = user_profile or builtin(build)
+        profile = user_profile or builtin(build, bits)
         steps.add("profile", profile.name, profile.source)
 
         if vaddr is None and memory is not None and meta.get("kd_debugger_data_block") \
@@ -139,11 +136,14 @@ class Windows:
                               "KDBG block gives its virtual address (Windows 8+ encodes KDBG: pass --symbols "
                               "with an ISF naming KiWaitNever/KiWaitAlways/KdpDataBlockEncoded)")
         if dtb is None:
-            dtb, eprocess = locate.system_process_dtb(phys, profile, vaddr, paddr)
+            dtb, eprocess, mode = locate.system_process_dtb(phys, profile, vaddr, paddr)
             steps.add("DTB", dtb, f"System EPROCESS found by scan at physical {eprocess:#x}")
-            memory = GuestMemory(phys, cr3=dtb, mode=PagingMode.LEVEL4)
-        if paddr is not None and memory.translate(vaddr) != paddr:
-            raise SymbolError(f"DTB {dtb:#x} maps the kernel base {vaddr:#x} elsewhere than physical {paddr:#x}")
+            if bits == 32:
+                steps.add("paging", mode.value, "the System DirectoryTableBase maps the kernel in this mode "
+                          + ("(PAE tried first)" if mode is PagingMode.PAE else "(not as PAE)"))
+            memory = GuestMemory(phys, cr3=dtb, mode=mode)
+        if paddr is not None:
+            cls._check_dtb(memory, dtb, mode, vaddr, paddr)
         if block is not None:
             if block.vaddr is None:
                 block = cls._kdbg_vaddr(block, memory, vaddr, headers.size_of_image)
@@ -167,8 +167,47 @@ class Windows:
                 steps.add(name, symbols[name], sources[name])
         kernel = KernelInfo(base=vaddr, paddr=paddr, size=headers.size_of_image, name=exports.name, build=build,
                             dtb=dtb, kdbg=block.vaddr if block is not None else None, found=tuple(steps),
-                            kdbg_offsets=dict(block.offsets) if block is not None else {})
+                            kdbg_offsets=dict(block.offsets) if block is not None else {}, bits=bits)
         return cls(kernel, symbols, profile, memory)
+
+    @staticmethod
+    def _check_dtb(memory, dtb: int, mode: PagingMode, vaddr: int, paddr: int) -> None:
+        """The DTB must map the kernel's virtual base onto the ntoskrnl image that was found.
+
+        Raises:
+            SymbolError: it maps it nowhere or elsewhere (a wrong DTB, or a wrong paging mode:
+                a dump header whose PaeEnabled lies).
+        """
+        try:
+            mapped = memory.translate(vaddr)
+        except VmwatchError as exc:
+            raise SymbolError(f"DTB {dtb:#x} in {mode.value} paging does not map the kernel base {vaddr:#x} "
+                              f"({exc})") from None
+        if mapped != paddr:
+            raise SymbolError(f"DTB {dtb:#x} in {mode.value} paging maps the kernel base {vaddr:#x} to physical "
+                              f"{mapped:#x}, not to ntoskrnl at {paddr:#x}")
+
+    @staticmethod
+    def _page_tables(meta: dict, registers, steps: Steps) -> tuple[int | None, PagingMode | None]:
+        """The kernel DTB and paging mode from a crash dump header or a vCPU, or (None, None)."""
+        dtb = meta.get("directory_table_base") or None
+        if dtb is not None:
+            if meta.get("bits") == 32:
+                mode = PagingMode.PAE if meta.get("pae") else PagingMode.BITS32
+                steps.add("paging", mode.value, "crash dump header PaeEnabled")
+            else:
+                mode = PagingMode.LEVEL4
+            dtb &= locate.ROOT_MASKS[mode]
+            steps.add("DTB", dtb, "crash dump header DirectoryTableBase")
+            return dtb, mode
+        found = locate.cpu_paging(registers)
+        if found is None:
+            return None, None
+        dtb, mode = found
+        if mode is not PagingMode.LEVEL4:
+            steps.add("paging", mode.value, "CR0/CR4/EFER of the saved/live vCPU")
+        steps.add("DTB", dtb, "CR3 of the saved/live vCPU")
+        return dtb, mode
 
     @staticmethod
     def _find_kdbg(phys, memory, meta, profile, vaddr, image: tuple[int, int]):
@@ -180,8 +219,8 @@ class Windows:
             candidates.append((profile.kdbg_vaddr, "libvmi.conf win_kdvb"))
         if vaddr is not None and "KdDebuggerDataBlock" in profile.symbols:
             candidates.append((vaddr + profile.symbols["KdDebuggerDataBlock"], "profile symbol KdDebuggerDataBlock"))
-        keys = None
-        if vaddr is not None and all(k in profile.symbols for k in _KEYS):
+        keys, bits = None, profile.bits
+        if bits == 64 and vaddr is not None and all(k in profile.symbols for k in _KEYS):
             keys = tuple(vaddr + profile.symbols[k] for k in _KEYS)
         if memory is not None:
             for address, how in candidates:
@@ -192,10 +231,10 @@ class Windows:
                         raw = kdbg_mod.decode(raw, never, always, keys[2])
                         return kdbg_mod.parse(raw, vaddr=address, paddr=None, encoded=True, kernel_base=vaddr), \
                             how + ", decoded with KiWaitNever/KiWaitAlways"
-                    return kdbg_mod.parse(raw, vaddr=address, paddr=None, kernel_base=vaddr), how
+                    return kdbg_mod.parse(raw, vaddr=address, paddr=None, kernel_base=vaddr, bits=bits), how
                 except VmwatchError as exc:
                     log.debug("windows.kdbg_candidate_rejected", address=hex(address), error=str(exc))
-        block, rejected = kdbg_mod.scan_physical(phys, vaddr, first=image)
+        block, rejected = kdbg_mod.scan_physical(phys, vaddr, first=image, bits=bits)
         for line in rejected[:8]:
             log.debug("windows.kdbg_rejected", reason=line)
         if block is None:
@@ -329,8 +368,9 @@ class Windows:
         """The 256 gates of the IDT at virtual ``base``, handlers resolved to exports."""
         from vmwatch.os.linux.idt import GATE_SIZE, decode_gate
 
-        raw = self.memory.read(base, 256 * GATE_SIZE)
-        return [decode_gate(v, raw[v * GATE_SIZE:(v + 1) * GATE_SIZE], self.symbols) for v in range(256)]
+        size = GATE_SIZE if self.kernel.bits == 64 else 8  # an x86 gate is 8 bytes
+        raw = self.memory.read(base, 256 * size)
+        return [decode_gate(v, raw[v * size:(v + 1) * size], self.symbols) for v in range(256)]
 
     def in_kernel(self, address: int) -> bool:
         """Whether ``address`` is inside the ntoskrnl image."""

@@ -7,7 +7,8 @@
    to the ``MZ`` header of the image holding it; unmapped pages are stepped over.
 3. DTB: CR3 of a vCPU, a crash dump's DirectoryTableBase, or a scan for the System EPROCESS:
    ``System`` at the profile's ImageFileName offset whose DirectoryTableBase translates the
-   kernel's virtual base to its physical one.
+   kernel's virtual base to its physical one. A 32-bit kernel's root is tried as PAE paging
+   first (what x86 Windows uses since XP SP2 wherever the CPU has NX), then as plain 32-bit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ IDT_SCAN_LIMIT = 32 << 20
 """ntoskrnl is < 16 MiB: an IDT handler further than this above an MZ page is not in it."""
 MAX_REJECTED = 64
 _CR3_MASK = 0x000FFFFFFFFFF000
+ROOT_MASKS = {PagingMode.LEVEL4: _CR3_MASK, PagingMode.PAE: 0xFFFFFFE0, PagingMode.BITS32: 0xFFFFF000}
+"""The CR3 bits that address the page-table root in each mode Windows runs in."""
+X86_MODES = (PagingMode.PAE, PagingMode.BITS32)
 
 
 def is_kernel(read, base: int) -> pe.PEHeaders | None:
@@ -55,6 +59,19 @@ def physical_kernel(phys) -> tuple[int, pe.PEHeaders, int]:
     raise KernelNotFound(f"no ntoskrnl image in physical memory ({tried} MZ pages looked at)")
 
 
+def vector0_handler(memory, idtr_base: int) -> int:
+    """The handler address of IDT vector 0: a 16-byte gate on x64, an 8-byte one on x86.
+
+    Raises:
+        VmwatchError: the gate is unreadable.
+    """
+    if memory.pointer_size == 4:
+        low, _sel, _access, high = struct.unpack("<HHHH", memory.read(idtr_base, 8))
+        return low | high << 16
+    low, _sel, _ist, mid, high = struct.unpack("<HHHHI", memory.read(idtr_base, 12))
+    return low | mid << 16 | high << 32
+
+
 def idt_kernel(memory, idtr_base: int) -> tuple[int, int]:
     """Virtual base of ntoskrnl scanned down from the handler of IDT vector 0; (base, handler).
 
@@ -62,10 +79,9 @@ def idt_kernel(memory, idtr_base: int) -> tuple[int, int]:
         SymbolError: the gate is unreadable or no ntoskrnl header lies within 32 MiB below it.
     """
     try:
-        low, _sel, _ist, mid, high = struct.unpack("<HHHHI", memory.read(idtr_base, 12))
+        handler = vector0_handler(memory, idtr_base)
     except VmwatchError as exc:
         raise SymbolError(f"IDT at {idtr_base:#x} unreadable: {exc}") from None
-    handler = low | mid << 16 | high << 32
     page = handler & ~0xFFF
     for _ in range(IDT_SCAN_LIMIT // 0x1000):
         try:
@@ -75,34 +91,53 @@ def idt_kernel(memory, idtr_base: int) -> tuple[int, int]:
         if head == b"MZ" and is_kernel(memory.read, page) is not None:
             return page, handler
         page -= 0x1000
+        if page < 0:
+            break
     raise SymbolError(f"no ntoskrnl image within {IDT_SCAN_LIMIT >> 20} MiB below IDT handler {handler:#x}")
 
 
-def cr3_of(registers) -> int | None:
-    """The kernel page-table root of the first vCPU in 4-level paging (PCID bits cleared)."""
+def cpu_paging(registers) -> tuple[int, PagingMode] | None:
+    """(root, mode) of the first vCPU with paging on: 4-level (PCID bits cleared), PAE or 32-bit.
+
+    A vCPU whose CR0 is unknown (a dump that saves CR3 alone) is taken as 4-level.
+    """
     for regs in registers:
         if regs is None or regs.cr3 is None:
             continue
-        if regs.cr0 is not None and regs.paging_mode is not PagingMode.LEVEL4:
-            continue
-        return regs.cr3 & _CR3_MASK
+        mode = PagingMode.LEVEL4 if regs.cr0 is None else regs.paging_mode
+        if mode in ROOT_MASKS:
+            return regs.cr3 & ROOT_MASKS[mode], mode
     return None
 
 
-def system_process_dtb(phys, profile, kernel_vaddr: int, kernel_paddr: int) -> tuple[int, int]:
-    """DTB from the System EPROCESS found by scanning; returns (dtb, EPROCESS paddr).
+def maps_kernel(phys, dtb: int, modes, kernel_vaddr: int, kernel_paddr: int) -> PagingMode | None:
+    """The first of ``modes`` in which root ``dtb`` maps the kernel's virtual base to its physical one."""
+    from vmwatch.memory import GuestMemory
+
+    for mode in modes:
+        try:
+            if GuestMemory(phys, cr3=dtb & ROOT_MASKS[mode], mode=mode).translate(kernel_vaddr) == kernel_paddr:
+                return mode
+        except VmwatchError:
+            continue
+    return None
+
+
+def system_process_dtb(phys, profile, kernel_vaddr: int, kernel_paddr: int) -> tuple[int, int, PagingMode]:
+    """DTB from the System EPROCESS found by scanning; returns (dtb, EPROCESS paddr, paging mode).
 
     Raises:
         SymbolError: no ``System`` EPROCESS whose DirectoryTableBase maps the kernel.
     """
-    from vmwatch.memory import GuestMemory
-
     name_off = profile.eprocess["ImageFileName"]
     dtb_off = profile.eprocess["DirectoryTableBase"]
     if dtb_off is None:
         raise SymbolError("the profile has no DirectoryTableBase offset to scan for the System process")
+    wide = profile.bits == 64
+    modes = (PagingMode.LEVEL4,) if wide else X86_MODES
+    align = 8 if wide else 4  # an EPROCESS starts pool-aligned
     tried = 0
-    for hit in find_all(phys, b"System\0", 1, name_off % 8):
+    for hit in find_all(phys, b"System\0", align, name_off % align):
         eprocess = hit - name_off
         if eprocess < 0:
             continue
@@ -110,9 +145,11 @@ def system_process_dtb(phys, profile, kernel_vaddr: int, kernel_paddr: int) -> t
         if tried > 4096:
             break
         try:
-            dtb = struct.unpack("<Q", phys.read(eprocess + dtb_off, 8))[0] & _CR3_MASK
-            if dtb and GuestMemory(phys, cr3=dtb, mode=PagingMode.LEVEL4).translate(kernel_vaddr) == kernel_paddr:
-                return dtb, eprocess
+            raw = phys.read(eprocess + dtb_off, 8 if wide else 4)
         except VmwatchError:
             continue
+        dtb = int.from_bytes(raw, "little")
+        mode = maps_kernel(phys, dtb, modes, kernel_vaddr, kernel_paddr) if dtb else None
+        if mode is not None:
+            return dtb & ROOT_MASKS[mode], eprocess, mode
     raise SymbolError(f"no System EPROCESS whose DirectoryTableBase maps the kernel ({tried} candidates)")

@@ -37,7 +37,9 @@ def unicode_string(memory, raw: bytes, offset: int) -> str:
         VmwatchError: the buffer is unreadable.
     """
     length, _maximum = struct.unpack_from("<HH", raw, offset)
-    buffer = struct.unpack_from("<Q", raw, offset + 8)[0]
+    # Buffer follows at the next pointer-aligned offset: +8 on x64, +4 on x86.
+    size = memory.pointer_size
+    buffer = int.from_bytes(raw[offset + size:offset + 2 * size], "little")
     if not length or not buffer:
         return ""
     data = memory.read(buffer, min(length & ~1, MAX_NAME))
@@ -56,7 +58,7 @@ def walk_modules(win) -> Listing:
                              name="PsLoadedModuleList", skipped=skipped, limit=MAX_MODULES):
         try:
             raw = win.memory.read(address, span)
-            base = struct.unpack_from("<Q", raw, o["DllBase"])[0]
+            base = int.from_bytes(raw[o["DllBase"]:o["DllBase"] + win.memory.pointer_size], "little")
             size = struct.unpack_from("<I", raw, o["SizeOfImage"])[0]
             name = unicode_string(win.memory, raw, o["BaseDllName"])
             path = unicode_string(win.memory, raw, o["FullDllName"])

@@ -1,8 +1,8 @@
 """Processes found by their pool tag: a second view beside ActiveProcessLinks (it sees DKOM hiding).
 
-Every EPROCESS is allocated from nonpaged pool: a 16-byte aligned _POOL_HEADER whose PoolTag (at
-+4) reads ``Proc`` (``Pro\\xe3`` with the protected bit Windows 7 sets), then optional headers and
-the _OBJECT_HEADER, then the body. As Volatility's psscan does, physical memory is searched for
+Every EPROCESS is allocated from nonpaged pool: a 16-byte aligned _POOL_HEADER (8-byte on x86)
+whose PoolTag (at +4) reads ``Proc`` (``Pro\\xe3`` with the protected bit Windows 7 sets), then
+optional headers and the _OBJECT_HEADER (0x30 bytes, 0x18 on x86), then the body. As Volatility's psscan does, physical memory is searched for
 the tag and each 16-byte step after it is tried as an EPROCESS body; one is kept only when it
 looks alive and whole: _DISPATCHER_HEADER.Type 3 (ProcessObject), a pid that is a non-zero
 multiple of 4, a printable ImageFileName, both ActiveProcessLinks pointers in kernel space, a
@@ -22,13 +22,14 @@ import attrs
 from vmwatch.errors import UnsupportedOperation, VmwatchError
 from vmwatch.os.linux.tasks import Listing
 from vmwatch.os.windows.scan import find_regex
-from vmwatch.os.windows.tasks import _CR3_MASK, Process, _field, _process
+from vmwatch.os.windows.kdbg import KERNEL_SPACE, KERNEL_SPACE_X86
+from vmwatch.os.windows.tasks import Process, _field, _process, dtb_mask
 
 TAG = re.compile(b"Pro[c\xe3]")
-BODY_OFFSETS = range(0x40, 0x140, 0x10)
+BODY_OFFSETS = {64: range(0x40, 0x140, 0x10), 32: range(0x20, 0xA0, 8)}
 """Where the body may start in its block: pool header + optional headers + object header."""
+POOL_ALIGN = {64: 16, 32: 8}
 MAX_HITS = 1 << 16
-_KERNEL_SPACE = 0xFFFF800000000000
 
 
 @attrs.frozen
@@ -54,34 +55,42 @@ def scan_processes(win) -> Listing:
         raise UnsupportedOperation("the pool scan reads all guest RAM: not through the gdbstub "
                                    "(let vmwatch map the guest's RAM file)")
     span = max(v for v in o.values() if v is not None) + 16
+    bits = win.profile.bits
     skipped: list[str] = []
     found: list[PoolProcess] = []
-    for hits, tag in enumerate(find_regex(phys, TAG, 4, 16, 4)):
+    for hits, tag in enumerate(find_regex(phys, TAG, 4, POOL_ALIGN[bits], 4)):
         if hits >= MAX_HITS:
             skipped.append(f"pool scan stopped after {MAX_HITS} process pool tags")
             break
-        for off in BODY_OFFSETS:
+        for off in BODY_OFFSETS[bits]:
             paddr = tag - 4 + off
             try:
                 raw = phys.read(paddr, span)
             except VmwatchError:  # past the end of a run: no body fits here
                 break
-            if _alive(raw, o):
-                found.append(PoolProcess(paddr, _process(raw, _vaddr(win, raw, paddr, o["ActiveProcessLinks"]), o)))
+            if _alive(raw, o, bits):
+                address = _vaddr(win, raw, paddr, o["ActiveProcessLinks"])
+                found.append(PoolProcess(paddr, _process(raw, address, o, bits)))
                 break
     return Listing(found, skipped)
 
 
-def _alive(raw: bytes, o: dict[str, int | None]) -> bool:
+def _links(raw: bytes, links: int, bits: int) -> tuple[int, int]:
+    return struct.unpack_from("<QQ" if bits == 64 else "<II", raw, links)
+
+
+def _alive(raw: bytes, o: dict[str, int | None], bits: int) -> bool:
     if raw[0] != 3:
         return False
-    pid = _field(raw, o["UniqueProcessId"])
+    ptr = "<Q" if bits == 64 else "<I"
+    pid = _field(raw, o["UniqueProcessId"], ptr)
     if not pid or pid % 4 or pid >= 1 << 32:
         return False
-    flink, blink = struct.unpack_from("<QQ", raw, o["ActiveProcessLinks"])
-    if flink < _KERNEL_SPACE or blink < _KERNEL_SPACE:
+    flink, blink = _links(raw, o["ActiveProcessLinks"], bits)
+    space = KERNEL_SPACE if bits == 64 else KERNEL_SPACE_X86
+    if flink < space or blink < space:
         return False
-    if o["DirectoryTableBase"] is not None and not _field(raw, o["DirectoryTableBase"]) & _CR3_MASK:
+    if o["DirectoryTableBase"] is not None and not _field(raw, o["DirectoryTableBase"], ptr) & dtb_mask(bits):
         return False
     if o.get("ExitTime") is not None and _field(raw, o["ExitTime"]):
         return False
@@ -92,9 +101,9 @@ def _alive(raw: bytes, o: dict[str, int | None]) -> bool:
 def _vaddr(win, raw: bytes, paddr: int, links: int) -> int | None:
     """The body's virtual address, from a pointer that leads back to it: its own links (an
     unlinked process points to itself) or a neighbour's links to it."""
-    flink, blink = struct.unpack_from("<QQ", raw, links)
+    flink, blink = _links(raw, links, win.profile.bits)
     candidates = [flink, blink]
-    for address in (blink, flink + 8):
+    for address in (blink, flink + win.memory.pointer_size):
         try:
             candidates.append(win.memory.pointer(address))
         except VmwatchError:

@@ -16,6 +16,8 @@ from vmwatch.os.linux.objects import c_string, walk_list
 from vmwatch.os.linux.tasks import Listing
 
 _CR3_MASK = 0x000FFFFFFFFFF000
+_CR3_MASK_X86 = 0xFFFFFFE0
+"""An x86 DirectoryTableBase is a ULONG: a PAE root is only 32-byte aligned."""
 MAX_PROCESSES = 1 << 16
 
 
@@ -81,17 +83,25 @@ def read_process(win, address: int) -> Process:
     """
     offsets = win.profile.eprocess
     span = max(v for v in offsets.values() if v is not None) + 16
-    return _process(win.memory.read(address, span), address, offsets)
+    return _process(win.memory.read(address, span), address, offsets, win.profile.bits)
 
 
 def _field(buf: bytes, offset: int | None, fmt: str = "<Q") -> int | None:
     return None if offset is None else struct.unpack_from(fmt, buf, offset)[0]
 
 
-def _process(buf: bytes, address: int, o: dict[str, int | None]) -> Process:
-    dtb = _field(buf, o["DirectoryTableBase"])
+def dtb_mask(bits: int) -> int:
+    """The bits of a DirectoryTableBase that address the page-table root."""
+    return _CR3_MASK if bits == 64 else _CR3_MASK_X86
+
+
+def _process(buf: bytes, address: int | None, o: dict[str, int | None], bits: int = 64) -> Process:
+    """The fields of the EPROCESS body in ``buf``: pointers (pid, ppid, Peb) and the x86
+    DirectoryTableBase are 4 bytes on a 32-bit kernel; CreateTime is a LARGE_INTEGER on both."""
+    ptr = "<Q" if bits == 64 else "<I"
+    dtb = _field(buf, o["DirectoryTableBase"], ptr)
     return Process(
-        pid=_field(buf, o["UniqueProcessId"]), ppid=_field(buf, o["InheritedFromUniqueProcessId"]),
+        pid=_field(buf, o["UniqueProcessId"], ptr), ppid=_field(buf, o["InheritedFromUniqueProcessId"], ptr),
         name=c_string(buf[o["ImageFileName"]:o["ImageFileName"] + 15]),
-        dtb=None if dtb is None else dtb & _CR3_MASK, create_time=_field(buf, o["CreateTime"], "<q"),
-        peb=_field(buf, o["Peb"]), address=address)
+        dtb=None if dtb is None else dtb & dtb_mask(bits), create_time=_field(buf, o["CreateTime"], "<q"),
+        peb=_field(buf, o["Peb"], ptr), address=address)

@@ -47,6 +47,7 @@ class TriageWindows:
             SymbolError: ``symbols_file`` is given but is not a Windows profile.
         """
         t, meta = image.triage, image.metadata
+        bits = meta["bits"]
         steps = Steps()
         build = image.header.minor
         steps.add("build", build, "crash dump header MinorVersion")
@@ -55,7 +56,7 @@ class TriageWindows:
         if t.kdbg is not None:
             try:
                 block = kdbg_mod.parse(t.kdbg.ljust(kdbg_mod.MIN_SIZE, b"\0"), vaddr=meta["kd_debugger_data_block"],
-                                       paddr=None)  # padded: a cut copy reads as zero fields
+                                       paddr=None, bits=bits)  # padded: a cut copy reads as zero fields
                 fields = {k: v for k, v in block.fields.items() if v}
                 steps.add("KDBG", meta["kd_debugger_data_block"], "triage dump's copy of the KDBG block")
             except GuestDataError as exc:
@@ -68,7 +69,7 @@ class TriageWindows:
                 steps.add(name, fields[name], "KDBG copy (the list itself is not in a triage dump)")
         profile, why = None, None
         try:
-            profile = load_profile(symbols_file) if symbols_file is not None else builtin(build)
+            profile = load_profile(symbols_file, bits) if symbols_file is not None else builtin(build, bits)
             steps.add("profile", profile.name, profile.source)
         except SymbolError as exc:  # an unknown build: the drivers still list, the process says why not
             if symbols_file is not None:
@@ -77,7 +78,7 @@ class TriageWindows:
             steps.add("profile", None, why)
         kernel = KernelInfo(base=base, paddr=None, size=nt.size if nt is not None else 0, name="ntoskrnl.exe",
                             build=build, dtb=meta["directory_table_base"], kdbg=meta["kd_debugger_data_block"],
-                            found=tuple(steps))
+                            found=tuple(steps), bits=bits)
         win = cls(kernel, WindowsSymbols({}, fields), profile, image)
         win.profile_error = why
         return win
@@ -92,14 +93,12 @@ class TriageWindows:
         found = []
         if self.triage.process is None:
             skipped.append("this triage dump has no EPROCESS copy")
-        elif self.bits != 64:
-            skipped.append("the EPROCESS copy of a 32-bit dump is not decoded (x64 offsets only)")
         elif self.profile is None:
             skipped.append(f"the EPROCESS copy is not decoded: {self.profile_error}")
         else:
             o = self.profile.eprocess
             raw = self.triage.process.ljust(max(v for v in o.values() if v is not None) + 16, b"\0")
-            found.append(_process(raw, None, o))
+            found.append(_process(raw, None, o, self.profile.bits))
         return Listing(found, skipped)
 
     def modules(self) -> Listing:
