@@ -18,6 +18,13 @@ Decorators stack: one function may listen to several things. ``guest.state`` is 
 to the rule for one run; ``guest.config`` holds the rule's defaults (``@rule.configure``) merged
 with the overrides of the run. Rules are enabled unless declared with ``@rule.disabled``; a run
 can enable, disable and configure any rule by name (``pack.function``) or glob.
+
+A pack with rules for different jobs keeps each job in a part file beside it, named with a
+leading ``_`` (so it is no pack of its own) and listed in the pack's ``PARTS``::
+
+    PARTS = ("_security_windows.py",)
+
+The parts' rules join the pack under its name (``security.ssdt``), after the pack's own.
 """
 
 from __future__ import annotations
@@ -314,16 +321,12 @@ def shipped_pack_names() -> list[str]:
     return sorted(p.stem for p in SHIPPED_PACKS.glob("*.py") if not p.name.startswith("_"))
 
 
-def load_pack(path: Path) -> list[Rule]:
-    """Import one rule file under a private module name and collect its rules.
-
-    Raises:
-        RuleError: the file does not import, or declares a rule wrongly.
-    """
+def _exec_rule_file(path: Path, what: str) -> dict[str, Any]:
+    """Import one rule file under a private module name; its namespace."""
     module_name = f"vmwatch_rulepack_{abs(hash(str(path.resolve()))):x}_{path.stem}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise RuleError(f"cannot load rule pack {path}")
+        raise RuleError(f"cannot load {what} {path}")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
     try:
@@ -331,15 +334,52 @@ def load_pack(path: Path) -> list[Rule]:
     except RuleError as exc:
         raise RuleError(f"{path}: {exc}") from exc
     except Exception as exc:  # a pack is user code: any failure is a bad pack, reported in one line
-        raise RuleError(f"{path}: cannot load rule pack: {type(exc).__name__}: {exc}") from exc
+        raise RuleError(f"{path}: cannot load {what}: {type(exc).__name__}: {exc}") from exc
     finally:
         sys.modules.pop(module_name, None)
+    return vars(module)
+
+
+def _collect(namespace: dict[str, Any], path: Path, pack: str) -> list[Rule]:
     try:
-        rules = rules_of(vars(module), path.stem)
+        rules = rules_of(namespace, pack)
     except RuleError as exc:
         raise RuleError(f"{path}: {exc}") from exc
     if not rules:
         raise RuleError(f"{path}: no rules (decorate functions with @rule.on_...)")
+    return rules
+
+
+def _part_paths(namespace: dict[str, Any], path: Path) -> list[Path]:
+    """The part files a pack's ``PARTS`` names: ``_name.py`` files in the pack's folder."""
+    parts = namespace.get("PARTS", ())
+    if isinstance(parts, str) or not isinstance(parts, (tuple, list)):
+        raise RuleError(f"{path}: PARTS must be a tuple of file names, not {parts!r}")
+    found = []
+    for name in parts:
+        if (not isinstance(name, str) or Path(name).name != name or not name.startswith("_")
+                or not name.endswith(".py")):
+            raise RuleError(f"{path}: a part is a file '_name.py' beside the pack, not {name!r}")
+        part = path.parent / name
+        if not part.is_file():
+            raise RuleError(f"{path}: part {name} of pack {path.stem} not found in {path.parent}")
+        found.append(part)
+    return found
+
+
+def load_pack(path: Path) -> list[Rule]:
+    """Import one rule file (and the parts its ``PARTS`` names) and collect its rules.
+
+    Raises:
+        RuleError: the file or a part is missing, does not import, or declares a rule wrongly.
+    """
+    namespace = _exec_rule_file(path, "rule pack")
+    rules = _collect(namespace, path, path.stem)
+    for part in _part_paths(namespace, path):
+        part_namespace = _exec_rule_file(part, f"part of rule pack {path.stem}")
+        if "PARTS" in part_namespace:
+            raise RuleError(f"{part}: a part cannot have parts of its own")
+        rules += _collect(part_namespace, part, path.stem)
     return rules
 
 

@@ -99,6 +99,19 @@ class Watcher:
                 return messages
             time.sleep(0.2)
 
+    def wait_seen_by_root_without_exec(self, pid: int, timeout: float = SLOW) -> None:
+        """Until a periodic check of security.root_without_exec recorded ``pid`` (with its uids then):
+        a condition, not a sleep, for a host whose load delays the 2 s checks."""
+        def seen() -> bool:
+            state = self.engine.runs["security.root_without_exec"].state
+            return any(key[0] == pid for key in state.get("seen", {}))
+
+        deadline = time.monotonic() + timeout
+        while not trio.from_thread.run_sync(seen, trio_token=self.token):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"security.root_without_exec did not check pid {pid} within {timeout} s")
+            time.sleep(0.2)
+
     def stopped(self, work):
         """Run ``work(linux, source)`` with the guest paused and no rule running; return its result."""
 
@@ -341,7 +354,7 @@ def test_root_without_exec(watcher, lab_guest):
     """A uid-1000 process whose credentials are overwritten with root from outside."""
     out = lab_guest.shell("su -s /bin/sh lab -c 'exec sleep 600' </dev/null >/dev/null 2>&1 & echo $!", timeout=SLOW)
     pid = int(out.split()[-1])
-    time.sleep(3)  # one periodic check sees it as uid 1000 first
+    watcher.wait_seen_by_root_without_exec(pid)  # its periodic check must know it as uid 1000 first
     assert lab_guest.shell(f"grep Uid /proc/{pid}/status", timeout=SLOW).split()[1] == "1000"
     mark = watcher.mark()
     fields = ("uid", "euid", "suid", "fsuid")

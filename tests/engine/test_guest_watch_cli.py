@@ -25,11 +25,21 @@ def test_watch_live_json_and_timeline(lab_guest, tmp_path, stealth):
     sensor = int(lab_guest.shell("grep ' begin_new_exec$' /proc/kallsyms", check=True).split()[0], 16)
     executed: list[int] = []
 
-    def act() -> None:
-        time.sleep(4)
+    def first_byte() -> int:
         text = lab_guest.qmp().execute("human-monitor-command", {"command-line": f"x /1xb {sensor:#x}"})
-        executed.append(int(text.split(":")[1].split()[0], 16))
-        truth.append(lab_guest.shell("sh -c 'echo $$; exec /bin/busybox true'", timeout=120).split()[0])
+        return int(text.split(":")[1].split()[0], 16)
+
+    def act() -> None:
+        # The watch arms when it arms (later on a loaded host): wait for the inline hook's call
+        # (none comes with --stealth), then exec once a second while the watch runs.
+        end = time.monotonic() + 10
+        time.sleep(2)
+        while not stealth and first_byte() != 0xE8 and time.monotonic() < end:
+            time.sleep(0.2)
+        executed.append(first_byte())
+        while time.monotonic() < end:
+            truth.append(lab_guest.shell("sh -c 'echo $$; exec /bin/busybox true'", timeout=120).split()[0])
+            time.sleep(1)
 
     worker = threading.Thread(target=act)
     worker.start()
@@ -39,7 +49,9 @@ def test_watch_live_json_and_timeline(lab_guest, tmp_path, stealth):
     assert executed == [0x0F if stealth else 0xE8]
     assert result.status == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    pid = int(truth[0])
+    seen = {x["pid"] for x in lines if x["event"] == "Exec"}
+    pid = next((int(p) for p in truth if int(p) in seen), None)  # the first exec the armed watch saw
+    assert pid is not None, (truth, sorted(seen))
     execs = [x for x in lines if x["event"] == "Exec" and x["pid"] == pid]
     assert "/bin/busybox" in [x["details"]["filename"] for x in execs]  # after sh itself (/proc/self/exe)
     rows = sqlite3.connect(db).execute("SELECT kind, time_ns FROM events WHERE pid = ?", (pid,)).fetchall()

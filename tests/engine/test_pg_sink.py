@@ -255,9 +255,12 @@ def test_live_watch_into_postgres(lab_guest, pg_url):
 
     truth: list[str] = []
 
-    def act() -> None:
-        time.sleep(4)
-        truth.append(lab_guest.shell("sh -c 'echo $$; exec /bin/busybox true'", timeout=120).split()[0])
+    def act() -> None:  # exec once a second while the watch runs: it arms later on a loaded host
+        end = time.monotonic() + 10
+        time.sleep(2)
+        while time.monotonic() < end:
+            truth.append(lab_guest.shell("sh -c 'echo $$; exec /bin/busybox true'", timeout=120).split()[0])
+            time.sleep(1)
 
     worker = threading.Thread(target=act)
     worker.start()
@@ -273,5 +276,5 @@ def test_live_watch_into_postgres(lab_guest, pg_url):
                     for vm, host, _, seq, kind, _, pid, comm, details in events)
     assert stored == shown
     assert len(alerts) == sum(x["event"] == "alert" for x in lines)
-    pid = int(truth[0])
-    assert any(kind == "Exec" and row_pid == pid for _, _, _, kind, row_pid, _, _ in stored)
+    execs = {row_pid for _, _, _, kind, row_pid, _, _ in stored if kind == "Exec"}
+    assert {int(p) for p in truth} & execs, (truth, sorted(execs))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from vmwatch.engine.registers import canonical_register
 from vmwatch.errors import RuleError
 from vmwatch.events import Exec
-from vmwatch.rules import ListenerKind, RuleSet, Severity, load_pack, rule, rules_of, shipped_pack_names
+from vmwatch.rules import (SHIPPED_PACKS, ListenerKind, RuleSet, Severity, load_pack, rule, rules_of,
+                           shipped_pack_names)
 
 PACK = textwrap.dedent('''
     from vmwatch.events import Exec
@@ -127,3 +130,66 @@ class TestRuleSet:
         (tmp_path / "mine.py").write_text(PACK)
         with pytest.raises(RuleError, match="defined twice"):
             RuleSet.load([tmp_path / "mine.py", tmp_path])
+
+
+PART = textwrap.dedent('''
+    from vmwatch.rules import rule
+
+    @rule.every(1)
+    def other_job(event, guest):
+        """A rule kept in a part."""
+''')
+
+
+class TestPackParts:
+    def test_security_pack_joins_its_windows_part(self):
+        """`security` loads its Linux rules from security.py and its Windows rules from the part, one pack name."""
+        rules = RuleSet.load(["security"]).rules
+        files = {r.name: Path(r.func.__code__.co_filename).name for r in rules}
+        windows = ["security.ssdt", "security.windows_idt", "security.driver_allowlist", "security.unlinked_process"]
+        assert [name for name, file in files.items() if file == "_security_windows.py"] == windows
+        assert "security.syscall_table" in files and "security.hidden_process" in files
+        assert set(files.values()) == {"security.py", "_security_windows.py"}
+        assert [r.name for r in rules][-4:] == windows  # the part's rules come after the pack's own
+        assert "_security_windows" not in shipped_pack_names()
+
+    def test_shipped_pack_without_or_with_a_broken_part(self, tmp_path):
+        """A copy of the shipped pack missing its Windows part, or with the part broken, is one RuleError naming it."""
+        pack = tmp_path / "security.py"
+        shutil.copy(SHIPPED_PACKS / "security.py", pack)
+        with pytest.raises(RuleError, match=r"part _security_windows\.py of pack security not found") as info:
+            RuleSet.load([pack])
+        assert "\n" not in str(info.value)
+        part = tmp_path / "_security_windows.py"
+        part.write_text((SHIPPED_PACKS / "_security_windows.py").read_text() + "\ndef broken(:\n")
+        with pytest.raises(RuleError, match="SyntaxError") as info:
+            RuleSet.load([pack])
+        assert "_security_windows.py" in str(info.value) and "part of rule pack security" in str(info.value)
+        shutil.copy(SHIPPED_PACKS / "_security_windows.py", part)
+        assert [r.name for r in RuleSet.load([pack]).rules] == [r.name for r in RuleSet.load(["security"]).rules]
+
+    @pytest.mark.parametrize("parts, part_text, message", [
+        ('"_part.py"', PART, "PARTS must be a tuple"),
+        ('("part.py",)', PART, "a part is a file '_name.py'"),
+        ('("../_part.py",)', PART, "a part is a file '_name.py'"),
+        ('(3,)', PART, "a part is a file '_name.py'"),
+        ('("_part.py",)', "x = 1\n", "_part.py: no rules"),
+        ('("_part.py",)', "raise OSError('gone')\n", "OSError: gone"),
+        ('("_part.py",)', 'PARTS = ("_part.py",)\n' + PART, "cannot have parts of its own"),
+        ('("_part.py",)', PART.replace("other_job", "opens"), "rule mine.opens defined twice"),
+    ])
+    def test_bad_parts_are_one_rule_error(self, tmp_path, parts, part_text, message):
+        """A wrong PARTS, or a part that is not a clean rule file, is a RuleError that says which."""
+        (tmp_path / "mine.py").write_text(f"PARTS = {parts}\n" + PACK)
+        (tmp_path / "_part.py").write_text(part_text)
+        with pytest.raises(RuleError, match=message):
+            RuleSet.load([tmp_path / "mine.py"])
+
+    def test_part_rules_take_the_pack_name(self, tmp_path):
+        """A part's rules are named, enabled and configured as the pack's; a folder does not load a part alone."""
+        (tmp_path / "mine.py").write_text('PARTS = ("_part.py",)\n' + PACK)
+        (tmp_path / "_part.py").write_text(PART)
+        rs = RuleSet.load([tmp_path])
+        assert [r.name for r in rs.rules] == ["mine.opens", "mine.ticking", "mine.other_job"]
+        rs.disable("mine")
+        assert rs.active() == []

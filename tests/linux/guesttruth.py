@@ -89,3 +89,20 @@ def name_matches(ours: str, before: str, after: str | None) -> bool:
     while the guest runs: a kworker's ``+desc``/``-desc`` follows the work item it runs now.
     """
     return ours in (before, after)
+
+
+def assert_lists_match_proc(guest, qmp: str) -> None:
+    """``vmwatch ps`` and ``modules`` of the running guest agree with its /proc, with no warning:
+    the pids seen before and after the walk, and /proc/modules."""
+    import json
+
+    from vmwatch.testing.cli import run_cli
+
+    before = parse_names(guest.shell(NAMES, timeout=60))
+    ps = run_cli("ps", qmp, "--json")
+    after = parse_names(guest.shell(NAMES, timeout=60))
+    assert ps.status == 0 and "warning" not in ps.stderr, ps.stderr
+    ours = {p["pid"] for p in json.loads(ps.stdout) if p["pid"]}
+    assert set(before) & set(after) <= ours <= set(before) | set(after)
+    modules = {line.split()[0] for line in guest.shell("cat /proc/modules").splitlines() if line.strip()}
+    assert {m["name"] for m in json.loads(run_cli("modules", qmp, "--json").stdout)} == modules

@@ -1,6 +1,11 @@
-"""Physical memory with some bytes replaced: corrupt a real dump without touching the file."""
+"""Physical memory with some bytes replaced: corrupt a real dump without touching the file, or a copy of it."""
 
 from __future__ import annotations
+
+import shutil
+
+from vmwatch.images import open_image
+from vmwatch.os.linux.kernel import Linux
 
 
 class Overlay:
@@ -43,3 +48,26 @@ class Overlay:
             except Exception:  # noqa: BLE001 - mirror the images' None for unmapped
                 out.append(None)
         return out
+
+
+def mutated(snap, mutate):
+    """Open the dump and let ``mutate(linux, overlay)`` patch it: (image, overlay)."""
+    image = open_image(snap.dump)
+    overlay = Overlay(image)
+    mutate(Linux.from_memory(overlay, image.cpus), overlay)
+    return image, overlay
+
+
+def corrupt_copy(snap, tmp_path, mutate) -> str:
+    """A copy of the dump file with ``mutate``'s patches written at their file offsets."""
+    image, overlay = mutated(snap, mutate)
+    with image:
+        runs, patches = image.runs, overlay.patches
+    path = tmp_path / "corrupt.elf"
+    shutil.copyfile(snap.dump, path)
+    with open(path, "r+b") as out:
+        for paddr, data in patches:
+            run = next(r for r in runs if r.start <= paddr < r.start + r.size and r.file_offset is not None)
+            out.seek(run.file_offset + paddr - run.start)
+            out.write(data)
+    return str(path)

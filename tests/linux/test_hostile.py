@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import time
 
@@ -13,17 +12,9 @@ from vmwatch.images import open_image
 from vmwatch.os.linux.kernel import Linux
 from vmwatch.testing.cli import run_cli
 
-from .overlay import Overlay
+from .overlay import Overlay, corrupt_copy, mutated
 
 pytestmark = pytest.mark.guest
-
-
-def mutated(snap, mutate):
-    """Open the dump and let ``mutate(linux, overlay)`` patch it: (image, overlay)."""
-    image = open_image(snap.dump)
-    overlay = Overlay(image)
-    mutate(Linux.from_memory(overlay, image.cpus), overlay)
-    return image, overlay
 
 
 def corrupt(snap, mutate):
@@ -125,21 +116,6 @@ def test_corrupted_profile_is_a_symbol_error(default_snap, target, tmp_path, mon
                 overlay.patch(text + start, b"\x01" * 600)
         with pytest.raises(SymbolError):
             Linux.from_memory(overlay, image.cpus)
-
-
-def corrupt_copy(snap, tmp_path, mutate) -> str:
-    """A copy of the dump file with ``mutate``'s patches written at their file offsets."""
-    image, overlay = mutated(snap, mutate)
-    with image:
-        runs, patches = image.runs, overlay.patches
-    path = tmp_path / "corrupt.elf"
-    shutil.copyfile(snap.dump, path)
-    with open(path, "r+b") as out:
-        for paddr, data in patches:
-            run = next(r for r in runs if r.start <= paddr < r.start + r.size and r.file_offset is not None)
-            out.seek(run.file_offset + paddr - run.start)
-            out.write(data)
-    return str(path)
 
 
 def cyclic_tasks(linux, overlay):

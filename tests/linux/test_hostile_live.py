@@ -16,7 +16,7 @@ from vmwatch.os.linux.kernel import Linux
 from vmwatch.target import open_target
 from vmwatch.testing.cli import run_cli
 
-from .guesttruth import NAMES, parse_names
+from .guesttruth import assert_lists_match_proc
 
 pytestmark = pytest.mark.guest
 
@@ -87,12 +87,5 @@ def test_corrupted_lists_in_a_paused_live_guest(lab_guest_factory):
         assert _layout(qmp) == layout
     finally:
         guest.qmp().execute("cont")
-    before = parse_names(guest.shell(NAMES, timeout=60))
-    ps = run_cli("ps", qmp, "--json")
-    after = parse_names(guest.shell(NAMES, timeout=60))
-    assert ps.status == 0 and "warning" not in ps.stderr, ps.stderr
-    ours = {p["pid"] for p in json.loads(ps.stdout) if p["pid"]}
-    assert set(before) & set(after) <= ours <= set(before) | set(after)
-    modules = {line.split()[0] for line in guest.shell("cat /proc/modules").splitlines() if line.strip()}
-    assert set(_listed("modules", run_cli("modules", qmp, "--json").stdout)) == modules
+    assert_lists_match_proc(guest, qmp)
     guest.stop()

@@ -9,6 +9,8 @@ from typing import Callable, Sequence
 
 from vmwatch.text import shown
 
+MAX_WARNINGS = 10
+
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="TARGET", help="memory image path, or qemu:/path/to/qmp.sock")
@@ -56,9 +58,12 @@ def with_linux(args: argparse.Namespace, work: Callable, *, pause: bool = True) 
 
 def emit(env, args: argparse.Namespace, rows: Sequence[dict], columns: Sequence[tuple[str, str, Callable]],
          skipped: Sequence[str] = ()) -> int:
-    """Print rows as JSON or as an aligned table; report skipped guest data on stderr."""
-    for line in skipped:
+    """Print rows as JSON or as an aligned table; report skipped guest data on stderr (the first
+    ``MAX_WARNINGS`` problems, then how many more: a list spliced into garbage has thousands)."""
+    for line in skipped[:MAX_WARNINGS]:
         print(f"vmwatch: warning: {shown(line, backslash=False)}", file=env.stderr)
+    if len(skipped) > MAX_WARNINGS:
+        print(f"vmwatch: warning: and {len(skipped) - MAX_WARNINGS} more problems of the guest's data", file=env.stderr)
     if args.json:
         json.dump(list(rows), env.stdout, indent=1)
         env.stdout.write("\n")

@@ -39,6 +39,8 @@ class Linux:
         self.memory = memory
         memory.symbols.resolver = symbols.__getitem__
         memory.pid_dtb.resolver = self._pid_cr3
+        self.logged_breaks: set = set()
+        """Broken kernel lists warned about already (one warning each, however often walked)."""
 
     @classmethod
     def from_memory(cls, phys, registers: tuple[Registers, ...] = (), symbols_file: str | None = None) -> Linux:

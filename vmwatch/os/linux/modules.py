@@ -33,7 +33,8 @@ def walk_modules(linux) -> Listing:
     skipped: list[str] = []
     found = []
     layout = _layout(types, module)
-    for address in walk_list(memory, linux.symbols["modules"], link, name="modules", skipped=skipped, limit=8192):
+    for address in walk_list(memory, linux.symbols["modules"], link, name="modules", skipped=skipped, limit=8192,
+                             logged=linux.logged_breaks):
         try:
             buf = memory.read(address, module.size)
             base, size = layout(buf)

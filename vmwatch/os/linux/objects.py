@@ -36,16 +36,23 @@ class StructReader:
         self.size = self.struct.size
         self.name = name
         self._decoders: dict[str, tuple[int, str | None, int, int]] = {}
+        self._offsets: dict[str, int | None] = {}  # a walk asks the same few members of every struct
+        self._spans: dict[str, tuple[int, int]] = {}
+
+    def _offset(self, member: str) -> int | None:
+        if member not in self._offsets:
+            try:
+                self._offsets[member] = self.types.member(self.name, member).offset
+            except SymbolError:
+                self._offsets[member] = None
+        return self._offsets[member]
 
     def has(self, member: str) -> bool:
-        try:
-            self.types.member(self.name, member)
-        except SymbolError:
-            return False
-        return True
+        return self._offset(member) is not None
 
     def offset(self, member: str) -> int:
-        return self.types.member(self.name, member).offset
+        offset = self._offset(member)
+        return self.types.member(self.name, member).offset if offset is None else offset  # None: raise its error
 
     def _decoder(self, member: str) -> tuple[int, str | None, int, int]:
         found = self._decoders.get(member)
@@ -80,8 +87,11 @@ class StructReader:
 
     def bytes(self, buf: bytes, member: str) -> bytes:
         """The raw bytes of a member (arrays such as ``comm``)."""
-        m = self.types.member(self.name, member)
-        return buf[m.offset:m.offset + self.types.size_of(m.type_id)]
+        span = self._spans.get(member)
+        if span is None:
+            m = self.types.member(self.name, member)
+            span = self._spans[member] = (m.offset, m.offset + self.types.size_of(m.type_id))
+        return buf[span[0]:span[1]]
 
 
 def c_string(raw: bytes) -> str:
@@ -90,8 +100,21 @@ def c_string(raw: bytes) -> str:
     return (raw if end < 0 else raw[:end]).decode("utf-8", "backslashreplace")
 
 
+def warn_broken(logged: set | None, name: str, head: int, entries: int, why: str) -> None:
+    """Log ``linux.list_broken``: the list, its head, the entries read before the break, why;
+    once per problem when ``logged`` (``Linux.logged_breaks``, bounded) keeps what was said."""
+    key = (name, head, entries, why)
+    if logged is not None:
+        if key in logged:
+            return
+        if len(logged) < 1024:
+            logged.add(key)
+    log.warning("linux.list_broken", list=name, head=hex(head), entries=entries, why=why)
+
+
 def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MAX_LIST,
-              skipped: list[str] | None = None) -> list[int]:
+              skipped: list[str] | None = None, log_broken: bool = True,
+              logged: set | None = None) -> list[int]:
     """Addresses of the structs on a circular ``list_head`` list (the head itself excluded).
 
     Args:
@@ -99,6 +122,9 @@ def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MA
         link_offset: offset of the ``list_head`` member inside each struct (container_of).
         name: the list as a warning names it (``init_task.tasks``, ``modules``).
         skipped: a list that receives one line per problem (bad pointer, cycle, too long).
+        log_broken: also log the problem as a warning (a caller walking many small lists logs a summary).
+        logged: problems logged already (``Linux.logged_breaks``): a watch walks the same broken
+            list every few seconds, and says so once.
 
     The walk stops at the first unreadable pointer, at a node seen before (a cycle that does
     not pass through the head) and after ``limit`` nodes; each is reported, none hangs.
@@ -110,11 +136,12 @@ def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MA
 
     def broken(why: str) -> list[int]:
         line = f"{name} list broken after {len(out)} entries: {why}"
-        log.warning("linux.list_broken", list=name, head=hex(head), entries=len(out), why=why)
+        if log_broken:
+            warn_broken(logged, name, head, len(out), why)
         problems.append(line)
         return out
 
-    for _ in range(limit + 1):
+    while True:
         try:
             node = memory.pointer(node)
         except VmwatchError:
@@ -125,6 +152,7 @@ def walk_list(memory, head: int, link_offset: int, *, name: str, limit: int = MA
             return out
         if node in seen:
             return broken(f"cycle at {node:#x} not through the head {head:#x}")
+        if len(out) == limit:
+            return broken(f"more than {limit} entries")
         seen.add(node)
         out.append(node - link_offset)
-    return broken(f"more than {limit} entries")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from vmwatch.errors import VmwatchError
+from vmwatch.os.linux.objects import warn_broken
+
 MAX_NODES = 100_000
-"""Run-queue tree nodes visited per CPU: a cyclic tree in hostile memory must not hang us."""
+"""Run-queue tree nodes visited per CPU: a tree in hostile memory must not hang us."""
 
 
 def runnable_tasks(linux, cpus: int) -> set[int]:
-    """task_struct addresses of each CPU's current task and its CFS run-queue tree (CPUs 0..cpus-1)."""
+    """task_struct addresses of each CPU's current task and its CFS run-queue tree (CPUs 0..cpus-1).
+
+    A tree with a cycle, an unreadable node or more than ``MAX_NODES`` nodes gives the tasks
+    found before it, and a ``linux.list_broken`` warning naming the CPU's run queue.
+    """
     types, memory = linux.types, linux.memory
     rq_curr = types.offset("rq", "curr")
     rq_cfs = types.offset("rq", "cfs")
@@ -18,14 +25,25 @@ def runnable_tasks(linux, cpus: int) -> set[int]:
     for cpu in range(cpus):
         rq = linux.per_cpu("runqueues", cpu)
         found.add(memory.pointer(rq + rq_curr))
-        stack = [memory.pointer(rq + rq_cfs + timeline)]
-        budget = MAX_NODES
-        while stack and budget:
+        root = rq + rq_cfs + timeline
+        stack, seen = [memory.pointer(root)], set()
+        while stack:
             node = stack.pop()
-            budget -= 1
             if not node:
                 continue
+            why = (f"node {node:#x} reached twice (a cycle)" if node in seen
+                   else f"more than {MAX_NODES} nodes" if len(seen) == MAX_NODES else None)
+            if why is not None:
+                warn_broken(linux.logged_breaks, f"runqueues[{cpu}].cfs", root, len(seen), why)
+                break
+            seen.add(node)
+            try:
+                children = memory.pointer(node + left), memory.pointer(node + right)
+            except VmwatchError:
+                warn_broken(linux.logged_breaks, f"runqueues[{cpu}].cfs", root, len(seen) - 1,
+                            f"unreadable node {node:#x}")
+                break
             found.add(node - run_node)
-            stack.append(memory.pointer(node + left))
-            stack.append(memory.pointer(node + right))
+            stack.extend(children)
     return found
+

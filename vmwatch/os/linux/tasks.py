@@ -10,8 +10,13 @@ from __future__ import annotations
 import attrs
 
 from vmwatch.errors import VmwatchError
-from vmwatch.os.linux.objects import StructReader, c_string, walk_list
+from vmwatch.os.linux.objects import StructReader, c_string, walk_list, warn_broken
 from vmwatch.os.linux.procname import ProcName
+
+MAX_THREADS = 1 << 18
+"""Threads read in one walk of all tasks, every group's list together: a task list spliced into
+garbage must not cost a thread walk per garbage task (65,536 of them, 4,096 nodes each)."""
+MAX_GROUP_THREADS = 4096
 
 _TASK_STATES = "RSDTtXZP"
 _TASK_IDLE = 0x402  # TASK_UNINTERRUPTIBLE | TASK_NOLOAD: what ps shows as I
@@ -88,6 +93,8 @@ class TaskWalker:
         elif self.task.has("thread_node") and types.has_type("struct signal_struct"):
             self.thread_head = StructReader(types, "signal_struct").offset("thread_head")
             self.thread_link = self.task.offset("thread_node")
+        self.thread_budget = MAX_THREADS
+        self.broken_groups: list[str] = []
 
     def _optional(self, buf: bytes, member: str, default=None):
         return self.task.int(buf, member) if self.task.has(member) else default
@@ -96,13 +103,19 @@ class TaskWalker:
         linux = self.linux
         memory = linux.memory
         skipped: list[str] = []
+        self.thread_budget = MAX_THREADS
         head = linux.symbols["init_task"] + self.tasks_off
         tasks = []
-        for address in walk_list(memory, head, self.tasks_off, name="init_task.tasks", skipped=skipped):
+        self.broken_groups = []
+        for address in walk_list(memory, head, self.tasks_off, name="init_task.tasks", skipped=skipped,
+                                 logged=linux.logged_breaks):
             try:
                 tasks.append(self.read(address, skipped))
             except VmwatchError as exc:
                 skipped.append(f"task at {address:#x}: {exc}")
+        if self.broken_groups:  # one line for them all: a task list spliced into garbage breaks thousands
+            warn_broken(linux.logged_breaks, "threads", head, MAX_THREADS - max(0, self.thread_budget),
+                        f"{len(self.broken_groups)} tasks' thread lists broken, the first: {self.broken_groups[0]}")
         return Listing(tasks, skipped)
 
     def read(self, address: int, skipped: list[str]) -> Task:
@@ -146,15 +159,23 @@ class TaskWalker:
 
     def _threads(self, address: int, buf: bytes, skipped: list[str]) -> list[int]:
         memory, t = self.linux.memory, self.task
-        if self.thread_link is None:
+        if self.thread_link is None or self.thread_budget < 0:
+            return []
+        if not self.thread_budget:
+            self.thread_budget = -1
+            skipped.append(f"threads of the tasks from {address:#x} on not read: more than {MAX_THREADS} threads in all")
             return []
         if self.thread_head is None:
             head = address + self.thread_link
         else:
             head = t.int(buf, "signal") + self.thread_head
         pids = []
-        for thread in walk_list(memory, head, self.thread_link, name=f"pid {t.int(buf, 'pid')} threads",
-                                skipped=skipped, limit=4096):
+        problems = len(skipped)
+        threads = walk_list(memory, head, self.thread_link, name=f"pid {t.int(buf, 'pid')} threads",
+                            skipped=skipped, limit=min(MAX_GROUP_THREADS, self.thread_budget), log_broken=False)
+        self.broken_groups += skipped[problems:]
+        self.thread_budget -= len(threads)
+        for thread in threads:
             if thread == address:
                 continue
             try:
