@@ -148,8 +148,7 @@ def _cr_findings(name: str, old: int, new: int) -> list[str]:
 
 
 @rule.arch("x86")
-@rule.on_register("cr0")
-@rule.on_register("cr4")
+@rule.on_register_write("cr0", "cr4")
 def control_register_write(event: RegisterWrite, guest):
     """An instruction cleared CR0.WP, CR4.SMEP or CR4.SMAP.
 
