@@ -10,7 +10,7 @@ from vmwatch.images import open_image
 from vmwatch.os.linux.kernel import Linux
 from vmwatch.testing.cli import run_cli
 
-from .guesttruth import name_matches
+from .guesttruth import name_matches, worker_descs
 
 pytestmark = pytest.mark.guest
 
@@ -25,9 +25,11 @@ def check_ps(snap, *extra: str) -> None:
     assert not missing, f"processes /proc listed before and after the dump but ps missed: {missing}"
     extra = set(ours) - snap.possible
     assert not extra, f"ps shows pids /proc never listed: {extra}"
+    descs = worker_descs({pid: p.comm for pid, p in snap.before.items()}, snap.after_names)
     for pid, proc in stable.items():
         name = ours[pid]["name"]
-        assert name_matches(name, proc.comm, snap.after_names.get(pid)), (pid, name, proc.comm, snap.after_names.get(pid))
+        assert name_matches(name, proc.comm, snap.after_names.get(pid), descs), (pid, name, proc.comm,
+                                                                                 snap.after_names.get(pid))
         assert name.startswith(ours[pid]["comm"]) and len(ours[pid]["comm"]) <= 15, (pid, ours[pid])
         assert ours[pid]["ppid"] == proc.ppid, (pid, ours[pid], proc)
         assert ours[pid]["uid"] == proc.uid, (pid, ours[pid], proc)

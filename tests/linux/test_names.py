@@ -10,7 +10,7 @@ import pytest
 
 from vmwatch.testing.cli import run_cli
 
-from .guesttruth import NAMES, name_matches, parse_names
+from .guesttruth import NAMES, name_matches, parse_names, worker_descs
 
 pytestmark = pytest.mark.guest
 
@@ -47,8 +47,9 @@ def test_every_ps_name_is_proc_comm(flavour):
     ours = {p["pid"]: p for p in json.loads(ps.stdout) if p["pid"]}
     assert len(ours) > 20
     assert set(ours) <= set(before) | set(after), set(ours) - set(before) - set(after)
+    descs = worker_descs(before, after)
     wrong = {pid: (p["name"], before.get(pid), after.get(pid)) for pid, p in ours.items()
-             if not name_matches(p["name"], before.get(pid), after.get(pid))}
+             if not name_matches(p["name"], before.get(pid), after.get(pid), descs)}
     assert not wrong, f"{arch}: ps names that are not /proc/PID/comm: {wrong}"
     for pid, p in ours.items():
         assert p["name"].startswith(p["comm"]) and len(p["comm"].encode()) <= 15, (arch, pid, p)
