@@ -12,6 +12,9 @@ attributes (``path``, ``name``...) keep the exact values.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 from vmwatch.text import shown
 
 
@@ -198,3 +201,15 @@ class RuleError(VmwatchError):
 
 class VolatilityError(VmwatchError):
     """Volatility 3 is missing, or a plugin is unknown, failed or cannot run here."""
+
+
+@contextlib.contextmanager
+def bare_exception() -> Iterator[None]:
+    """Around a nursery whose background tasks never raise: the group it raises holds the body's
+    one exception, given back bare (callers catch ``LinkError``, not an ``ExceptionGroup``)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

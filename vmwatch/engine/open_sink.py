@@ -9,7 +9,7 @@ import trio
 
 from vmwatch.engine.pg_sink import PostgresSink
 from vmwatch.engine.sinks import SqliteSink
-from vmwatch.errors import TimelineError
+from vmwatch.errors import TimelineError, bare_exception
 from vmwatch.timeline import pg_schema
 
 
@@ -31,7 +31,7 @@ async def open_timeline_sink(db: str | None,
     if pg_schema.is_postgres_url(db):
         sink = PostgresSink(db, **pg_options)
         await sink.connect()
-        try:
+        with bare_exception():  # the writer never raises
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sink.write)
                 try:
@@ -39,11 +39,6 @@ async def open_timeline_sink(db: str | None,
                 finally:
                     if not sink.closed:
                         await sink.aclose()
-        except BaseExceptionGroup as group:
-            # the writer never raises, so the group holds the body's one exception: give it back bare
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
         return
     if "://" in db:
         raise TimelineError(f"unknown database URL {pg_schema.redacted(db)} (a SQLite file, or postgresql://...)")

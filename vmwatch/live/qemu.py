@@ -34,7 +34,7 @@ import trio
 
 from vmwatch.cpu import Registers
 from vmwatch.cpu_aarch64 import Aarch64Registers
-from vmwatch.errors import LinkClosedError, LinkError, ProtocolError
+from vmwatch.errors import LinkClosedError, LinkError, ProtocolError, bare_exception
 from vmwatch.events import Access, Event
 from vmwatch.live import inline_hooks as ih
 from vmwatch.live.gdbrsp import _proto as p
@@ -417,17 +417,13 @@ async def attach_qemu(qmp_path: str, *, writable: bool = False) -> AsyncIterator
             if was_running:
                 await vm.gdb.resume(p.cont())
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(vm._probe_liveness)
-                    try:
-                        yield vm
-                    finally:
-                        nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # The probe never raises, so the group holds the body's one exception: give it back bare.
-                if len(group.exceptions) == 1:
-                    raise group.exceptions[0] from None
-                raise
+                with bare_exception():  # the probe never raises
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(vm._probe_liveness)
+                        try:
+                            yield vm
+                        finally:
+                            nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
                     await vm._detach(resume=was_running)

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Mapping
 import structlog
 import trio
 
-from vmwatch.errors import LinkClosedError, LinkError, ProtocolError, RemoteProtocolError
+from vmwatch.errors import LinkClosedError, LinkError, ProtocolError, RemoteProtocolError, bare_exception
 from vmwatch.live.qmp._proto import (
     NEED_DATA, Closed, Error, Event, Greeting, QmpConnection, QmpError, Return,
 )
@@ -154,7 +154,7 @@ class TrioQmp:
 @contextlib.asynccontextmanager
 async def qmp_over_stream(stream: trio.abc.Stream) -> AsyncIterator[TrioQmp]:
     """A negotiated client on any trio stream (tests use ``trio.testing.memory_stream_pair``)."""
-    try:
+    with bare_exception():  # the reader task never raises
         async with trio.open_nursery() as nursery:
             qmp = TrioQmp(stream)
             await nursery.start(qmp._reader)
@@ -168,11 +168,6 @@ async def qmp_over_stream(stream: trio.abc.Stream) -> AsyncIterator[TrioQmp]:
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await qmp.aclose()
-    except BaseExceptionGroup as group:
-        # The reader task never raises, so the group holds the body's one exception: give it back bare.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
 
 
 @contextlib.asynccontextmanager
