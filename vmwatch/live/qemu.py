@@ -101,9 +101,9 @@ class QemuVM(Points, EventDelivery, Stepping, InlineHooking, MsrAccess, Liveness
         """Guest code vmwatch patched (call sites, trampolines, MSR probes): address -> original."""
         self._masks: dict[int, bytes] = {}
         """The same by guest-physical address: what ``memory`` shows over the patches."""
-        self._probes: dict[tuple[int, bytes], int | None] = {}
-        """(code page, rdmsr or wrmsr) -> its MSR probe (``inline_hooks.msr_probe``), None when
-        the page has no room."""
+        self._probes: dict[tuple[int, bytes, int], int | None] = {}
+        """(code page, rdmsr or wrmsr, pages searched) -> its MSR probe (``inline_hooks.msr_probe``),
+        None when those pages have no room."""
         self._watchpoints: dict[tuple[int, int, Access], None] = {}
         self._hop: Hop | None = None
         self._held = False  # the consumer called pause(): don't auto-resume

@@ -98,7 +98,7 @@ class MsrAccess:
         earlier session left there is used again. Only the stop's own page is sure to be mapped
         in any CR3 (the entry code runs on the user's with KPTI)."""
         page = rip & ~0xFFF
-        key = (page, instruction)
+        key = (page, instruction, pages)  # a page's probe for a hook stop may lie past it: kept apart
         if key not in self._probes:
             code = await self._read_code(page, 0x1000 * pages)
             left = ih.left_probe(code, page, instruction)
